@@ -1,0 +1,129 @@
+"""The engine's images equal diffusers' reference pipelines for the same components and seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from components import bundle_from, make_controlnet, sd_components, sdxl_components
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from webui.engine.segmap import ADE20K
+from webui.request import GenerationRequest
+
+TOLERANCE = 1e-3
+PROMPT = "a red circle at the top left"
+NEGATIVE = "blurry, low quality"
+
+
+def reference(pipe, sampler: str, engine, seeds: list[int], **kwargs) -> np.ndarray:
+    pipe.scheduler = engine.schedulers.build(sampler, dict(pipe.scheduler.config), seed=seeds[0])
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe(generator=generators, output_type="np", num_images_per_prompt=len(seeds), **kwargs).images
+
+
+def ours(engine, bundle, **kwargs) -> np.ndarray:
+    result = engine.generate(GenerationRequest(**kwargs), bundle=bundle)
+    return np.stack([item.pixels.permute(1, 2, 0).numpy() for item in result.images])
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    diff = float(np.abs(a - b).max())
+    assert diff < TOLERANCE, f"max abs pixel difference {diff}"
+    assert float(a.std()) > 0.01  # a real picture, not a constant
+
+
+def random_image(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def rect_mask(size: int = 64) -> Image.Image:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    return Image.fromarray(mask, "L")
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "PNDM", "Heun", "UniPC"])
+def test_txt2img_matches_stable_diffusion_pipeline(engine, tmp_path, sampler):
+    components = sd_components(tmp_path)
+    pipe = StableDiffusionPipeline(**components)
+    seeds = [11, 12]
+    ref = reference(pipe, sampler, engine, seeds, prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4,
+                    guidance_scale=7.5, height=64, width=64)
+    got = ours(engine, bundle_from(components), prompt=PROMPT, negative_prompt=NEGATIVE, sampler=sampler, steps=4,
+               cfg_scale=7.5, seed=11, batch_size=2, width=64, height=64)
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler a"])
+def test_img2img_matches_img2img_pipeline(engine, tmp_path, sampler):
+    components = sd_components(tmp_path)
+    pipe = StableDiffusionImg2ImgPipeline(**components)
+    init = random_image(3)
+    seeds = [5, 6]
+    ref = reference(pipe, sampler, engine, seeds, prompt=PROMPT, image=init, strength=0.6, num_inference_steps=5,
+                    guidance_scale=6.0)
+    got = ours(engine, bundle_from(components), task="img2img", prompt=PROMPT, init_image=init, strength=0.6,
+               sampler=sampler, steps=5, cfg_scale=6.0, seed=5, batch_size=2, width=64, height=64)
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize("in_channels", [9, 4])
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_matches_inpaint_pipeline(engine, tmp_path, in_channels, strength):
+    components = sd_components(tmp_path, in_channels=in_channels)
+    pipe = StableDiffusionInpaintPipeline(**components)
+    init, mask = random_image(4), rect_mask()
+    ref = reference(pipe, "DDIM", engine, [21], prompt=PROMPT, image=init, mask_image=mask, strength=strength,
+                    num_inference_steps=4, guidance_scale=7.0, height=64, width=64)
+    got = ours(engine, bundle_from(components), task="inpaint", prompt=PROMPT, init_image=init, mask=mask,
+               strength=strength, mask_blur=0, keep_unmasked=False, sampler="DDIM", steps=4, cfg_scale=7.0,
+               seed=21, width=64, height=64)
+    assert_close(got, ref)
+
+
+def seg_map(size: int = 64) -> Image.Image:
+    classes = np.zeros((size, size), dtype=np.int64)
+    classes[: size // 2] = 2  # sky
+    classes[size // 2 :, : size // 2] = 4  # tree
+    classes[40:60, 36:60] = 12  # person
+    return Image.fromarray(ADE20K.colors[classes].astype(np.uint8))
+
+
+def test_controlnet_matches_controlnet_pipeline(engine, tmp_path):
+    components = sd_components(tmp_path)
+    controlnet = make_controlnet(components["unet"])
+    pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+    seg = seg_map()
+    ref = reference(pipe, "Euler", engine, [7], prompt=PROMPT, image=seg, num_inference_steps=4, guidance_scale=7.0,
+                    controlnet_conditioning_scale=0.8, control_guidance_start=0.0, control_guidance_end=0.75,
+                    height=64, width=64)
+    got = ours(engine, bundle_from(components, controlnet=controlnet), task="seg2img", prompt=PROMPT, seg_map=seg,
+               control_scale=0.8, control_start=0.0, control_end=0.75, sampler="Euler", steps=4, cfg_scale=7.0,
+               seed=7, width=64, height=64)
+    assert_close(got, ref)
+    # and the map really steers the image
+    without = ours(engine, bundle_from(components, controlnet=controlnet), prompt=PROMPT, sampler="Euler", steps=4,
+                   cfg_scale=7.0, seed=7, width=64, height=64)
+    assert float(np.abs(without - got).max()) > 0.01
+
+
+@pytest.mark.parametrize("negative", ["", NEGATIVE])
+def test_sdxl_matches_sdxl_pipeline(engine, tmp_path, negative):
+    components = sdxl_components(tmp_path)
+    pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    ref = reference(pipe, "Euler", engine, [3], prompt=PROMPT, negative_prompt=negative or None,
+                    num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
+    got = ours(engine, bundle_from(components), prompt=PROMPT, negative_prompt=negative, sampler="Euler", steps=4,
+               cfg_scale=5.0, seed=3, width=64, height=64)
+    assert_close(got, ref)

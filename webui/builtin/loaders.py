@@ -1,0 +1,192 @@
+"""Built-in model loaders and listing: diffusers folders (local) and Hugging Face ids (online).
+
+Only ``.safetensors`` weights are loaded; a folder holding only pickle weights (``.bin``/``.ckpt``)
+is refused, because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from webui.engine.bundle import ModelBundle
+from webui.engine.context import LoadContext, ModelEntry
+from webui.engine.models import short_hash
+from webui.errors import ModelLoadError, ModelNotFoundError
+from webui.hookspecs import hookimpl
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SKIPPED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "**/*.json", "**/*.txt", "**/*.model", "**/*.safetensors"]
+
+
+@hookimpl(trylast=True)
+def load_model(source: str, kind: str, context: LoadContext) -> Any:
+    path = _local_path(source, context)
+    if path is None:
+        if not HUB_ID.match(source):
+            raise ModelNotFoundError(f"model not found: {source!r} is neither a folder nor a Hugging Face id")
+        if not context.allow_download:
+            raise ModelNotFoundError(f"model {source!r} is not on disk and downloads are disabled")
+        path = _download(source, kind)
+    if kind == "controlnet":
+        return load_controlnet_folder(path, context)
+    if kind == "checkpoint":
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
+        return load_diffusers_folder(path, context)
+    return None
+
+
+@hookimpl(trylast=True)
+def register_models(register: Any, models_dir: str | None) -> None:
+    if not models_dir or not Path(models_dir).is_dir():
+        return
+    root = Path(models_dir)
+    for index in sorted(root.rglob("model_index.json")):
+        folder = index.parent
+        register(ModelEntry(name=folder.relative_to(root).as_posix(), source=str(folder), kind="checkpoint"))
+        if (folder / "controlnet" / "config.json").is_file():
+            register(ModelEntry(name=f"{folder.relative_to(root).as_posix()}/controlnet",
+                                source=str(folder / "controlnet"), kind="controlnet"))
+    for config in sorted((root / "controlnet").glob("*/config.json")) if (root / "controlnet").is_dir() else []:
+        register(ModelEntry(name=config.parent.name, source=str(config.parent), kind="controlnet"))
+
+
+def _local_path(source: str, context: LoadContext) -> Path | None:
+    candidates = [Path(source).expanduser()]
+    if context.models_dir and not Path(source).is_absolute():
+        candidates.append(Path(context.models_dir) / source)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        raise ModelNotFoundError(f"model path does not exist: {source}")
+    return None
+
+
+def _download(repo_id: str, kind: str) -> Path:  # pragma: no cover - needs the network
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:
+        raise ModelNotFoundError(f"could not download {repo_id!r}: {exc}") from exc
+
+
+def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
+    """Load every component listed in ``model_index.json`` with its own class."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/model_index.json is unreadable: {exc}") from exc
+    components: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, list):
+            continue
+        library, class_name = spec
+        if library is None or class_name is None:
+            continue
+        if name == "scheduler":
+            components[name] = _read_json(folder / name / "scheduler_config.json")
+            continue
+        components[name] = _load_component(folder / name, library, class_name, context)
+    text_encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if components.get(k) is not None]
+    tokenizers = [components[k] for k in ("tokenizer", "tokenizer_2") if components.get(k) is not None]
+    if "unet" not in components or "vae" not in components or not text_encoders:
+        raise ModelLoadError(f"{folder} lacks a unet, vae or text encoder")
+    controlnets = {}
+    if components.get("controlnet") is not None:
+        controlnets["seg"] = components["controlnet"]
+    bundle = ModelBundle(
+        name=folder.name,
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler_config=components.get("scheduler") or {},
+        family=_family(index, text_encoders),
+        controlnets=controlnets,
+        source=str(folder),
+        model_hash=_folder_hash(folder),
+        config={k: v for k, v in index.items() if not isinstance(v, list)},
+    )
+    for module in bundle.modules():
+        module.eval().requires_grad_(False)
+    return bundle.to(context.device, context.dtype)
+
+
+def load_controlnet_folder(folder: Path, context: LoadContext) -> Any:
+    from diffusers import ControlNetModel
+
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} is not a ControlNet folder (no config.json)")
+    model = _load_component(folder, "diffusers", "ControlNetModel", context)
+    assert isinstance(model, ControlNetModel) or hasattr(model, "forward")
+    return model.eval().requires_grad_(False).to(context.device, context.dtype)
+
+
+def _load_component(path: Path, library: str, class_name: str, context: LoadContext) -> Any:
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"{path.name}: unknown component class {library}.{class_name}") from exc
+    if not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(f"{path.name}: {class_name} cannot be loaded")
+    is_tokenizer = "Tokenizer" in class_name
+    if not is_tokenizer:
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            pickles = [p.name for p in path.glob("*") if p.suffix in {".bin", ".ckpt", ".pt", ".pth"}]
+            if pickles:
+                raise ModelLoadError(
+                    f"{path} holds only pickle weights ({', '.join(pickles)}); they can run code when "
+                    "loaded, so only .safetensors is accepted"
+                )
+    try:
+        if is_tokenizer:
+            return cls.from_pretrained(path)
+        return cls.from_pretrained(path, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is unreadable: {exc}") from exc
+
+
+def _family(index: dict[str, Any], text_encoders: list[Any]) -> str:
+    if index.get("family"):
+        return str(index["family"])
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        return "sdxl"
+    hidden = getattr(text_encoders[0].config, "hidden_size", 768)
+    return "sd2" if hidden == 1024 else "sd1"
+
+
+def _folder_hash(folder: Path) -> str | None:
+    weights = sorted((folder / "unet").glob("*.safetensors"))
+    if not weights:
+        return None
+    stamp = folder / "unet" / ".model_hash"
+    stat = weights[0].stat()
+    key = f"{weights[0].name}:{stat.st_size}:{int(stat.st_mtime)}"
+    try:
+        cached_key, cached = stamp.read_text().split()
+        if cached_key == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    value = short_hash(weights[0])
+    try:
+        stamp.write_text(f"{key} {value}\n")
+    except OSError:
+        pass
+    return value

@@ -1,0 +1,33 @@
+"""Built-in metadata: the standard A1111 ``parameters`` keys, and reading infotexts back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webui.engine.context import OutputImage, RunContext
+from webui.hookspecs import hookimpl
+from webui.metadata import parse_infotext
+from webui.request import GenerationRequest
+
+
+@hookimpl(tryfirst=True)
+def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
+                   context: RunContext) -> None:
+    parameters.update(
+        {
+            "Steps": request.steps,
+            "Sampler": request.sampler,
+            "CFG scale": request.cfg_scale,
+            "Seed": image.seed,
+            "Size": f"{context.width}x{context.height}",
+            "Model hash": context.bundle.model_hash,
+            "Model": context.bundle.name,
+        }
+    )
+    if request.eta:
+        parameters["Eta"] = request.eta
+
+
+@hookimpl(trylast=True)
+def parse_metadata(text: str) -> dict[str, Any] | None:
+    return parse_infotext(text)

@@ -1,0 +1,165 @@
+"""Command line: ``python launch.py generate|plugins|samplers|models``.
+
+Errors caused by input print one line (``error: ...``) to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from webui.errors import InvalidRequestError, LatentStudioError
+from webui.plugins import REPO_ROOT
+
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+DEFAULT_OUTPUTS_DIR = REPO_ROOT / "outputs"
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description="Latent Studio: latent-diffusion image generation")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate images without the web UI")
+    gen.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "seg2img"), default=None,
+                     help="default: derived from the images given")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 = random; image k of a batch uses seed + k")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg-scale", type=float, default=7.0)
+    gen.add_argument("--sampler", default="DPM++ 2M Karras", help="see `launch.py samplers`")
+    gen.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's native size")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--batch-size", type=int, default=1, help="images per batch")
+    gen.add_argument("--batch-count", type=int, default=1, help="batches, one after the other")
+    gen.add_argument("--clip-skip", type=int, default=1)
+    gen.add_argument("--init-image", type=Path, help="img2img / inpaint: the image to start from")
+    gen.add_argument("--strength", type=float, default=None, help="denoising strength in [0, 1] "
+                     "(default 0.75 for img2img, 1.0 for inpainting)")
+    gen.add_argument("--mask", type=Path, help="inpaint: white = repaint; resized to the image if needed")
+    gen.add_argument("--mask-blur", type=int, default=4)
+    gen.add_argument("--invert-mask", action="store_true")
+    gen.add_argument("--masked-content", choices=("original", "fill", "latent noise", "latent nothing"),
+                     default="original")
+    gen.add_argument("--only-masked", action="store_true", help="inpaint the masked region at full resolution")
+    gen.add_argument("--only-masked-padding", type=int, default=32)
+    gen.add_argument("--seg-map", type=Path, help="seg2img: a colour-coded segmentation map")
+    gen.add_argument("--controlnet", default=None, help="ControlNet folder or name for the segmentation map")
+    gen.add_argument("--control-scale", type=float, default=1.0)
+    gen.add_argument("--control-start", type=float, default=0.0)
+    gen.add_argument("--control-end", type=float, default=1.0)
+    _model_options(gen)
+    gen.add_argument("--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)")
+
+    commands.add_parser("plugins", help="list installed plugins as JSON")
+    commands.add_parser("samplers", help="list the available samplers")
+    models = commands.add_parser("models", help="list the models found")
+    _model_options(models)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model folder, name under --models-dir, or Hugging Face id")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "plugins":
+            return _plugins()
+        if args.command == "samplers":
+            return _samplers()
+        if args.command == "models":
+            return _models(args)
+        return _generate(args)
+    except LatentStudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _plugins() -> int:
+    from webui.plugins import make_plugin_manager
+
+    print(json.dumps(make_plugin_manager().describe(), indent=2))
+    return 0
+
+
+def _samplers() -> int:
+    from webui.engine.pipeline import Engine
+
+    for name in Engine().schedulers.names():
+        print(name)
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from webui.engine.devices import pick_device, pick_dtype
+    from webui.engine.pipeline import Engine
+
+    device = pick_device(args.device)
+    return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
+                  dtype=pick_dtype(args.dtype, device))
+
+
+def _models(args: argparse.Namespace) -> int:
+    for entry in _engine(args).models.list():
+        print(json.dumps({"name": entry.name, "kind": entry.kind, "source": entry.source}))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from webui.output import output_dir, save_png
+    from webui.request import GenerationRequest
+
+    init = _open(args.init_image, "init image")
+    mask = _open(args.mask, "mask")
+    seg = _open(args.seg_map, "segmentation map")
+    task = args.task or ("inpaint" if mask else "seg2img" if seg and not init else "img2img" if init else "txt2img")
+    strength = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
+    request = GenerationRequest(
+        task=task, prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
+        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+        width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
+        clip_skip=args.clip_skip, init_image=init, strength=strength, mask=mask, mask_blur=args.mask_blur,
+        invert_mask=args.invert_mask, masked_content=args.masked_content, only_masked=args.only_masked,
+        only_masked_padding=args.only_masked_padding, seg_map=seg, controlnet=args.controlnet,
+        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
+    )
+    request.validate()  # fail fast on bad input, before a model is loaded
+    engine = _engine(args)
+    result = engine.generate(request)
+    folder = output_dir(args.out, task)
+    for item in result.images:
+        path = save_png(item.image, folder, seed=item.seed, infotext=item.parameters["infotext"])
+        print(path)
+    return 0
+
+
+def _open(path: Path | None, what: str) -> Any:
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InvalidRequestError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidRequestError(f"cannot read {what} {path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The engine: torch and diffusers, never gradio."""

@@ -1,0 +1,76 @@
+"""The loaded model: every component the one denoising loop needs, in one typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Family = str  # "sd1", "sd2", "sdxl", or a project's own (e.g. "latent-studio")
+
+
+@dataclass
+class ModelBundle:
+    """The components of a latent-diffusion model.
+
+    ``text_encoders`` and ``tokenizers`` are parallel lists: one pair for SD 1.x/2.x, two for SDXL
+    (the second one a ``CLIPTextModelWithProjection`` that also gives the pooled embedding).
+    ``controlnets`` maps a name (``"seg"`` for the segmentation ControlNet) to a ``ControlNetModel``.
+    ``scheduler_config`` is the model's own scheduler configuration; the sampler chosen per request
+    is built from it, so no scheduler state is ever shared between requests.
+    """
+
+    name: str
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler_config: dict[str, Any]
+    family: Family = "sd1"
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    model_hash: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        """True for UNets that take the mask and masked-image latents concatenated to the input."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2 and self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def default_size(self) -> int:
+        """The native output side in pixels (512 for SD 1.x, 1024 for SDXL...)."""
+        return int(self.config.get("default_size") or self.unet.config.sample_size * self.vae_scale_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders, *self.controlnets.values()]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self

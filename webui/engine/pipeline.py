@@ -1,0 +1,393 @@
+"""The one denoising loop under every task.
+
+A task is only a set of conditionings: text alone is txt2img; an init image adds img2img; a mask
+adds inpainting; a segmentation map adds a ControlNet. Any combination runs through
+:meth:`Engine.generate` without a pipeline class of its own.
+
+For the same components, seed, sampler and steps the images equal those of diffusers' reference
+pipelines (the parity tests prove it), so real checkpoints behave here as they do elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from webui.engine.bundle import ModelBundle
+from webui.engine.context import (
+    Conditioning,
+    GenerationControl,
+    OutputImage,
+    RunContext,
+    StepInfo,
+)
+from webui.engine.models import ModelManager
+from webui.engine.schedulers import SchedulerRegistry
+from webui.errors import InvalidRequestError, PluginError
+from webui.images import tensor_to_images
+from webui.metadata import format_infotext
+from webui.plugins import PluginManager, make_plugin_manager
+from webui.request import GenerationRequest
+
+StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request, with their seeds and ``parameters`` texts (A1111 infotext)."""
+
+    images: list[OutputImage] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def pil_images(self) -> list[Any]:
+        return [item.image for item in self.images]
+
+    @property
+    def infotexts(self) -> list[str]:
+        return [item.parameters.get("infotext", "") for item in self.images]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [item.seed for item in self.images]
+
+
+class Engine:
+    """Loads models on demand and runs generation requests.
+
+    One engine serves many users: it holds the plugins, the sampler registry and the model cache,
+    and nothing request-specific. ``device``/``dtype`` are where models are put.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugins: PluginManager | None = None,
+        models_dir: str | None = None,
+        default_model: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 2,
+        allow_download: bool = True,
+    ) -> None:
+        self.plugins = plugins if plugins is not None else make_plugin_manager()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.schedulers = SchedulerRegistry()
+        self.plugins.hook.register_schedulers(register=self._register_scheduler)
+        self.models = ModelManager(
+            self.plugins,
+            models_dir=models_dir,
+            device=self.device,
+            dtype=dtype,
+            default_model=default_model,
+            cache_size=cache_size,
+            allow_download=allow_download,
+        )
+        self.plugins.hook.startup(engine=self)
+
+    def _register_scheduler(self, name: str, factory: Any, **kwargs: Any) -> None:
+        self.schedulers.register(name, factory, **kwargs)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        bundle: ModelBundle | None = None,
+        callback: StepCallback | None = None,
+        control: GenerationControl | None = None,
+    ) -> GenerationResult:
+        """Run ``request`` and return its images (each with seed and infotext).
+
+        ``bundle`` overrides the request's model (useful when a model was built in code);
+        ``callback`` is called after each step; ``control`` interrupts or skips from another
+        thread. Raises :class:`~webui.errors.LatentStudioError` subclasses for bad input.
+        """
+        started = time.perf_counter()
+        request = request.validate()
+        if request.sampler not in self.schedulers:
+            self.schedulers.get(request.sampler)  # raises UnknownSamplerError with the list
+        bundle = bundle or self.models.get(request.model)
+        control = control or GenerationControl()
+        seed = request.seed if request.seed >= 0 else random.randrange(2**32 - 1 - 10_000)
+        request = request.replace(seed=seed)
+
+        context = self._context(request, bundle, control)
+        self.plugins.hook.prepare_request(request=request, context=context)
+        request = request.validate()
+        context.request = request
+        context.width, context.height = self._size(request, bundle)
+
+        result = GenerationResult()
+        per_batch = request.batch_size
+        for batch in range(request.batch_count):
+            if control.interrupted:
+                result.interrupted = True
+                break
+            context.batch_index = batch
+            context.seeds = [seed + batch * per_batch + k for k in range(per_batch)]
+            try:
+                images = self._run_batch(request, context, callback)
+            finally:
+                control.clear_skip()
+            result.images.extend(images)
+        result.interrupted = result.interrupted or control.interrupted
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _context(self, request: GenerationRequest, bundle: ModelBundle, control: GenerationControl) -> RunContext:
+        return RunContext(
+            bundle=bundle,
+            request=request,
+            width=0,
+            height=0,
+            device=bundle.device,
+            dtype=bundle.dtype,
+            control=control,
+            engine=self,
+        )
+
+    @staticmethod
+    def _size(request: GenerationRequest, bundle: ModelBundle) -> tuple[int, int]:
+        factor = bundle.vae_scale_factor
+        if request.width and request.height:
+            width, height = request.width, request.height
+        elif request.init_image is not None:
+            w, h = request.init_image.size
+            width, height = request.width or w, request.height or h
+        else:
+            width = request.width or bundle.default_size
+            height = request.height or bundle.default_size
+        if width % factor or height % factor or width < factor or height < factor:
+            raise InvalidRequestError(f"size {width}x{height} must be a multiple of {factor} for this model")
+        return width, height
+
+    @torch.inference_mode()
+    def _run_batch(
+        self, request: GenerationRequest, context: RunContext, callback: StepCallback | None
+    ) -> list[OutputImage]:
+        bundle = context.bundle
+        device, dtype = context.device, context.dtype
+        batch = len(context.seeds)
+        generators = context.generators()
+        unet = bundle.unet
+
+        # 1. Conditioning from every plugin (text, init image, mask, segmentation map, ...)
+        cond = Conditioning(guidance_scale=float(request.cfg_scale))
+        self.plugins.hook.provide_conditioning(request=request, context=context, conditioning=cond)
+        if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
+            raise PluginError("no conditioning plugin provided prompt embeddings")
+        do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
+
+        # 2. Timesteps from a fresh scheduler (img2img and inpainting start part-way)
+        scheduler = self.schedulers.build(request.sampler, bundle.scheduler_config, seed=context.seeds[0])
+        scheduler.set_timesteps(request.steps, device=device)
+        timesteps = scheduler.timesteps
+        starts_from_image = cond.init_image is not None
+        if starts_from_image:
+            timesteps = _strength_timesteps(scheduler, request.steps, cond.strength)
+            if len(timesteps) == 0:
+                raise InvalidRequestError(
+                    f"strength {cond.strength:g} with {request.steps} steps leaves no step to run; "
+                    "raise the strength or the steps"
+                )
+        num_steps = len(timesteps) // getattr(scheduler, "order", 1)
+
+        # 3. Initial latents: encode the init image, draw noise, encode the masked image
+        height, width = context.height // bundle.vae_scale_factor, context.width // bundle.vae_scale_factor
+        shape = (batch, bundle.latent_channels, height, width)
+        inpainting = cond.mask is not None
+        blend_mask = inpainting and not bundle.is_inpainting_unet
+        pure_noise = not starts_from_image or (inpainting and cond.strength >= 1.0)
+        image_latents = None
+        if starts_from_image and (not pure_noise or blend_mask):
+            image_latents = self.encode_images(bundle, cond.init_image, generators)
+            for transform in cond.init_latent_transforms:
+                image_latents = transform(image_latents, context)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        if pure_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+
+        mask_latents = masked_image_latents = None
+        if bundle.is_inpainting_unet:
+            mask = cond.mask if cond.mask is not None else torch.ones(1, 1, context.height, context.width)
+            masked = cond.masked_image if cond.masked_image is not None else torch.zeros(1, 3, context.height, context.width)
+            masked_image_latents = self.encode_images(bundle, masked, generators)
+        if cond.mask is not None or bundle.is_inpainting_unet:
+            mask_latents = torch.nn.functional.interpolate(mask if bundle.is_inpainting_unet else cond.mask,
+                                                           size=(height, width))
+            mask_latents = mask_latents.to(device=device, dtype=dtype).repeat(batch, 1, 1, 1)
+
+        # 4. The denoising loop
+        embeds, added_cond = _text_inputs(cond, batch, do_cfg, bundle)
+        unet_extra = _doubled(torch.cat([mask_latents, masked_image_latents], dim=1), do_cfg) \
+            if bundle.is_inpainting_unet else None
+        controls = [(c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls]
+        step_kwargs = _step_kwargs(scheduler, generators, request.eta)
+        for i, t in enumerate(timesteps):
+            if context.control.interrupted or context.control.skipped:
+                break
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            down_residuals, mid_residual = _control_residuals(controls, model_input, t, embeds, added_cond, i,
+                                                              len(timesteps))
+            unet_input = torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
+            noise_pred = unet(
+                unet_input,
+                t,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs=added_cond,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=mid_residual,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + cond.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if blend_mask:
+                known = image_latents
+                if i < len(timesteps) - 1:
+                    known = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
+                latents = (1 - mask_latents) * known + mask_latents * latents
+            if (i + 1) % getattr(scheduler, "order", 1) == 0 or i == len(timesteps) - 1:
+                info = StepInfo(context, (i + 1) // getattr(scheduler, "order", 1) or 1, num_steps, t, latents)
+                if callback is not None:
+                    callback(info)
+                self.plugins.hook.on_step(step=info)
+
+        if context.control.skipped and not context.control.interrupted:
+            return []
+
+        # 5. Decode, post-process, describe
+        pixels = self.decode_latents(bundle, latents)
+        outputs = [
+            OutputImage(image=img, seed=s, index=context.batch_index * batch + k,
+                        pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu())
+            for k, (img, s) in enumerate(zip(tensor_to_images(pixels), context.seeds, strict=True))
+        ]
+        self.plugins.hook.postprocess_images(images=outputs, request=request, context=context)
+        for item in outputs:
+            params: dict[str, Any] = {}
+            self.plugins.hook.write_metadata(parameters=params, image=item, request=request, context=context)
+            params.update({k: v for k, v in cond.metadata.items() if k not in params})
+            item.parameters = {k: v for k, v in params.items() if v is not None}
+            item.parameters["infotext"] = format_infotext(
+                request.prompt, request.negative_prompt,
+                {k: v for k, v in item.parameters.items() if k != "infotext"},
+            )
+        return outputs
+
+    # -- VAE ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def encode_images(bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Encode (1 or B, 3, H, W) images in [-1, 1] to scaled latents, sampling each image of
+        the batch with its own generator (so image k depends on seed k only)."""
+        vae = bundle.vae
+        images = images.to(device=bundle.device, dtype=vae.dtype)
+        if images.shape[0] == 1 and len(generators) > 1:
+            images = images.repeat(len(generators), 1, 1, 1)
+        latents = [vae.encode(images[k : k + 1]).latent_dist.sample(generators[k]) for k in range(images.shape[0])]
+        latents = torch.cat(latents)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(bundle.dtype)
+
+    @staticmethod
+    def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
+        vae = bundle.vae
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+
+
+def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule that img2img runs (diffusers' ``get_timesteps``)."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    order = getattr(scheduler, "order", 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * order)
+    return scheduler.timesteps[t_start * order :]
+
+
+def _doubled(tensor: torch.Tensor, do_cfg: bool) -> torch.Tensor:
+    return torch.cat([tensor] * 2) if do_cfg else tensor
+
+
+def _text_inputs(
+    cond: Conditioning, batch: int, do_cfg: bool, bundle: ModelBundle
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def per_image(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1))) if t.shape[0] != batch else t
+
+    embeds = per_image(cond.prompt_embeds)
+    if do_cfg:
+        embeds = torch.cat([per_image(cond.negative_prompt_embeds), embeds])
+    if not bundle.is_sdxl:
+        return embeds, None
+    if cond.pooled_prompt_embeds is None or cond.add_time_ids is None:
+        raise PluginError("an SDXL model needs pooled prompt embeddings and time ids from the text plugin")
+    pooled, time_ids = per_image(cond.pooled_prompt_embeds), per_image(cond.add_time_ids)
+    if do_cfg:
+        pooled = torch.cat([per_image(cond.negative_pooled_prompt_embeds), pooled])
+        negative_ids = cond.negative_add_time_ids if cond.negative_add_time_ids is not None else cond.add_time_ids
+        time_ids = torch.cat([per_image(negative_ids), time_ids])
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+    return kwargs
+
+
+def _control_residuals(
+    controls: list[tuple[Any, torch.Tensor]],
+    model_input: torch.Tensor,
+    t: Any,
+    embeds: torch.Tensor,
+    added_cond: dict[str, torch.Tensor] | None,
+    index: int,
+    total: int,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    for spec, image in controls:
+        inactive = index / total < spec.start or (index + 1) / total > spec.end
+        scale = spec.scale * (0.0 if inactive else 1.0)
+        extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
+        d, m = spec.model(
+            model_input, t, encoder_hidden_states=embeds, controlnet_cond=image,
+            conditioning_scale=scale, guess_mode=False, return_dict=False, **extra,
+        )
+        if down is None:
+            down, mid = list(d), m
+        else:
+            down = [a + b for a, b in zip(down, d, strict=True)]
+            mid = mid + m
+    return down, mid

@@ -1,0 +1,294 @@
+"""Prompt encoding with A1111's long-prompt chunking and emphasis weights.
+
+A prompt is parsed into weighted fragments (:mod:`webui.engine.prompt_parser`), each fragment is
+tokenized without special tokens, and the tokens are cut into chunks of ``window - 2`` tokens (75 for
+CLIP). ``BREAK`` ends a chunk early. Each chunk is wrapped as ``[BOS] tokens [EOS] padding`` up to the
+encoder's window, encoded on its own, and the chunks are concatenated along the token axis. Positive
+and negative prompts are padded with empty chunks to one common chunk count.
+
+Emphasis follows A1111: each token's embedding is multiplied by its weight, then the chunk is
+rescaled so that its mean equals the unweighted mean. The rescale is done per prompt and per chunk
+(A1111 takes the mean over the whole batch), and chunks whose weights are all 1.0 are left untouched,
+so an unweighted prompt encodes exactly like the plain diffusers pipelines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from webui.engine.bundle import ModelBundle
+from webui.engine.prompt_parser import is_break, parse_prompt_attention
+from webui.errors import InvalidRequestError, ModelLoadError
+
+_UNBOUNDED = 1_000_000  # tokenizers report a huge model_max_length when they have no limit
+_DEFAULT_WINDOW = 77
+
+
+@dataclass
+class PromptEmbeds:
+    """Encoded prompts: ``embeds`` is ``(B, T, D)`` with ``T = n_chunks * window``; ``pooled`` is
+    ``(B, P)`` for SDXL (from the last encoder's first chunk) and ``None`` otherwise."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class PromptChunk:
+    """At most ``window - 2`` token ids of one prompt, with one weight per token (no special tokens)."""
+
+    tokens: list[int]
+    weights: list[float]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How one tokenizer/encoder pair frames a chunk: window length and the special token ids."""
+
+    window: int
+    start_id: int
+    end_id: int
+    pad_id: int
+
+    @property
+    def chunk_size(self) -> int:
+        return self.window - 2
+
+    def frame(self, chunk: PromptChunk) -> tuple[list[int], list[float], list[int]]:
+        """``(ids, weights, attention_mask)`` of a chunk wrapped in its special tokens and padded."""
+        n_pad = self.window - len(chunk.tokens) - 2
+        ids = [self.start_id, *chunk.tokens, self.end_id] + [self.pad_id] * n_pad
+        weights = [1.0, *chunk.weights, 1.0] + [1.0] * n_pad
+        mask = [1] * (len(chunk.tokens) + 2) + [0] * n_pad
+        return ids, weights, mask
+
+
+def _config_int(obj: Any, name: str) -> int | None:
+    value = getattr(getattr(obj, "config", None), name, None)
+    return value if isinstance(value, int) else None
+
+
+def token_layout(tokenizer: Any, text_encoder: Any) -> TokenLayout:
+    """The chunk layout of a tokenizer/encoder pair (CLIP: BOS/EOS; BERT-style: CLS/SEP)."""
+    limits = [
+        n
+        for n in (getattr(tokenizer, "model_max_length", None), _config_int(text_encoder, "max_position_embeddings"))
+        if isinstance(n, int) and 2 < n < _UNBOUNDED
+    ]
+    window = min(limits) if limits else _DEFAULT_WINDOW
+    if getattr(tokenizer, "cls_token_id", None) is not None and getattr(tokenizer, "sep_token_id", None) is not None:
+        start, end = tokenizer.cls_token_id, tokenizer.sep_token_id
+    else:
+        start, end = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    if start is None or end is None:
+        raise ModelLoadError(
+            f"The tokenizer {type(tokenizer).__name__} has no start/end tokens (BOS/EOS or CLS/SEP); "
+            "this model's text encoder is not supported."
+        )
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return TokenLayout(window=window, start_id=start, end_id=end, pad_id=end if pad is None else pad)
+
+
+def chunk_prompt(tokenizer: Any, prompt: str, chunk_size: int) -> list[PromptChunk]:
+    """Tokenize ``prompt`` fragment by fragment and cut the tokens into chunks of ``chunk_size``.
+
+    A full chunk is closed only when another token arrives, so ``BREAK`` right after exactly
+    ``chunk_size`` tokens does not add an empty chunk. A prompt always gives at least one chunk.
+    """
+    fragments = parse_prompt_attention(prompt)
+    texts = [text for text, weight in fragments if not is_break((text, weight))]
+    token_lists = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+    chunks: list[PromptChunk] = []
+    current = PromptChunk([], [])
+    for fragment in fragments:
+        if is_break(fragment):
+            chunks.append(current)
+            current = PromptChunk([], [])
+            continue
+        for token in next(token_lists):
+            if len(current.tokens) == chunk_size:
+                chunks.append(current)
+                current = PromptChunk([], [])
+            current.tokens.append(int(token))
+            current.weights.append(float(fragment[1]))
+    if current.tokens or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def _is_clip(text_encoder: Any) -> bool:
+    return getattr(getattr(text_encoder, "config", None), "model_type", None) in ("clip_text_model", "clip")
+
+
+def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
+    """CLIP's final LayerNorm (on the model itself in transformers 5, on ``text_model`` before)."""
+    norm = getattr(text_encoder, "final_layer_norm", None)
+    if norm is None:
+        norm = getattr(getattr(text_encoder, "text_model", None), "final_layer_norm", None)
+    if norm is None:
+        raise ModelLoadError(f"{type(text_encoder).__name__} has no final_layer_norm; clip skip is not supported.")
+    return norm
+
+
+def _module_device(module: Any) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _module_dtype(module: Any) -> torch.dtype:
+    try:
+        return next(module.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return torch.float32
+
+
+def _check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
+    if clip_skip < 1:
+        raise InvalidRequestError(f"clip_skip must be 1 or more (1 means no skip), got {clip_skip}.")
+    n_layers = _config_int(text_encoder, "num_hidden_layers")
+    if n_layers is not None and clip_skip > n_layers:
+        raise InvalidRequestError(f"clip_skip is {clip_skip} but this text encoder has only {n_layers} layers.")
+
+
+def _run_encoder(
+    text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor, *, clip_skip: int, sdxl: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states ``(n, window, D)`` of one batch of framed chunks, and the pooled output if any."""
+    if not _is_clip(text_encoder):
+        out = text_encoder(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state, None
+    attention_mask = mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    need_hidden = sdxl or clip_skip > 1
+    out = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=need_hidden)
+    if sdxl:
+        hidden = out.hidden_states[-(clip_skip + 1)]
+    elif clip_skip > 1:
+        hidden = _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
+    else:
+        hidden = out.last_hidden_state
+    pooled = getattr(out, "text_embeds", None)
+    if pooled is None:
+        pooled = getattr(out, "pooler_output", None)
+    return hidden, pooled
+
+
+def _apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Multiply each token by its weight and restore each row's mean (A1111's emphasis)."""
+    weighted_rows = (weights != 1.0).any(dim=1)
+    if not bool(weighted_rows.any()):
+        return hidden
+    z = hidden.float()
+    original_mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights.to(z.device, torch.float32).unsqueeze(-1)
+    new_mean = z.mean(dim=(1, 2), keepdim=True)
+    ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
+    z = (z * ratio).to(hidden.dtype)
+    return torch.where(weighted_rows.to(hidden.device)[:, None, None], z, hidden)
+
+
+def _encode_all(
+    text_encoder: Any,
+    layout: TokenLayout,
+    chunks_per_prompt: list[list[PromptChunk]],
+    n_chunks: int,
+    *,
+    clip_skip: int,
+    sdxl: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode every prompt's chunks with one encoder: ``(N, n_chunks * window, D)`` and the pooled
+    output of the first chunk."""
+    device = _module_device(text_encoder)
+    empty = PromptChunk([], [])
+    parts: list[torch.Tensor] = []
+    pooled_first: torch.Tensor | None = None
+    for index in range(n_chunks):
+        framed = [layout.frame(chunks[index] if index < len(chunks) else empty) for chunks in chunks_per_prompt]
+        ids = torch.tensor([f[0] for f in framed], dtype=torch.long, device=device)
+        weights = torch.tensor([f[1] for f in framed], dtype=torch.float32)
+        mask = torch.tensor([f[2] for f in framed], dtype=torch.long, device=device)
+        hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl)
+        parts.append(_apply_weights(hidden, weights))
+        if index == 0:
+            pooled_first = pooled
+    return torch.cat(parts, dim=1), pooled_first
+
+
+def encode_prompts(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PromptEmbeds, PromptEmbeds]:
+    """Encode positive and negative prompts; both padded to the same number of chunks.
+
+    ``clip_skip`` counts like A1111: 1 uses the last layer (the penultimate one for SDXL), 2 the one
+    before... Non-CLIP encoders ignore it. ``device``/``dtype`` default to the last text encoder's.
+    If ``bundle.config["force_zeros_for_empty_prompt"]`` is true, empty negative prompts give zero
+    embeddings and zero pooled embeddings, as the SDXL pipelines do.
+    """
+    prompts, negative_prompts = list(prompts), list(negative_prompts)
+    if not prompts:
+        raise InvalidRequestError("At least one prompt is needed.")
+    if len(negative_prompts) != len(prompts):
+        raise InvalidRequestError(
+            f"Got {len(prompts)} prompts but {len(negative_prompts)} negative prompts; give one negative per prompt."
+        )
+    encoders, tokenizers = list(bundle.text_encoders), list(bundle.tokenizers)
+    if not encoders or len(encoders) != len(tokenizers):
+        raise ModelLoadError(
+            f"The model {bundle.name!r} needs one tokenizer per text encoder "
+            f"(has {len(tokenizers)} tokenizers, {len(encoders)} text encoders)."
+        )
+    sdxl = bundle.is_sdxl
+    for encoder in encoders:
+        if _is_clip(encoder):
+            _check_clip_skip(encoder, clip_skip)
+
+    layouts = [token_layout(tok, enc) for tok, enc in zip(tokenizers, encoders, strict=True)]
+    if len({layout.window for layout in layouts}) > 1:
+        raise ModelLoadError(
+            f"The text encoders of {bundle.name!r} have different windows "
+            f"({', '.join(str(layout.window) for layout in layouts)}); they cannot be combined."
+        )
+    everything = prompts + negative_prompts
+    chunked = [
+        [chunk_prompt(tok, text, layout.chunk_size) for text in everything]
+        for tok, layout in zip(tokenizers, layouts, strict=True)
+    ]
+    n_chunks = max(len(chunks) for per_encoder in chunked for chunks in per_encoder)
+
+    out_device = torch.device(device) if device is not None else _module_device(encoders[-1])
+    out_dtype = dtype if dtype is not None else _module_dtype(encoders[-1])
+    embeds_parts: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
+    with torch.no_grad():
+        for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
+            hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl)
+            embeds_parts.append(hidden.to(device=out_device, dtype=out_dtype))
+    embeds = torch.cat(embeds_parts, dim=-1)
+    if sdxl and pooled is not None:
+        pooled = pooled.to(device=out_device, dtype=out_dtype)
+    else:
+        pooled = None
+
+    if bundle.config.get("force_zeros_for_empty_prompt"):
+        offset = len(prompts)
+        for i, negative in enumerate(negative_prompts):
+            if not negative.strip():
+                embeds[offset + i] = 0
+                if pooled is not None:
+                    pooled[offset + i] = 0
+
+    n = len(prompts)
+    positive = PromptEmbeds(embeds[:n], None if pooled is None else pooled[:n])
+    negative = PromptEmbeds(embeds[n:], None if pooled is None else pooled[n:])
+    return positive, negative

@@ -1,0 +1,37 @@
+"""Typed exceptions. Every error a user can cause derives from :class:`LatentStudioError`.
+
+The CLI prints ``str(error)`` on one line and exits non-zero; the UI shows it as a message. The
+message is written for the user: what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class LatentStudioError(Exception):
+    """Base class of all errors caused by user input or the environment (not by bugs)."""
+
+
+class InvalidRequestError(LatentStudioError, ValueError):
+    """A generation request has a bad parameter (size, steps, strength, sampler, image...)."""
+
+
+class UnknownSamplerError(InvalidRequestError):
+    """The sampler name is not in the scheduler registry."""
+
+
+class ModelNotFoundError(LatentStudioError, FileNotFoundError):
+    """A model path or name does not exist."""
+
+
+class ModelLoadError(LatentStudioError):
+    """A model exists but cannot be loaded (corrupt file, wrong layout, unsafe format)."""
+
+
+class NoModelError(LatentStudioError):
+    """No model was given and no default model is installed."""
+
+
+class PluginError(LatentStudioError):
+    """A plugin registered something invalid (duplicate name, wrong type)."""
+
+

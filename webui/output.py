@@ -1,0 +1,224 @@
+"""Saving generated images as PNG files with their infotext.
+
+Files are named ``NNNNN-<seed>.png`` with a 5-digit counter one above the highest counter already
+in the directory. Saving is atomic and never overwrites: the PNG is written and fsynced under a
+temporary name in the target directory, then hard-linked to its final name, which fails instead of
+replacing when that name exists; the next counter is then tried. Concurrent savers (threads or
+processes) therefore always end with distinct, complete files.
+
+Choosing the counter and claiming the name happen under a lock (a per-directory thread lock plus,
+on POSIX, ``flock`` on the directory), so concurrent savers also get distinct counters. The lock
+only keeps counters unique; the no-overwrite guarantee does not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from webui.metadata import PARAMETERS_KEY
+
+__all__ = ["next_counter", "output_dir", "save_png"]
+
+COUNTER_DIGITS = 5
+_COUNTER = re.compile(r"^(\d+)-")
+_TEMP_PREFIX = ".saving-"
+_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+# Errors meaning "this filesystem has no hard links": fall back to reserving the name.
+_NO_LINK_ERRNOS = frozenset(
+    code
+    for code in (
+        getattr(errno, "EPERM", None),
+        getattr(errno, "ENOTSUP", None),
+        getattr(errno, "EOPNOTSUPP", None),
+        getattr(errno, "ENOSYS", None),
+        getattr(errno, "EMLINK", None),
+    )
+    if code is not None
+)
+MAX_ATTEMPTS = 10_000
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def output_dir(root: str | os.PathLike[str], task: str, when: datetime.date | None = None) -> Path:
+    """The directory for one task's images of one day: ``root/<task>/<YYYY-MM-DD>``."""
+    if not task or task in (".", "..") or "/" in task or "\\" in task:
+        raise ValueError(f"Invalid task name for an output directory: {task!r}.")
+    day = datetime.date.today() if when is None else when
+    return Path(root) / task / day.strftime("%Y-%m-%d")
+
+
+def next_counter(directory: str | os.PathLike[str]) -> int:
+    """One above the highest ``NNNNN-`` counter of the names in ``directory`` (0 when none)."""
+    highest = -1
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        match = _COUNTER.match(name)
+        if match is not None:
+            highest = max(highest, int(match.group(1)))
+    return highest + 1
+
+
+def _png_info(infotext: str | None) -> PngInfo | None:
+    """A PNG text chunk holding ``infotext``: tEXt when latin-1 suffices, iTXt otherwise."""
+    if infotext is None:
+        return None
+    info = PngInfo()
+    try:
+        infotext.encode("latin-1")
+    except UnicodeEncodeError:
+        info.add_itxt(PARAMETERS_KEY, infotext)
+    else:
+        info.add_text(PARAMETERS_KEY, infotext)
+    return info
+
+
+def _png_ready(image: Image.Image) -> Image.Image:
+    """``image`` itself if PNG can store its mode, else a converted copy."""
+    if image.mode in _PNG_MODES:
+        return image
+    return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the directory entry of a new file where the platform allows it."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """Serialize counter choice in ``directory`` across threads and, where possible, processes."""
+    key = os.path.realpath(directory)
+    with _thread_locks_guard:
+        lock = _thread_locks.setdefault(key, threading.Lock())
+    with lock:
+        fd = -1
+        if fcntl is not None:
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+        try:
+            yield
+        finally:
+            if fd >= 0:
+                os.close(fd)  # closing the descriptor releases the flock
+
+
+def _claim_by_reserving(temp: Path, final: Path) -> None:
+    """Fallback without hard links: create ``final`` exclusively, then move ``temp`` over it.
+
+    Raises :class:`FileExistsError` if ``final`` exists. The name is ours once created, so the
+    replace never clobbers another saver's file.
+    """
+    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    try:
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(final)
+        raise
+
+
+def save_png(
+    image: Image.Image,
+    directory: str | os.PathLike[str],
+    *,
+    seed: int,
+    infotext: str | None,
+) -> Path:
+    """Save ``image`` as ``directory/NNNNN-<seed>.png`` with ``infotext`` in its ``parameters`` chunk.
+
+    Creates ``directory`` (with parents) if needed and returns the path written. An existing file
+    is never overwritten, even with several threads or processes saving into the same directory.
+    """
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    pnginfo = _png_info(infotext)
+    picture = _png_ready(image)
+
+    fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".png", dir=target)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if pnginfo is None:
+                picture.save(handle, format="PNG")
+            else:
+                picture.save(handle, format="PNG", pnginfo=pnginfo)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o644 & ~_umask())
+
+        with _directory_lock(target):
+            final = _claim(temp, target, seed)
+        _fsync_directory(target)
+        return final
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _claim(temp: Path, target: Path, seed: int) -> Path:
+    """Give ``temp`` the first free final name in ``target``; never replaces an existing file."""
+    use_links = True
+    counter = next_counter(target)
+    for _ in range(MAX_ATTEMPTS):
+        final = target / f"{counter:0{COUNTER_DIGITS}d}-{seed}.png"
+        try:
+            if use_links:
+                os.link(temp, final)
+            else:
+                _claim_by_reserving(temp, final)
+        except FileExistsError:
+            counter = max(counter + 1, next_counter(target))
+            continue
+        except OSError as error:
+            if use_links and error.errno in _NO_LINK_ERRNOS:
+                use_links = False
+                continue
+            raise
+        return final
+    raise OSError(f"Could not find a free file name in {target} after {MAX_ATTEMPTS} attempts.")
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where the platform allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
