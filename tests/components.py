@@ -1,8 +1,5 @@
-"""Tiny random-weight model components for the tests (no network, CPU, seconds).
-
-Shapes follow diffusers' own test dummies: a 2-block UNet, a 2-block VAE (downscale 2), small
-CLIP text encoders; the images they make are 64×64 noise-like pictures, which is all parity needs.
-"""
+"""Whole tiny models for engine tests, built from the parts in ``tiny``: pipeline component
+dicts, ControlNets, and the engine's ModelBundle over the same objects. 64×64 images, seconds."""
 
 from __future__ import annotations
 
@@ -11,13 +8,12 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
 )
-from tiny import make_clip_tokenizer, make_text_encoder
+from tiny import bundle_from_components, make_clip_tokenizer, make_text_encoder, make_unet, make_vae
 
 from webui.engine.bundle import ModelBundle
 
@@ -25,37 +21,6 @@ SD_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
 )
-
-
-def make_unet(seed: int = 0, in_channels: int = 4, cross_attention_dim: int = 32) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        norm_num_groups=32,
-    ).eval()
-
-
-def make_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
-        norm_num_groups=32,
-    ).eval()
-
-
-def make_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
-    ).eval()
 
 
 def make_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
@@ -70,7 +35,8 @@ def make_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetMode
 
 
 def sd_components(tmp_path: Path, *, in_channels: int = 4) -> dict[str, Any]:
-    """Components for diffusers' StableDiffusion*Pipeline constructors."""
+    """Components for diffusers' StableDiffusion*Pipeline constructors (a PNDM default scheduler,
+    as real SD 1.x checkpoints ship)."""
     return {
         "unet": make_unet(0, in_channels=in_channels),
         "vae": make_vae(0),
@@ -86,7 +52,7 @@ def sd_components(tmp_path: Path, *, in_channels: int = 4) -> dict[str, Any]:
 def sdxl_components(tmp_path: Path) -> dict[str, Any]:
     tokenizer = make_clip_tokenizer(tmp_path)
     return {
-        "unet": make_sdxl_unet(0),
+        "unet": make_unet(0, sdxl=True),
         "vae": make_vae(0),
         "text_encoder": make_text_encoder(0),
         "text_encoder_2": make_text_encoder(1, projection=True),
@@ -100,19 +66,11 @@ def sdxl_components(tmp_path: Path) -> dict[str, Any]:
 
 
 def bundle_from(components: dict[str, Any], *, name: str = "tiny", controlnet: Any = None) -> ModelBundle:
-    """The engine's view of the same components."""
-    encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if k in components]
-    tokenizers = [components[k] for k in ("tokenizer", "tokenizer_2") if k in components]
-    sdxl = len(encoders) == 2
-    return ModelBundle(
-        name=name,
-        unet=components["unet"],
-        vae=components["vae"],
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        scheduler_config=dict(components["scheduler"].config),
-        family="sdxl" if sdxl else "sd1",
-        controlnets={"seg": controlnet} if controlnet is not None else {},
-        model_hash="0123456789",
-        config={"force_zeros_for_empty_prompt": True} if sdxl else {},
-    )
+    """The engine's view of the same components (SDXL zeroes empty negative prompts, as diffusers)."""
+    sdxl = "text_encoder_2" in components
+    bundle = bundle_from_components(components, config={"force_zeros_for_empty_prompt": True} if sdxl else {})
+    bundle.name = name
+    bundle.model_hash = "0123456789"
+    if controlnet is not None:
+        bundle.controlnets["seg"] = controlnet
+    return bundle

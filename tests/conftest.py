@@ -20,3 +20,13 @@ def engine():
     from webui.plugins import make_plugin_manager
 
     return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny diffusers model folder ``<models>/tiny-sd`` with a ``controlnet/`` subfolder, written once
+    per test session. Read-only for tests: copy it (``fixtures_models.copy_model``) before damaging it.
+    Its parent folder holds nothing else, so it can serve as a ``models_dir``."""
+    from fixtures_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", controlnet=True)

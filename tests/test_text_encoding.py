@@ -83,10 +83,14 @@ def diffusers_sd(
         encoder = _TextModelView(encoder)
     owner = SimpleNamespace(tokenizer=sd["tokenizer"], text_encoder=encoder, unet=sd["unet"])
     with torch.no_grad():
-        return StableDiffusionPipeline.encode_prompt(owner, prompt, CPU, 1, True, negative, clip_skip=clip_skip)
+        return StableDiffusionPipeline.encode_prompt(
+            owner, prompt, CPU, 1, True, negative, clip_skip=clip_skip
+        )
 
 
-def encode_one(bundle: ModelBundle, prompt: str, negative: str = "", **kwargs: Any) -> tuple[PromptEmbeds, PromptEmbeds]:
+def encode_one(
+    bundle: ModelBundle, prompt: str, negative: str = "", **kwargs: Any
+) -> tuple[PromptEmbeds, PromptEmbeds]:
     return encode_prompts(bundle, [prompt], [negative], **kwargs)
 
 
@@ -94,7 +98,9 @@ def encode_one(bundle: ModelBundle, prompt: str, negative: str = "", **kwargs: A
 
 
 @pytest.mark.parametrize("prompt", ["a photo of a cat", "red dog sat on the mat, painting", ""])
-def test_sd_matches_diffusers_pipeline(sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle, prompt: str) -> None:
+def test_sd_matches_diffusers_pipeline(
+    sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle, prompt: str
+) -> None:
     with torch.no_grad():
         ref, ref_neg = sd_pipe.encode_prompt(prompt, CPU, 1, True, "blue dog")
     pos, neg = encode_one(sd_bundle, prompt, "blue dog")
@@ -104,14 +110,18 @@ def test_sd_matches_diffusers_pipeline(sd_pipe: StableDiffusionPipeline, sd_bund
     assert max_diff(neg.embeds, ref_neg) < ATOL
 
 
-def test_sd_empty_negative_matches_diffusers(sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle) -> None:
+def test_sd_empty_negative_matches_diffusers(
+    sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle
+) -> None:
     with torch.no_grad():
         _, ref_neg = sd_pipe.encode_prompt("a cat", CPU, 1, True, None)
     _, neg = encode_one(sd_bundle, "a cat", "")
     assert max_diff(neg.embeds, ref_neg) < ATOL
 
 
-def test_sd_unweighted_is_bitwise_equal_to_diffusers(sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle) -> None:
+def test_sd_unweighted_is_bitwise_equal_to_diffusers(
+    sd_pipe: StableDiffusionPipeline, sd_bundle: ModelBundle
+) -> None:
     with torch.no_grad():
         ref, _ = sd_pipe.encode_prompt("a photo of a cat", CPU, 1, True, "")
     pos, _ = encode_one(sd_bundle, "a photo of (a:1) cat")
@@ -146,7 +156,12 @@ def test_sd_attention_mask_when_configured(tmp_path: Path) -> None:
 def diffusers_sdxl(pipe: StableDiffusionXLPipeline, prompt: str, negative: str | None, **kwargs: Any) -> Any:
     with torch.no_grad():
         return pipe.encode_prompt(
-            prompt, device=CPU, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative, **kwargs
+            prompt,
+            device=CPU,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative,
+            **kwargs,
         )
 
 
@@ -173,7 +188,9 @@ def test_sdxl_clip_skip_matches_diffusers(sdxl: dict[str, Any], sdxl_pipe: Stabl
     assert max_diff(pos.pooled, ref_pooled) < ATOL
 
 
-def test_sdxl_empty_negative_is_zeros_when_forced(sdxl: dict[str, Any], sdxl_pipe: StableDiffusionXLPipeline) -> None:
+def test_sdxl_empty_negative_is_zeros_when_forced(
+    sdxl: dict[str, Any], sdxl_pipe: StableDiffusionXLPipeline
+) -> None:
     ref, ref_neg, ref_pooled, ref_neg_pooled = diffusers_sdxl(sdxl_pipe, "a photo of a cat", None)
     assert sdxl_pipe.config.force_zeros_for_empty_prompt
     bundle = bundle_from_components(sdxl, config={"force_zeros_for_empty_prompt": True})
@@ -209,9 +226,10 @@ def test_chunk_prompt_splits_at_75_tokens(sd: dict[str, Any]) -> None:
     tokenizer = sd["tokenizer"]
     chunks = chunk_prompt(tokenizer, "cat " * 200, 75)
     assert [len(c.tokens) for c in chunks] == [75, 75, 50]
-    assert chunk_prompt(tokenizer, "cat " * 75 + "BREAK dog", 75)[1].tokens == tokenizer("dog", add_special_tokens=False)[
-        "input_ids"
-    ]
+    assert (
+        chunk_prompt(tokenizer, "cat " * 75 + "BREAK dog", 75)[1].tokens
+        == tokenizer("dog", add_special_tokens=False)["input_ids"]
+    )
     assert len(chunk_prompt(tokenizer, "cat " * 75 + "BREAK", 75)) == 1
     assert [len(c.tokens) for c in chunk_prompt(tokenizer, "", 75)] == [0]
     assert [len(c.tokens) for c in chunk_prompt(tokenizer, "BREAK cat", 75)] == [0, 1]
@@ -279,7 +297,9 @@ def test_weights_apply_per_chunk(sd_bundle: ModelBundle) -> None:
     weighted, _ = encode_one(sd_bundle, "a red cat BREAK a [dog]")
     assert torch.equal(plain.embeds[:, :77], weighted.embeds[:, :77])
     assert max_diff(plain.embeds[:, 77:], weighted.embeds[:, 77:]) > 1e-4
-    assert float(weighted.embeds[:, 77:].mean()) == pytest.approx(float(plain.embeds[:, 77:].mean()), abs=1e-6)
+    assert float(weighted.embeds[:, 77:].mean()) == pytest.approx(
+        float(plain.embeds[:, 77:].mean()), abs=1e-6
+    )
 
 
 def test_weighted_sdxl_keeps_pooled(sdxl: dict[str, Any]) -> None:

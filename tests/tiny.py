@@ -138,8 +138,8 @@ def make_bert_encoder(seed: int = 0, *, vocab_size: int = 32, max_position_embed
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-def make_unet(seed: int = 0, *, sdxl: bool = False) -> UNet2DConditionModel:
-    """The tiny UNet of diffusers' SD (or SDXL) pipeline tests."""
+def make_unet(seed: int = 0, *, sdxl: bool = False, in_channels: int = 4) -> UNet2DConditionModel:
+    """The tiny UNet of diffusers' SD (or SDXL) pipeline tests; ``in_channels=9`` for inpainting."""
     torch.manual_seed(seed)
     if sdxl:
         unet = UNet2DConditionModel(
@@ -163,7 +163,7 @@ def make_unet(seed: int = 0, *, sdxl: bool = False) -> UNet2DConditionModel:
             block_out_channels=(32, 64),
             layers_per_block=2,
             sample_size=32,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

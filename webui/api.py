@@ -35,6 +35,7 @@ from webui.engine.context import (
 from webui.engine.pipeline import Engine, GenerationResult
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.segmap import ADE20K, Palette
+from webui.engine.text import PromptEmbeds, encode_prompts
 from webui.errors import (
     InvalidRequestError,
     LatentStudioError,
@@ -72,11 +73,13 @@ __all__ = [
     "OutputImage",
     "Palette",
     "PluginError",
+    "PromptEmbeds",
     "RunContext",
     "SchedulerRegistry",
     "StepInfo",
     "UnknownSamplerError",
     "format_infotext",
+    "encode_prompts",
     "hookimpl",
     "make_plugin_manager",
     "parse_infotext",

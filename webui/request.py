@@ -75,10 +75,12 @@ class GenerationRequest:
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> GenerationRequest:
+    def validate(self, *, sizes: bool = True) -> GenerationRequest:
         """Check every field; return a normalised copy (RGB images, binary-ready L masks).
 
         Raises :class:`InvalidRequestError` with a one-line message naming the field.
+        ``sizes=False`` skips the multiple-of-8 check (the engine checks sizes only after the
+        ``prepare_request`` plugins, which may round them).
         """
         if self.task not in TASKS:
             raise InvalidRequestError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
@@ -95,7 +97,7 @@ class GenerationRequest:
             if value is None:
                 continue
             _check_int(name, value, 8, MAX_SIDE)
-            if value % 8:
+            if sizes and value % 8:
                 low, high = value - value % 8, value - value % 8 + 8
                 raise InvalidRequestError(
                     f"{name} {value} is not a multiple of 8; use {low} or {high}"

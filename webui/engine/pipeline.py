@@ -114,7 +114,7 @@ class Engine:
         thread. Raises :class:`~webui.errors.LatentStudioError` subclasses for bad input.
         """
         started = time.perf_counter()
-        request = request.validate()
+        request = request.validate(sizes=False)
         if request.sampler not in self.schedulers:
             self.schedulers.get(request.sampler)  # raises UnknownSamplerError with the list
         bundle = bundle or self.models.get(request.model)

@@ -76,11 +76,17 @@ def token_layout(tokenizer: Any, text_encoder: Any) -> TokenLayout:
     """The chunk layout of a tokenizer/encoder pair (CLIP: BOS/EOS; BERT-style: CLS/SEP)."""
     limits = [
         n
-        for n in (getattr(tokenizer, "model_max_length", None), _config_int(text_encoder, "max_position_embeddings"))
+        for n in (
+            getattr(tokenizer, "model_max_length", None),
+            _config_int(text_encoder, "max_position_embeddings"),
+        )
         if isinstance(n, int) and 2 < n < _UNBOUNDED
     ]
     window = min(limits) if limits else _DEFAULT_WINDOW
-    if getattr(tokenizer, "cls_token_id", None) is not None and getattr(tokenizer, "sep_token_id", None) is not None:
+    if (
+        getattr(tokenizer, "cls_token_id", None) is not None
+        and getattr(tokenizer, "sep_token_id", None) is not None
+    ):
         start, end = tokenizer.cls_token_id, tokenizer.sep_token_id
     else:
         start, end = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
@@ -101,7 +107,9 @@ def chunk_prompt(tokenizer: Any, prompt: str, chunk_size: int) -> list[PromptChu
     """
     fragments = parse_prompt_attention(prompt)
     texts = [text for text, weight in fragments if not is_break((text, weight))]
-    token_lists = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+    token_lists = iter(
+        tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    )
     chunks: list[PromptChunk] = []
     current = PromptChunk([], [])
     for fragment in fragments:
@@ -130,7 +138,9 @@ def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
     if norm is None:
         norm = getattr(getattr(text_encoder, "text_model", None), "final_layer_norm", None)
     if norm is None:
-        raise ModelLoadError(f"{type(text_encoder).__name__} has no final_layer_norm; clip skip is not supported.")
+        raise ModelLoadError(
+            f"{type(text_encoder).__name__} has no final_layer_norm; clip skip is not supported."
+        )
     return norm
 
 
@@ -153,7 +163,9 @@ def _check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
         raise InvalidRequestError(f"clip_skip must be 1 or more (1 means no skip), got {clip_skip}.")
     n_layers = _config_int(text_encoder, "num_hidden_layers")
     if n_layers is not None and clip_skip > n_layers:
-        raise InvalidRequestError(f"clip_skip is {clip_skip} but this text encoder has only {n_layers} layers.")
+        raise InvalidRequestError(
+            f"clip_skip is {clip_skip} but this text encoder has only {n_layers} layers."
+        )
 
 
 def _run_encoder(
@@ -208,7 +220,9 @@ def _encode_all(
     parts: list[torch.Tensor] = []
     pooled_first: torch.Tensor | None = None
     for index in range(n_chunks):
-        framed = [layout.frame(chunks[index] if index < len(chunks) else empty) for chunks in chunks_per_prompt]
+        framed = [
+            layout.frame(chunks[index] if index < len(chunks) else empty) for chunks in chunks_per_prompt
+        ]
         ids = torch.tensor([f[0] for f in framed], dtype=torch.long, device=device)
         weights = torch.tensor([f[1] for f in framed], dtype=torch.float32)
         mask = torch.tensor([f[2] for f in framed], dtype=torch.long, device=device)

@@ -1,0 +1,1 @@
+"""An example Latent Studio plugin package."""
