@@ -111,9 +111,25 @@ def _engine(args: argparse.Namespace) -> Any:
     from webui.engine.devices import pick_device, pick_dtype
     from webui.engine.pipeline import Engine
 
+    _quiet_libraries()
     device = pick_device(args.device)
     return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
                   dtype=pick_dtype(args.dtype, device))
+
+
+def _quiet_libraries() -> None:
+    """Silence the libraries' progress bars and advisory warnings while models load: on stderr they
+    would bury the one ``error:`` line (or be the only output of a successful run). Real errors
+    still show."""
+    import importlib
+
+    for library in ("diffusers", "transformers"):
+        try:
+            logging = importlib.import_module(f"{library}.utils.logging")
+        except ImportError:  # pragma: no cover - both are dependencies
+            continue
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
 def _models(args: argparse.Namespace) -> int:
