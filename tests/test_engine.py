@@ -170,3 +170,24 @@ def test_seg2img_without_a_controlnet_says_what_to_do(engine, components):
 
     with pytest.raises(InvalidRequestError, match="segmentation ControlNet"):
         run(engine, bundle_from(components), task="seg2img", seg_map=seg_map())
+
+
+def test_a_controlnet_with_its_own_palette(engine, components, tmp_path):
+    from webui.engine.segmap import Palette
+
+    palette = Palette("shapes", ("background", "circle", "square"), np.array([[0, 0, 0], [250, 10, 10], [10, 10, 250]]))
+    folder = tmp_path / "shapes-controlnet"
+    make_controlnet(components["unet"], seed=3).save_pretrained(folder, safe_serialization=True)
+    palette.to_json(folder / "palette.json")
+    controlnet = engine.models.get_controlnet(str(folder))
+    assert controlnet.seg_palette == palette
+
+    exact = np.zeros((64, 64), dtype=np.int64)
+    exact[10:30, 10:30], exact[35:60, 30:60] = 1, 2
+    exact_map = Image.fromarray(palette.colors[exact])
+    near_map = Image.fromarray(np.clip(palette.colors[exact].astype(int) + 12, 0, 255).astype(np.uint8))
+    kwargs = dict(task="seg2img", controlnet=str(folder))
+    a = run(engine, bundle_from(components), seg_map=exact_map, **kwargs)
+    b = run(engine, bundle_from(components), seg_map=near_map, **kwargs)
+    assert np.array_equal(arr(a.images[0].image), arr(b.images[0].image))  # near colours snap to the classes
+    assert f"Model: {folder}" in a.infotexts[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -89,9 +90,11 @@ def test_broken_entry_point_is_reported_and_others_still_load(tmp_path, monkeypa
 def installed_example(tmp_path_factory):
     """The example package, pip-installed into a target directory of its own."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source)  # the build leaves files beside the sources: keep them out of the repo
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
+         "--no-index", "--target", str(target), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     return target

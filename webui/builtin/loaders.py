@@ -15,6 +15,7 @@ from typing import Any
 from webui.engine.bundle import ModelBundle
 from webui.engine.context import LoadContext, ModelEntry
 from webui.engine.models import short_hash
+from webui.engine.segmap import Palette
 from webui.errors import ModelLoadError, ModelNotFoundError
 from webui.hookspecs import hookimpl
 
@@ -120,13 +121,18 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
 
 
 def load_controlnet_folder(folder: Path, context: LoadContext) -> Any:
-    from diffusers import ControlNetModel
-
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} is not a ControlNet folder (no config.json)")
     model = _load_component(folder, "diffusers", "ControlNetModel", context)
-    assert isinstance(model, ControlNetModel) or hasattr(model, "forward")
     return model.eval().requires_grad_(False).to(context.device, context.dtype)
+
+
+def attach_palette(controlnet: Any, folder: Path) -> Any:
+    """A segmentation ControlNet may ship ``palette.json`` (class names and colours); the
+    segmentation plugin reads it from ``controlnet.seg_palette`` (ADE20K when absent)."""
+    if (folder / "palette.json").is_file():
+        controlnet.seg_palette = Palette.from_json(folder / "palette.json")
+    return controlnet
 
 
 def _load_component(path: Path, library: str, class_name: str, context: LoadContext) -> Any:
@@ -149,9 +155,10 @@ def _load_component(path: Path, library: str, class_name: str, context: LoadCont
     try:
         if is_tokenizer:
             return cls.from_pretrained(path)
-        return cls.from_pretrained(path, use_safetensors=True)
+        model = cls.from_pretrained(path, use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    return attach_palette(model, path) if class_name == "ControlNetModel" else model
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -101,16 +101,15 @@ class ModelManager:
         key = (kind, source)
         if key in self._pinned:
             return self._pinned[key]
-        for entry in self.list(kind):  # a listed name maps to its source
-            if entry.name == source:
-                source = entry.source
-                key = (kind, source)
-                break
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            while len(self._cache) >= self.cache_size:
+            for entry in self.list(kind):  # a listed name loads from its source (listing only on a miss)
+                if entry.name == source:
+                    source = entry.source
+                    break
+            while len(self._cache) >= self.cache_size:  # make room first: a GPU may fit only one model
                 self._cache.popitem(last=False)
                 _free_memory(self.device)
             context = LoadContext(

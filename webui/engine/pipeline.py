@@ -115,8 +115,7 @@ class Engine:
         """
         started = time.perf_counter()
         request = request.validate(sizes=False)
-        if request.sampler not in self.schedulers:
-            self.schedulers.get(request.sampler)  # raises UnknownSamplerError with the list
+        self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
         control = control or GenerationControl()
         seed = request.seed if request.seed >= 0 else random.randrange(2**32 - 1 - 10_000)
@@ -222,14 +221,15 @@ class Engine:
         else:
             latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
 
-        mask_latents = masked_image_latents = None
+        mask, masked_image_latents = cond.mask, None
         if bundle.is_inpainting_unet:
-            mask = cond.mask if cond.mask is not None else torch.ones(1, 1, context.height, context.width)
-            masked = cond.masked_image if cond.masked_image is not None else torch.zeros(1, 3, context.height, context.width)
+            if mask is None:  # no mask: an inpainting UNet repaints everything (txt2img, img2img)
+                mask = torch.ones(1, 1, context.height, context.width)
+            masked = cond.masked_image if cond.masked_image is not None else torch.zeros(1, 3, *mask.shape[-2:])
             masked_image_latents = self.encode_images(bundle, masked, generators)
-        if cond.mask is not None or bundle.is_inpainting_unet:
-            mask_latents = torch.nn.functional.interpolate(mask if bundle.is_inpainting_unet else cond.mask,
-                                                           size=(height, width))
+        mask_latents = None
+        if mask is not None:
+            mask_latents = torch.nn.functional.interpolate(mask, size=(height, width))
             mask_latents = mask_latents.to(device=device, dtype=dtype).repeat(batch, 1, 1, 1)
 
         # 4. The denoising loop

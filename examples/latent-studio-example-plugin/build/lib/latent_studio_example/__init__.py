@@ -1,1 +1,0 @@
-"""An example Latent Studio plugin package."""
