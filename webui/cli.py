@@ -125,11 +125,11 @@ def _quiet_libraries() -> None:
 
     for library in ("diffusers", "transformers"):
         try:
-            logging = importlib.import_module(f"{library}.utils.logging")
+            library_logging = importlib.import_module(f"{library}.utils.logging")
         except ImportError:  # pragma: no cover - both are dependencies
             continue
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+        library_logging.set_verbosity_error()
+        library_logging.disable_progress_bar()
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -117,14 +117,14 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
     )
     for module in bundle.modules():
         module.eval().requires_grad_(False)
-    return bundle.to(context.device, context.dtype)
+    return bundle.to(context.device)
 
 
 def load_controlnet_folder(folder: Path, context: LoadContext) -> Any:
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} is not a ControlNet folder (no config.json)")
     model = _load_component(folder, "diffusers", "ControlNetModel", context)
-    return model.eval().requires_grad_(False).to(context.device, context.dtype)
+    return model.eval().requires_grad_(False).to(context.device)
 
 
 def attach_palette(controlnet: Any, folder: Path) -> Any:
@@ -155,10 +155,16 @@ def _load_component(path: Path, library: str, class_name: str, context: LoadCont
     try:
         if is_tokenizer:
             return cls.from_pretrained(path)
-        model = cls.from_pretrained(path, use_safetensors=True)
+        kwargs = {"torch_dtype": context.dtype} if library == "diffusers" else {"dtype": context.dtype}
+        model = cls.from_pretrained(path, use_safetensors=True, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {_first_line(exc)}") from exc
     return attach_palette(model, path) if class_name == "ControlNetModel" else model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300].strip() if lines else ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -184,7 +190,7 @@ def _folder_hash(folder: Path) -> str | None:
         return None
     stamp = folder / "unet" / ".model_hash"
     stat = weights[0].stat()
-    key = f"{weights[0].name}:{stat.st_size}:{int(stat.st_mtime)}"
+    key = f"{weights[0].name}:{stat.st_size}:{stat.st_mtime_ns}"
     try:
         cached_key, cached = stamp.read_text().split()
         if cached_key == key:

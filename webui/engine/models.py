@@ -48,6 +48,7 @@ class ModelManager:
         self.allow_download = allow_download
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pinned: dict[tuple[str, str], Any] = {}
+        self._sources: dict[tuple[str, str], str] = {}
         self._lock = threading.RLock()
 
     # -- listing ------------------------------------------------------------------------------
@@ -97,18 +98,18 @@ class ModelManager:
     def get_controlnet(self, name: str) -> Any:
         return self._get(name, "controlnet")
 
-    def _get(self, source: str, kind: str) -> Any:
-        key = (kind, source)
-        if key in self._pinned:
-            return self._pinned[key]
+    def _get(self, name: str, kind: str) -> Any:
+        if (kind, name) in self._pinned:
+            return self._pinned[(kind, name)]
         with self._lock:
+            source = self._sources.get((kind, name))
+            if source is None:
+                source = self._source_of(name, kind)
+                self._sources[(kind, name)] = source
+            key = (kind, source)  # a name and its folder path share one cache entry
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            for entry in self.list(kind):  # a listed name loads from its source (listing only on a miss)
-                if entry.name == source:
-                    source = entry.source
-                    break
             while len(self._cache) >= self.cache_size:  # make room first: a GPU may fit only one model
                 self._cache.popitem(last=False)
                 _free_memory(self.device)
@@ -126,9 +127,21 @@ class ModelManager:
             self._cache[key] = model
             return model
 
+    def _source_of(self, name: str, kind: str) -> str:
+        """What to load for ``name``: a listed model's source, else the name itself (an existing
+        path made absolute, so that two spellings of one folder are one model)."""
+        for entry in self.list(kind):
+            if entry.name == name:
+                name = entry.source
+                break
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
     def clear(self) -> None:
+        """Forget loaded models and resolved names (after models were added or moved)."""
         with self._lock:
             self._cache.clear()
+            self._sources.clear()
         _free_memory(self.device)
 
 
