@@ -191,3 +191,11 @@ def test_a_controlnet_with_its_own_palette(engine, components, tmp_path):
     b = run(engine, bundle_from(components), seg_map=near_map, **kwargs)
     assert np.array_equal(arr(a.images[0].image), arr(b.images[0].image))  # near colours snap to the classes
     assert f"Model: {folder}" in a.infotexts[0]
+
+
+def test_size_follows_the_init_image_rounded_down(engine, bundle):
+    init = random_image(13, size=70)
+    result = engine.generate(GenerationRequest(prompt="x", steps=2, seed=1, task="img2img", init_image=init),
+                             bundle=bundle)
+    assert result.images[0].image.size == (64, 64)
+    assert "Size: 64x64" in result.infotexts[0]

@@ -163,8 +163,9 @@ class Engine:
         factor = bundle.vae_scale_factor
         if request.width and request.height:
             width, height = request.width, request.height
-        elif request.init_image is not None:
-            w, h = request.init_image.size
+        elif request.init_image is not None:  # the image's own size, rounded down to a multiple of 8
+            step = max(8, factor)
+            w, h = (max(side - side % step, step) for side in request.init_image.size)
             width, height = request.width or w, request.height or h
         else:
             width = request.width or bundle.default_size
@@ -295,6 +296,7 @@ class Engine:
     # -- VAE ---------------------------------------------------------------------------------
 
     @staticmethod
+    @torch.inference_mode()
     def encode_images(bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Encode (1 or B, 3, H, W) images in [-1, 1] to scaled latents, sampling each image of
         the batch with its own generator (so image k depends on seed k only)."""
@@ -308,6 +310,7 @@ class Engine:
         return ((latents - shift) * vae.config.scaling_factor).to(bundle.dtype)
 
     @staticmethod
+    @torch.inference_mode()
     def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
         vae = bundle.vae
         config = vae.config
