@@ -132,3 +132,8 @@ def test_pip_installed_plugin_is_used_by_the_engine(installed_example, tmp_path,
     assert np.abs(euler - styled).max() > 0
     sys.modules.pop("latent_studio_example.plugin", None)
     sys.modules.pop("latent_studio_example", None)
+
+
+def test_the_engine_and_plugin_api_never_import_gradio():
+    code = "import sys, webui.api, webui.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)

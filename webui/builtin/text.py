@@ -18,14 +18,16 @@ from webui.request import GenerationRequest
 @hookimpl(tryfirst=True)
 def provide_conditioning(request: GenerationRequest, context: RunContext, conditioning: Conditioning) -> None:
     bundle = context.bundle
-    positive, negative = encode_prompts(
-        bundle,
-        [request.prompt],
-        [request.negative_prompt],
-        clip_skip=request.clip_skip,
-        device=context.device,
-        dtype=context.dtype,
-    )
+    if "text" not in context.state:  # encoded once per request, reused by every batch
+        context.state["text"] = encode_prompts(
+            bundle,
+            [request.prompt],
+            [request.negative_prompt],
+            clip_skip=request.clip_skip,
+            device=context.device,
+            dtype=context.dtype,
+        )
+    positive, negative = context.state["text"]
     conditioning.prompt_embeds = positive.embeds
     conditioning.negative_prompt_embeds = negative.embeds
     if bundle.is_sdxl:
