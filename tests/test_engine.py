@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from components import bundle_from, make_controlnet, sd_components
+from fixtures_models import random_image, rect_mask, seg_map
 from PIL import Image
-from test_parity import random_image, rect_mask, seg_map
 
 from webui.builtin.masked_image import crop_region, fill_masked
 from webui.request import GenerationRequest

@@ -13,9 +13,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from PIL import Image
+from fixtures_models import random_image, rect_mask, seg_map
 
-from webui.engine.segmap import ADE20K
 from webui.request import GenerationRequest
 
 TOLERANCE = 1e-3
@@ -40,17 +39,6 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
     diff = float(np.abs(a - b).max())
     assert diff < TOLERANCE, f"max abs pixel difference {diff}"
     assert float(a.std()) > 0.01  # a real picture, not a constant
-
-
-def random_image(seed: int, size: int = 64) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def rect_mask(size: int = 64) -> Image.Image:
-    mask = np.zeros((size, size), dtype=np.uint8)
-    mask[16:48, 8:40] = 255
-    return Image.fromarray(mask, "L")
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "PNDM", "Heun", "UniPC"])
@@ -90,14 +78,6 @@ def test_inpaint_matches_inpaint_pipeline(engine, tmp_path, in_channels, strengt
                strength=strength, mask_blur=0, keep_unmasked=False, sampler="DDIM", steps=4, cfg_scale=7.0,
                seed=21, width=64, height=64)
     assert_close(got, ref)
-
-
-def seg_map(size: int = 64) -> Image.Image:
-    classes = np.zeros((size, size), dtype=np.int64)
-    classes[: size // 2] = 2  # sky
-    classes[size // 2 :, : size // 2] = 4  # tree
-    classes[40:60, 36:60] = 12  # person
-    return Image.fromarray(ADE20K.colors[classes].astype(np.uint8))
 
 
 def test_controlnet_matches_controlnet_pipeline(engine, tmp_path):
