@@ -56,6 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(gen)
     gen.add_argument("--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)")
 
+    train = commands.add_parser("train", help="train the default shapes model (resumable)")
+    train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR / "latent-studio-shapes")
+    train.add_argument("--checkpoint-dir", type=Path, default=REPO_ROOT / "checkpoints" / "latent-studio-shapes",
+                       help="checkpoints and log.jsonl; an interrupted run resumes from here")
+    train.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the recipe's)")
+    train.add_argument("--vae-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--scenes", type=int, default=None, help="size of the training pool")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+    ev = commands.add_parser("evaluate", help="score a shapes model on txt2img, seg2img, inpainting, img2img")
+    ev.add_argument("--n", type=int, default=100, help="images per task")
+    ev.add_argument("--seed", type=int, default=12345, help="scene seed (training uses seeds under 10000)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--batch-size", type=int, default=4, help="images per request (one scene each)")
+    ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
+    _model_options(ev)
+
     commands.add_parser("plugins", help="list installed plugins as JSON")
     commands.add_parser("samplers", help="list the available samplers")
     models = commands.add_parser("models", help="list the models found")
@@ -83,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _samplers()
         if args.command == "models":
             return _models(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         return _generate(args)
     except LatentStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -130,6 +154,34 @@ def _quiet_libraries() -> None:
             continue
         library_logging.set_verbosity_error()
         library_logging.disable_progress_bar()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from webui.training.train import TrainConfig, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(seed=args.seed)
+    for option, name in (("steps", "steps"), ("vae_steps", "vae_steps"), ("batch_size", "batch"),
+                         ("scenes", "scenes")):
+        if getattr(args, option) is not None:
+            setattr(config, name, getattr(args, option))
+    print(train(args.out, args.checkpoint_dir, config, device=args.device))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from webui.training.evaluate import evaluate, format_table
+
+    scores = evaluate(_engine(args), args.model, seed=args.seed, n=args.n, steps=args.steps,
+                      batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))
+    print(format_table(scores))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from webui.engine.bundle import ModelBundle
 from webui.engine.context import LoadContext, ModelEntry
 from webui.errors import ModelLoadError, ModelNotFoundError, NoModelError
 
+DEFAULT_MODEL = "latent-studio-shapes"  # the small model trained by this project, shipped in models/
 NO_MODEL_HELP = (
     "no model is installed: put a diffusers model folder (with model_index.json) into {models_dir}, "
     "or pass --model with a folder path or a Hugging Face id such as "
@@ -81,11 +82,14 @@ class ModelManager:
         self._pinned[(kind, name)] = model
 
     def resolve(self, name: str | None) -> str:
-        """The source string for a request's model name (``None`` means the default model)."""
+        """The source string for a request's model name. ``None`` means the default model: the
+        engine's ``default_model``, else the shipped shapes model, else the first model listed."""
         if name:
             return name
         if self.default_model:
             return self.default_model
+        if self.models_dir is not None and (self.models_dir / DEFAULT_MODEL / "model_index.json").is_file():
+            return str(self.models_dir / DEFAULT_MODEL)
         entries = self.list("checkpoint")
         if entries:
             return entries[0].source

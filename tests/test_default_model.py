@@ -1,0 +1,118 @@
+"""The shipped default model: it loads through the ordinary loader and works in every task."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui.engine.pipeline import Engine
+from webui.plugins import make_plugin_manager
+from webui.request import GenerationRequest
+from webui.training import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "latent-studio-shapes"
+RUN = dict(steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+
+
+def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
+    """Share of the region's pixels nearer to ``colour`` than to any other named colour."""
+    names = list(shapes.COLORS)
+    table = np.asarray([shapes.COLORS[n] for n in names], dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)[region]
+    nearest = np.argmin(((pixels[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+    return float((nearest == names.index(colour)).mean())
+
+
+def test_shipped_model_is_small_and_complete():
+    files = [p for p in MODEL.rglob("*") if p.is_file() and p.name != ".model_hash"]
+    assert sum(p.stat().st_size for p in files) <= 60 * 1024 * 1024
+    assert all(p.suffix != ".bin" for p in files)
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert {"unet", "vae", "controlnet", "text_encoder", "tokenizer", "scheduler"} <= set(index)
+    assert index["vocabulary"]["shapes"] == list(shapes.SHAPES)
+
+
+def test_it_is_the_default_and_loads_through_the_ordinary_loader(engine):
+    bundle = engine.models.get(None)
+    assert bundle.source == str(MODEL.resolve())
+    assert bundle.is_inpainting_unet and bundle.default_size == 64
+    assert type(bundle.text_encoders[0]).__name__ == "BertModel"
+    assert bundle.controlnets["seg"].seg_palette.classes == shapes.CLASSES
+    assert len(bundle.model_hash) == 10
+
+
+def test_txt2img_draws_what_the_prompt_says(engine):
+    scene = shapes.Scene("circle", "red", "large", "center", "white")
+    result = engine.generate(GenerationRequest(prompt=scene.caption(), seed=1, **RUN))
+    image = result.images[0].image
+    assert image.size == (64, 64)
+    _, labels = scene.render()
+    assert colour_share(image, labels > 0, "red") > 0.7  # mostly red inside the circle's region
+    assert colour_share(image, labels == 0, "white") > 0.7
+
+
+def test_seg2img_follows_the_map(engine):
+    scene = shapes.Scene("square", "blue", "large", "top left", "yellow")
+    _, labels = scene.render()
+    result = engine.generate(GenerationRequest(task="seg2img", prompt="a blue square on a yellow background",
+                                               seg_map=shapes.class_map_image(labels), seed=2, **RUN))
+    image = result.images[0].image
+    assert colour_share(image, labels > 0, "blue") > 0.7
+    assert colour_share(image, labels == 0, "yellow") > 0.7
+
+
+def test_inpainting_paints_the_mask_and_keeps_the_rest(engine):
+    base = shapes.Scene("triangle", "green", "small", "top left", "gray")
+    added = shapes.Scene("circle", "orange", "large", "bottom right", "gray")
+    init, _ = base.render()
+    _, labels = added.render()
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    ys, xs = np.nonzero(labels)
+    mask[ys.min() - 3 : ys.max() + 4, xs.min() - 3 : xs.max() + 4] = 255
+    result = engine.generate(GenerationRequest(task="inpaint", prompt=added.caption(), init_image=init,
+                                               mask=Image.fromarray(mask), mask_blur=0, strength=1.0, seed=3, **RUN))
+    image = result.images[0].image
+    keep = mask == 0
+    assert np.array_equal(np.asarray(image)[keep], np.asarray(init)[keep])
+    assert colour_share(image, labels > 0, "orange") > 0.6
+
+
+def test_img2img_stays_close_at_low_strength(engine):
+    scene = shapes.random_scene(random.Random(99_999))
+    init, _ = scene.render()
+    diffs = []
+    for strength in (0.2, 1.0):
+        request = GenerationRequest(task="img2img", prompt=scene.caption(), init_image=init, strength=strength,
+                                    seed=4, **RUN)
+        out = engine.generate(request).images[0].image
+        diffs.append(np.abs(np.asarray(out, dtype=np.float32) - np.asarray(init, dtype=np.float32)).mean())
+    assert diffs[0] < 12 and diffs[0] < diffs[1]
+
+
+def test_training_smoke_runs_resumes_and_exports(tmp_path):
+    from webui.training.train import TrainConfig, train
+
+    config = TrainConfig(scenes=16, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, checkpoint_every=2,
+                         log_every=1, unet_channels=(16, 32, 32))
+    out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2]
+    assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+    config.steps = 5  # resume: only the two new steps run
+    train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2, 3, 4]
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    result = engine.generate(GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
+    assert result.images[0].image.size == (64, 64)

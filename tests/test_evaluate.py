@@ -1,0 +1,168 @@
+"""The evaluation harness: a perfect stand-in engine scores perfectly, and the real engine runs it
+end to end on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui.engine.context import OutputImage
+from webui.engine.pipeline import Engine, GenerationResult
+from webui.errors import InvalidRequestError
+from webui.plugins import make_plugin_manager
+from webui.training.evaluate import (
+    PSNR_CAP,
+    STRENGTHS,
+    TASK_ORDER,
+    evaluate,
+    format_table,
+    img2img_steps,
+    inpaint_pair,
+    psnr,
+)
+from webui.training.shapes import COLORS, PALETTE, POSITIONS, SHAPES, SIZES, Scene
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a full caption describes (parts left out get a fixed default)."""
+    words = caption.split()
+    size = next((w for w in words if w in SIZES), "large")
+    color = next(w for w in words if w in COLORS)
+    shape = next(w for w in words if w in SHAPES)
+    background = words[words.index("background") - 1] if "background" in words else "gray"
+    position = "center"
+    if " at the " in caption:
+        position = caption.split(" at the ")[1].split(" on a ")[0]
+    assert position in POSITIONS
+    return Scene(shape=shape, color=color, size=size, position=position, background=background)
+
+
+class OracleEngine:
+    """Draws exactly what each request asks for, as a perfect model would."""
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    def generate(self, request):
+        request = request.validate()
+        self.requests.append(request)
+        scene = parse_caption(request.prompt)
+        images = []
+        for k in range(request.batch_size):
+            if request.task == "txt2img":
+                image, _ = scene.render(request.width)
+            elif request.task == "seg2img":
+                seg = np.asarray(request.seg_map)
+                classes = np.argmin(((seg[..., None, :].astype(int) - np.asarray(PALETTE)) ** 2).sum(-1), axis=-1)
+                pixels = np.where(classes[..., None] > 0, COLORS[scene.color], COLORS[scene.background])
+                image = Image.fromarray(pixels.astype(np.uint8))
+            elif request.task == "inpaint":
+                wanted, _ = scene.render(request.width)
+                image = Image.composite(wanted, request.init_image, request.mask)
+            else:  # img2img: move from the init image towards the described scene with strength
+                wanted, _ = scene.render(request.width)
+                image = Image.blend(request.init_image, wanted, request.strength)
+            images.append(OutputImage(image=image, seed=request.seed + k, index=k))
+        return GenerationResult(images=images)
+
+
+def test_a_perfect_engine_scores_perfectly():
+    engine = OracleEngine()
+    scores = evaluate(engine, "oracle", n=6, steps=3, batch_size=4)
+    assert scores["txt2img"]["adherence"] == 1.0
+    assert all(scores["txt2img"][name] == 1.0 for name in ("color", "shape", "position", "background", "size"))
+    assert scores["seg2img"]["miou"] == pytest.approx(1.0)
+    assert scores["inpaint"]["unmasked_identical"] is True
+    assert scores["inpaint"]["psnr_unmasked"] == PSNR_CAP
+    assert scores["inpaint"]["adherence"] == 1.0 and scores["inpaint"]["coverage"] == 1.0
+    assert scores["img2img"]["monotonic"] is True
+    assert scores["img2img"]["recoloured"][-1] == 1.0
+    assert all(entry["met"] for entry in scores["targets"].values())
+    # batching: 6 images in requests of 4 + 2, seeds seed + k; img2img gets enough steps for 0.2
+    txt = [r for r in engine.requests if r.task == "txt2img"]
+    assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)]
+    i2i = [r for r in engine.requests if r.task == "img2img"]
+    assert {r.steps for r in i2i} == {5} and len(i2i) == len(STRENGTHS)
+    assert all(r.width == r.height == 64 for r in engine.requests)
+    inp = [r for r in engine.requests if r.task == "inpaint"]
+    assert all(r.mask_blur == 0 and r.strength == 1.0 and r.keep_unmasked for r in inp)
+
+
+def test_scenes_are_reproducible_and_independent_of_the_engine():
+    first, second = OracleEngine(), OracleEngine()
+    evaluate(first, None, n=3, steps=2, tasks=("txt2img",))
+    evaluate(second, None, n=3, steps=2, tasks=("txt2img",))
+    assert [r.prompt for r in first.requests] == [r.prompt for r in second.requests]
+    other = OracleEngine()
+    evaluate(other, None, seed=999, n=3, steps=2, tasks=("txt2img",))
+    assert [r.prompt for r in other.requests] != [r.prompt for r in first.requests]
+
+
+def test_helpers():
+    assert psnr(np.zeros(4), np.zeros(4)) == PSNR_CAP
+    assert psnr(np.zeros(4), np.full(4, 255.0)) == pytest.approx(0.0)
+    assert img2img_steps(2) == 5 and img2img_steps(20) == 20
+    a, b, mask = inpaint_pair(random.Random(3))
+    assert a.background == b.background and a.position != b.position and b.color != b.background
+    assert not (mask & (a.render()[1] > 0)).any()
+    assert mask[b.render()[1] > 0].all()
+    with pytest.raises(InvalidRequestError):
+        evaluate(OracleEngine(), None, n=0)
+    with pytest.raises(InvalidRequestError):
+        evaluate(OracleEngine(), None, tasks=("upscale",))
+
+
+def _check_ranges(scores):
+    for task in TASK_ORDER:
+        assert task in scores
+    t2i = scores["txt2img"]
+    for name in ("adherence", "color", "shape", "position", "background", "size", "found"):
+        assert 0.0 <= t2i[name] <= 1.0
+    assert 0.0 <= scores["seg2img"]["miou"] <= 1.0
+    inp = scores["inpaint"]
+    assert 0.0 <= inp["adherence"] <= 1.0 and 0.0 <= inp["coverage"] <= 1.0
+    assert 0.0 < inp["psnr_unmasked"] <= PSNR_CAP
+    i2i = scores["img2img"]
+    assert i2i["strengths"] == list(STRENGTHS) and len(i2i["mean_abs_diff"]) == len(STRENGTHS)
+    assert all(0.0 <= d <= 255.0 for d in i2i["mean_abs_diff"])
+    assert isinstance(i2i["monotonic"], bool)
+    json.dumps(scores)  # JSON-ready
+
+
+def test_end_to_end_on_a_tiny_model(tiny_model_dir):
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    scores = evaluate(engine, str(tiny_model_dir), n=2, steps=2, batch_size=2)
+    _check_ranges(scores)
+    # keep_unmasked with no mask blur: pixels outside the mask come back unchanged
+    assert scores["inpaint"]["unmasked_identical"] is True
+    assert scores["inpaint"]["psnr_unmasked"] == PSNR_CAP
+    table = format_table(scores)
+    assert table.splitlines()[0] == "| task | metric | value | target |"
+    for task in TASK_ORDER:
+        assert f"| {task} |" in table
+    assert "identical" in table
+
+
+def test_cli_evaluate_writes_table_and_json(tiny_model_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    process = subprocess.run(
+        [sys.executable, "launch.py", "evaluate", "--model", str(tiny_model_dir), "--n", "1", "--steps", "1",
+         "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert process.returncode == 0, process.stderr
+    assert "| task | metric | value | target |" in process.stdout
+    scores = json.loads(out.read_text())
+    _check_ranges(scores)
+    assert scores["config"]["n"] == 1 and scores["config"]["steps"] == 1

