@@ -119,3 +119,13 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
     result = engine.generate(GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
     assert result.images[0].image.size == (64, 64)
+    # the optional v-prediction refinement continues from there and exports a v-prediction model
+    config.refine_steps = 2
+    train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("phase") == "refine"] == [0, 1]
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    result = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
+        GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
+    assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()

@@ -201,3 +201,35 @@ def test_parse_metadata_first_result_wins():
     assert pm.hook.parse_metadata(text="CUSTOM:hello") == {"Prompt": "hello"}
     parsed = pm.hook.parse_metadata(text="a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
     assert parsed["Prompt"] == "a cat" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1"
+
+
+def test_register_ui_tabs_adds_and_replaces_tabs(tmp_path):
+    import gradio as gr
+
+    from webui.ui.app import build_app, collect_tabs
+    from webui.ui.service import StudioService
+
+    built = []
+
+    class Gallery:
+        @hookimpl
+        def register_ui_tabs(self, register):
+            def build(ui):
+                built.append(sorted(ui.tabs))  # the generation tabs built before this one
+                gr.Markdown("community tab", elem_id="community-tab")
+
+            register("community", "Community", build, order=50)
+            register("pnginfo", "Image info", lambda ui: gr.Markdown("replaced", elem_id="replaced-pnginfo"), order=95)
+
+    plugins = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=[Gallery()])
+    specs = collect_tabs(plugins)
+    assert [s.id for s in specs] == ["txt2img", "img2img", "inpaint", "seg2img", "community", "pnginfo"]
+    assert specs[-1].label == "Image info"  # the plugin registered first, so its pnginfo wins
+    engine = Engine(plugins=plugins, models_dir=str(ROOT / "models"))
+    demo = build_app(StudioService(engine, tmp_path), plugins=plugins)
+    labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+    assert labels == ["Text to image", "Image to image", "Inpainting", "Segmentation to image", "Community",
+                      "Image info"]
+    assert built == [["img2img", "inpaint", "seg2img", "txt2img"]]
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"community-tab", "replaced-pnginfo", "txt2img-generate"} <= ids

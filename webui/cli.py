@@ -1,4 +1,5 @@
-"""Command line: ``python launch.py generate|plugins|samplers|models``.
+"""Command line: ``python launch.py`` starts the web app; ``python launch.py COMMAND`` runs
+``generate``, ``plugins``, ``samplers``, ``models``, ``train`` or ``evaluate``.
 
 Errors caused by input print one line (``error: ...``) to stderr and exit with status 2.
 """
@@ -22,6 +23,14 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description="Latent Studio: latent-diffusion image generation")
+    from webui.ui.server import add_server_options
+
+    add_server_options(parser)
+    parser.add_argument("--model", default=None, help="model to start with: folder, name under --models-dir, or "
+                        "Hugging Face id (default: the shipped latent-studio-shapes)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate images without the web UI")
@@ -61,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", type=Path, default=REPO_ROOT / "checkpoints" / "latent-studio-shapes",
                        help="checkpoints and log.jsonl; an interrupted run resumes from here")
     train.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the recipe's)")
+    train.add_argument("--refine-steps", type=int, default=None,
+                       help="optional v-prediction refinement steps after the diffusion phase (default 0)")
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--scenes", type=int, default=None, help="size of the training pool")
@@ -93,10 +104,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
+        if args.command is None:
+            return _serve(args)
         if args.command == "plugins":
             return _plugins()
         if args.command == "samplers":
@@ -114,6 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from webui.ui.server import exposure_problem, read_auth, serve
+
+    problem = exposure_problem(args, read_auth(args.auth, args.auth_file))  # before any model loads
+    if problem:
+        raise InvalidRequestError(problem)
+    serve(args, _engine(args))
+    return 0
 
 
 def _plugins() -> int:
@@ -164,7 +184,8 @@ def _train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = TrainConfig(seed=args.seed)
-    for option, name in (("steps", "steps"), ("vae_steps", "vae_steps"), ("batch_size", "batch"),
+    for option, name in (("steps", "steps"), ("refine_steps", "refine_steps"), ("vae_steps", "vae_steps"),
+                         ("batch_size", "batch"),
                          ("scenes", "scenes")):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))

@@ -138,3 +138,23 @@ def write_metadata(parameters: dict[str, Any], image: OutputImage, request: Gene
 def parse_metadata(text: str) -> dict[str, Any] | None:
     """Parse a ``parameters`` text into a dict (``"Prompt"``, ``"Negative prompt"``, keys...).
     First result wins; the built-in reads A1111's infotext format."""
+
+
+# --- Web UI -----------------------------------------------------------------------------------
+
+
+@hookspec
+def register_ui_tabs(register: Callable[..., None]) -> None:
+    """Add tabs to the web UI: call ``register(id, label, build, order=100)``.
+
+    ``build(ui)`` is called inside the tab's ``gr.Tab`` context with the
+    :class:`webui.ui.controls.UIContext` (the service, sampler names, the default model) and
+    creates the tab's components. A generation tab builds itself with
+    ``webui.ui.controls.generation_tab`` and so gets the shared controls, progress, preview,
+    Interrupt/Skip, the gallery and saving; PNG Info can then send parameters to it. Tabs are
+    shown by ``order``; the built-ins are txt2img (10), img2img (20), inpaint (30), seg2img (40)
+    and pnginfo (90). The first registration of an ``id`` wins, so a community plugin can replace
+    a built-in tab by registering its id. A tab whose ``build`` fails shows the error instead.
+    Called only when the web UI starts, so gradio is imported by the tab's ``build``, not at
+    plugin import.
+    """

@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.init_image",
     "webui.builtin.masked_image",
     "webui.builtin.segmap",
+    "webui.builtin.ui_tabs",
 )
 
 

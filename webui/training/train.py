@@ -38,13 +38,23 @@ class TrainConfig:
     vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    steps: int = 8000
+    steps: int = 5500
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     control_share: float = 0.5  # share of samples trained with the segmentation ControlNet
+    # optional refinement (off in the recipe of the shipped weights): the diffusion phase's EMA
+    # weights trained on as a v-prediction model. Predicting noise gives little gradient about the
+    # image at high noise, where a scene's layout is decided; predicting v (as SD 2.x 768-v does,
+    # also fine-tuned from an epsilon model) supervises the layout there. Part of each batch comes
+    # from the noisy half of the schedule; less ControlNet, a fresh optimizer and learning rate.
+    refine_steps: int = 0
+    refine_lr: float = 2e-4
+    refine_prediction: str = "v_prediction"
+    refine_high_noise_share: float = 0.3
+    refine_control_share: float = 0.25
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -106,10 +116,10 @@ def build_controlnet(config: TrainConfig) -> Any:
     return ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32, 64), **_unet_kwargs(config))
 
 
-def scheduler_config() -> dict[str, Any]:
+def scheduler_config(prediction: str = "epsilon") -> dict[str, Any]:
     return {
         "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-        "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": prediction,
         "timestep_spacing": "leading", "steps_offset": 1,
     }
 
@@ -198,7 +208,7 @@ def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str =
     pool = ScenePool(config.scenes, config.seed)
     vae = train_vae(pool, config, checkpoint_dir, dev, log)
     unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
-    export(out, vae, unet, controlnet)
+    export(out, vae, unet, controlnet, prediction=config.refine_prediction if config.refine_steps > 0 else "epsilon")
     log.write(json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n")
     log.close()
     return out
@@ -256,7 +266,35 @@ def train_vae(pool: ScenePool, config: TrainConfig, ckpt: Path, dev: torch.devic
     return vae
 
 
+@dataclass
+class _Phase:
+    """One run of the diffusion loop: its checkpoint, length, learning rate and batch mix."""
+
+    name: str
+    path: Path
+    steps: int
+    lr: float
+    warmup: int
+    control_share: float
+    high_noise_share: float = 0.0
+    prediction: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
+    init: dict[str, Any] | None = None  # state dicts to start from (None: fresh weights)
+
+
 def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device,
+                    log: Any) -> tuple[Any, Any]:
+    """The diffusion phase, then the refinement phase that starts from its EMA weights."""
+    first = _Phase("diffusion", ckpt / "diffusion.pt", config.steps, config.lr, config.warmup, config.control_share)
+    unet, controlnet = _diffusion_loop(pool, vae, config, first, dev, log)
+    if config.refine_steps <= 0:
+        return unet, controlnet
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    second = _Phase("refine", ckpt / "refine.pt", config.refine_steps, config.refine_lr, min(100, config.warmup),
+                    config.refine_control_share, config.refine_high_noise_share, config.refine_prediction, init)
+    return _diffusion_loop(pool, vae, config, second, dev, log)
+
+
+def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phase, dev: torch.device,
                     log: Any) -> tuple[Any, Any]:
     from diffusers import DDPMScheduler
 
@@ -267,14 +305,16 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
                               scheduler_config={}, family="shapes")
     captions = CaptionCache(text_bundle, dev)
     unet, controlnet = build_unet(config).to(dev), build_controlnet(config).to(dev)
+    if phase.init is not None:
+        unet.load_state_dict(phase.init["unet"])
+        controlnet.load_state_dict(phase.init["controlnet"])
     params = list(unet.parameters()) + list(controlnet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup, config.steps))
+    optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.warmup, phase.steps))
     ema_unet, ema_control = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(controlnet).requires_grad_(False)
-    path = ckpt / "diffusion.pt"
     start = 0
-    if path.exists():
-        state = torch.load(path, weights_only=True)
+    if phase.path.exists():
+        state = torch.load(phase.path, weights_only=True)
         unet.load_state_dict(state["unet"])
         controlnet.load_state_dict(state["controlnet"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -282,14 +322,17 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
         optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config(phase.prediction))
+    timesteps = noise_scheduler.config.num_train_timesteps
     alphas = noise_scheduler.alphas_cumprod.to(dev)
     snr = alphas / (1 - alphas)
     scale = vae.config.scaling_factor
-    gen = torch.Generator().manual_seed(config.seed + 2 + start)
-    rng = np.random.default_rng(config.seed + 3 + start)
-    py_rng = random.Random(config.seed + 4 + start)
-    bar = tqdm(range(start, config.steps), desc="unet+controlnet", initial=start, total=config.steps)
+    # each phase its own streams, so that resuming either phase replays the same batches
+    salt = 0 if phase.init is None else 1_000
+    gen = torch.Generator().manual_seed(config.seed + 2 + salt + start)
+    rng = np.random.default_rng(config.seed + 3 + salt + start)
+    py_rng = random.Random(config.seed + 4 + salt + start)
+    bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps)
     for step in bar:
         index = torch.randint(0, len(pool.scenes), (config.batch,), generator=gen)
         latents = (pool.latent_mean[index] + pool.latent_std[index] * torch.randn(
@@ -308,7 +351,7 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
                 gray = vae.encode(torch.zeros(1, 3, shapes.SIZE, shapes.SIZE, device=dev)).latent_dist.mean * scale
                 masked_latents[full] = gray
         latent_masks = F.interpolate(masks, size=latents.shape[-2:])
-        use_control = torch.from_numpy(rng.random(config.batch) < config.control_share)
+        use_control = torch.from_numpy(rng.random(config.batch) < phase.control_share)
         texts = []
         for k, i in enumerate(index.tolist()):
             scene = pool.scenes[i]
@@ -318,7 +361,11 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
                 texts.append(shapes.training_caption(scene, py_rng))
         embeds = captions(texts)
         noise = torch.randn(latents.shape, generator=gen).to(dev)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=gen).to(dev)
+        t = torch.randint(0, timesteps, (config.batch,), generator=gen)
+        if phase.high_noise_share > 0:
+            high = torch.rand(config.batch, generator=gen) < phase.high_noise_share
+            t = torch.where(high, torch.randint(timesteps // 2, timesteps, (config.batch,), generator=gen), t)
+        t = t.to(dev)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         down = mid = None
         chosen = use_control.nonzero().flatten().to(dev)
@@ -330,8 +377,14 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
         model_input = torch.cat([noisy, latent_masks, masked_latents], dim=1)
         pred = unet(model_input, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
-        weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]  # min-SNR weighting
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        # min-SNR-gamma weighting, in the form for each target
+        if phase.prediction == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+            weight = torch.clamp(snr[t], max=config.snr_gamma) / (snr[t] + 1)
+        else:
+            target = noise
+            weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -344,13 +397,14 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
                     p_ema.lerp_(p, 1 - decay)
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(json.dumps({"phase": "diffusion", "step": step, "loss": round(loss.item(), 5),
+            log.write(json.dumps({"phase": phase.name, "step": step, "loss": round(loss.item(), 5),
                                   "lr": sched.get_last_lr()[0]}) + "\n")
             log.flush()
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save(path, {"unet": unet.state_dict(), "controlnet": controlnet.state_dict(),
-                         "ema_unet": ema_unet.state_dict(), "ema_controlnet": ema_control.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step + 1})
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == phase.steps:
+            _save(phase.path, {"unet": unet.state_dict(), "controlnet": controlnet.state_dict(),
+                               "ema_unet": ema_unet.state_dict(), "ema_controlnet": ema_control.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                               "step": step + 1})
     return ema_unet.eval(), ema_control.eval()
 
 
@@ -363,7 +417,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 # --- export ---------------------------------------------------------------------------------
 
 
-def export(out: Path, vae: Any, unet: Any, controlnet: Any) -> Path:
+def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str = "epsilon") -> Path:
     """Write the model as a diffusers folder: fp16 safetensors, configs, tokenizer, palette."""
     from webui.engine.segmap import Palette
 
@@ -375,7 +429,7 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any) -> Path:
         copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(staging / name, safe_serialization=True)
     tokenizer.save_pretrained(staging / "tokenizer")
     (staging / "scheduler").mkdir()
-    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
+    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(prediction), indent=2) + "\n")
     Palette(name="shapes", classes=shapes.CLASSES, colors=np.asarray(shapes.PALETTE)).to_json(
         staging / "controlnet" / "palette.json")
     index = {

@@ -1,0 +1,184 @@
+"""The web app in a real headless Chromium (Debian's ``chromium``), driven by Playwright.
+
+A user's first minutes: open the page, type a prompt, press Generate and see the image in the
+gallery; upload an image in the inpainting tab, paint a mask stroke with the brush and inpaint it;
+paint a class into the segmentation map; read an image back in PNG Info. Screenshots of every tab
+go to ``test-artifacts/screenshots/`` (the README's pictures come from there).
+
+``.ci/run`` installs Chromium and sets ``LATENT_STUDIO_REQUIRE_BROWSER=1``, so there a missing
+browser fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from ui_server import ROOT, Server
+
+from webui.training import shapes
+
+pytestmark = pytest.mark.timeout(600)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("LATENT_STUDIO_REQUIRE_BROWSER"):
+            pytest.fail(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("outputs"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url)
+    page.locator("#txt2img-prompt textarea").wait_for(timeout=WAIT_MS)
+    yield page
+    page.close()
+
+
+def shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def newest_output(server: Server, task: str) -> Image.Image:
+    day = server.outputs / task / datetime.date.today().strftime("%Y-%m-%d")
+    files = sorted(day.glob("*.png"))
+    assert files, f"no image saved under {day}"
+    image = Image.open(files[-1])
+    image.load()
+    return image
+
+
+def drag(page, box: dict, points: list[tuple[float, float]]) -> None:
+    """A brush stroke through ``points``, given as fractions of ``box``."""
+    x0, y0 = box["x"] + box["width"] * points[0][0], box["y"] + box["height"] * points[0][1]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for fx, fy in points[1:]:
+        page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy, steps=8)
+    page.mouse.up()
+
+
+def image_box(page, editor: str) -> dict:
+    """Where the editor shows the image: its canvas, narrowed to the image's square in the middle."""
+    canvas = page.locator(f"{editor} canvas").first
+    canvas.wait_for(timeout=WAIT_MS)
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    box = canvas.bounding_box()
+    side = min(box["width"], box["height"]) * 0.9
+    return {"x": box["x"] + (box["width"] - side) / 2, "y": box["y"] + (box["height"] - side) / 2,
+            "width": side, "height": side}
+
+
+def test_type_a_prompt_generate_and_see_the_image(page, server):
+    page.locator("#txt2img-prompt textarea").fill("a large red circle in the center on a blue background")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-gallery img").first.wait_for(timeout=WAIT_MS)
+    page.locator("#txt2img-infotext textarea").wait_for()
+    assert "Model: latent-studio-shapes" in page.locator("#txt2img-infotext textarea").input_value()
+    image = np.asarray(newest_output(server, "txt2img").convert("RGB"), dtype=np.int16)
+    red = (image[..., 0] > 150) & (image[..., 1] < 100) & (image[..., 2] < 100)
+    assert red.mean() > 0.05  # a red object was drawn
+    shot(page, "txt2img")
+
+
+def test_inpaint_a_painted_stroke(page, server, tmp_path):
+    init, _ = shapes.Scene("triangle", "green", "small", "top left", "gray").render()
+    init.save(tmp_path / "init.png")
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator("#inpaint-prompt textarea").fill("a large orange circle at the bottom right on a gray background")
+    page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "init.png"))
+    page.wait_for_timeout(1500)
+    box = image_box(page, "#inpaint-editor")
+    drag(page, box, [(0.6, 0.6), (0.85, 0.6), (0.85, 0.85), (0.6, 0.85), (0.7, 0.7)])
+    page.locator("#inpaint-generate").click()
+    page.locator("#inpaint-gallery img").first.wait_for(timeout=WAIT_MS)
+    out = np.asarray(newest_output(server, "inpaint").convert("RGB"), dtype=np.int16)
+    before = np.asarray(init, dtype=np.int16)
+    changed = np.abs(out - before).sum(axis=2) > 0
+    assert changed[36:56, 36:56].mean() > 0.5, "the painted area was not repainted"
+    assert not changed[:24, :24].any(), "pixels far from the stroke changed"
+    shot(page, "inpaint")
+
+
+def test_img2img_tab(page, server, tmp_path):
+    init, _ = shapes.Scene("square", "yellow", "large", "center", "purple").render()
+    init.save(tmp_path / "init.png")
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#img2img-prompt textarea").fill("a large red square in the center on a purple background")
+    page.locator("#img2img-init input[type=file]").first.set_input_files(str(tmp_path / "init.png"))
+    page.locator("#img2img-init img").first.wait_for(timeout=WAIT_MS)
+    page.locator("#img2img-generate").click()
+    page.locator("#img2img-gallery img").first.wait_for(timeout=WAIT_MS)
+    assert newest_output(server, "img2img").size == (64, 64)
+    shot(page, "img2img")
+
+
+def test_seg2img_paint_a_class(page, server):
+    page.get_by_role("tab", name="Segmentation to image").click()
+    legend = page.locator("#seg2img-legend")
+    legend.wait_for(timeout=WAIT_MS)
+    for name in shapes.CLASSES:
+        assert name in legend.inner_text()
+    page.locator("#seg2img-prompt textarea").fill("a blue circle on a yellow background")
+    box = image_box(page, "#seg2img-editor")
+    zigzag = [(0.3 + 0.4 * (k % 2), 0.3 + 0.4 * k / 12) for k in range(13)]  # fills a square
+    drag(page, box, zigzag)
+    page.locator("#seg2img-generate").click()
+    page.locator("#seg2img-gallery img").first.wait_for(timeout=WAIT_MS)
+    shot(page, "seg2img")
+    out = np.asarray(newest_output(server, "seg2img").convert("RGB"), dtype=np.int16)
+    inside, outside = out[24:40, 24:40].reshape(-1, 3).mean(axis=0), out[:8, :8].reshape(-1, 3).mean(axis=0)
+    assert inside[2] > inside[0] and np.abs(inside - outside).sum() > 60, (inside, outside)
+
+
+def test_pnginfo_reads_an_image_and_sends_it(page, server):
+    page.locator("#txt2img-prompt textarea").fill("a small white square at the top on a black background")
+    page.locator("#txt2img-seed input").fill("1234")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-gallery img").first.wait_for(timeout=WAIT_MS)
+    day = server.outputs / "txt2img" / datetime.date.today().strftime("%Y-%m-%d")
+    saved = sorted(day.glob("*-1234.png"))[-1]
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo-image input[type=file]").first.set_input_files(str(saved))
+    text = page.locator("#pnginfo-text textarea")
+    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: 1234')",
+                           timeout=WAIT_MS)
+    assert text.input_value().startswith("a small white square at the top")
+    shot(page, "pnginfo")
+    page.locator("#pnginfo-send-img2img").click()
+    page.wait_for_function(
+        "() => document.querySelector('#img2img-prompt textarea').value.startsWith('a small white square')",
+        timeout=WAIT_MS)
+    assert page.locator("#img2img-seed input").input_value() == "1234"

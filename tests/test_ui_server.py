@@ -1,0 +1,264 @@
+"""The web app end to end: a real gradio server started by the test, called with gradio_client.
+
+Every tab is exercised through its public API endpoint (the same event the Generate button
+fires), on the shipped shapes model, and the images that come back and the files saved are
+checked pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from gradio_client.utils import QueueError
+from PIL import Image
+from ui_server import Server, arguments, call, call_named, submit
+
+from webui.metadata import parse_infotext, read_png_parameters
+from webui.training import shapes
+from webui.training.analyse import analyse, nearest_color_map
+from webui.ui.app import BUSY_MESSAGE
+
+pytestmark = pytest.mark.timeout(300)
+
+FAST = {"Steps": 8, "Seed (-1 = random)": 5}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("outputs"), "--queue-size", "4")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
+    names = nearest_color_map(np.asarray(image.convert("RGB"), dtype=np.float32))
+    return float((names[region] == list(shapes.COLORS).index(colour)).mean())
+
+
+def saved(path: str) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+def test_txt2img_generates_saves_and_describes(server, client):
+    progress, preview, gallery, infotext = call(
+        client, "txt2img", Prompt="a large red circle in the center on a blue background", **FAST)[:4]
+    assert progress.startswith("1 image(s) in")
+    assert len(gallery) == 1
+    image = saved(gallery[0]["image"])
+    assert image.size == (64, 64)
+    reading = analyse(image.convert("RGB"))
+    assert reading.color == "red" and reading.background == "blue"
+    # saved once, under outputs/<task>/<date>/NNNNN-<seed>.png, with A1111's parameters text
+    day = server.outputs / "txt2img" / datetime.date.today().strftime("%Y-%m-%d")
+    files = sorted(day.glob("*-5.png"))
+    assert files, f"nothing saved in {day}"
+    text = read_png_parameters(files[-1])
+    assert text == infotext
+    assert parse_infotext(text)["Seed"] == "5"
+    assert np.array_equal(np.asarray(saved(files[-1])), np.asarray(image))
+
+
+def test_batches_give_consecutive_seeds(client):
+    gallery = call(client, "txt2img", Prompt="a small green square", **{"Batch count": 2, "Batch size": 2,
+                                                                      "Steps": 4, "Seed (-1 = random)": 40})[2]
+    assert [item["caption"] for item in gallery] == ["seed 40", "seed 41", "seed 42", "seed 43"]
+
+
+def test_img2img_keeps_the_init_image_at_low_strength(client, tmp_path):
+    scene = shapes.Scene("square", "yellow", "large", "center", "purple")
+    init, _ = scene.render()
+    init.save(tmp_path / "init.png")
+    gallery = call(client, "img2img", Prompt=scene.caption(), **{"Init image": handle_file(str(tmp_path / "init.png")),
+                                                                   "Denoising strength": 0.3, "Steps": 10,
+                                                                   "Seed (-1 = random)": 1})[2]
+    out = np.asarray(saved(gallery[0]["image"]).convert("RGB"), dtype=np.float32)
+    assert np.abs(out - np.asarray(init, dtype=np.float32)).mean() < 20
+
+
+def _editor(background: str, layer: str | None) -> dict:
+    return {"background": handle_file(background), "layers": [handle_file(layer)] if layer else [],
+            "composite": handle_file(background), "id": None}
+
+
+def test_inpaint_with_a_painted_mask_keeps_the_rest(client, tmp_path):
+    base = shapes.Scene("triangle", "green", "small", "top left", "gray")
+    init, _ = base.render()
+    init.save(tmp_path / "init.png")
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # a painted layer: white, opaque where painted
+    stroke.paste((255, 255, 255, 255), (32, 32, 60, 60))
+    stroke.save(tmp_path / "stroke.png")
+    gallery = call(client, "inpaint", Prompt="a large orange circle at the bottom right on a gray background",
+                   **{"Image and mask: upload, then paint over what should change":
+                      _editor(str(tmp_path / "init.png"), str(tmp_path / "stroke.png")),
+                      "Mask blur": 0, "Steps": 10, "Seed (-1 = random)": 3})[2]
+    out = np.asarray(saved(gallery[0]["image"]).convert("RGB"))
+    keep = np.ones((64, 64), dtype=bool)
+    keep[32:60, 32:60] = False
+    assert np.array_equal(out[keep], np.asarray(init)[keep])
+    assert not np.array_equal(out[~keep], np.asarray(init)[~keep])
+
+
+def test_inpaint_with_an_uploaded_mask(client, tmp_path):
+    init, _ = shapes.Scene("circle", "blue", "small", "left", "white").render()
+    init.save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:40, 30:62] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    gallery = call(client, "inpaint", Prompt="a large red square at the top right on a white background",
+                   **{"Image and mask: upload, then paint over what should change":
+                      _editor(str(tmp_path / "init.png"), None), "Mask": handle_file(str(tmp_path / "mask.png")),
+                      "Mask blur": 0, "Steps": 10, "Seed (-1 = random)": 2})[2]
+    out = np.asarray(saved(gallery[0]["image"]).convert("RGB"))
+    assert np.array_equal(out[mask == 0], np.asarray(init)[mask == 0])
+
+
+def test_seg2img_follows_a_painted_map(client, tmp_path):
+    scene = shapes.Scene("square", "blue", "large", "top left", "yellow")
+    _, labels = scene.render()
+    shapes.class_map_image(labels).save(tmp_path / "map.png")
+    gallery = call(client, "seg2img", Prompt="a blue square on a yellow background",
+                   **{"Segmentation map: paint classes with the palette's colours": _editor(str(tmp_path / "map.png"),
+                                                                                           None),
+                      "Steps": 12, "Seed (-1 = random)": 2})[2]
+    image = saved(gallery[0]["image"])
+    assert colour_share(image, labels > 0, "blue") > 0.6
+    assert colour_share(image, labels == 0, "yellow") > 0.6
+
+
+def test_pnginfo_reads_ours_and_sends_to_a_tab(client, server):
+    gallery = call(client, "txt2img", Prompt="a small white triangle", **{"Steps": 3, "Seed (-1 = random)": 77,
+                                                                         "CFG scale": 6.5})[2]
+    text, parsed = call(client, "pnginfo", **{"Drop an image": handle_file(gallery[0]["image"])})
+    assert text.startswith("a small white triangle\n")
+    assert parsed["Seed"] == "77" and parsed["Steps"] == "3"
+    sent = call_named(client, "pnginfo_to_img2img", text)
+    assert sent["Prompt"] == "a small white triangle"
+    assert sent["Steps"] == 3 and sent["CFG scale"] == 6.5 and (sent["Width"], sent["Height"]) == (64, 64)
+    assert sent["Seed (-1 = random)"] == 77 and sent["Model"] == "latent-studio-shapes"
+
+
+def test_pnginfo_reads_an_a1111_png(client, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    text = ("masterpiece, a castle\nNegative prompt: blurry\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 6, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+            "Version: v1.10.1")
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (16, 16)).save(tmp_path / "a1111.png", pnginfo=info)
+    got, parsed = call(client, "pnginfo", **{"Drop an image": handle_file(str(tmp_path / "a1111.png"))})
+    assert got == text and parsed["Size-2"] == "768"
+    sent = call_named(client, "pnginfo_to_txt2img", text)
+    assert sent["Sampler"] == "DPM++ 2M Karras" and sent["Seed (-1 = random)"] == 1234
+    assert (sent["Width"], sent["Height"]) == (512, 768) and sent["Negative prompt"] == "blurry"
+    assert sent["Model"] == {"__type__": "update"}  # not installed: the model choice is left as it is
+
+
+def test_bad_input_gives_a_message_and_the_server_keeps_serving(client, tmp_path):
+    with pytest.raises(AppError, match="upload an init image"):
+        call(client, "img2img", Prompt="x", Steps=2)
+    with pytest.raises(AppError, match="paint a mask"):
+        init, _ = shapes.Scene("circle", "red", "small", "left", "blue").render()
+        init.save(tmp_path / "init.png")
+        call(client, "inpaint", Prompt="x", Steps=2, **{
+            "Image and mask: upload, then paint over what should change": _editor(str(tmp_path / "init.png"), None)})
+    with pytest.raises(AppError, match="leaves no step to run"):  # the engine's own message
+        call(client, "img2img", Prompt="x", Steps=2, **{"Init image": handle_file(str(tmp_path / "init.png")),
+                                                        "Denoising strength": 0.0})
+    progress = call(client, "txt2img", Prompt="a red circle", Steps=2, **{"Seed (-1 = random)": 1})[0]
+    assert progress.startswith("1 image(s)")
+
+
+def test_oversized_upload_is_refused_with_a_message(client, tmp_path):
+    from webui.images import MAX_PIXELS
+
+    side = int(MAX_PIXELS**0.5) + 64  # just over the cap; a 1-bit PNG of it is a few hundred KB
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png", optimize=True)
+    with pytest.raises(AppError, match="too large|decompression bomb"):
+        call(client, "img2img", Prompt="x", Steps=2, **{"Init image": handle_file(str(tmp_path / "bomb.png"))})
+    assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith("1 image(s)")
+
+
+def test_rgba_palette_16bit_and_rotated_uploads(client, tmp_path):
+    scene = shapes.Scene("circle", "red", "large", "center", "blue")
+    base, _ = scene.render()
+    variants = {
+        "rgba.png": base.convert("RGBA"),
+        "palette.png": base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "16bit.png": Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": stored turned the other way
+    variants["rotated.jpg"] = base.transpose(Image.Transpose.ROTATE_90)
+    for name, image in variants.items():
+        kwargs = {"exif": exif} if name.endswith(".jpg") else {}
+        image.save(tmp_path / name, **kwargs)
+    for name in variants:
+        gallery = call(client, "img2img", Prompt=scene.caption(), **{
+            "Init image": handle_file(str(tmp_path / name)), "Denoising strength": 0.1, "Steps": 10,
+            "Seed (-1 = random)": 1})[2]
+        out = saved(gallery[0]["image"])
+        assert out.size == (64, 64), name
+        if name in ("rgba.png", "palette.png", "rotated.jpg"):  # colour kept, upright
+            centre = np.asarray(out.convert("RGB"))[28:36, 28:36].reshape(-1, 3).mean(axis=0)
+            assert centre[0] > 150 and centre[2] < 120, (name, centre)
+
+
+def test_interrupt_stops_within_a_step_and_keeps_finished_images(server):
+    client = server.client()
+    job = submit(client, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 4, "Seed (-1 = random)": 9})
+    wait_until_running(job)
+    started = time.time()
+    client.predict(api_name="/txt2img_interrupt")
+    progress, _, gallery = job.result(timeout=60)[:3]
+    assert time.time() - started < 10
+    assert "interrupted" in progress
+    assert len(gallery) < 4
+
+
+def wait_until_running(job, timeout: float = 60) -> None:
+    """Until the job has streamed its first progress update (it is in the denoising loop)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any("Step" in str(output[0]) for output in job.outputs()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job did not start: {job.status()}")
+
+
+def test_a_full_queue_says_busy(tmp_path):
+    server = Server(tmp_path / "outputs", "--queue-size", "1")
+    try:
+        first, second, third = server.client(), server.client(), server.client()
+        running = submit(first, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 8})
+        wait_until_running(running)  # running now: the queue is empty again
+        waiting = submit(second, "txt2img", Prompt="a red circle", Steps=2)
+        time.sleep(1)
+        # gradio_client words it itself ...
+        with pytest.raises(QueueError, match="(?i)try again"):
+            call(third, "txt2img", Prompt="a blue square", Steps=2)
+        # ... what the server answers (and the browser shows) is ours
+        fn_index = next(d["id"] for d in third.config["dependencies"] if d.get("api_name") == "txt2img")
+        reply = httpx.post(f"{server.url}gradio_api/queue/join", json={
+            "data": arguments(third, "txt2img", Prompt="x"), "fn_index": fn_index, "session_hash": "busy-test",
+            "event_data": None, "trigger_id": None})
+        assert reply.status_code == 503
+        assert reply.json()["detail"] == BUSY_MESSAGE.format(size=1)
+        first.predict(api_name="/txt2img_interrupt")
+        running.result(timeout=60)
+        assert waiting.result(timeout=60)[0].startswith("1 image(s)")
+    finally:
+        server.close()

@@ -1,0 +1,132 @@
+"""Running a generation in the background and following it step by step.
+
+:func:`stream` runs :meth:`Engine.generate` on a worker thread and yields :class:`Progress` events
+(step counts, an ETA and, every few steps, a cheap preview of the latents) and finally the
+:class:`GenerationResult`. Closing the iterator early (a user left, a web request was cancelled)
+interrupts the generation and waits for the worker, so the device is never left busy by nobody.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from webui.engine.context import GenerationControl, StepInfo
+from webui.request import GenerationRequest
+
+__all__ = ["Progress", "stream"]
+
+
+@dataclass
+class Progress:
+    """Where a running generation is. ``step`` counts from 1 in the current batch of ``total``
+    steps; ``done``/``overall`` count steps over all batches. ``preview`` holds low-resolution
+    previews of the batch's images on preview steps, else ``None``."""
+
+    step: int
+    total: int
+    batch: int
+    batches: int
+    done: int
+    overall: int
+    elapsed: float
+    eta: float | None
+    preview: list[Image.Image] | None = field(default=None, repr=False)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.overall if self.overall else 0.0
+
+    def describe(self) -> str:
+        text = f"Step {self.step}/{self.total}"
+        if self.batches > 1:
+            text += f", batch {self.batch}/{self.batches}"
+        text += f" · {self.elapsed:.1f}s"
+        if self.eta is not None:
+            text += f", about {self.eta:.1f}s left"
+        return text
+
+
+_DONE = object()
+
+
+def stream(
+    engine: Any,
+    request: GenerationRequest,
+    *,
+    control: GenerationControl | None = None,
+    preview_every: int = 5,
+) -> Iterator[Progress | Any]:
+    """Yield :class:`Progress` while ``request`` runs, then its ``GenerationResult``.
+
+    ``preview_every`` is how often (in steps) a preview is made; 0 turns previews off. Errors of
+    the generation are raised from the iterator, after the worker has finished and memory was
+    released.
+    """
+    control = control or GenerationControl()
+    events: queue.Queue[Any] = queue.Queue()
+    started = time.perf_counter()
+    batches = max(1, int(request.batch_count))
+
+    def on_step(info: StepInfo) -> None:
+        batch = info.context.batch_index + 1
+        done = info.context.batch_index * info.total + info.step
+        overall = batches * info.total
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (overall - done) if done else None
+        preview = None
+        if preview_every and (info.step % preview_every == 0) and info.step < info.total:
+            preview = _previews(info)
+        events.put(Progress(info.step, info.total, batch, batches, done, overall, elapsed, eta, preview))
+
+    def work() -> None:
+        try:
+            events.put(engine.generate(request, callback=on_step, control=control))
+        except BaseException as error:  # handed to the consumer, raised there
+            events.put(error)
+        finally:
+            events.put(_DONE)
+
+    worker = threading.Thread(target=work, name="latent-studio-generate", daemon=True)
+    worker.start()
+    failure: BaseException | None = None
+    try:
+        while True:
+            item = events.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                failure = item
+                continue
+            yield item
+    finally:
+        if worker.is_alive():  # the consumer went away: stop the loop within a step
+            control.interrupt()
+        worker.join()
+        if failure is not None:
+            gc.collect()
+            _empty_device_cache()
+    if failure is not None:
+        raise failure
+
+
+def _previews(info: StepInfo) -> list[Image.Image] | None:
+    try:
+        from webui.engine.preview import preview_images
+    except ImportError:  # pragma: no cover - the module ships with the engine
+        return None
+    return preview_images(info.context.bundle, info.latents)
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,106 @@
+"""The web app: tabs collected from plugins, one queue, one generation at a time on the device."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from webui.ui.controls import UIContext
+from webui.ui.service import StudioService
+
+__all__ = ["BUSY_MESSAGE", "TabSpec", "build_app", "collect_tabs", "configure_queue"]
+
+log = logging.getLogger(__name__)
+
+TITLE = "Latent Studio"
+BUSY_MESSAGE = "The server is busy: {size} generations are already waiting. Please try again in a moment."
+CSS = """
+.ls-legend { font-size: 0.85em; line-height: 1.6; max-height: 7em; overflow-y: auto; }
+"""
+
+
+@dataclass(frozen=True)
+class TabSpec:
+    """A tab registered through ``register_ui_tabs``."""
+
+    id: str
+    label: str
+    build: Callable[[UIContext], Any]
+    order: int = 100
+
+
+def collect_tabs(plugins: Any) -> list[TabSpec]:
+    """Every registered tab, in display order; the first registration of an id wins."""
+    specs: dict[str, TabSpec] = {}
+
+    def register(id: str, label: str, build: Callable[[UIContext], Any], order: int = 100) -> None:  # noqa: A002
+        if not id or not isinstance(id, str) or not callable(build):
+            raise TypeError(f"register_ui_tabs: register(id, label, build, order) got {id!r}, {build!r}")
+        specs.setdefault(id, TabSpec(id=id, label=str(label), build=build, order=int(order)))
+
+    plugins.hook.register_ui_tabs(register=register)
+    return sorted(specs.values(), key=lambda spec: (spec.order, spec.id))
+
+
+def build_app(service: StudioService, *, plugins: Any | None = None) -> gr.Blocks:
+    """The gradio app over ``service``'s engine. Tabs come from the ``register_ui_tabs`` hook."""
+    engine = service.engine
+    plugins = plugins if plugins is not None else engine.plugins
+    specs = collect_tabs(plugins)
+    ctx = UIContext(service=service, samplers=engine.schedulers.names(), default_model=service.default_model_name(),
+                    labels={spec.id: spec.label for spec in specs})
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"## {TITLE}")
+        if ctx.default_model is None:
+            gr.Markdown("**No model found.** Put a diffusers model folder into the models folder and press ↻.")
+        with gr.Tabs(elem_id="tabs") as selector:
+            ctx.selector = selector
+            for spec in specs:
+                with gr.Tab(spec.label, id=spec.id, elem_id=f"tab-{spec.id}"):
+                    try:
+                        spec.build(ctx)
+                    except Exception as error:  # one broken plugin tab must not take the app down
+                        log.exception("tab %s failed to build", spec.id)
+                        gr.Markdown(f"**This tab failed to load:** `{type(error).__name__}: {error}`")
+
+        def leave(request: gr.Request) -> None:
+            """A closed browser tab stops its generation: nobody is left waiting for it."""
+            if request is not None and request.session_hash:
+                service.interrupt(request.session_hash)
+
+        demo.unload(leave)
+    return demo
+
+
+def configure_queue(demo: gr.Blocks, max_size: int) -> gr.Blocks:
+    """One generation at a time (every Generate shares one concurrency slot) and at most
+    ``max_size`` generations waiting; one more gets :data:`BUSY_MESSAGE` at once. Light events
+    (Interrupt, Skip, refresh, PNG Info) are never refused, so a full queue can still be stopped."""
+    from webui.ui.controls import BUSY_CONCURRENCY_ID
+
+    demo.queue(default_concurrency_limit=1)
+    queue = getattr(demo, "_queue", None)
+    push = getattr(queue, "push", None)
+    if queue is None or push is None:  # pragma: no cover - gradio internals moved: no bound, still safe
+        log.warning("cannot bound the generation queue with this gradio version")
+        return demo
+
+    def waiting() -> int:
+        generations = queue.event_queue_per_concurrency_id.get(BUSY_CONCURRENCY_ID)
+        return len(generations.queue) if generations is not None else 0
+
+    async def push_or_busy(*args: Any, **kwargs: Any) -> Any:
+        body = kwargs.get("body", args[0] if args else None)
+        fn_index = getattr(body, "fn_index", None)
+        fns = getattr(demo, "fns", {})
+        fn = fns.get(fn_index) if isinstance(fns, dict) else None
+        if fn is not None and getattr(fn, "concurrency_id", None) == BUSY_CONCURRENCY_ID and waiting() >= max_size:
+            return False, BUSY_MESSAGE.format(size=max_size), "queue_full"
+        return await push(*args, **kwargs)
+
+    queue.push = push_or_busy  # type: ignore[method-assign]
+    return demo

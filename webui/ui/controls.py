@@ -1,0 +1,207 @@
+"""The controls every generation tab shares, and the wiring from a tab to the engine.
+
+A tab module builds its own controls, then calls :func:`generation_tab`, which adds the shared
+ones (prompt, sampler, steps, CFG, seed, size, batches, model), the Generate / Interrupt / Skip
+buttons, the progress line, the live preview and the gallery, and connects Generate to the engine.
+Handlers receive their inputs as one dict (gradio's "inputs as a set") and look values up by the
+request field name, so adding a control never shifts anybody's arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from webui.engine.stream import Progress
+from webui.errors import LatentStudioError
+from webui.request import GenerationRequest
+from webui.ui.service import Finished, StudioService
+
+__all__ = ["GenerationTab", "UIContext", "generation_tab"]
+
+log = logging.getLogger(__name__)
+
+SIZE_LIMIT = 2048
+BUSY_CONCURRENCY_ID = "generate"  # every tab's Generate shares one slot: one generation at a time
+
+
+@dataclass
+class UIContext:
+    """What a tab's ``build`` gets: the service, the sampler names, the model to start with, and
+    the tabs built before it."""
+
+    service: StudioService
+    samplers: list[str]
+    default_model: str | None
+    tabs: dict[str, GenerationTab] = field(default_factory=dict)  # generation tabs built so far, by task
+    labels: dict[str, str] = field(default_factory=dict)  # every tab's label, by id
+    selector: Any = None  # the gr.Tabs holding the tabs (select one with gr.Tabs(selected=id))
+
+    @property
+    def default_size(self) -> int:
+        return self.service.model_info(self.default_model).default_size
+
+
+@dataclass
+class GenerationTab:
+    """A built generation tab: its controls by request field name (so PNG Info can fill them)."""
+
+    task: str
+    fields: dict[str, gr.components.Component]
+    generate: gr.Button
+    gallery: gr.Gallery
+    infotext: gr.Textbox
+
+
+RequestExtras = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def shared_controls(ctx: UIContext, task: str) -> dict[str, gr.components.Component]:
+    """Prompt, negative prompt, model, sampler, steps, CFG, size, batches and seed."""
+    info = ctx.service.model_info(ctx.default_model)
+    examples = info.example_prompts()
+    fields: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        fields["model"] = gr.Dropdown(
+            choices=ctx.service.model_names(), value=ctx.default_model, label="Model", scale=4,
+            elem_id=f"{task}-model",
+        )
+        refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{task}-refresh")
+    refresh.click(lambda: gr.update(choices=ctx.service.model_names()), outputs=fields["model"], queue=False,
+                  api_visibility="private")
+    fields["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "",
+                                  elem_id=f"{task}-prompt")
+    fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
+    if examples:
+        gr.Examples(examples=[[text] for text in examples], inputs=[fields["prompt"]], label="Try a prompt")
+    with gr.Row():
+        fields["sampler"] = gr.Dropdown(choices=ctx.samplers, value="DPM++ 2M Karras", label="Sampler")
+        fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps")
+        fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=7.0 if info.default_size > 64 else 5.0, step=0.5,
+                                        label="CFG scale")
+    with gr.Row():
+        fields["width"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Width")
+        fields["height"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Height")
+        fields["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+        fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+    with gr.Row():
+        fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4,
+                                   elem_id=f"{task}-seed")
+        random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{task}-random-seed")
+        reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{task}-reuse-seed")
+    random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, api_visibility="private")
+    fields["_reuse_seed"] = reuse_seed  # wired by generation_tab, which owns the last-seed state
+    return fields
+
+
+def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
+                   controls: dict[str, gr.components.Component] | None = None,
+                   build_controls: Callable[[], dict[str, gr.components.Component]] | None = None,
+                   ) -> GenerationTab:
+    """Lay out a generation tab and connect it to the engine.
+
+    ``build_controls`` (called inside the left column, after the shared controls) creates the
+    tab's own controls; ``extras(values)`` turns all values into the task's request fields
+    (``init_image``, ``mask``...). Returns the built tab.
+    """
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            fields = shared_controls(ctx, task)
+            reuse_seed = fields.pop("_reuse_seed")
+            if build_controls is not None:
+                fields.update(build_controls())
+            if controls:
+                fields.update(controls)
+        with gr.Column(scale=2):
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", scale=3, elem_id=f"{task}-generate")
+                interrupt = gr.Button("Interrupt", scale=1, elem_id=f"{task}-interrupt")
+                skip = gr.Button("Skip", scale=1, elem_id=f"{task}-skip")
+            progress = gr.Markdown("", elem_id=f"{task}-progress")
+            preview = gr.Image(label="Preview", interactive=False, height=160, visible=True, format="png",
+                               elem_id=f"{task}-preview")
+            gallery = gr.Gallery(label="Results", columns=2, height=360, format="png", elem_id=f"{task}-gallery")
+            infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"],
+                                  elem_id=f"{task}-infotext")
+    last_seed = gr.State(-1)
+    outputs = [progress, preview, gallery, infotext, last_seed]
+
+    def run(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+        values = {name: data[component] for name, component in fields.items()}
+        session = _session_of(request)
+        try:
+            generation = build_request(task, values, extras)
+        except LatentStudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        try:
+            for event in ctx.service.run(generation, session):
+                if isinstance(event, Progress):
+                    update: dict[Any, Any] = {progress: event.describe()}
+                    if event.preview:
+                        update[preview] = event.preview[0]
+                    yield update
+                elif isinstance(event, Finished):
+                    yield _finished(event, progress, preview, gallery, infotext, last_seed)
+        except LatentStudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # a bug or the device failing: say so, keep serving
+            log.exception("generation failed")
+            raise gr.Error(f"generation failed: {type(error).__name__}: {error}", print_exception=False) from None
+
+    generate.click(run, inputs=set(fields.values()), outputs=outputs, api_name=task,
+                   concurrency_id=BUSY_CONCURRENCY_ID, concurrency_limit=1)
+    def stop(request: gr.Request) -> None:
+        ctx.service.interrupt(_session_of(request))
+
+    def skip_batch(request: gr.Request) -> None:
+        ctx.service.skip(_session_of(request))
+
+    interrupt.click(stop, inputs=None, outputs=None, queue=False, api_name=f"{task}_interrupt")
+    skip.click(skip_batch, inputs=None, outputs=None, queue=False, api_name=f"{task}_skip")
+    reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=fields["seed"], queue=False,
+                     api_visibility="private")
+    tab = GenerationTab(task=task, fields=fields, generate=generate, gallery=gallery, infotext=infotext)
+    ctx.tabs[task] = tab
+    return tab
+
+
+def build_request(task: str, values: dict[str, Any], extras: RequestExtras) -> GenerationRequest:
+    """The typed request for ``task`` from a tab's values (shared ones and the tab's own)."""
+    seed = values.get("seed")
+    request = GenerationRequest(
+        task=task,  # type: ignore[arg-type]
+        prompt=values.get("prompt") or "",
+        negative_prompt=values.get("negative_prompt") or "",
+        model=values.get("model") or None,
+        sampler=values.get("sampler") or "DPM++ 2M Karras",
+        steps=int(values.get("steps") or 20),
+        cfg_scale=float(values.get("cfg_scale") or 7.0),
+        seed=-1 if seed is None or seed == "" else int(seed),
+        width=int(values["width"]) if values.get("width") else None,
+        height=int(values["height"]) if values.get("height") else None,
+        batch_size=int(values.get("batch_size") or 1),
+        batch_count=int(values.get("batch_count") or 1),
+    )
+    return request.replace(**extras(values))
+
+
+def _finished(event: Finished, progress: Any, preview: Any, gallery: Any, infotext: Any,
+              last_seed: Any) -> dict[Any, Any]:
+    done = f"{len(event.files)} image(s) in {event.seconds:.1f}s"
+    if event.interrupted:
+        done += " (interrupted: finished images kept)"
+    return {
+        progress: done,
+        preview: None,
+        gallery: event.files,
+        infotext: event.infotexts[0] if event.infotexts else "",
+        last_seed: event.seeds[0] if event.seeds else -1,
+    }
+
+
+def _session_of(request: gr.Request | None) -> str:
+    return (request.session_hash if request is not None else None) or "anonymous"

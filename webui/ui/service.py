@@ -1,0 +1,181 @@
+"""What the web UI asks of the engine, in plain Python: no gradio here, and no torch.
+
+:class:`StudioService` is shared by every browser session, but holds nothing that belongs to one
+user: the model choice and all settings travel in each :class:`~webui.request.GenerationRequest`.
+The only per-session state is the switch that interrupts that session's own running generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from webui.engine.context import GenerationControl
+from webui.engine.segmap import ADE20K, Palette
+from webui.engine.stream import Progress, stream
+from webui.output import output_dir, save_png
+from webui.request import GenerationRequest
+
+__all__ = ["Finished", "ModelInfo", "StudioService"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    """What the UI shows about a model before it is loaded: read from its files, not its weights."""
+
+    name: str
+    default_size: int = 512
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    palette: Palette = ADE20K
+    has_controlnet: bool = False
+
+    def example_prompts(self, count: int = 6) -> list[str]:
+        """Prompts made of the model's own vocabulary (the shapes model's words, for instance)."""
+        words = self.vocabulary
+        shapes, colors = words.get("shapes", []), words.get("colors", [])
+        if not shapes or not colors:
+            return []
+        sizes, positions = words.get("sizes", [""]), words.get("positions", [""])
+        examples = []
+        for k in range(count):
+            color, shape = colors[k % len(colors)], shapes[k % len(shapes)]
+            size, position = sizes[k % len(sizes)], positions[(k * 4) % len(positions)]
+            background = colors[(k + 2) % len(colors)]
+            where = "in the center" if position == "center" else f"at the {position}"
+            examples.append(f"a {size} {color} {shape} {where} on a {background} background".replace("  ", " "))
+        return examples
+
+
+@dataclass
+class Finished:
+    """A generation's end: the saved files (path, caption), their infotexts and seeds."""
+
+    files: list[tuple[str, str]]
+    infotexts: list[str]
+    seeds: list[int]
+    seconds: float
+    interrupted: bool
+
+
+class StudioService:
+    """The engine as the web UI uses it: list models, describe them, run and stop generations."""
+
+    def __init__(self, engine: Any, outputs_dir: str | Path, *, preview_every: int = 5) -> None:
+        self.engine = engine
+        self.outputs_dir = Path(outputs_dir)
+        self.preview_every = preview_every
+        self._controls: dict[str, GenerationControl] = {}
+        self._lock = threading.Lock()
+
+    # -- models ------------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """The checkpoints on offer (rescanned on every call, so "refresh" sees new folders)."""
+        return [entry.name for entry in self.engine.models.list("checkpoint")]
+
+    def default_model_name(self) -> str | None:
+        names = self.model_names()
+        try:
+            source = Path(self.engine.models.resolve(None))
+        except Exception:  # no model at all: the UI still opens and says so on Generate
+            return names[0] if names else None
+        for entry in self.engine.models.list("checkpoint"):
+            if Path(entry.source) == source or entry.name == source.name:
+                return entry.name
+        return names[0] if names else None
+
+    def model_info(self, name: str | None) -> ModelInfo:
+        """Vocabulary, palette and native size of a model, from its ``model_index.json`` and
+        ``controlnet/palette.json`` (ADE20K's palette when it ships none)."""
+        folder = self._folder_of(name)
+        info = ModelInfo(name=name or "")
+        if folder is None:
+            return info
+        index_file = folder / "model_index.json"
+        if index_file.is_file():
+            try:
+                index = json.loads(index_file.read_text())
+            except (OSError, ValueError):
+                index = {}
+            info.default_size = int(index.get("default_size") or (1024 if "text_encoder_2" in index else 512))
+            vocabulary = index.get("vocabulary")
+            if isinstance(vocabulary, dict):
+                info.vocabulary = {str(k): [str(w) for w in v] for k, v in vocabulary.items() if isinstance(v, list)}
+            info.has_controlnet = "controlnet" in index
+        palette_file = folder / "controlnet" / "palette.json"
+        if palette_file.is_file():
+            try:
+                info.palette = Palette.from_json(palette_file)
+            except (OSError, ValueError) as error:
+                log.warning("unreadable palette %s: %s", palette_file, error)
+        return info
+
+    def _folder_of(self, name: str | None) -> Path | None:
+        try:
+            source = self.engine.models.resolve(name or None)
+        except Exception:
+            return None
+        for entry in self.engine.models.list("checkpoint"):
+            if entry.name == source:
+                source = entry.source
+                break
+        path = Path(source)
+        return path if path.is_dir() else None
+
+    # -- generations -------------------------------------------------------------------------
+
+    def run(self, request: GenerationRequest, session: str) -> Iterator[Progress | Finished]:
+        """Run ``request`` for browser session ``session``: progress events, then :class:`Finished`.
+
+        Images are saved to ``outputs/<task>/<date>/NNNNN-<seed>.png`` with their infotext as they
+        come out. A second run of the same session replaces the first's interrupt switch (the queue
+        runs one generation at a time anyway).
+        """
+        control = GenerationControl()
+        with self._lock:
+            self._controls[session] = control
+        try:
+            for event in stream(self.engine, request, control=control, preview_every=self.preview_every):
+                if isinstance(event, Progress):
+                    yield event
+                    continue
+                yield self._save(request.task, event)
+        finally:
+            with self._lock:
+                if self._controls.get(session) is control:
+                    del self._controls[session]
+
+    def interrupt(self, session: str) -> bool:
+        """Stop ``session``'s generation after the current step, keeping finished images."""
+        control = self._controls.get(session)
+        if control is not None:
+            control.interrupt()
+        return control is not None
+
+    def skip(self, session: str) -> bool:
+        """Drop ``session``'s current batch and go on with the next one."""
+        control = self._controls.get(session)
+        if control is not None:
+            control.skip()
+        return control is not None
+
+    def busy(self, session: str) -> bool:
+        return session in self._controls
+
+    def _save(self, task: str, result: Any) -> Finished:
+        directory = output_dir(self.outputs_dir, task)
+        files = []
+        for item in result.images:
+            infotext = item.parameters.get("infotext", "")
+            path = save_png(item.image, directory, seed=item.seed, infotext=infotext)
+            files.append((str(path), f"seed {item.seed}"))
+        return Finished(files=files, infotexts=result.infotexts, seeds=result.seeds,
+                        seconds=result.seconds, interrupted=result.interrupted)
+

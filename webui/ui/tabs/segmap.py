@@ -1,0 +1,97 @@
+"""Segmentation map to image: paint a label map with the model's class palette, or upload one."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from webui.engine.segmap import Palette
+from webui.errors import InvalidRequestError
+from webui.ui.controls import GenerationTab, UIContext, generation_tab
+
+
+def hex_color(rgb: Any) -> str:
+    r, g, b = (int(v) for v in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def legend_html(palette: Palette, limit: int = 200) -> str:
+    """Swatches with class names: what each brush colour means."""
+    items = []
+    for name, rgb in list(zip(palette.classes, palette.colors, strict=True))[:limit]:
+        items.append(
+            f'<span class="ls-swatch" title="{html.escape(name)}" style="display:inline-flex;align-items:center;'
+            f'margin:2px 8px 2px 0"><span style="display:inline-block;width:14px;height:14px;border:1px solid #888;'
+            f'background:{hex_color(rgb)};margin-right:4px"></span>{html.escape(name)}</span>'
+        )
+    return f'<div class="ls-legend" data-palette="{html.escape(palette.name)}">{"".join(items)}</div>'
+
+
+def blank_map(palette: Palette, size: int) -> Image.Image:
+    """A canvas filled with the first class (the background class of most palettes)."""
+    return Image.new("RGB", (size, size), tuple(int(v) for v in palette.colors[0]))
+
+
+def _brush(palette: Palette, size: int) -> gr.Brush:
+    colors = [hex_color(rgb) for rgb in palette.colors]
+    default = colors[1] if len(colors) > 1 else colors[0]
+    return gr.Brush(colors=colors, default_color=default, color_mode="fixed", default_size=max(2, size // 16))
+
+
+def build(ctx: UIContext) -> GenerationTab:
+    info = ctx.service.model_info(ctx.default_model)
+    shown: dict[str, Any] = {}  # components that are not request inputs
+
+    def controls() -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        fields["seg_editor"] = gr.ImageEditor(
+            value={"background": blank_map(info.palette, info.default_size), "layers": [], "composite": None},
+            label="Segmentation map: paint classes with the palette's colours", type="pil", image_mode="RGB",
+            sources=["upload", "clipboard"], brush=_brush(info.palette, info.default_size), eraser=False, transforms=(),
+            layers=False, height=360, elem_id="seg2img-editor",
+        )
+        shown["legend"] = gr.HTML(legend_html(info.palette), elem_id="seg2img-legend")
+        with gr.Accordion("Upload a map instead", open=False):
+            fields["seg_upload"] = gr.Image(label="Segmentation map", type="filepath", image_mode=None,
+                                            sources=["upload"], height=200, elem_id="seg2img-map")
+        with gr.Row():
+            fields["control_scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="ControlNet weight")
+            fields["control_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
+            fields["control_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
+        with gr.Accordion("Start from an image (optional)", open=False):
+            fields["init_image"] = gr.Image(label="Init image", type="filepath", image_mode=None,
+                                            sources=["upload"], height=200, elem_id="seg2img-init")
+            fields["strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength")
+        return fields
+
+    def extras(values: dict[str, Any]) -> dict[str, Any]:
+        seg_map = values.get("seg_upload")
+        if not seg_map:
+            editor = values.get("seg_editor")
+            if isinstance(editor, dict):
+                seg_map = editor.get("composite") or editor.get("background")
+        if seg_map is None:
+            raise InvalidRequestError("paint or upload a segmentation map first")
+        fields: dict[str, Any] = {
+            "seg_map": seg_map, "control_scale": float(values["control_scale"]),
+            "control_start": float(values["control_start"]), "control_end": float(values["control_end"]),
+        }
+        if values.get("init_image"):
+            fields.update(init_image=values["init_image"], strength=float(values["strength"]))
+        return fields
+
+    tab = generation_tab(ctx, "seg2img", extras=extras, build_controls=controls)
+
+    def follow_model(name: str | None) -> tuple[Any, Any]:
+        """A model with another palette brings its own brush colours, legend and blank canvas."""
+        model = ctx.service.model_info(name)
+        canvas = {"background": blank_map(model.palette, model.default_size), "layers": [], "composite": None}
+        return gr.update(value=canvas, brush=_brush(model.palette, model.default_size)), legend_html(model.palette)
+
+    tab.fields["model"].change(follow_model, inputs=tab.fields["model"],
+                               outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False,
+                               api_visibility="private")
+    return tab
