@@ -130,7 +130,8 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
     last_seed = gr.State(-1)
     outputs = [progress, preview, gallery, infotext, last_seed]
 
-    def run(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+    def run(data: dict[Any, Any], request: gr.Request,
+            bar: gr.Progress = gr.Progress()) -> Iterator[dict[Any, Any]]:  # noqa: B008 - gradio's idiom
         values = {name: data[component] for name, component in fields.items()}
         session = _session_of(request)
         try:
@@ -140,6 +141,7 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
         try:
             for event in ctx.service.run(generation, session):
                 if isinstance(event, Progress):
+                    bar((event.done, event.overall), desc=event.describe(), unit="steps")
                     update: dict[Any, Any] = {progress: event.describe()}
                     if event.preview:
                         update[preview] = event.preview[0]

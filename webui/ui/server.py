@@ -93,6 +93,7 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
     outputs = Path(args.outputs_dir) if args.outputs_dir else Path.cwd() / "outputs"
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     demo = configure_queue(build_app(service), args.queue_size)
+    demo.studio_service = service  # for whoever holds the app (the tests) to see the sessions
     demo.launch(
         server_name=EVERYWHERE if args.listen else LOCALHOST,
         server_port=args.port,
