@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,12 +174,30 @@ def test_pnginfo_reads_an_image_and_sends_it(page, server):
     page.get_by_role("tab", name="PNG Info").click()
     page.locator("#pnginfo-image input[type=file]").first.set_input_files(str(saved))
     text = page.locator("#pnginfo-text textarea")
-    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: 1234')",
+    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea')?.value.includes('Seed: 1234')",
                            timeout=WAIT_MS)
     assert text.input_value().startswith("a small white square at the top")
     shot(page, "pnginfo")
     page.locator("#pnginfo-send-img2img").click()
     page.wait_for_function(
-        "() => document.querySelector('#img2img-prompt textarea').value.startsWith('a small white square')",
+        "() => document.querySelector('#img2img-prompt textarea')?.value.startsWith('a small white square')",
         timeout=WAIT_MS)
     assert page.locator("#img2img-seed input").input_value() == "1234"
+
+
+def test_closing_the_tab_frees_the_device(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url)
+    page.locator("#txt2img-prompt textarea").fill("a red circle")
+    page.locator("#txt2img-steps input[type=number]").fill("150")
+    page.locator("#txt2img-batch-count input[type=number]").fill("16")
+    page.locator("#txt2img-generate").click()
+    page.wait_for_function("() => document.querySelector('#txt2img-progress').innerText.includes('Step')",
+                           timeout=WAIT_MS)
+    service = server.demo.studio_service
+    assert service.sessions_running() == 1
+    page.close(run_before_unload=True)
+    deadline = time.time() + 60
+    while service.sessions_running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert service.sessions_running() == 0, "the generation went on after its tab was closed"

@@ -8,6 +8,7 @@ checked pixel by pixel.
 from __future__ import annotations
 
 import datetime
+import shutil
 import time
 
 import httpx
@@ -262,3 +263,59 @@ def test_a_full_queue_says_busy(tmp_path):
         assert waiting.result(timeout=60)[0].startswith("1 image(s)")
     finally:
         server.close()
+
+
+def test_each_user_keeps_their_own_model(tmp_path, tiny_model_dir):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(shapes_model_dir(), models / "latent-studio-shapes")
+    shutil.copytree(tiny_model_dir, models / "tiny-sd")
+    server = Server(tmp_path / "outputs", "--models-dir", str(models))
+    try:
+        alice, bob = server.client(), server.client()
+        jobs = [submit(alice, "txt2img", Model="tiny-sd", Prompt="a cat", Steps=3, **{"Seed (-1 = random)": 1}),
+                submit(bob, "txt2img", Model="latent-studio-shapes", Prompt="a red circle", Steps=3),
+                submit(alice, "txt2img", Model="tiny-sd", Prompt="a dog", Steps=3)]
+        models_used = [parse_infotext(job.result(timeout=120)[3])["Model"] for job in jobs]
+        assert models_used == ["tiny-sd", "latent-studio-shapes", "tiny-sd"]
+        # a folder added while serving shows up on refresh (the list is rescanned) and can be used
+        shutil.copytree(tiny_model_dir, models / "tiny-2")
+        assert "tiny-2" in server.demo.studio_service.model_names()
+        assert call(bob, "txt2img", Model="tiny-2", Prompt="x", Steps=2)[3].endswith("Model: tiny-2")
+    finally:
+        server.close()
+
+
+def shapes_model_dir():
+    from ui_server import MODELS
+
+    return MODELS / "latent-studio-shapes"
+
+
+def test_the_default_model_offers_its_vocabulary_and_palette(server):
+    import gradio as gr
+
+    from webui.ui.tabs.segmap import legend_html
+
+    datasets = [block for block in server.demo.blocks.values() if isinstance(block, gr.Dataset)]
+    samples = {row[0] for dataset in datasets for row in dataset.raw_samples}
+    assert "a small red circle at the top left on a blue background" in samples
+    for sample in samples:  # every example uses only the model's own words
+        words = set(sample.replace("at the", "").replace("in the", "").split())
+        known = {w for group in shapes.vocabulary().values() for phrase in group for w in phrase.split()}
+        assert words <= known | {"a", "on", "background"}, sample
+    legends = [block.value for block in server.demo.blocks.values()
+               if isinstance(block, gr.HTML) and "ls-legend" in str(block.value)]
+    assert legends and all(name in legends[0] for name in shapes.CLASSES)
+    info = server.demo.studio_service.model_info("latent-studio-shapes")
+    assert legends[0] == legend_html(info.palette) and info.palette.classes == shapes.CLASSES
+
+
+def test_skip_drops_the_current_batch_only(server):
+    client = server.client()
+    job = submit(client, "txt2img", Prompt="a red circle", Steps=60, **{"Batch count": 2, "Seed (-1 = random)": 20})
+    wait_until_running(job)
+    client.predict(api_name="/txt2img_skip")
+    progress, _, gallery = job.result(timeout=120)[:3]
+    assert [item["caption"] for item in gallery] == ["seed 21"]  # batch 1 skipped, batch 2 finished
+    assert progress.startswith("1 image(s)")

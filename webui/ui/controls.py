@@ -68,7 +68,7 @@ def shared_controls(ctx: UIContext, task: str) -> dict[str, gr.components.Compon
     with gr.Row():
         fields["model"] = gr.Dropdown(
             choices=ctx.service.model_names(), value=ctx.default_model, label="Model", scale=4,
-            elem_id=f"{task}-model",
+            elem_id=f"{task}-model", allow_custom_value=True,  # refreshed lists differ per session
         )
         refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{task}-refresh")
     refresh.click(lambda: gr.update(choices=ctx.service.model_names()), outputs=fields["model"], queue=False,
@@ -80,13 +80,13 @@ def shared_controls(ctx: UIContext, task: str) -> dict[str, gr.components.Compon
         gr.Examples(examples=[[text] for text in examples], inputs=[fields["prompt"]], label="Try a prompt")
     with gr.Row():
         fields["sampler"] = gr.Dropdown(choices=ctx.samplers, value="DPM++ 2M Karras", label="Sampler")
-        fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps")
+        fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id=f"{task}-steps")
         fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=7.0 if info.default_size > 64 else 5.0, step=0.5,
                                         label="CFG scale")
     with gr.Row():
         fields["width"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Width")
         fields["height"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Height")
-        fields["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+        fields["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
         fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
     with gr.Row():
         fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4,

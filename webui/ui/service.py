@@ -169,6 +169,11 @@ class StudioService:
     def busy(self, session: str) -> bool:
         return session in self._controls
 
+    def sessions_running(self) -> int:
+        """How many sessions have a generation running or waiting to stop."""
+        with self._lock:
+            return len(self._controls)
+
     def _save(self, task: str, result: Any) -> Finished:
         directory = output_dir(self.outputs_dir, task)
         files = []
