@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from components import bundle_from, make_controlnet, sd_components
 from fixtures_models import random_image, rect_mask, seg_map
 from PIL import Image
@@ -199,3 +200,23 @@ def test_size_follows_the_init_image_rounded_down(engine, bundle):
                              bundle=bundle)
     assert result.images[0].image.size == (64, 64)
     assert "Size: 64x64" in result.infotexts[0]
+
+
+def test_encoding_inverts_decoding_with_latent_statistics(bundle):
+    """VAEs whose config carries latents_mean/latents_std (some SDXL-family VAEs) are normalised
+    the same way in both directions, so img2img starts from the right latents."""
+    from webui.engine.pipeline import Engine as EngineClass
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    channels = bundle.latent_channels
+    bundle.vae.register_to_config(latents_mean=[0.3] * channels, latents_std=[2.0] * channels)
+    try:
+        latents = EngineClass.encode_images(bundle, image, [torch.Generator().manual_seed(1)])
+        raw = bundle.vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(1))
+        expected = (raw - 0.3) * bundle.vae.config.scaling_factor / 2.0
+        assert torch.allclose(latents.float(), expected, atol=1e-5)
+        decoded = EngineClass.decode_latents(bundle, latents)
+        assert torch.allclose(decoded, bundle.vae.decode(raw).sample.float(), atol=1e-4)
+    finally:
+        bundle.vae.register_to_config(latents_mean=None, latents_std=None)

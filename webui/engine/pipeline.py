@@ -306,8 +306,14 @@ class Engine:
             images = images.repeat(len(generators), 1, 1, 1)
         latents = [vae.encode(images[k : k + 1]).latent_dist.sample(generators[k]) for k in range(images.shape[0])]
         latents = torch.cat(latents)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(bundle.dtype)
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:  # the inverse of decode_latents, as diffusers' SDXL img2img
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            return ((latents - mean_t) * config.scaling_factor / std_t).to(bundle.dtype)
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((latents - shift) * config.scaling_factor).to(bundle.dtype)
 
     @staticmethod
     @torch.inference_mode()
