@@ -144,6 +144,12 @@ def test_img2img_tab(page, server, tmp_path):
     page.locator("#img2img-gallery img").first.wait_for(timeout=WAIT_MS)
     assert newest_output(server, "img2img").size == (64, 64)
     shot(page, "img2img")
+    # a failed request says why and leaves the earlier result where it was
+    page.locator("#img2img-init button[aria-label='Remove Image']").first.click()
+    page.locator("#img2img-generate").click()
+    page.get_by_text("upload an init image first").first.wait_for(timeout=WAIT_MS)
+    assert page.locator("#img2img-gallery img").count() >= 1
+    assert "Traceback" not in page.content()
 
 
 def test_seg2img_paint_a_class(page, server):
