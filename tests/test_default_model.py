@@ -54,7 +54,7 @@ def test_it_is_the_default_and_loads_through_the_ordinary_loader(engine):
 
 
 def test_txt2img_draws_the_colours_the_prompt_says(engine):
-    # colours are what this model has learnt best so far (positions not yet; see the README's table)
+    # colours, sizes and backgrounds are right every time in the evaluation (see the README's table)
     scene = shapes.Scene("circle", "red", "large", "center", "white")
     result = engine.generate(GenerationRequest(prompt=scene.caption(), seed=1, **RUN))
     image = result.images[0].image
@@ -63,6 +63,17 @@ def test_txt2img_draws_the_colours_the_prompt_says(engine):
     assert (found.color, found.background) == ("red", "white")
     assert found.mask.sum() > 100  # a real object, not a speck
     assert colour_share(image, found.mask, "red") > 0.7  # mostly red pixels inside the object
+
+
+def test_txt2img_follows_top_and_bottom(engine):
+    # the vertical position words are learnt; the horizontal ones are not yet (see the README)
+    rows = {}
+    for word in ("top", "bottom"):
+        result = engine.generate(GenerationRequest(prompt=f"a large blue square at the {word} on a white background",
+                                                   seed=1, batch_size=4, **RUN))
+        rows[word] = [np.nonzero(analyse(item.image).mask)[0].mean() for item in result.images]
+    assert all(y < 24 for y in rows["top"]), rows  # object centres in pixels, of 64
+    assert all(y > 40 for y in rows["bottom"]), rows
 
 
 def test_seg2img_follows_the_map(engine):
@@ -107,7 +118,7 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     from webui.training.train import TrainConfig, train
 
     config = TrainConfig(scenes=16, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, checkpoint_every=2,
-                         log_every=1, unet_channels=(16, 32, 32))
+                         log_every=1, unet_channels=(16, 32, 32), refine_steps=0)
     out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2]

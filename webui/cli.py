@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoints and log.jsonl; an interrupted run resumes from here")
     train.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the recipe's)")
     train.add_argument("--refine-steps", type=int, default=None,
-                       help="optional v-prediction refinement steps after the diffusion phase (default 0)")
+                       help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)")
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--scenes", type=int, default=None, help="size of the training pool")

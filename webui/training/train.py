@@ -45,12 +45,12 @@ class TrainConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     control_share: float = 0.5  # share of samples trained with the segmentation ControlNet
-    # optional refinement (off in the recipe of the shipped weights): the diffusion phase's EMA
-    # weights trained on as a v-prediction model. Predicting noise gives little gradient about the
-    # image at high noise, where a scene's layout is decided; predicting v (as SD 2.x 768-v does,
-    # also fine-tuned from an epsilon model) supervises the layout there. Part of each batch comes
-    # from the noisy half of the schedule; less ControlNet, a fresh optimizer and learning rate.
-    refine_steps: int = 0
+    # refinement: the diffusion phase's EMA weights trained on as a v-prediction model. Predicting
+    # noise gives little gradient about the image at high noise, where a scene's layout is decided,
+    # so an epsilon model places objects where the starting noise suggests; predicting v (as SD 2.x
+    # 768-v does, also fine-tuned from an epsilon model) supervises the layout there. Part of each
+    # batch comes from the noisy half of the schedule; less ControlNet, a fresh optimizer and lr.
+    refine_steps: int = 3000
     refine_lr: float = 2e-4
     refine_prediction: str = "v_prediction"
     refine_high_noise_share: float = 0.3
