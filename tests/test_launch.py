@@ -81,3 +81,25 @@ def test_ui_modules_never_touch_torch():
     for path in (ROOT / "webui" / "ui").rglob("*.py"):
         code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith(("#", '"'))]
         assert not any("import torch" in line or "torch." in line for line in code), path
+
+
+def test_python_launch_py_serves_on_localhost(tmp_path):
+    import httpx
+    from ui_server import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--outputs-dir",
+                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=tmp_path)
+    try:
+        line = ""
+        for _ in range(200):
+            line = process.stdout.readline()
+            if "running at" in line or not line:
+                break
+        assert line.strip() == f"Latent Studio is running at http://127.0.0.1:{port}/", line
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "Latent Studio" in page.text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -90,21 +90,27 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
         raise LaunchRefused(problem)
     # Pillow refuses decompression bombs at open; the engine's own check gives the message below that
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    outputs = Path(args.outputs_dir) if args.outputs_dir else Path.cwd() / "outputs"
+    from webui.cli import DEFAULT_OUTPUTS_DIR
+
+    outputs = Path(args.outputs_dir) if args.outputs_dir else DEFAULT_OUTPUTS_DIR
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     demo = configure_queue(build_app(service), args.queue_size)
     demo.studio_service = service  # for whoever holds the app (the tests) to see the sessions
-    demo.launch(
+    _, local_url, share_url = demo.launch(
         server_name=EVERYWHERE if args.listen else LOCALHOST,
         server_port=args.port,
         share=bool(args.share),
         auth=logins or None,
         max_file_size=int(args.max_upload_mb * 1024 * 1024),
         allowed_paths=[str(outputs.resolve())],
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         show_error=True,
-        quiet=not block,
+        quiet=True,
         css=CSS,
         footer_links=["api", "settings"],
     )
+    if block:
+        print(f"Latent Studio is running at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
+        print(f"Images are saved under {outputs}. Press Ctrl+C to stop.", flush=True)
+        demo.block_thread()
     return demo
