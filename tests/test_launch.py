@@ -103,3 +103,4 @@ def test_python_launch_py_serves_on_localhost(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
