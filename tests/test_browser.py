@@ -112,6 +112,11 @@ def test_type_a_prompt_generate_and_see_the_image(page, server):
     red = (image[..., 0] > 150) & (image[..., 1] < 100) & (image[..., 2] < 100)
     assert red.mean() > 0.05  # a red object was drawn
     shot(page, "txt2img")
+    # the random seed that was used can be taken back into the seed box
+    seed = page.locator("#txt2img-infotext textarea").input_value().split("Seed: ")[1].split(",")[0]
+    page.locator("#txt2img-reuse-seed").click()
+    page.wait_for_function(f"() => document.querySelector('#txt2img-seed input')?.value === '{seed}'",
+                           timeout=WAIT_MS)
 
 
 def test_inpaint_a_painted_stroke(page, server, tmp_path):

@@ -60,8 +60,9 @@ class GenerationTab:
 RequestExtras = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def shared_controls(ctx: UIContext, task: str) -> dict[str, gr.components.Component]:
-    """Prompt, negative prompt, model, sampler, steps, CFG, size, batches and seed."""
+def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.Component], gr.Button]:
+    """Prompt, negative prompt, model, sampler, steps, CFG, size, batches and seed; and the
+    "Last seed" button, which the caller connects to its own last-seed state."""
     info = ctx.service.model_info(ctx.default_model)
     examples = info.example_prompts()
     fields: dict[str, gr.components.Component] = {}
@@ -94,12 +95,10 @@ def shared_controls(ctx: UIContext, task: str) -> dict[str, gr.components.Compon
         random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{task}-random-seed")
         reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{task}-reuse-seed")
     random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, api_visibility="private")
-    fields["_reuse_seed"] = reuse_seed  # wired by generation_tab, which owns the last-seed state
-    return fields
+    return fields, reuse_seed
 
 
 def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
-                   controls: dict[str, gr.components.Component] | None = None,
                    build_controls: Callable[[], dict[str, gr.components.Component]] | None = None,
                    ) -> GenerationTab:
     """Lay out a generation tab and connect it to the engine.
@@ -110,12 +109,9 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
     """
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            fields = shared_controls(ctx, task)
-            reuse_seed = fields.pop("_reuse_seed")
+            fields, reuse_seed = shared_controls(ctx, task)
             if build_controls is not None:
                 fields.update(build_controls())
-            if controls:
-                fields.update(controls)
         with gr.Column(scale=2):
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", scale=3, elem_id=f"{task}-generate")
@@ -156,6 +152,7 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
 
     generate.click(run, inputs=set(fields.values()), outputs=outputs, api_name=task,
                    concurrency_id=BUSY_CONCURRENCY_ID, concurrency_limit=1)
+
     def stop(request: gr.Request) -> None:
         ctx.service.interrupt(_session_of(request))
 
