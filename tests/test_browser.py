@@ -119,12 +119,21 @@ def test_type_a_prompt_generate_and_see_the_image(page, server):
                            timeout=WAIT_MS)
 
 
+def open_with_image(page, tab: str, task: str, upload: str, prompt: str, scene: shapes.Scene,
+                    folder: Path) -> Image.Image:
+    """Open ``tab``, type ``prompt`` and upload a render of ``scene`` into the ``upload`` control."""
+    init, _ = scene.render()
+    init.save(folder / "init.png")
+    page.get_by_role("tab", name=tab).click()
+    page.locator(f"#{task}-prompt textarea").fill(prompt)
+    page.locator(f"#{upload} input[type=file]").first.set_input_files(str(folder / "init.png"))
+    return init
+
+
 def test_inpaint_a_painted_stroke(page, server, tmp_path):
-    init, _ = shapes.Scene("triangle", "green", "small", "top left", "gray").render()
-    init.save(tmp_path / "init.png")
-    page.get_by_role("tab", name="Inpainting").click()
-    page.locator("#inpaint-prompt textarea").fill("a large orange circle at the bottom right on a gray background")
-    page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "init.png"))
+    init = open_with_image(page, "Inpainting", "inpaint", "inpaint-editor",
+                           "a large orange circle at the bottom right on a gray background",
+                           shapes.Scene("triangle", "green", "small", "top left", "gray"), tmp_path)
     page.wait_for_timeout(1500)
     box = image_box(page, "#inpaint-editor")
     drag(page, box, [(0.6, 0.6), (0.85, 0.6), (0.85, 0.85), (0.6, 0.85), (0.7, 0.7)])
@@ -139,11 +148,9 @@ def test_inpaint_a_painted_stroke(page, server, tmp_path):
 
 
 def test_img2img_tab(page, server, tmp_path):
-    init, _ = shapes.Scene("square", "yellow", "large", "center", "purple").render()
-    init.save(tmp_path / "init.png")
-    page.get_by_role("tab", name="Image to image").click()
-    page.locator("#img2img-prompt textarea").fill("a large red square in the center on a purple background")
-    page.locator("#img2img-init input[type=file]").first.set_input_files(str(tmp_path / "init.png"))
+    open_with_image(page, "Image to image", "img2img", "img2img-init",
+                    "a large red square in the center on a purple background",
+                    shapes.Scene("square", "yellow", "large", "center", "purple"), tmp_path)
     page.locator("#img2img-init img").first.wait_for(timeout=WAIT_MS)
     page.locator("#img2img-generate").click()
     page.locator("#img2img-gallery img").first.wait_for(timeout=WAIT_MS)

@@ -14,7 +14,7 @@ from webui.engine.pipeline import Engine
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
 from webui.training import shapes
-from webui.training.analyse import analyse
+from webui.training.analyse import analyse, colour_share
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "latent-studio-shapes"
@@ -25,14 +25,6 @@ RUN = dict(steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0)
 def engine():
     return Engine(models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
 
-
-def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
-    """Share of the region's pixels nearer to ``colour`` than to any other named colour."""
-    names = list(shapes.COLORS)
-    table = np.asarray([shapes.COLORS[n] for n in names], dtype=np.float32)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)[region]
-    nearest = np.argmin(((pixels[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
-    return float((nearest == names.index(colour)).mean())
 
 
 def test_shipped_model_is_small_and_complete():

@@ -269,3 +269,15 @@ def test_no_model_at_all_says_how_to_add_one(tmp_path):
 def test_no_models_dir_at_all_says_how_to_add_one():
     with pytest.raises(NoModelError, match="--model"):
         make_engine().generate(GenerationRequest(prompt="x"))
+
+
+def test_settings_in_model_index_are_not_components(tiny_model_dir, tmp_path):
+    import json
+
+    folder = copy_model(tiny_model_dir, tmp_path / "annotated")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(ui={"examples": ["a cat", "a dog"]}, tags=["portrait", "photo", "sd1"], default_size=64)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    result = engine.generate(GenerationRequest(model=str(folder), prompt="a cat", steps=2, seed=0))
+    assert result.images[0].image.size == (64, 64)

@@ -22,7 +22,7 @@ from ui_server import Server, arguments, call, call_named, submit
 
 from webui.metadata import parse_infotext, read_png_parameters
 from webui.training import shapes
-from webui.training.analyse import analyse, nearest_color_map
+from webui.training.analyse import analyse, colour_share
 from webui.ui.app import BUSY_MESSAGE
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,10 +41,6 @@ def server(tmp_path_factory):
 def client(server):
     return server.client()
 
-
-def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
-    names = nearest_color_map(np.asarray(image.convert("RGB"), dtype=np.float32))
-    return float((names[region] == list(shapes.COLORS).index(colour)).mean())
 
 
 def saved(path: str) -> Image.Image:
@@ -299,7 +295,7 @@ def test_the_default_model_offers_its_vocabulary_and_palette(server):
 
     datasets = [block for block in server.demo.blocks.values() if isinstance(block, gr.Dataset)]
     samples = {row[0] for dataset in datasets for row in dataset.raw_samples}
-    assert "a small red circle at the top left on a blue background" in samples
+    assert samples == set(shapes.example_captions())  # the examples the model ships in model_index.json
     for sample in samples:  # every example uses only the model's own words
         words = set(sample.replace("at the", "").replace("in the", "").split())
         known = {w for group in shapes.vocabulary().values() for phrase in group for w in phrase.split()}

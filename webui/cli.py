@@ -127,12 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from webui.ui.server import exposure_problem, read_auth, serve
+    from webui.ui.server import serve
 
-    problem = exposure_problem(args, read_auth(args.auth, args.auth_file))  # before any model loads
-    if problem:
-        raise InvalidRequestError(problem)
-    serve(args, _engine(args))
+    serve(args, _engine(args))  # refuses unsafe flags before building anything (no model is loaded yet)
     return 0
 
 

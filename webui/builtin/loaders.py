@@ -86,8 +86,8 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
         raise ModelLoadError(f"{folder}/model_index.json is unreadable: {exc}") from exc
     components: dict[str, Any] = {}
     for name, spec in index.items():
-        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, list):
-            continue
+        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, list) or len(spec) != 2:
+            continue  # not a component: [library, class] pairs are (other keys are settings)
         library, class_name = spec
         if library is None or class_name is None:
             continue

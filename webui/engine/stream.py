@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from webui.engine.context import GenerationControl, StepInfo
+from webui.engine.preview import preview_images
 from webui.request import GenerationRequest
 
 __all__ = ["Progress", "stream"]
@@ -83,7 +84,7 @@ def stream(
         eta = elapsed / done * (overall - done) if done else None
         preview = None
         if preview_every and (info.step % preview_every == 0) and info.step < info.total:
-            preview = _previews(info)
+            preview = preview_images(info.context.bundle, info.latents)
         events.put(Progress(info.step, info.total, batch, batches, done, overall, elapsed, eta, preview))
 
     def work() -> None:
@@ -115,14 +116,6 @@ def stream(
             _empty_device_cache()
     if failure is not None:
         raise failure
-
-
-def _previews(info: StepInfo) -> list[Image.Image] | None:
-    try:
-        from webui.engine.preview import preview_images
-    except ImportError:  # pragma: no cover - the module ships with the engine
-        return None
-    return preview_images(info.context.bundle, info.latents)
 
 
 def _empty_device_cache() -> None:

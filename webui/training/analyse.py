@@ -74,6 +74,12 @@ def nearest_color_map(pixels: np.ndarray) -> np.ndarray:
     return ((flat - _RGB[None]) ** 2).sum(axis=2).argmin(axis=1).reshape(pixels.shape[:2])
 
 
+def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
+    """Share of ``region``'s pixels (an (H, W) bool mask) whose nearest named colour is ``colour``."""
+    names = nearest_color_map(np.asarray(image.convert("RGB"), dtype=np.float32))
+    return float((names[region] == _NAMES.index(colour)).mean())
+
+
 def analyse(image: Image.Image) -> Analysis:
     """Read the scene in ``image`` (any size; square images read best). See the module docstring."""
     rgb = image.convert("RGB")

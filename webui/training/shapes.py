@@ -112,6 +112,12 @@ def training_caption(scene: Scene, rng: random.Random) -> str:
     )
 
 
+def example_captions(count: int = 6, seed: int = 2024) -> list[str]:
+    """Full captions of seeded scenes, for the UI's example prompts."""
+    rng = random.Random(seed)
+    return [random_scene(rng).caption() for _ in range(count)]
+
+
 def vocabulary() -> dict[str, list[str]]:
     """The words the model knows, for the UI's examples."""
     return {

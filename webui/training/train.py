@@ -437,6 +437,7 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str =
         "family": "shapes",
         "default_size": shapes.SIZE,
         "vocabulary": shapes.vocabulary(),
+        "ui": {"examples": shapes.example_captions()},
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "controlnet": ["diffusers", "ControlNetModel"],

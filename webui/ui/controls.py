@@ -64,7 +64,7 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
     """Prompt, negative prompt, model, sampler, steps, CFG, size, batches and seed; and the
     "Last seed" button, which the caller connects to its own last-seed state."""
     info = ctx.service.model_info(ctx.default_model)
-    examples = info.example_prompts()
+    examples = info.examples
     fields: dict[str, gr.components.Component] = {}
     with gr.Row():
         fields["model"] = gr.Dropdown(

@@ -33,24 +33,9 @@ class ModelInfo:
     name: str
     default_size: int = 512
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)  # model_index.json's ui.examples
     palette: Palette = ADE20K
     has_controlnet: bool = False
-
-    def example_prompts(self, count: int = 6) -> list[str]:
-        """Prompts made of the model's own vocabulary (the shapes model's words, for instance)."""
-        words = self.vocabulary
-        shapes, colors = words.get("shapes", []), words.get("colors", [])
-        if not shapes or not colors:
-            return []
-        sizes, positions = words.get("sizes", [""]), words.get("positions", [""])
-        examples = []
-        for k in range(count):
-            color, shape = colors[k % len(colors)], shapes[k % len(shapes)]
-            size, position = sizes[k % len(sizes)], positions[(k * 4) % len(positions)]
-            background = colors[(k + 2) % len(colors)]
-            where = "in the center" if position == "center" else f"at the {position}"
-            examples.append(f"a {size} {color} {shape} {where} on a {background} background".replace("  ", " "))
-        return examples
 
 
 @dataclass
@@ -81,15 +66,15 @@ class StudioService:
         return [entry.name for entry in self.engine.models.list("checkpoint")]
 
     def default_model_name(self) -> str | None:
-        names = self.model_names()
+        entries = self.engine.models.list("checkpoint")
         try:
             source = Path(self.engine.models.resolve(None))
         except Exception:  # no model at all: the UI still opens and says so on Generate
-            return names[0] if names else None
-        for entry in self.engine.models.list("checkpoint"):
-            if Path(entry.source) == source or entry.name == source.name:
+            source = None
+        for entry in entries:
+            if source is not None and (Path(entry.source) == source or entry.name == source.name):
                 return entry.name
-        return names[0] if names else None
+        return entries[0].name if entries else None
 
     def model_info(self, name: str | None) -> ModelInfo:
         """Vocabulary, palette and native size of a model, from its ``model_index.json`` and
@@ -108,6 +93,10 @@ class StudioService:
             vocabulary = index.get("vocabulary")
             if isinstance(vocabulary, dict):
                 info.vocabulary = {str(k): [str(w) for w in v] for k, v in vocabulary.items() if isinstance(v, list)}
+            ui = index.get("ui") if isinstance(index.get("ui"), dict) else {}
+            examples = ui.get("examples")
+            if isinstance(examples, list):
+                info.examples = [str(text) for text in examples]
             info.has_controlnet = "controlnet" in index
         palette_file = folder / "controlnet" / "palette.json"
         if palette_file.is_file():
