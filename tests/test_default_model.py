@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from webui.engine.pipeline import Engine
@@ -129,6 +130,29 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     assert [e["step"] for e in log if e.get("phase") == "refine"] == [0, 1]
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+    # ...conditioned on MiniLM's last hidden state and its embedding layer side by side
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_conditioning"] == {"hidden_states": [-1, 0]}
+    assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
     result = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
         GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
     assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
+
+
+def test_widening_the_text_features_keeps_what_the_model_computes():
+    from webui.training.train import TrainConfig, build_controlnet, build_unet, widen_state
+
+    config = TrainConfig(unet_channels=(16, 32, 32))
+    torch.manual_seed(0)
+    narrow, wide = build_unet(config).eval(), build_unet(config, (-1, 0)).eval()
+    wide.load_state_dict(widen_state(narrow.state_dict(), wide))
+    build_controlnet(config, (-1, 0)).load_state_dict(
+        widen_state(build_controlnet(config).state_dict(), build_controlnet(config, (-1, 0))))
+    sample, text = torch.randn(2, 9, 16, 16), torch.randn(2, 8, 384)
+    extra = torch.randn(2, 8, 384)
+    with torch.no_grad():
+        before = narrow(sample, 500, encoder_hidden_states=text).sample
+        after = wide(sample, 500, encoder_hidden_states=torch.cat([text, extra], dim=-1)).sample
+    assert torch.allclose(before, after, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen_state(wide.state_dict(), narrow)

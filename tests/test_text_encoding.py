@@ -22,7 +22,7 @@ from tiny import (
 
 from webui.engine.bundle import ModelBundle
 from webui.engine.text import PromptEmbeds, chunk_prompt, encode_prompts
-from webui.errors import InvalidRequestError
+from webui.errors import InvalidRequestError, ModelLoadError
 
 ATOL = 1e-5
 CPU = torch.device("cpu")
@@ -366,3 +366,26 @@ def test_bert_long_prompt_chunks_at_window(bert_bundle: ModelBundle) -> None:
     plain, _ = encode_one(bert_bundle, "red cat")
     assert max_diff(weighted.embeds, plain.embeds) > 1e-3
     assert float(weighted.embeds.mean()) == pytest.approx(float(plain.embeds.mean()), abs=1e-6)
+
+
+def test_bert_hidden_states_side_by_side(bert_bundle: ModelBundle) -> None:
+    """``text_conditioning.hidden_states`` in the model's index concatenates those layers' states."""
+    tokenizer, encoder = bert_bundle.tokenizers[0], bert_bundle.text_encoders[0]
+    wide = text_bundle([encoder], [tokenizer], family="latent-studio")
+    wide.config["text_conditioning"] = {"hidden_states": [-1, 0]}
+    pos, neg = encode_one(wide, "the red cat", "dog")
+    assert pos.embeds.shape == neg.embeds.shape == (1, 32, 64)
+    plain, _ = encode_one(bert_bundle, "the red cat", "dog")
+    assert max_diff(pos.embeds[..., :32], plain.embeds) < ATOL  # the last layer first, as before
+    ids = tokenizer("the red cat")["input_ids"]
+    with torch.no_grad():
+        embedded = encoder(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[0]
+    assert max_diff(pos.embeds[:, : len(ids), 32:], embedded) < ATOL  # then the embedding layer's output
+
+
+@pytest.mark.parametrize("layers", [[], [0, 9], "last", [0.5]])
+def test_bert_bad_hidden_states_setting_is_a_clear_error(bert_bundle: ModelBundle, layers: Any) -> None:
+    wide = text_bundle(bert_bundle.text_encoders, bert_bundle.tokenizers, family="latent-studio")
+    wide.config["text_conditioning"] = {"hidden_states": layers}
+    with pytest.raises(ModelLoadError, match="hidden_states"):
+        encode_one(wide, "the red cat")

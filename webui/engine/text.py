@@ -6,6 +6,11 @@ CLIP). ``BREAK`` ends a chunk early. Each chunk is wrapped as ``[BOS] tokens [EO
 encoder's window, encoded on its own, and the chunks are concatenated along the token axis. Positive
 and negative prompts are padded with empty chunks to one common chunk count.
 
+A non-CLIP encoder gives its last hidden state, or, when the model's ``model_index.json`` names
+``"text_conditioning": {"hidden_states": [...]}``, those hidden states (indices into the encoder's
+``hidden_states``, 0 being the embedding layer) concatenated along the feature axis, as SDXL
+concatenates its two encoders' states.
+
 Emphasis follows A1111: each token's embedding is multiplied by its weight, then the chunk is
 rescaled so that its mean equals the unweighted mean. The rescale is done per prompt and per chunk
 (A1111 takes the mean over the whole batch), and chunks whose weights are all 1.0 are left untouched,
@@ -168,13 +173,42 @@ def _check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
         )
 
 
+def hidden_state_layers(bundle: ModelBundle) -> tuple[int, ...] | None:
+    """The hidden states a non-CLIP encoder's output is made of (``text_conditioning.hidden_states``
+    in ``model_index.json``), or ``None`` for the last hidden state alone."""
+    setting = bundle.config.get("text_conditioning") or {}
+    layers = setting.get("hidden_states") if isinstance(setting, dict) else None
+    if layers is None:
+        return None
+    if not isinstance(layers, list | tuple) or not layers or not all(isinstance(i, int) for i in layers):
+        raise ModelLoadError(
+            f"The model {bundle.name!r} has text_conditioning.hidden_states {layers!r}; "
+            "it must be a non-empty list of layer indices."
+        )
+    return tuple(layers)
+
+
 def _run_encoder(
-    text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor, *, clip_skip: int, sdxl: bool
+    text_encoder: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_skip: int,
+    sdxl: bool,
+    layers: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states ``(n, window, D)`` of one batch of framed chunks, and the pooled output if any."""
     if not _is_clip(text_encoder):
-        out = text_encoder(input_ids=ids, attention_mask=mask)
-        return out.last_hidden_state, None
+        out = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=layers is not None)
+        if layers is None:
+            return out.last_hidden_state, None
+        states = out.hidden_states
+        if any(not -len(states) <= i < len(states) for i in layers):
+            raise ModelLoadError(
+                f"text_conditioning.hidden_states {list(layers)} asks for layers this text encoder lacks "
+                f"(it has hidden states 0 to {len(states) - 1})."
+            )
+        return torch.cat([states[i] for i in layers], dim=-1), None
     attention_mask = mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     need_hidden = sdxl or clip_skip > 1
     out = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=need_hidden)
@@ -212,6 +246,7 @@ def _encode_all(
     *,
     clip_skip: int,
     sdxl: bool,
+    layers: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode every prompt's chunks with one encoder: ``(N, n_chunks * window, D)`` and the pooled
     output of the first chunk."""
@@ -226,7 +261,7 @@ def _encode_all(
         ids = torch.tensor([f[0] for f in framed], dtype=torch.long, device=device)
         weights = torch.tensor([f[1] for f in framed], dtype=torch.float32)
         mask = torch.tensor([f[2] for f in framed], dtype=torch.long, device=device)
-        hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl)
+        hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl, layers=layers)
         parts.append(_apply_weights(hidden, weights))
         if index == 0:
             pooled_first = pooled
@@ -263,6 +298,7 @@ def encode_prompts(
             f"(has {len(tokenizers)} tokenizers, {len(encoders)} text encoders)."
         )
     sdxl = bundle.is_sdxl
+    layers = hidden_state_layers(bundle)
     for encoder in encoders:
         if _is_clip(encoder):
             _check_clip_skip(encoder, clip_skip)
@@ -286,7 +322,8 @@ def encode_prompts(
     pooled: torch.Tensor | None = None
     with torch.no_grad():
         for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
-            hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl)
+            hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl,
+                                         layers=layers)
             embeds_parts.append(hidden.to(device=out_device, dtype=out_dtype))
     embeds = torch.cat(embeds_parts, dim=-1)
     if sdxl and pooled is not None:

@@ -55,6 +55,12 @@ class TrainConfig:
     refine_prediction: str = "v_prediction"
     refine_high_noise_share: float = 0.3
     refine_control_share: float = 0.25
+    # MiniLM's last layer keeps "left" and "right" much closer together than "top" and "bottom"
+    # (their token states differ by 58 % against 96 %), and the diffusion phase's model learned the
+    # vertical words but not the horizontal ones. The refinement therefore conditions on the last
+    # hidden state and the embedding layer's output side by side (768 features; the new key/value
+    # columns start at zero, so training starts from phase 2's behaviour).
+    refine_text_states: tuple[int, ...] = (-1, 0)
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -93,27 +99,55 @@ def build_vae(config: TrainConfig) -> Any:
     )
 
 
-def _unet_kwargs(config: TrainConfig) -> dict[str, Any]:
+TEXT_FEATURES = 384  # MiniLM-L6's hidden size
+
+
+def _unet_kwargs(config: TrainConfig, text_states: tuple[int, ...] | None) -> dict[str, Any]:
     return dict(
         block_out_channels=config.unet_channels, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=384, attention_head_dim=4, norm_num_groups=16,
+        cross_attention_dim=TEXT_FEATURES * len(text_states or (-1,)), attention_head_dim=4, norm_num_groups=16,
     )
 
 
-def build_unet(config: TrainConfig) -> Any:
+def build_unet(config: TrainConfig, text_states: tuple[int, ...] | None = None) -> Any:
+    """The 9-channel UNet; ``text_states`` are the MiniLM hidden states it is conditioned on, side by
+    side (``None``: the last one alone)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=shapes.SIZE // 4, in_channels=9, out_channels=4,
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **_unet_kwargs(config),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **_unet_kwargs(config, text_states),
     )
 
 
-def build_controlnet(config: TrainConfig) -> Any:
+def build_controlnet(config: TrainConfig, text_states: tuple[int, ...] | None = None) -> Any:
     from diffusers import ControlNetModel
 
-    return ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32, 64), **_unet_kwargs(config))
+    return ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32, 64),
+                           **_unet_kwargs(config, text_states))
+
+
+def text_conditioning(text_states: tuple[int, ...] | None) -> dict[str, Any]:
+    """The ``model_index.json`` entries that tell the engine which text states the model takes."""
+    return {} if text_states is None else {"text_conditioning": {"hidden_states": list(text_states)}}
+
+
+def widen_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` fitted to ``model`` where ``model`` reads more text features: the key and value
+    projections of cross-attention get zero columns for the extra features, so the widened model
+    computes exactly what the narrow one did until training gives those columns weight."""
+    target = model.state_dict()
+    widened = {}
+    for name, tensor in state.items():
+        shape = target[name].shape
+        if tensor.shape != shape:
+            if tensor.dim() != 2 or tensor.shape[0] != shape[0] or tensor.shape[1] > shape[1]:
+                raise ValueError(f"cannot widen {name} from {tuple(tensor.shape)} to {tuple(shape)}")
+            tensor = torch.cat([tensor, tensor.new_zeros(shape[0], shape[1] - tensor.shape[1])], dim=1)
+        widened[name] = tensor
+    return widened
 
 
 def scheduler_config(prediction: str = "epsilon") -> dict[str, Any]:
@@ -208,7 +242,9 @@ def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str =
     pool = ScenePool(config.scenes, config.seed)
     vae = train_vae(pool, config, checkpoint_dir, dev, log)
     unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
-    export(out, vae, unet, controlnet, prediction=config.refine_prediction if config.refine_steps > 0 else "epsilon")
+    refined = config.refine_steps > 0
+    export(out, vae, unet, controlnet, prediction=config.refine_prediction if refined else "epsilon",
+           text_states=config.refine_text_states if refined else None)
     log.write(json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n")
     log.close()
     return out
@@ -279,6 +315,7 @@ class _Phase:
     high_noise_share: float = 0.0
     prediction: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
     init: dict[str, Any] | None = None  # state dicts to start from (None: fresh weights)
+    text_states: tuple[int, ...] | None = None  # MiniLM hidden states, side by side (None: the last)
 
 
 def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device,
@@ -290,7 +327,8 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
         return unet, controlnet
     init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
     second = _Phase("refine", ckpt / "refine.pt", config.refine_steps, config.refine_lr, min(100, config.warmup),
-                    config.refine_control_share, config.refine_high_noise_share, config.refine_prediction, init)
+                    config.refine_control_share, config.refine_high_noise_share, config.refine_prediction, init,
+                    tuple(config.refine_text_states))
     return _diffusion_loop(pool, vae, config, second, dev, log)
 
 
@@ -302,12 +340,13 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
 
     tokenizer, encoder = text_components()
     text_bundle = ModelBundle(name="text", unet=None, vae=None, text_encoders=[encoder], tokenizers=[tokenizer],
-                              scheduler_config={}, family="shapes")
+                              scheduler_config={}, family="shapes", config=text_conditioning(phase.text_states))
     captions = CaptionCache(text_bundle, dev)
-    unet, controlnet = build_unet(config).to(dev), build_controlnet(config).to(dev)
+    unet = build_unet(config, phase.text_states).to(dev)
+    controlnet = build_controlnet(config, phase.text_states).to(dev)
     if phase.init is not None:
-        unet.load_state_dict(phase.init["unet"])
-        controlnet.load_state_dict(phase.init["controlnet"])
+        unet.load_state_dict(widen_state(phase.init["unet"], unet))
+        controlnet.load_state_dict(widen_state(phase.init["controlnet"], controlnet))
     params = list(unet.parameters()) + list(controlnet.parameters())
     optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.warmup, phase.steps))
@@ -417,7 +456,8 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 # --- export ---------------------------------------------------------------------------------
 
 
-def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str = "epsilon") -> Path:
+def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str = "epsilon",
+           text_states: tuple[int, ...] | None = None) -> Path:
     """Write the model as a diffusers folder: fp16 safetensors, configs, tokenizer, palette."""
     from webui.engine.segmap import Palette
 
@@ -438,6 +478,7 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str =
         "default_size": shapes.SIZE,
         "vocabulary": shapes.vocabulary(),
         "ui": {"examples": shapes.example_captions()},
+        **text_conditioning(text_states),
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "controlnet": ["diffusers", "ControlNetModel"],
