@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(parser)
     parser.add_argument("--model", default=None, help="model to start with: folder, name under --models-dir, or "
                         "Hugging Face id (default: the shipped latent-studio-shapes)")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_options(parser)
+    _allow_pickle_option(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the recipe's)")
     train.add_argument("--refine-steps", type=int, default=None,
                        help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)")
+    train.add_argument("--polish-steps", type=int, default=None,
+                       help="polish steps after the refinement (default: the recipe's; 0 skips it)")
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--scenes", type=int, default=None, help="size of the training pool")
@@ -95,10 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model folder, name under --models-dir, or Hugging Face id")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    """The model options again on a command, so they may follow it. Their defaults are the main
+    parser's (SUPPRESS here), so ``launch.py --models-dir D models`` keeps ``D``."""
+    keep = argparse.SUPPRESS
+    parser.add_argument("--model", default=keep, help="model folder, name under --models-dir, or Hugging Face id")
+    _models_dir_options(parser, default=keep)
+    _allow_pickle_option(parser, default=keep)
+    parser.add_argument("--device", default=keep, help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, default=keep)
+
+
+def _models_dir_options(parser: argparse.ArgumentParser, *, default: Any = None) -> None:
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR if default is None else default,
+                        help="models root: diffusers folders anywhere in it, files in checkpoints/, vae/, "
+                        "controlnet/, lora/, embeddings/ (an A1111 or ComfyUI models folder works as it is)")
+    parser.add_argument("--extra-models-dir", type=Path, action="append", default=[] if default is None else default,
+                        metavar="DIR", help="another models root, searched after --models-dir (repeatable), e.g. "
+                        "~/stable-diffusion-webui/models or ~/ComfyUI/models")
+
+
+def _allow_pickle_option(parser: argparse.ArgumentParser, *, default: Any = False) -> None:
+    parser.add_argument("--allow-pickle", action="store_true", default=default,
+                        help="also load pickle checkpoints (.ckpt, .pt, .pth, .bin). Unpickling can run code "
+                        "hidden in a file, so only use this for files you trust; they are read with "
+                        "torch.load(weights_only=True)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from webui.ui.server import serve
 
-    serve(args, _engine(args))  # refuses unsafe flags before building anything (no model is loaded yet)
+    # refuses unsafe flags before building anything (no model is loaded yet); the web's model names
+    # may not be paths (--model, given here, still may)
+    serve(args, _engine(args, allow_paths=False))
     return 0
 
 
@@ -148,14 +173,15 @@ def _samplers() -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace) -> Any:
+def _engine(args: argparse.Namespace, *, allow_paths: bool = True) -> Any:
     from webui.engine.devices import pick_device, pick_dtype
     from webui.engine.pipeline import Engine
 
     _quiet_libraries()
     device = pick_device(args.device)
     return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
-                  dtype=pick_dtype(args.dtype, device))
+                  dtype=pick_dtype(args.dtype, device), extra_models_dirs=args.extra_models_dir,
+                  allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False))
 
 
 def _quiet_libraries() -> None:
@@ -181,7 +207,8 @@ def _train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = TrainConfig(seed=args.seed)
-    for option, name in (("steps", "steps"), ("refine_steps", "refine_steps"), ("vae_steps", "vae_steps"),
+    for option, name in (("steps", "steps"), ("refine_steps", "refine_steps"), ("polish_steps", "polish_steps"),
+                         ("vae_steps", "vae_steps"),
                          ("batch_size", "batch"),
                          ("scenes", "scenes")):
         if getattr(args, option) is not None:

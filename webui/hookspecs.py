@@ -60,11 +60,16 @@ def register_schedulers(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def register_models(register: Callable[[ModelEntry], None], models_dir: str | None) -> None:
-    """List the models this plugin can offer (for the model picker and ``launch.py models``).
+def register_models(register: Callable[[ModelEntry], None], models_dir: str | None,
+                    models_dirs: list[str]) -> None:
+    """List the models this plugin can offer (for the model pickers and ``launch.py models``).
 
-    Called on demand (each refresh). ``register(ModelEntry(name, source, kind))``; ``source`` is
-    what ``load_model`` will receive. ``models_dir`` is the configured models folder, or None.
+    Called on demand (each refresh), so keep it cheap: read directory entries, not weights.
+    ``register(ModelEntry(name, source, kind))`` with ``kind`` one of ``"checkpoint"``,
+    ``"vae"``, ``"controlnet"``, ``"lora"``, ``"embedding"``; ``source`` is what ``load_model``
+    will receive. ``models_dir`` is the main models folder, or None; ``models_dirs`` lists every
+    models root in order (``models_dir`` first, then ``--extra-models-dir`` folders). The first
+    registration of a (kind, name) wins.
     """
 
 

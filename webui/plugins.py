@@ -39,6 +39,8 @@ DEFAULT_PLUGIN_DIR = REPO_ROOT / "plugins"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.schedulers",
     "webui.builtin.loaders",
+    "webui.builtin.single_file",
+    "webui.builtin.vae",
     "webui.builtin.metadata",
     "webui.builtin.text",
     "webui.builtin.init_image",

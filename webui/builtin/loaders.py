@@ -2,24 +2,27 @@
 
 Only ``.safetensors`` weights are loaded; a folder holding only pickle weights (``.bin``/``.ckpt``)
 is refused, because unpickling can run arbitrary code.
+
+The listing covers every kind of model folder (``checkpoints/``, ``vae/``, ``controlnet/``,
+``lora/``, ``embeddings/``, with A1111's and ComfyUI's folder names) through
+:class:`webui.engine.folders.ModelFolders`; single files are loaded by their own plugins.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from webui.engine.bundle import ModelBundle
-from webui.engine.context import LoadContext, ModelEntry
-from webui.engine.models import short_hash
+from webui.engine.context import LoadContext
+from webui.engine.folders import HUB_ID, ModelFolders, file_sha256, resolve_in_root
 from webui.engine.segmap import Palette
 from webui.errors import ModelLoadError, ModelNotFoundError
 from webui.hookspecs import hookimpl
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SKIPPED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "**/*.json", "**/*.txt", "**/*.model", "**/*.safetensors"]
 
@@ -36,6 +39,8 @@ def load_model(source: str, kind: str, context: LoadContext) -> Any:
     if kind == "controlnet":
         return load_controlnet_folder(path, context)
     if kind == "checkpoint":
+        if path.is_file():
+            raise _single_file_error(path)
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
         return load_diffusers_folder(path, context)
@@ -43,21 +48,32 @@ def load_model(source: str, kind: str, context: LoadContext) -> Any:
 
 
 @hookimpl(trylast=True)
-def register_models(register: Any, models_dir: str | None) -> None:
-    if not models_dir or not Path(models_dir).is_dir():
-        return
-    root = Path(models_dir)
-    for index in sorted(root.rglob("model_index.json")):
-        folder = index.parent
-        register(ModelEntry(name=folder.relative_to(root).as_posix(), source=str(folder), kind="checkpoint"))
-        if (folder / "controlnet" / "config.json").is_file():
-            register(ModelEntry(name=f"{folder.relative_to(root).as_posix()}/controlnet",
-                                source=str(folder / "controlnet"), kind="controlnet"))
-    for config in sorted((root / "controlnet").glob("*/config.json")) if (root / "controlnet").is_dir() else []:
-        register(ModelEntry(name=config.parent.name, source=str(config.parent), kind="controlnet"))
+def register_models(register: Any, models_dir: str | None, models_dirs: list[str]) -> None:
+    """Diffusers folders anywhere under each models root, and the files and folders of every kind
+    folder (``checkpoints/``, ``vae/``, ``controlnet/``, ``lora/``, ``embeddings/`` and aliases)."""
+    for entry in ModelFolders.of(*(models_dirs or [models_dir])).scan():
+        register(entry)
 
 
 def _local_path(source: str, context: LoadContext) -> Path | None:
+    """The folder or file ``source`` names on this machine, or None (then it may be a hub id).
+
+    With ``context.allow_paths`` (command line, Python callers) a path relative to the working
+    folder, ``~`` and absolute paths are accepted as before. Without it (names from the web) only
+    absolute paths the model manager has checked and names inside ``models_dir`` are.
+    """
+    if not getattr(context, "allow_paths", True):
+        path = Path(source)
+        if path.is_absolute():
+            if path.exists():
+                return path.resolve()
+            raise ModelNotFoundError(f"model not found: {source}")
+        if context.models_dir and Path(context.models_dir).is_dir():
+            try:
+                return resolve_in_root(context.models_dir, source)
+            except ModelNotFoundError:
+                return None
+        return None
     candidates = [Path(source).expanduser()]
     if context.models_dir and not Path(source).is_absolute():
         candidates.append(Path(context.models_dir) / source)
@@ -67,6 +83,16 @@ def _local_path(source: str, context: LoadContext) -> Path | None:
     if source.startswith((".", "/", "~")) or "\\" in source:
         raise ModelNotFoundError(f"model path does not exist: {source}")
     return None
+
+
+def _single_file_error(path: Path) -> ModelLoadError:
+    """Why this loader does not read the file ``path`` (single files have their own loaders)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return ModelLoadError(
+            f"{path.name} is a pickle file ({path.suffix}); pickles can run code when loaded, so only "
+            ".safetensors is accepted"
+        )
+    return ModelLoadError(f"no installed loader reads single-file checkpoints such as {path.name}")
 
 
 def _download(repo_id: str, kind: str) -> Path:  # pragma: no cover - needs the network
@@ -197,7 +223,7 @@ def _folder_hash(folder: Path) -> str | None:
             return cached
     except (OSError, ValueError):
         pass
-    value = short_hash(weights[0])
+    value = file_sha256(weights[0])[:10]
     try:
         stamp.write_text(f"{key} {value}\n")
     except OSError:

@@ -1,8 +1,9 @@
 """Built-in text conditioning: prompt and negative prompt → embeddings (SDXL: pooled + time ids).
 
 Long prompts are encoded in chunks of the encoder's window and concatenated; A1111's emphasis
-syntax ``(word:1.3)``, ``(word)``, ``[word]`` and ``BREAK`` are honoured (see
-:mod:`webui.engine.text`).
+syntax ``(word:1.3)``, ``(word)``, ``[word]`` and ``BREAK`` are honoured, and the request's
+textual-inversion embeddings (``context.state["embeddings"]``, set by the engine) replace their names
+(see :mod:`webui.engine.text`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from webui.engine.context import Conditioning, RunContext
+from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
 from webui.engine.text import encode_prompts
 from webui.hookspecs import hookimpl
 from webui.request import GenerationRequest
@@ -26,6 +28,7 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
             clip_skip=request.clip_skip,
             device=context.device,
             dtype=context.dtype,
+            embeddings=context.state.get(EMBEDDINGS_STATE),
         )
     positive, negative = context.state["text"]
     conditioning.prompt_embeds = positive.embeds
@@ -34,8 +37,12 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
         conditioning.pooled_prompt_embeds = positive.pooled
         conditioning.negative_pooled_prompt_embeds = negative.pooled
         size = [context.height, context.width]
-        time_ids = torch.tensor([size + [0, 0] + size], device=context.device, dtype=context.dtype)
-        conditioning.add_time_ids = time_ids
-        conditioning.negative_add_time_ids = time_ids
+        if bundle.time_id_count == 5:  # the refiner: original size, crop, aesthetic score (diffusers' defaults)
+            positive_ids = size + [0, 0, float(bundle.config.get("aesthetic_score", 6.0))]
+            negative_ids = size + [0, 0, float(bundle.config.get("negative_aesthetic_score", 2.5))]
+        else:  # the base model: original size, crop, target size
+            positive_ids = negative_ids = size + [0, 0] + size
+        conditioning.add_time_ids = torch.tensor([positive_ids], device=context.device, dtype=context.dtype)
+        conditioning.negative_add_time_ids = torch.tensor([negative_ids], device=context.device, dtype=context.dtype)
     if request.clip_skip > 1:
         conditioning.metadata["Clip skip"] = request.clip_skip

@@ -32,6 +32,8 @@ class ModelBundle:
     source: str | None = None
     model_hash: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # the model's own latent scaling when ``vae`` is a swapped-in VAE (see webui.engine.vae)
+    latent_scaling: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -52,7 +54,21 @@ class ModelBundle:
 
     @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2 and self.unet.config.addition_embed_type == "text_time"
+        """SDXL-style conditioning (pooled text embedding and size time ids): the base model's two
+        text encoders, or the refiner's one."""
+        config = getattr(self.unet, "config", None)  # text-only bundles (training) have no UNet
+        return getattr(config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def time_id_count(self) -> int:
+        """How many time ids an SDXL-style UNet takes: 6 (sizes and crop) for the base model, 5
+        (sizes, crop and an aesthetic score) for the refiner; 0 for other models."""
+        if not self.is_sdxl:
+            return 0
+        config = self.unet.config
+        pooled = int(getattr(self.text_encoders[-1].config, "projection_dim", 0) or 0)
+        total = int(config.projection_class_embeddings_input_dim)
+        return (total - pooled) // int(config.addition_time_embed_dim)
 
     @property
     def default_size(self) -> int:

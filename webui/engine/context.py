@@ -158,7 +158,7 @@ class ModelEntry:
 
     name: str
     source: str
-    kind: str = "checkpoint"  # "checkpoint" or "controlnet"
+    kind: str = "checkpoint"  # "checkpoint", "vae", "controlnet", "lora" or "embedding"
     plugin: str | None = None
 
 
@@ -171,3 +171,9 @@ class LoadContext:
     dtype: torch.dtype
     allow_download: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    # False when ``source`` came from the web: then it is a checked absolute path, a name inside
+    # ``models_dir`` or a hub id, and a loader must not try it as a path of its own
+    allow_paths: bool = True
+    # True only when the user opted in (--allow-pickle): pickle checkpoints (.ckpt/.pt/.pth/.bin) may
+    # then be read, and only with torch.load(weights_only=True); see webui.engine.files
+    allow_pickle: bool = False

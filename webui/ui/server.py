@@ -93,6 +93,8 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
     from webui.cli import DEFAULT_OUTPUTS_DIR
 
     outputs = Path(args.outputs_dir) if args.outputs_dir else DEFAULT_OUTPUTS_DIR
+    # model names from browsers and the API stay inside the model folders (--model may still be a path)
+    engine.models.allow_paths = False
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     demo = configure_queue(build_app(service), args.queue_size)
     demo.studio_service = service  # for whoever holds the app (the tests) to see the sessions
