@@ -35,3 +35,7 @@ class PluginError(LatentStudioError):
     """A plugin registered something invalid (duplicate name, wrong type)."""
 
 
+
+
+class GenerationError(LatentStudioError):
+    """A generation ran but could not produce a usable image (e.g. the VAE decoded to NaN)."""

@@ -70,6 +70,9 @@ class GenerationRequest:
     control_start: float = 0.0
     control_end: float = 1.0
     # free-form values for plugins; they appear in the metadata when a plugin writes them
+    # a separate VAE by name (None or "Automatic": the model's own)
+    vae: str | None = None
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> GenerationRequest:
@@ -116,6 +119,8 @@ class GenerationRequest:
             )
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidRequestError("prompt and negative_prompt must be text")
+        if self.vae is not None and not isinstance(self.vae, str):
+            raise InvalidRequestError(f"vae must be a VAE name, got {self.vae!r}")
 
         init = normalize_image(self.init_image, "init_image") if self.init_image is not None else None
         seg = normalize_image(self.seg_map, "seg_map") if self.seg_map is not None else None

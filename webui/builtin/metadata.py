@@ -22,6 +22,9 @@ def write_metadata(parameters: dict[str, Any], image: OutputImage, request: Gene
             "Size": f"{context.width}x{context.height}",
             "Model hash": context.bundle.model_hash,
             "Model": context.bundle.name,
+            # a separate VAE, as A1111 writes it (absent for the model's own VAE)
+            "VAE hash": context.bundle.config.get("vae_hash"),
+            "VAE": context.bundle.config.get("vae_name"),
         }
     )
     if request.eta:

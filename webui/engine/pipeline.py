@@ -10,11 +10,13 @@ pipelines (the parity tests prove it), so real checkpoints behave here as they d
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +30,13 @@ from webui.engine.context import (
     RunContext,
     StepInfo,
 )
+from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
+from webui.engine.embeddings import EmbeddingLibrary
+from webui.engine.lora import STATE_KEY as LORAS_STATE
+from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
+from webui.engine.vae import decode_checked, is_automatic, latent_scaling
 from webui.errors import InvalidRequestError, PluginError
 from webui.images import tensor_to_images
 from webui.metadata import format_infotext
@@ -77,6 +84,9 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         cache_size: int = 2,
         allow_download: bool = True,
+        extra_models_dirs: Sequence[str | Path] = (),
+        allow_paths: bool = True,
+        allow_pickle: bool = False,
     ) -> None:
         self.plugins = plugins if plugins is not None else make_plugin_manager()
         self.device = torch.device(device)
@@ -91,6 +101,9 @@ class Engine:
             default_model=default_model,
             cache_size=cache_size,
             allow_download=allow_download,
+            extra_models_dirs=extra_models_dirs,  # more models roots (an A1111 or ComfyUI models folder)
+            allow_paths=allow_paths,  # False: request model names may not be paths (web server)
+            allow_pickle=allow_pickle,  # True: pickle checkpoints are read, weights only (--allow-pickle)
         )
         self.plugins.hook.startup(engine=self)
 
@@ -117,6 +130,8 @@ class Engine:
         request = request.validate(sizes=False)
         self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
+        if not is_automatic(request.vae):
+            bundle = self._with_vae(bundle, request.vae)
         control = control or GenerationControl()
         seed = request.seed if request.seed >= 0 else random.randrange(2**32 - 1 - 10_000)
         request = request.replace(seed=seed)
@@ -127,24 +142,44 @@ class Engine:
         context.request = request
         context.width, context.height = self._size(request, bundle)
 
+        # LoRAs named in the prompt (<lora:name:weight>) and the installed textual-inversion
+        # embeddings; the LoRAs are applied to the cached bundle only inside this block, under the
+        # bundle's lock, and removed when it ends, also on an error or an interrupt.
+        loras = prompt_loras(request.prompt, self.models)
+        context.state[LORAS_STATE] = loras
+        context.state[EMBEDDINGS_STATE] = EmbeddingLibrary.from_models(self.models)
         result = GenerationResult()
         per_batch = request.batch_size
-        for batch in range(request.batch_count):
-            if control.interrupted:
-                result.interrupted = True
-                break
-            context.batch_index = batch
-            context.seeds = [seed + batch * per_batch + k for k in range(per_batch)]
-            try:
-                images = self._run_batch(request, context, callback)
-            finally:
-                control.clear_skip()
-            result.images.extend(images)
+        with apply_loras(bundle, loras):
+            for batch in range(request.batch_count):
+                if control.interrupted:
+                    result.interrupted = True
+                    break
+                context.batch_index = batch
+                context.seeds = [seed + batch * per_batch + k for k in range(per_batch)]
+                try:
+                    images = self._run_batch(request, context, callback)
+                finally:
+                    control.clear_skip()
+                result.images.extend(images)
         result.interrupted = result.interrupted or control.interrupted
         result.seconds = time.perf_counter() - started
         return result
 
     # -- internals --------------------------------------------------------------------------
+
+    def _with_vae(self, bundle: ModelBundle, name: str) -> ModelBundle:
+        """A copy of ``bundle`` that decodes with the VAE ``name`` (the cached bundle is unchanged)."""
+        vae = self.models.get_vae(name)
+        if vae.config.latent_channels != bundle.latent_channels:
+            raise InvalidRequestError(
+                f"the VAE {name!r} has {vae.config.latent_channels} latent channels but the model "
+                f"{bundle.name!r} needs {bundle.latent_channels}; choose a VAE made for this model"
+            )
+        config = dict(bundle.config)
+        config["vae_name"], config["vae_hash"] = name, getattr(vae, "model_hash", None)
+        return dataclasses.replace(bundle, vae=vae, config=config,
+                                   latent_scaling=_latent_scaling(bundle))
 
     def _context(self, request: GenerationRequest, bundle: ModelBundle, control: GenerationControl) -> RunContext:
         return RunContext(
@@ -189,6 +224,7 @@ class Engine:
         self.plugins.hook.provide_conditioning(request=request, context=context, conditioning=cond)
         if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
             raise PluginError("no conditioning plugin provided prompt embeddings")
+        _add_network_metadata(cond, context)
         do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
         # 2. Timesteps from a fresh scheduler (img2img and inpainting start part-way)
@@ -275,7 +311,7 @@ class Engine:
             return []
 
         # 5. Decode, post-process, describe
-        pixels = self.decode_latents(bundle, latents)
+        pixels = decode_checked(self.decode_latents, bundle, latents, cond.metadata)
         outputs = [
             OutputImage(image=img, seed=s, index=context.batch_index * batch + k,
                         pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu())
@@ -306,28 +342,44 @@ class Engine:
             images = images.repeat(len(generators), 1, 1, 1)
         latents = [vae.encode(images[k : k + 1]).latent_dist.sample(generators[k]) for k in range(images.shape[0])]
         latents = torch.cat(latents)
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        scaling = _latent_scaling(bundle)
+        mean, std = scaling["latents_mean"], scaling["latents_std"]
         if mean is not None and std is not None:  # the inverse of decode_latents, as diffusers' SDXL img2img
             mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
             std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            return ((latents - mean_t) * config.scaling_factor / std_t).to(bundle.dtype)
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return ((latents - shift) * config.scaling_factor).to(bundle.dtype)
+            return ((latents - mean_t) * scaling["scaling_factor"] / std_t).to(bundle.dtype)
+        shift = scaling["shift_factor"] or 0.0
+        return ((latents - shift) * scaling["scaling_factor"]).to(bundle.dtype)
 
     @staticmethod
     @torch.inference_mode()
     def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
         vae = bundle.vae
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        scaling = _latent_scaling(bundle)
+        mean, std = scaling["latents_mean"], scaling["latents_std"]
         if mean is not None and std is not None:
             mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
             std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / config.scaling_factor + mean_t
+            latents = latents * std_t / scaling["scaling_factor"] + mean_t
         else:
-            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+            latents = latents / scaling["scaling_factor"] + (scaling["shift_factor"] or 0.0)
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+
+
+def _latent_scaling(bundle: ModelBundle) -> dict[str, Any]:
+    """The model's latent scaling: its own VAE's, also when another VAE was swapped in."""
+    return bundle.latent_scaling if bundle.latent_scaling is not None else latent_scaling(bundle.vae.config)
+
+
+def _add_network_metadata(cond: Conditioning, context: RunContext) -> None:
+    """A1111's ``Lora hashes`` and ``TI hashes`` entries, for the LoRAs of the prompt and the
+    embeddings the prompts used (known once the text is encoded)."""
+    entries = dict(lora_metadata(context.state.get(LORAS_STATE) or []))
+    embeddings = context.state.get(EMBEDDINGS_STATE)
+    if isinstance(embeddings, EmbeddingLibrary):
+        entries.update(embeddings.metadata())
+    for key, value in entries.items():
+        cond.metadata.setdefault(key, value)
 
 
 def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -11,6 +11,14 @@ A non-CLIP encoder gives its last hidden state, or, when the model's ``model_ind
 ``hidden_states``, 0 being the embedding layer) concatenated along the feature axis, as SDXL
 concatenates its two encoders' states.
 
+Textual-inversion embeddings (:mod:`webui.engine.embeddings`) given to :func:`encode_prompts` are
+found by name in the tokens of every prompt: the name's tokens become placeholders, one per vector,
+and a forward hook on the encoder's token-embedding layer writes the vectors there while the chunk
+is encoded; the tokenizer and the encoder's weights are never changed. A1111's extra-network tags
+(``<lora:name:0.8>``) are removed from the positive prompts before they are tokenized (the LoRAs
+themselves are applied by the engine, :mod:`webui.engine.lora`); negative prompts are left as they
+are, as in A1111.
+
 Emphasis follows A1111: each token's embedding is multiplied by its weight, then the chunk is
 rescaled so that its mean equals the unweighted mean. The rescale is done per prompt and per chunk
 (A1111 takes the mean over the whole batch), and chunks whose weights are all 1.0 are left untouched,
@@ -19,18 +27,22 @@ so an unweighted prompt encodes exactly like the plain diffusers pipelines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from webui.engine.bundle import ModelBundle
+from webui.engine.embeddings import EmbeddingLibrary, EmbeddingMatcher, embedding_dims, input_embedding_layer
+from webui.engine.lora import bundle_lock, strip_network_tags
 from webui.engine.prompt_parser import is_break, parse_prompt_attention
 from webui.errors import InvalidRequestError, ModelLoadError
 
 _UNBOUNDED = 1_000_000  # tokenizers report a huge model_max_length when they have no limit
 _DEFAULT_WINDOW = 77
+EMBEDDING_PLACEHOLDER = 0  # token id under an embedding's vectors (A1111 uses 0 too)
 
 
 @dataclass
@@ -44,10 +56,15 @@ class PromptEmbeds:
 
 @dataclass
 class PromptChunk:
-    """At most ``window - 2`` token ids of one prompt, with one weight per token (no special tokens)."""
+    """At most ``window - 2`` token ids of one prompt, with one weight per token (no special tokens).
+
+    ``fixes`` are the textual-inversion embeddings in the chunk: ``(offset, vectors)`` where the
+    ``(N, D)`` vectors replace the token embeddings of ``tokens[offset:offset + N]`` (placeholders).
+    """
 
     tokens: list[int]
     weights: list[float]
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,11 +121,15 @@ def token_layout(tokenizer: Any, text_encoder: Any) -> TokenLayout:
     return TokenLayout(window=window, start_id=start, end_id=end, pad_id=end if pad is None else pad)
 
 
-def chunk_prompt(tokenizer: Any, prompt: str, chunk_size: int) -> list[PromptChunk]:
+def chunk_prompt(
+    tokenizer: Any, prompt: str, chunk_size: int, matcher: EmbeddingMatcher | None = None
+) -> list[PromptChunk]:
     """Tokenize ``prompt`` fragment by fragment and cut the tokens into chunks of ``chunk_size``.
 
     A full chunk is closed only when another token arrives, so ``BREAK`` right after exactly
     ``chunk_size`` tokens does not add an empty chunk. A prompt always gives at least one chunk.
+    With a ``matcher``, an embedding's name becomes one placeholder per vector (weighted like the
+    fragment it is in); an embedding that does not fit in the current chunk starts the next one.
     """
     fragments = parse_prompt_attention(prompt)
     texts = [text for text, weight in fragments if not is_break((text, weight))]
@@ -122,12 +143,32 @@ def chunk_prompt(tokenizer: Any, prompt: str, chunk_size: int) -> list[PromptChu
             chunks.append(current)
             current = PromptChunk([], [])
             continue
-        for token in next(token_lists):
-            if len(current.tokens) == chunk_size:
+        tokens = [int(token) for token in next(token_lists)]
+        weight = float(fragment[1])
+        position = 0
+        while position < len(tokens):
+            found = matcher.match(tokens, position) if matcher is not None else None
+            if found is None:
+                if len(current.tokens) == chunk_size:
+                    chunks.append(current)
+                    current = PromptChunk([], [])
+                current.tokens.append(tokens[position])
+                current.weights.append(weight)
+                position += 1
+                continue
+            embedding, vectors, consumed = found
+            length = int(vectors.shape[0])
+            if length > chunk_size:
+                raise InvalidRequestError(
+                    f"the embedding {embedding.name!r} has {length} vectors; at most {chunk_size} fit in a prompt chunk"
+                )
+            if len(current.tokens) + length > chunk_size:
                 chunks.append(current)
                 current = PromptChunk([], [])
-            current.tokens.append(int(token))
-            current.weights.append(float(fragment[1]))
+            current.fixes.append((len(current.tokens), vectors))
+            current.tokens.extend([EMBEDDING_PLACEHOLDER] * length)
+            current.weights.extend([weight] * length)
+            position += consumed
     if current.tokens or not chunks:
         chunks.append(current)
     return chunks
@@ -238,6 +279,27 @@ def _apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(weighted_rows.to(hidden.device)[:, None, None], z, hidden)
 
 
+@contextmanager
+def _embeddings_written(text_encoder: Any, fixes: list[tuple[int, int, torch.Tensor]]) -> Iterator[None]:
+    """While active, the encoder's token-embedding layer returns ``vectors`` at ``(row, start...)``
+    for every ``(row, start, vectors)`` in ``fixes`` instead of the placeholders' embeddings."""
+    if not fixes:
+        yield
+        return
+
+    def write(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for row, start, vectors in fixes:
+            output[row, start : start + vectors.shape[0]] = vectors.to(device=output.device, dtype=output.dtype)
+        return output
+
+    handle = input_embedding_layer(text_encoder).register_forward_hook(write)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _encode_all(
     text_encoder: Any,
     layout: TokenLayout,
@@ -261,7 +323,14 @@ def _encode_all(
         ids = torch.tensor([f[0] for f in framed], dtype=torch.long, device=device)
         weights = torch.tensor([f[1] for f in framed], dtype=torch.float32)
         mask = torch.tensor([f[2] for f in framed], dtype=torch.long, device=device)
-        hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl, layers=layers)
+        fixes = [
+            (row, 1 + offset, vectors)  # + 1: the chunk's start token comes first
+            for row, chunks in enumerate(chunks_per_prompt)
+            if index < len(chunks)
+            for offset, vectors in chunks[index].fixes
+        ]
+        with _embeddings_written(text_encoder, fixes):
+            hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl, layers=layers)
         parts.append(_apply_weights(hidden, weights))
         if index == 0:
             pooled_first = pooled
@@ -276,8 +345,14 @@ def encode_prompts(
     clip_skip: int = 1,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> tuple[PromptEmbeds, PromptEmbeds]:
     """Encode positive and negative prompts; both padded to the same number of chunks.
+
+    Extra-network tags (``<lora:...>``) are removed from the positive prompts. ``embeddings``: the
+    textual-inversion embeddings whose names are replaced by their vectors in every prompt (those
+    used are recorded in ``embeddings.used``). The encoding holds the bundle's lock (see
+    :func:`webui.engine.lora.bundle_lock`), so it never sees another request's LoRAs.
 
     ``clip_skip`` counts like A1111: 1 uses the last layer (the penultimate one for SDXL), 2 the one
     before... Non-CLIP encoders ignore it. ``device``/``dtype`` default to the last text encoder's.
@@ -309,10 +384,14 @@ def encode_prompts(
             f"The text encoders of {bundle.name!r} have different windows "
             f"({', '.join(str(layout.window) for layout in layouts)}); they cannot be combined."
         )
-    everything = prompts + negative_prompts
+    everything = [strip_network_tags(text) for text in prompts] + negative_prompts
+    matchers: list[EmbeddingMatcher | None] = [None] * len(encoders)
+    if embeddings is not None and len(embeddings):
+        dims = embedding_dims(encoders)
+        matchers = [embeddings.matcher(tok, dims, index) for index, tok in enumerate(tokenizers)]
     chunked = [
-        [chunk_prompt(tok, text, layout.chunk_size) for text in everything]
-        for tok, layout in zip(tokenizers, layouts, strict=True)
+        [chunk_prompt(tok, text, layout.chunk_size, matcher) for text in everything]
+        for tok, layout, matcher in zip(tokenizers, layouts, matchers, strict=True)
     ]
     n_chunks = max(len(chunks) for per_encoder in chunked for chunks in per_encoder)
 
@@ -320,7 +399,7 @@ def encode_prompts(
     out_dtype = dtype if dtype is not None else _module_dtype(encoders[-1])
     embeds_parts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    with torch.no_grad():
+    with torch.no_grad(), bundle_lock(bundle):
         for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
             hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl,
                                          layers=layers)
