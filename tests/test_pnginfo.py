@@ -35,3 +35,5 @@ def test_fields_from_parameters():
     assert fields_from_parameters({"Sampler": "Euler a", "Schedule type": "Automatic"}, samplers) == {
         "sampler": "Euler a"}
     assert fields_from_parameters({"Sampler": "Restart", "Steps": "many"}, samplers) == {}
+    # A1111 names the VAE file; the picker lists it without the extension
+    assert fields_from_parameters({"VAE": "sdxl_vae.safetensors"}) == {"vae": "sdxl_vae"}

@@ -315,3 +315,43 @@ def test_skip_drops_the_current_batch_only(server):
     progress, _, gallery = job.result(timeout=120)[:3]
     assert [item["caption"] for item in gallery] == ["seed 21"]  # batch 1 skipped, batch 2 finished
     assert progress.startswith("1 image(s)")
+
+
+def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
+    """The VAE picker's choice reaches the request (and the parameters), the extra-network pickers
+    list models/lora and models/embeddings, and the seg tab offers models/controlnet with its palette."""
+    import torch
+    from ldm_format import vae_to_ldm, write_single_file
+    from safetensors.torch import save_file
+    from tiny import make_vae
+
+    from webui.engine.segmap import ADE20K
+    from webui.ui.controls import add_to_prompt
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models / "tiny-sd")
+    (models / "vae").mkdir(parents=True)
+    write_single_file(models / "vae" / "crisp.safetensors", vae_to_ldm(make_vae(9).state_dict(), prefix=""))
+    for kind, name in (("lora", "ink"), ("embeddings", "my-style")):
+        (models / kind).mkdir()
+        save_file({"emb_params": torch.zeros(1, 32)}, models / kind / f"{name}.safetensors")
+    shutil.copytree(tiny_model_dir / "controlnet", models / "controlnet" / "seg-net")
+    server = Server(tmp_path / "outputs", "--models-dir", str(models), "--model", "tiny-sd")
+    try:
+        service = server.demo.studio_service
+        assert service.names("vae") == ["crisp"] and service.names("lora") == ["ink"]
+        assert service.names("embedding") == ["my-style"]
+        assert "seg-net" in service.names("controlnet")
+        assert service.controlnet_palette("seg-net") is ADE20K  # no palette.json: the public seg palette
+        client = server.client()
+        plain = call(client, "txt2img", Prompt="a cat", Steps=2, **{"Seed (-1 = random)": 3})
+        swapped = call(client, "txt2img", Prompt="a cat", Steps=2, VAE="crisp", **{"Seed (-1 = random)": 3})
+        assert "VAE: crisp" in swapped[3] and "VAE" not in parse_infotext(plain[3])
+        a, b = (np.asarray(saved(result[2][0]["image"]), dtype=np.float32) for result in (plain, swapped))
+        assert np.abs(a - b).mean() > 1.0  # another VAE decoded it
+        with pytest.raises(AppError, match="not allowed"):
+            call(client, "txt2img", Prompt="a cat", Steps=2, VAE="../vae/crisp")
+    finally:
+        server.close()
+    assert add_to_prompt("a cat", "<lora:ink:1>") == "a cat, <lora:ink:1>"
+    assert add_to_prompt("", "my-style") == "my-style" and add_to_prompt("a cat,", "x") == "a cat, x"

@@ -26,6 +26,7 @@ __all__ = ["GenerationTab", "UIContext", "generation_tab"]
 log = logging.getLogger(__name__)
 
 SIZE_LIMIT = 2048
+AUTOMATIC_VAE = "Automatic"  # the model's own VAE
 BUSY_CONCURRENCY_ID = "generate"  # every tab's Generate shares one slot: one generation at a time
 
 
@@ -71,11 +72,26 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
             choices=ctx.service.model_names(), value=ctx.default_model, label="Model", scale=4,
             elem_id=f"{task}-model", allow_custom_value=True,  # refreshed lists differ per session
         )
+        fields["vae"] = gr.Dropdown(choices=vae_choices(ctx.service), value=AUTOMATIC_VAE, label="VAE", scale=2,
+                                    elem_id=f"{task}-vae", allow_custom_value=True)
         refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{task}-refresh")
-    refresh.click(lambda: gr.update(choices=ctx.service.model_names()), outputs=fields["model"], queue=False,
-                  api_visibility="private")
     fields["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "",
                                   elem_id=f"{task}-prompt")
+    with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
+        lora = gr.Dropdown(choices=ctx.service.names("lora"), value=None, label="Add a LoRA", scale=1,
+                           elem_id=f"{task}-add-lora")
+        embedding = gr.Dropdown(choices=ctx.service.names("embedding"), value=None, label="Add an embedding",
+                                scale=1, elem_id=f"{task}-add-embedding")
+    lora.input(lambda prompt, name: (add_to_prompt(prompt, f"<lora:{name}:1>" if name else ""), None),
+               inputs=[fields["prompt"], lora], outputs=[fields["prompt"], lora], queue=False,
+               api_visibility="private")
+    embedding.input(lambda prompt, name: (add_to_prompt(prompt, name or ""), None),
+                    inputs=[fields["prompt"], embedding], outputs=[fields["prompt"], embedding], queue=False,
+                    api_visibility="private")
+    refresh.click(
+        lambda: (gr.update(choices=ctx.service.model_names()), gr.update(choices=vae_choices(ctx.service)),
+                 gr.update(choices=ctx.service.names("lora")), gr.update(choices=ctx.service.names("embedding"))),
+        outputs=[fields["model"], fields["vae"], lora, embedding], queue=False, api_visibility="private")
     fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
     if examples:
         gr.Examples(examples=[[text] for text in examples], inputs=[fields["prompt"]], label="Try a prompt")
@@ -96,6 +112,18 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
         reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{task}-reuse-seed")
     random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, api_visibility="private")
     return fields, reuse_seed
+
+
+def vae_choices(service: StudioService) -> list[str]:
+    return [AUTOMATIC_VAE, *service.names("vae")]
+
+
+def add_to_prompt(prompt: str | None, text: str) -> str:
+    """``prompt`` with ``text`` appended (separated by a comma), as A1111's extra-network cards do."""
+    prompt = (prompt or "").rstrip()
+    if not text:
+        return prompt
+    return f"{prompt}, {text}" if prompt and not prompt.endswith(",") else f"{prompt} {text}".strip()
 
 
 def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
@@ -184,6 +212,7 @@ def build_request(task: str, values: dict[str, Any], extras: RequestExtras) -> G
         height=int(values["height"]) if values.get("height") else None,
         batch_size=int(values.get("batch_size") or 1),
         batch_count=int(values.get("batch_count") or 1),
+        vae=None if values.get("vae") in (None, "", AUTOMATIC_VAE) else str(values["vae"]),
     )
     return request.replace(**extras(values))
 

@@ -49,4 +49,9 @@ def fields_from_parameters(parsed: Mapping[str, Any], samplers: Iterable[str] = 
             fields["sampler"] = str(sampler)
     if parsed.get("Model"):
         fields["model"] = str(parsed["Model"])
+    if parsed.get("VAE"):  # A1111 writes the file name; the VAE picker lists names without extensions
+        vae = str(parsed["VAE"])
+        for suffix in (".safetensors", ".ckpt", ".pt"):
+            vae = vae.removesuffix(suffix)
+        fields["vae"] = vae
     return fields

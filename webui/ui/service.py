@@ -18,6 +18,7 @@ from typing import Any
 from webui.engine.context import GenerationControl
 from webui.engine.segmap import ADE20K, Palette
 from webui.engine.stream import Progress, stream
+from webui.errors import LatentStudioError
 from webui.output import output_dir, save_png
 from webui.request import GenerationRequest
 
@@ -65,15 +66,40 @@ class StudioService:
         """The checkpoints on offer (rescanned on every call, so "refresh" sees new folders)."""
         return [entry.name for entry in self.engine.models.list("checkpoint")]
 
+    def names(self, kind: str) -> list[str]:
+        """Listed names of one kind ("vae", "lora", "embedding", "controlnet"...), rescanned."""
+        return [entry.name for entry in self.engine.models.list(kind)]
+
+    def controlnet_palette(self, name: str | None) -> Palette | None:
+        """The class palette of a listed ControlNet: its ``palette.json`` (in its folder, or
+        ``<file>.palette.json`` beside a single file), else ADE20K; None for an unknown name."""
+        if not name:
+            return None
+        try:
+            path = Path(self.engine.models.source_of(name, "controlnet"))
+        except LatentStudioError:
+            return None
+        candidates = [path / "palette.json"] if path.is_dir() else [path.with_name(path.stem + ".palette.json")]
+        for candidate in candidates:
+            if candidate.is_file():
+                try:
+                    return Palette.from_json(candidate)
+                except (OSError, ValueError) as error:
+                    log.warning("unreadable palette %s: %s", candidate, error)
+        return ADE20K
+
     def default_model_name(self) -> str | None:
+        """The listed name of the model a request without one gets (the first listed as a fallback)."""
         entries = self.engine.models.list("checkpoint")
         try:
-            source = Path(self.engine.models.resolve(None))
-        except Exception:  # no model at all: the UI still opens and says so on Generate
-            source = None
-        for entry in entries:
-            if source is not None and (Path(entry.source) == source or entry.name == source.name):
-                return entry.name
+            wanted = self.engine.models.resolve(None)
+        except LatentStudioError:  # no model at all: the UI still opens and says so on Generate
+            wanted = None
+        if wanted is not None:
+            real = Path(wanted).expanduser().resolve()
+            for entry in entries:
+                if entry.name == wanted or Path(entry.source).expanduser().resolve() == real:
+                    return entry.name
         return entries[0].name if entries else None
 
     def model_info(self, name: str | None) -> ModelInfo:
@@ -107,14 +133,13 @@ class StudioService:
         return info
 
     def _folder_of(self, name: str | None) -> Path | None:
+        """The model folder of a listed name, under the engine's path rules (a web name never
+        reaches a folder outside the model folders); None for single files and unknown names."""
+        models = self.engine.models
         try:
-            source = self.engine.models.resolve(name or None)
-        except Exception:
+            source = models.source_of(models.resolve(name or None))
+        except LatentStudioError:
             return None
-        for entry in self.engine.models.list("checkpoint"):
-            if entry.name == source:
-                source = entry.source
-                break
         path = Path(source)
         return path if path.is_dir() else None
 

@@ -12,6 +12,8 @@ from webui.engine.segmap import Palette
 from webui.errors import InvalidRequestError
 from webui.ui.controls import GenerationTab, UIContext, generation_tab
 
+MODEL_OWN = "The model's own"  # the ControlNet shipped in the model's folder
+
 
 def hex_color(rgb: Any) -> str:
     r, g, b = (int(v) for v in rgb)
@@ -58,6 +60,9 @@ def build(ctx: UIContext) -> GenerationTab:
             fields["seg_upload"] = gr.Image(label="Segmentation map", type="filepath", image_mode=None,
                                             sources=["upload"], height=200, elem_id="seg2img-map")
         with gr.Row():
+            fields["controlnet"] = gr.Dropdown(
+                choices=[MODEL_OWN, *ctx.service.names("controlnet")], value=MODEL_OWN, label="ControlNet",
+                elem_id="seg2img-controlnet", allow_custom_value=True)
             fields["control_scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="ControlNet weight")
             fields["control_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
             fields["control_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
@@ -79,19 +84,25 @@ def build(ctx: UIContext) -> GenerationTab:
             "seg_map": seg_map, "control_scale": float(values["control_scale"]),
             "control_start": float(values["control_start"]), "control_end": float(values["control_end"]),
         }
+        if values.get("controlnet") not in (None, "", MODEL_OWN):
+            fields["controlnet"] = str(values["controlnet"])
         if values.get("init_image"):
             fields.update(init_image=values["init_image"], strength=float(values["strength"]))
         return fields
 
     tab = generation_tab(ctx, "seg2img", extras=extras, build_controls=controls)
 
-    def follow_model(name: str | None) -> tuple[Any, Any]:
-        """A model with another palette brings its own brush colours, legend and blank canvas."""
+    def follow(name: str | None, controlnet: str | None) -> tuple[Any, Any]:
+        """Another model or ControlNet with another palette brings its brush colours, legend and a
+        blank canvas (the chosen ControlNet's palette wins over the model's own)."""
         model = ctx.service.model_info(name)
-        canvas = {"background": blank_map(model.palette, model.default_size), "layers": [], "composite": None}
-        return gr.update(value=canvas, brush=_brush(model.palette, model.default_size)), legend_html(model.palette)
+        palette = model.palette
+        if controlnet not in (None, "", MODEL_OWN):
+            palette = ctx.service.controlnet_palette(controlnet) or palette
+        canvas = {"background": blank_map(palette, model.default_size), "layers": [], "composite": None}
+        return gr.update(value=canvas, brush=_brush(palette, model.default_size)), legend_html(palette)
 
-    tab.fields["model"].change(follow_model, inputs=tab.fields["model"],
-                               outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False,
-                               api_visibility="private")
+    for trigger in (tab.fields["model"], tab.fields["controlnet"]):
+        trigger.change(follow, inputs=[tab.fields["model"], tab.fields["controlnet"]],
+                       outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False, api_visibility="private")
     return tab
