@@ -58,15 +58,15 @@ def test_txt2img_draws_the_colours_the_prompt_says(engine):
     assert colour_share(image, found.mask, "red") > 0.7  # mostly red pixels inside the object
 
 
-def test_txt2img_follows_top_and_bottom(engine):
-    # the vertical position words are learnt; the horizontal ones are not yet (see the README)
-    rows = {}
-    for word in ("top", "bottom"):
-        result = engine.generate(GenerationRequest(prompt=f"a large blue square at the {word} on a white background",
-                                                   seed=1, batch_size=4, **RUN))
-        rows[word] = [np.nonzero(analyse(item.image).mask)[0].mean() for item in result.images]
-    assert all(y < 24 for y in rows["top"]), rows  # object centres in pixels, of 64
-    assert all(y > 40 for y in rows["bottom"]), rows
+@pytest.mark.parametrize("position", ["top left", "top", "right", "bottom left", "center"])
+def test_txt2img_puts_the_object_where_the_prompt_says(engine, position):
+    prompt = shapes.Scene("square", "blue", "large", position, "white").caption()
+    result = engine.generate(GenerationRequest(prompt=prompt, seed=1, batch_size=4, **RUN))
+    fx, fy = shapes.POSITIONS[position]
+    for item in result.images:
+        ys, xs = np.nonzero(analyse(item.image).mask)
+        # the object's centre lies in the named cell of the 3x3 grid (cells are 21 pixels wide)
+        assert abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10, (position, xs.mean(), ys.mean())
 
 
 def test_seg2img_follows_the_map(engine):
@@ -111,7 +111,7 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     from webui.training.train import TrainConfig, train
 
     config = TrainConfig(scenes=16, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, checkpoint_every=2,
-                         log_every=1, unet_channels=(16, 32, 32), refine_steps=0)
+                         log_every=1, unet_channels=(16, 32, 32), refine_steps=0, polish_steps=2)
     out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2]
@@ -123,11 +123,12 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
     result = engine.generate(GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
     assert result.images[0].image.size == (64, 64)
-    # the optional v-prediction refinement continues from there and exports a v-prediction model
+    # the v-prediction refinement and polish continue from there and export a v-prediction model
     config.refine_steps = 2
     train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "refine"] == [0, 1]
+    assert [e["step"] for e in log if e.get("phase") == "polish"] == [0, 1]
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     # ...conditioned on MiniLM's last hidden state and its embedding layer side by side

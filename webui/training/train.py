@@ -61,6 +61,12 @@ class TrainConfig:
     # hidden state and the embedding layer's output side by side (768 features; the new key/value
     # columns start at zero, so training starts from phase 2's behaviour).
     refine_text_states: tuple[int, ...] = (-1, 0)
+    # polish: the refinement's EMA weights trained on with min-SNR's v weighting, which puts the
+    # weight on the less noisy steps where edges and corners are drawn (the refinement's plain v-MSE
+    # leaves squares with rounded, pinched sides); its small weight at high noise leaves the layout
+    # the refinement learned alone. Part of the refinement's run (it needs refine_steps > 0).
+    polish_steps: int = 1000
+    polish_lr: float = 1e-4
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -316,11 +322,12 @@ class _Phase:
     prediction: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
     init: dict[str, Any] | None = None  # state dicts to start from (None: fresh weights)
     text_states: tuple[int, ...] | None = None  # MiniLM hidden states, side by side (None: the last)
+    weighting: str = "min_snr"  # loss weight per timestep: "min_snr", or "v_mse" (v-prediction only)
 
 
 def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device,
                     log: Any) -> tuple[Any, Any]:
-    """The diffusion phase, then the refinement phase that starts from its EMA weights."""
+    """The diffusion phase, then the refinement and the polish, each from the last one's EMA weights."""
     first = _Phase("diffusion", ckpt / "diffusion.pt", config.steps, config.lr, config.warmup, config.control_share)
     unet, controlnet = _diffusion_loop(pool, vae, config, first, dev, log)
     if config.refine_steps <= 0:
@@ -328,8 +335,14 @@ def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, 
     init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
     second = _Phase("refine", ckpt / "refine.pt", config.refine_steps, config.refine_lr, min(100, config.warmup),
                     config.refine_control_share, config.refine_high_noise_share, config.refine_prediction, init,
-                    tuple(config.refine_text_states))
-    return _diffusion_loop(pool, vae, config, second, dev, log)
+                    tuple(config.refine_text_states), weighting="v_mse")
+    unet, controlnet = _diffusion_loop(pool, vae, config, second, dev, log)
+    if config.polish_steps <= 0:
+        return unet, controlnet
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    third = _Phase("polish", ckpt / "polish.pt", config.polish_steps, config.polish_lr, min(100, config.warmup),
+                   config.refine_control_share, 0.0, config.refine_prediction, init, tuple(config.refine_text_states))
+    return _diffusion_loop(pool, vae, config, third, dev, log)
 
 
 def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phase, dev: torch.device,
@@ -367,7 +380,7 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
     snr = alphas / (1 - alphas)
     scale = vae.config.scaling_factor
     # each phase its own streams, so that resuming either phase replays the same batches
-    salt = 0 if phase.init is None else 1_000
+    salt = {"diffusion": 0, "refine": 1_000, "polish": 2_000}.get(phase.name, 0)
     gen = torch.Generator().manual_seed(config.seed + 2 + salt + start)
     rng = np.random.default_rng(config.seed + 3 + salt + start)
     py_rng = random.Random(config.seed + 4 + salt + start)
@@ -417,12 +430,15 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
         pred = unet(model_input, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
         if phase.prediction == "v_prediction":
-            # plain v-MSE, only the nearly clean steps (SNR above gamma) weighted down as gamma / SNR.
-            # (Min-SNR's v form, min(SNR, gamma) / (SNR + 1), gives the noisiest steps a weight near
-            # SNR, 0.005 at t = 999: almost no gradient where the layout is decided. A model trained
-            # so learned "top"/"bottom" but never "left"/"right".)
             target = noise_scheduler.get_velocity(latents, noise, t)
-            weight = torch.clamp(config.snr_gamma / snr[t], max=1.0)
+            if phase.weighting == "v_mse":
+                # plain v-MSE, only the nearly clean steps (SNR above gamma) weighted down as gamma / SNR.
+                # (Min-SNR's v form, min(SNR, gamma) / (SNR + 1), gives the noisiest steps a weight near
+                # SNR, 0.005 at t = 999: almost no gradient where the layout is decided. A model trained
+                # so learned "top"/"bottom" but never "left"/"right".)
+                weight = torch.clamp(config.snr_gamma / snr[t], max=1.0)
+            else:
+                weight = torch.clamp(snr[t], max=config.snr_gamma) / (snr[t] + 1)
         else:  # min-SNR-gamma weighting for the noise target
             target = noise
             weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]
@@ -471,6 +487,9 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str =
     for name, module in (("vae", vae), ("unet", unet), ("controlnet", controlnet), ("text_encoder", encoder)):
         copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(staging / name, safe_serialization=True)
     tokenizer.save_pretrained(staging / "tokenizer")
+    # the WordPiece vocabulary is all a BERT tokenizer needs, at a third of tokenizer.json's size
+    (staging / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    shutil.copy(minilm_path() / "vocab.txt", staging / "tokenizer" / "vocab.txt")
     (staging / "scheduler").mkdir()
     (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(prediction), indent=2) + "\n")
     Palette(name="shapes", classes=shapes.CLASSES, colors=np.asarray(shapes.PALETTE)).to_json(
