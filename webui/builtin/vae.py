@@ -27,6 +27,6 @@ def _hash(path: Path) -> str | None:
     """A1111's short hash of a VAE file (None for folders)."""
     if not path.is_file():
         return None
-    from webui.engine.models import short_hash
+    from webui.engine.folders import model_hash
 
-    return short_hash(path)
+    return model_hash(path)

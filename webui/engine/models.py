@@ -228,12 +228,6 @@ class ModelManager:
         _free_memory(self.device)
 
 
-def short_hash(path: str | Path) -> str:
-    """A1111's "Model hash" of a file: the first 10 hex digits of its sha256, cached (the same
-    as :func:`webui.engine.folders.model_hash`, kept under this name for existing callers)."""
-    return model_hash(path)
-
-
 def _free_memory(device: torch.device) -> None:
     import gc
 
