@@ -45,7 +45,7 @@ def main() -> None:
     init, labels = scene.render()
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[8:40, 8:40] = 255
-    base = dict(prompt=scene.caption(), steps=args.steps, sampler=args.sampler, cfg_scale=5.0, seed=1)
+    base = dict(prompt=scene.caption(), steps=args.steps, sampler=args.sampler, seed=1)  # and the model's recommended CFG
     tasks = {
         "txt2img": GenerationRequest(**base),
         "img2img (strength 0.75)": GenerationRequest(task="img2img", init_image=init, strength=0.75, **base),

@@ -219,3 +219,23 @@ def test_closing_the_tab_frees_the_device(browser, server):
     while service.sessions_running() and time.time() < deadline:
         time.sleep(0.2)
     assert service.sessions_running() == 0, "the generation went on after its tab was closed"
+
+
+def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_model_dir):
+    own = Server(tmp_path / "outputs", "--extra-models-dir", str(tiny_model_dir.parent))
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(own.url)
+        cfg, width = "#txt2img-cfg-scale input[type=number]", "#txt2img-width input[type=number]"
+        page.locator(cfg).wait_for(timeout=WAIT_MS)
+        assert (page.locator(cfg).input_value(), page.locator(width).input_value()) == ("2", "64")  # the shapes model
+        for model, expected in (("tiny-sd", ("7", "512")), ("latent-studio-shapes", ("2", "64"))):
+            page.locator("#txt2img-model input").click()
+            page.get_by_role("option", name=model, exact=True).click()
+            page.wait_for_function(
+                f"() => document.querySelector('{cfg}')?.value === '{expected[0]}' && "
+                f"document.querySelector('{width}')?.value === '{expected[1]}'", timeout=WAIT_MS)
+            assert page.locator("#txt2img-height input[type=number]").input_value() == expected[1]
+    finally:
+        page.close()
+        own.close()

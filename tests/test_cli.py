@@ -123,6 +123,19 @@ def test_txt2img_writes_numbered_pngs_with_a1111_parameters(tiny_model_dir, tmp_
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_cfg_scale_defaults_to_the_models_recommendation(tiny_model_dir, tmp_path):
+    model = copy_model(tiny_model_dir, tmp_path / "guided")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "defaults": {"cfg_scale": 3.5}}))
+    named = ok(launch("generate", "--prompt", "a red circle", *SMALL, "--out", tmp_path / "a", "--model", model))
+    assert "CFG scale: 3.5" in params_line(named[0]).split(", ")
+    given = ok(launch("generate", "--prompt", "a red circle", *SMALL, "--cfg-scale", "6", "--out", tmp_path / "b",
+                      "--model", model))
+    assert "CFG scale: 6" in params_line(given[0]).split(", ")
+    with Image.open(named[0]) as a, Image.open(given[0]) as b:  # the guidance really differs
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_img2img_from_init_image(tiny_model_dir, tmp_path):
     init = write_png(random_image(1), tmp_path / "init.png")
     paths = ok(launch("generate", "--prompt", "a red circle", "--init-image", init, *SMALL,

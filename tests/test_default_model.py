@@ -19,7 +19,7 @@ from webui.training.analyse import analyse, colour_share
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "latent-studio-shapes"
-RUN = dict(steps=20, sampler="DPM++ 2M Karras", cfg_scale=5.0)
+RUN = dict(steps=20, sampler="DPM++ 2M Karras")  # and the guidance the model recommends (CFG 2)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_it_is_the_default_and_loads_through_the_ordinary_loader(engine):
     assert type(bundle.text_encoders[0]).__name__ == "BertModel"
     assert bundle.controlnets["seg"].seg_palette.classes == shapes.CLASSES
     assert len(bundle.model_hash) == 10
+    assert bundle.default_cfg_scale == 2.0  # model_index.json's defaults: the evaluation's best guidance
 
 
 def test_txt2img_draws_the_colours_the_prompt_says(engine):
@@ -67,6 +68,15 @@ def test_txt2img_puts_the_object_where_the_prompt_says(engine, position):
         ys, xs = np.nonzero(analyse(item.image).mask)
         # the object's centre lies in the named cell of the 3x3 grid (cells are 21 pixels wide)
         assert abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10, (position, xs.mean(), ys.mean())
+
+
+@pytest.mark.parametrize("shape", shapes.SHAPES)
+def test_txt2img_draws_the_shape_the_prompt_says(engine, shape):
+    prompt = shapes.Scene(shape, "orange", "large", "center", "purple").caption()
+    result = engine.generate(GenerationRequest(prompt=prompt, seed=21, batch_size=4, **RUN))
+    read = [analyse(item.image).shape for item in result.images]
+    # the analyser tells them apart by taper and by how much of its box the object fills
+    assert read.count(shape) >= 3, read
 
 
 def test_seg2img_follows_the_map(engine):
@@ -134,6 +144,7 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     # ...conditioned on MiniLM's last hidden state and its embedding layer side by side
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_conditioning"] == {"hidden_states": [-1, 0]}
+    assert index["defaults"] == {"cfg_scale": config.cfg_scale}
     assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
     result = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
         GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))

@@ -220,3 +220,21 @@ def test_encoding_inverts_decoding_with_latent_statistics(bundle):
         assert torch.allclose(decoded, bundle.vae.decode(raw).sample.float(), atol=1e-4)
     finally:
         bundle.vae.register_to_config(latents_mean=None, latents_std=None)
+
+
+def test_guidance_follows_the_model_when_the_request_names_none(engine, components):
+    from webui.engine.bundle import model_default_cfg
+
+    plain = bundle_from(components)
+    guided = bundle_from(components)
+    guided.config = {"defaults": {"cfg_scale": 3.5}}
+    request = GenerationRequest(**{**BASE, "cfg_scale": None})
+    assert "CFG scale: 7," in engine.generate(request, bundle=plain).infotexts[0]
+    chosen = engine.generate(request, bundle=guided).images[0]
+    assert "CFG scale: 3.5," in chosen.parameters["infotext"]
+    explicit = engine.generate(request.replace(cfg_scale=3.5), bundle=plain).images[0]
+    assert np.array_equal(arr(chosen.image), arr(explicit.image))  # the same as asking for 3.5
+    assert "CFG scale: 9," in engine.generate(request.replace(cfg_scale=9.0), bundle=guided).infotexts[0]
+    for junk in ({"defaults": {"cfg_scale": "high"}}, {"defaults": {"cfg_scale": -1}}, {"defaults": 3},
+                 {"defaults": {"cfg_scale": True}}, {}):
+        assert model_default_cfg(junk) == 7.0

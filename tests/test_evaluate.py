@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,6 +53,8 @@ class OracleEngine:
 
     def __init__(self) -> None:
         self.requests = []
+        # the model's recommended guidance, as a loaded bundle tells it (evaluate's default)
+        self.models = SimpleNamespace(get=lambda name: SimpleNamespace(default_cfg_scale=2.5))
 
     def generate(self, request):
         request = request.validate()
@@ -88,6 +91,7 @@ def test_a_perfect_engine_scores_perfectly():
     assert scores["img2img"]["monotonic"] is True
     assert scores["img2img"]["recoloured"][-1] == 1.0
     assert all(entry["met"] for entry in scores["targets"].values())
+    assert scores["config"]["cfg_scale"] == 2.5 and {r.cfg_scale for r in engine.requests} == {2.5}
     # batching: 6 images in requests of 4 + 2, seeds seed + k; img2img gets enough steps for 0.2
     txt = [r for r in engine.requests if r.task == "txt2img"]
     assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)]

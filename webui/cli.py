@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=-1, help="-1 = random; image k of a batch uses seed + k")
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg-scale", type=float, default=7.0)
+    gen.add_argument("--cfg-scale", type=float, default=None, help="default: the model's (7 unless it says)")
     gen.add_argument("--sampler", default="DPM++ 2M Karras", help="see `launch.py samplers`")
     gen.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=100, help="images per task")
     ev.add_argument("--seed", type=int, default=12345, help="scene seed (training uses seeds under 10000)")
     ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
     ev.add_argument("--batch-size", type=int, default=4, help="images per request (one scene each)")
     ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
     _model_options(ev)
@@ -220,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from webui.training.evaluate import evaluate, format_table
 
-    scores = evaluate(_engine(args), args.model, seed=args.seed, n=args.n, steps=args.steps,
+    scores = evaluate(_engine(args), args.model, seed=args.seed, n=args.n, steps=args.steps, cfg_scale=args.cfg_scale,
                       batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))
     print(format_table(scores))
     if args.json is not None:

@@ -44,7 +44,7 @@ class GenerationRequest:
     model: str | None = None
     sampler: str = "DPM++ 2M Karras"
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's recommended guidance (7 unless it says)
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -105,7 +105,8 @@ class GenerationRequest:
                 raise InvalidRequestError(
                     f"{name} {value} is not a multiple of 8; use {low} or {high}"
                 )
-        _check_float("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        if self.cfg_scale is not None:
+            _check_float("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _check_float("strength", self.strength, 0.0, 1.0)
         _check_float("eta", self.eta, 0.0, 1.0)
         _check_float("control_scale", self.control_scale, 0.0, 10.0)

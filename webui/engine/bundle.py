@@ -76,6 +76,12 @@ class ModelBundle:
         return int(self.config.get("default_size") or self.unet.config.sample_size * self.vae_scale_factor)
 
     @property
+    def default_cfg_scale(self) -> float:
+        """The guidance a request gets when it names none: the model's ``defaults.cfg_scale`` in
+        ``model_index.json``, else 7 (what SD 1.x/2.x/SDXL are usually run with)."""
+        return model_default_cfg(self.config)
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -90,3 +96,15 @@ class ModelBundle:
         for module in self.modules():
             module.to(device=device, dtype=dtype)
         return self
+
+
+DEFAULT_CFG_SCALE = 7.0
+
+
+def model_default_cfg(index: dict[str, Any]) -> float:
+    """``defaults.cfg_scale`` of a ``model_index.json`` (a model's recommended guidance), else 7."""
+    defaults = index.get("defaults")
+    value = defaults.get("cfg_scale") if isinstance(defaults, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100:
+        return float(value)
+    return DEFAULT_CFG_SCALE

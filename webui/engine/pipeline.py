@@ -135,6 +135,8 @@ class Engine:
         control = control or GenerationControl()
         seed = request.seed if request.seed >= 0 else random.randrange(2**32 - 1 - 10_000)
         request = request.replace(seed=seed)
+        if request.cfg_scale is None:
+            request = request.replace(cfg_scale=bundle.default_cfg_scale)
 
         context = self._context(request, bundle, control)
         self.plugins.hook.prepare_request(request=request, context=context)

@@ -71,7 +71,7 @@ def evaluate(
     n: int = 100,
     steps: int = 20,
     sampler: str = "DPM++ 2M Karras",
-    cfg_scale: float = 5.0,
+    cfg_scale: float | None = None,
     batch_size: int = 4,
     tasks: Sequence[str] = TASK_ORDER,
     progress: Callable[[str], None] | None = None,
@@ -90,6 +90,8 @@ def evaluate(
     if unknown:
         raise InvalidRequestError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASK_ORDER)}")
     started = time.perf_counter()
+    if cfg_scale is None:  # the model's recommended guidance, as a user gets it
+        cfg_scale = engine.models.get(model).default_cfg_scale
     base = GenerationRequest(model=model, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                              width=EVAL_SIZE, height=EVAL_SIZE)
     run = _Runner(engine, base, batch_size, progress)

@@ -98,11 +98,13 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
     with gr.Row():
         fields["sampler"] = gr.Dropdown(choices=ctx.samplers, value="DPM++ 2M Karras", label="Sampler")
         fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id=f"{task}-steps")
-        fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=7.0 if info.default_size > 64 else 5.0, step=0.5,
-                                        label="CFG scale")
+        fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=info.cfg_scale, step=0.5,
+                                        label="CFG scale", elem_id=f"{task}-cfg-scale")
     with gr.Row():
-        fields["width"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Width")
-        fields["height"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Height")
+        fields["width"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Width",
+                                    elem_id=f"{task}-width")
+        fields["height"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Height",
+                                     elem_id=f"{task}-height")
         fields["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
         fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
     with gr.Row():
@@ -111,6 +113,15 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
         random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{task}-random-seed")
         reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{task}-reuse-seed")
     random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, api_visibility="private")
+
+    def follow_model(name: str | None) -> tuple[float, int, int]:
+        picked = ctx.service.model_info(name)  # its recommended guidance and native size
+        return picked.cfg_scale, picked.default_size, picked.default_size
+
+    # only a pick by the user: PNG Info's "send to" sets the model and its own CFG and size
+    fields["model"].input(follow_model, inputs=fields["model"],
+                          outputs=[fields["cfg_scale"], fields["width"], fields["height"]], queue=False,
+                          api_visibility="private")
     return fields, reuse_seed
 
 
@@ -206,7 +217,7 @@ def build_request(task: str, values: dict[str, Any], extras: RequestExtras) -> G
         model=values.get("model") or None,
         sampler=values.get("sampler") or "DPM++ 2M Karras",
         steps=int(values.get("steps") or 20),
-        cfg_scale=float(values.get("cfg_scale") or 7.0),
+        cfg_scale=float(values["cfg_scale"]) if values.get("cfg_scale") is not None else None,
         seed=-1 if seed is None or seed == "" else int(seed),
         width=int(values["width"]) if values.get("width") else None,
         height=int(values["height"]) if values.get("height") else None,

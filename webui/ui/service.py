@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from webui.engine.bundle import DEFAULT_CFG_SCALE, model_default_cfg
 from webui.engine.context import GenerationControl
 from webui.engine.segmap import ADE20K, Palette
 from webui.engine.stream import Progress, stream
@@ -33,6 +34,7 @@ class ModelInfo:
 
     name: str
     default_size: int = 512
+    cfg_scale: float = DEFAULT_CFG_SCALE  # model_index.json's defaults.cfg_scale
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # model_index.json's ui.examples
     palette: Palette = ADE20K
@@ -116,6 +118,7 @@ class StudioService:
             except (OSError, ValueError):
                 index = {}
             info.default_size = int(index.get("default_size") or (1024 if "text_encoder_2" in index else 512))
+            info.cfg_scale = model_default_cfg(index)
             vocabulary = index.get("vocabulary")
             if isinstance(vocabulary, dict):
                 info.vocabulary = {str(k): [str(w) for w in v] for k, v in vocabulary.items() if isinstance(v, list)}
