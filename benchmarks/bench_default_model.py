@@ -45,7 +45,7 @@ def main() -> None:
     init, labels = scene.render()
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[8:40, 8:40] = 255
-    base = dict(prompt=scene.caption(), steps=args.steps, sampler=args.sampler, seed=1)  # and the model's recommended CFG
+    base = dict(prompt=scene.caption(), steps=args.steps, sampler=args.sampler, seed=1)  # the model's own CFG
     tasks = {
         "txt2img": GenerationRequest(**base),
         "img2img (strength 0.75)": GenerationRequest(task="img2img", init_image=init, strength=0.75, **base),
@@ -54,7 +54,7 @@ def main() -> None:
     }
     print(f"# {bundle.name} on {args.device}: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model load: {load:.2f} s; {args.steps} steps, {args.sampler}, CFG 5, 64x64, batch 1")
+    print(f"model load: {load:.2f} s; {args.steps} steps, {args.sampler}, CFG {bundle.default_cfg_scale:g}, 64x64, batch 1")
     print("| task | median s/image | fastest s/image |")
     print("|---|---|---|")
     for name, request in tasks.items():
