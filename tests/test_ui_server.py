@@ -14,6 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
@@ -355,3 +356,35 @@ def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
         server.close()
     assert add_to_prompt("a cat", "<lora:ink:1>") == "a cat, <lora:ink:1>"
     assert add_to_prompt("", "my-style") == "my-style" and add_to_prompt("a cat,", "x") == "a cat, x"
+
+
+def test_out_of_memory_is_retried_or_explained_and_the_server_keeps_serving(server, client):
+    from webui.api import hookimpl
+
+    class Exhaust:  # out of memory at the second step of the first `times` attempts
+        def __init__(self, times: int) -> None:
+            self.times = times
+
+        @hookimpl
+        def on_step(self, step):
+            if step.step == 2 and self.times > 0:
+                self.times -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    plugins = server.engine.plugins
+    once = Exhaust(1)
+    plugins.register(once, name="exhaust-once")
+    try:
+        infotext = call(client, "txt2img", Prompt="a red circle", Steps=3, **{"Seed (-1 = random)": 3})[3]
+    finally:
+        plugins.unregister(name="exhaust-once")
+    assert parse_infotext(infotext)["Memory"] == "tiled VAE (retried after running out of memory)"
+    always = Exhaust(100)
+    plugins.register(always, name="exhaust-always")
+    try:
+        with pytest.raises(AppError, match="out of memory even with the lowest-memory plan"):
+            call(client, "txt2img", Prompt="a red circle", Steps=3)
+    finally:
+        plugins.unregister(name="exhaust-always")
+    progress = call(client, "txt2img", Prompt="a red circle", Steps=2, **{"Seed (-1 = random)": 1})[0]
+    assert progress.startswith("1 image(s)")

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     _models_dir_options(parser)
     _allow_pickle_option(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="auto: fp16 on GPUs; on CPUs with native bf16, bf16 for big models; else fp32")
+    _memory_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate images without the web UI")
@@ -107,6 +109,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     _allow_pickle_option(parser, default=keep)
     parser.add_argument("--device", default=keep, help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, default=keep)
+    _memory_options(parser, keep=True)
 
 
 def _models_dir_options(parser: argparse.ArgumentParser, *, default: Any = None) -> None:
@@ -116,6 +119,42 @@ def _models_dir_options(parser: argparse.ArgumentParser, *, default: Any = None)
     parser.add_argument("--extra-models-dir", type=Path, action="append", default=[] if default is None else default,
                         metavar="DIR", help="another models root, searched after --models-dir (repeatable), e.g. "
                         "~/stable-diffusion-webui/models or ~/ComfyUI/models")
+
+
+def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> None:
+    """Memory and speed levers (webui.engine.memory). With ``keep`` their defaults are SUPPRESS, so
+    a value given before the subcommand is not overwritten."""
+    from webui.engine.memory import ATTENTION_BACKENDS, OFFLOAD_MODES, SWITCHES
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if keep else value
+
+    group = parser.add_argument_group("memory and speed")
+    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default=default("sdpa"),
+                       help="sdpa: PyTorch's scaled_dot_product_attention; xformers: GPU, needs the package "
+                       "(falls back to sdpa with a warning); sliced: one head at a time")
+    group.add_argument("--vae-slicing", choices=SWITCHES, default=default("auto"),
+                       help="decode a batch one image at a time (auto: when memory is short)")
+    group.add_argument("--vae-tiling", choices=SWITCHES, default=default("auto"),
+                       help="encode and decode in overlapping tiles (auto: when the size needs it)")
+    group.add_argument("--offload", choices=OFFLOAD_MODES, default=default("auto"),
+                       help="GPU only. model: each model on the GPU only while it runs (A1111's --medvram); "
+                       "sequential: layer by layer, slowest, least memory (--lowvram); auto: when memory is short")
+    group.add_argument("--medvram", dest="offload", action="store_const", const="model", default=default("auto"),
+                       help="the same as --offload model")
+    group.add_argument("--lowvram", dest="offload", action="store_const", const="sequential",
+                       default=default("auto"), help="the same as --offload sequential")
+    group.add_argument("--channels-last", action="store_true", default=default(False),
+                       help="convolution weights in channels-last layout")
+    group.add_argument("--no-oom-retry", dest="oom_retry", action="store_false", default=default(True),
+                       help="fail instead of retrying a batch that ran out of memory with a lower-memory plan")
+
+
+def memory_settings(args: argparse.Namespace) -> Any:
+    from webui.engine.memory import MemorySettings
+
+    return MemorySettings(attention=args.attention, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling,
+                          offload=args.offload, channels_last=args.channels_last, recover=args.oom_retry)
 
 
 def _allow_pickle_option(parser: argparse.ArgumentParser, *, default: Any = False) -> None:
@@ -180,8 +219,9 @@ def _engine(args: argparse.Namespace, *, allow_paths: bool = True) -> Any:
 
     _quiet_libraries()
     device = pick_device(args.device)
+    dtype = "auto" if args.dtype == "auto" else pick_dtype(args.dtype, device)
     return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
-                  dtype=pick_dtype(args.dtype, device), extra_models_dirs=args.extra_models_dir,
+                  dtype=dtype, extra_models_dirs=args.extra_models_dir, memory=memory_settings(args),
                   allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False))
 
 

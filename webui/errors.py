@@ -35,6 +35,8 @@ class PluginError(LatentStudioError):
     """A plugin registered something invalid (duplicate name, wrong type)."""
 
 
+class OutOfMemoryError(LatentStudioError):
+    """A generation did not fit into memory even with the lowest-memory plan."""
 
 
 class GenerationError(LatentStudioError):

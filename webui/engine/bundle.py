@@ -34,6 +34,8 @@ class ModelBundle:
     config: dict[str, Any] = field(default_factory=dict)
     # the model's own latent scaling when ``vae`` is a swapped-in VAE (see webui.engine.vae)
     latent_scaling: dict[str, Any] | None = None
+    # where the models compute while their weights are offloaded to CPU memory (webui.engine.memory)
+    execution_device: torch.device | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -83,6 +85,8 @@ class ModelBundle:
 
     @property
     def device(self) -> torch.device:
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.unet.parameters()).device
 
     @property

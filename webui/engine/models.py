@@ -10,6 +10,7 @@ names only, kept inside the model folders (see :mod:`webui.engine.folders`).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -22,6 +23,8 @@ from webui.engine.bundle import ModelBundle
 from webui.engine.context import LoadContext, ModelEntry
 from webui.engine.folders import HUB_ID, ModelFolders, check_name, model_hash
 from webui.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, NoModelError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "latent-studio-shapes"  # the small model trained by this project, shipped in models/
 NO_MODEL_HELP = (
@@ -48,6 +51,7 @@ class ModelManager:
         models_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        auto_dtype: bool = False,
         default_model: str | None = None,
         cache_size: int = 2,
         allow_download: bool = True,
@@ -64,6 +68,8 @@ class ModelManager:
         self.allow_pickle = allow_pickle  # pickle checkpoints may be read (weights only): --allow-pickle
         self.device = torch.device(device)
         self.dtype = dtype
+        # True: a loaded checkpoint may go on to the dtype webui.engine.memory.auto_dtype picks for it
+        self.auto_dtype = auto_dtype
         self.default_model = default_model
         self.cache_size = max(1, cache_size)
         self.allow_download = allow_download
@@ -186,6 +192,8 @@ class ModelManager:
                 raise ModelNotFoundError(f"no {kind} found for {source!r}: not a model folder, file or known name")
             if kind == "checkpoint" and not isinstance(model, ModelBundle):
                 raise ModelLoadError(f"the loader for {source!r} returned {type(model).__name__}, not a ModelBundle")
+            if kind == "checkpoint" and self.auto_dtype:
+                _to_auto_dtype(model, self.device)
             if kind == "checkpoint" and model.model_hash is None and Path(source).is_file():
                 model.model_hash = model_hash(source, cache=self.hash_cache)  # A1111's sha256 shorthash
             self._cache[key] = model
@@ -226,6 +234,15 @@ class ModelManager:
             self._cache.clear()
             self._sources.clear()
         _free_memory(self.device)
+
+
+def _to_auto_dtype(bundle: ModelBundle, device: torch.device) -> None:
+    from webui.engine.memory import auto_dtype
+
+    wanted = auto_dtype(device, sum(p.numel() for p in bundle.unet.parameters()))
+    if wanted != bundle.dtype:
+        log.info("%s: computing in %s", bundle.name, str(wanted).removeprefix("torch."))
+        bundle.to(dtype=wanted)
 
 
 def _free_memory(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -34,16 +35,27 @@ from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
 from webui.engine.embeddings import EmbeddingLibrary
 from webui.engine.lora import STATE_KEY as LORAS_STATE
 from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
+from webui.engine.memory import (
+    MemoryPlan,
+    MemorySettings,
+    applied,
+    choose_plan,
+    is_out_of_memory,
+    lower_plan,
+    release_memory,
+)
 from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.vae import decode_checked, is_automatic, latent_scaling
-from webui.errors import InvalidRequestError, PluginError
+from webui.errors import InvalidRequestError, OutOfMemoryError, PluginError
 from webui.images import tensor_to_images
 from webui.metadata import format_infotext
 from webui.plugins import PluginManager, make_plugin_manager
 from webui.request import GenerationRequest
 
 StepCallback = Callable[[StepInfo], None]
+MEMORY_STATE = "memory"  # RunContext.state key: the memory plan's note for the image metadata
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,23 +93,31 @@ class Engine:
         models_dir: str | None = None,
         default_model: str | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         cache_size: int = 2,
         allow_download: bool = True,
         extra_models_dirs: Sequence[str | Path] = (),
         allow_paths: bool = True,
         allow_pickle: bool = False,
+        memory: MemorySettings | None = None,
     ) -> None:
         self.plugins = plugins if plugins is not None else make_plugin_manager()
         self.device = torch.device(device)
-        self.dtype = dtype
+        # "auto": fp16 on GPUs; on the CPU bf16 for big models where the CPU has native bf16, else fp32
+        auto = dtype == "auto"
+        if isinstance(dtype, str) and not auto:
+            raise InvalidRequestError(f"dtype {dtype!r}: pass a torch.dtype or 'auto'")
+        base = (torch.float16 if self.device.type in ("cuda", "mps") else torch.float32) if auto else dtype
+        self.dtype: torch.dtype = base  # type: ignore[assignment]
+        self.memory = memory or MemorySettings()
         self.schedulers = SchedulerRegistry()
         self.plugins.hook.register_schedulers(register=self._register_scheduler)
         self.models = ModelManager(
             self.plugins,
             models_dir=models_dir,
             device=self.device,
-            dtype=dtype,
+            dtype=self.dtype,
+            auto_dtype=auto,
             default_model=default_model,
             cache_size=cache_size,
             allow_download=allow_download,
@@ -153,6 +173,8 @@ class Engine:
         result = GenerationResult()
         per_batch = request.batch_size
         with apply_loras(bundle, loras):
+            plan = choose_plan(self.memory, bundle, self.device, width=context.width, height=context.height,
+                               batch=per_batch)
             for batch in range(request.batch_count):
                 if control.interrupted:
                     result.interrupted = True
@@ -160,7 +182,7 @@ class Engine:
                 context.batch_index = batch
                 context.seeds = [seed + batch * per_batch + k for k in range(per_batch)]
                 try:
-                    images = self._run_batch(request, context, callback)
+                    images, plan = self._run_batch_planned(request, context, callback, plan)
                 finally:
                     control.clear_skip()
                 result.images.extend(images)
@@ -169,6 +191,49 @@ class Engine:
         return result
 
     # -- internals --------------------------------------------------------------------------
+
+    def _run_batch_planned(
+        self, request: GenerationRequest, context: RunContext, callback: StepCallback | None, plan: MemoryPlan
+    ) -> tuple[list[OutputImage], MemoryPlan]:
+        """One batch under ``plan`` (at most ``plan.max_batch`` images at a time). When it runs out
+        of memory: release memory, step one rung down (:func:`~webui.engine.memory.lower_plan`) and
+        run the whole batch again, up to the last rung. Returns the images and the plan that
+        worked, which the following batches of the request keep."""
+        seeds = list(context.seeds)
+        retried = False
+        while True:
+            if plan != MemoryPlan(attention=plan.attention) or retried:
+                note = plan.describe() + (" (retried after running out of memory)" if retried else "")
+                context.state[MEMORY_STATE] = note
+            try:
+                images: list[OutputImage] = []
+                with applied(context.bundle, plan, context.device):
+                    chunk = plan.max_batch or len(seeds)
+                    for first in range(0, len(seeds), chunk):
+                        context.seeds = seeds[first : first + chunk]
+                        images.extend(self._run_batch(request, context, callback))
+                        if context.control.interrupted or context.control.skipped:
+                            break
+                return images, plan
+            except Exception as error:
+                if not (self.memory.recover and is_out_of_memory(error)):
+                    raise
+                failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error) else ''}"
+            finally:
+                context.seeds = seeds
+            # outside the except block: the failed attempt's frames, and the tensors they held, are
+            # unreachable now, so the memory can really be given back
+            release_memory(context.device)
+            lower = lower_plan(plan, len(seeds), context.device)
+            if lower is None:
+                raise OutOfMemoryError(
+                    f"out of memory even with the lowest-memory plan ({plan.describe()}): {failure}. "
+                    "Try a smaller size or batch size, or close other programs using the "
+                    f"{'GPU' if context.device.type == 'cuda' else 'memory'}"
+                )
+            log.warning("out of memory with plan %r (%s); retrying with %r", plan.describe(), failure,
+                        lower.describe())
+            plan, retried = lower, True
 
     def _with_vae(self, bundle: ModelBundle, name: str) -> ModelBundle:
         """A copy of ``bundle`` that decodes with the VAE ``name`` (the cached bundle is unchanged)."""
@@ -227,6 +292,8 @@ class Engine:
         if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
             raise PluginError("no conditioning plugin provided prompt embeddings")
         _add_network_metadata(cond, context)
+        if context.state.get(MEMORY_STATE):
+            cond.metadata.setdefault("Memory", context.state[MEMORY_STATE])
         do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
         # 2. Timesteps from a fresh scheduler (img2img and inpainting start part-way)
@@ -315,7 +382,7 @@ class Engine:
         # 5. Decode, post-process, describe
         pixels = decode_checked(self.decode_latents, bundle, latents, cond.metadata)
         outputs = [
-            OutputImage(image=img, seed=s, index=context.batch_index * batch + k,
+            OutputImage(image=img, seed=s, index=s - request.seed,  # the image's place in the request
                         pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu())
             for k, (img, s) in enumerate(zip(tensor_to_images(pixels), context.seeds, strict=True))
         ]
@@ -444,10 +511,17 @@ def _control_residuals(
         inactive = index / total < spec.start or (index + 1) / total > spec.end
         scale = spec.scale * (0.0 if inactive else 1.0)
         extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
+        unet_dtype, kind = model_input.dtype, next(spec.model.parameters()).dtype
+        inputs = (model_input, embeds, image)
+        if kind != unet_dtype:  # a ControlNet loaded apart may have another dtype than the UNet
+            inputs = tuple(x.to(kind) for x in inputs)
+            extra = {k: {n: v.to(kind) for n, v in a.items()} for k, a in extra.items()}
         d, m = spec.model(
-            model_input, t, encoder_hidden_states=embeds, controlnet_cond=image,
+            inputs[0], t, encoder_hidden_states=inputs[1], controlnet_cond=inputs[2],
             conditioning_scale=scale, guess_mode=False, return_dict=False, **extra,
         )
+        if kind != unet_dtype:
+            d, m = [r.to(unet_dtype) for r in d], m.to(unet_dtype)
         if down is None:
             down, mid = list(d), m
         else:
