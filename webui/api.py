@@ -32,6 +32,7 @@ from webui.engine.context import (
     RunContext,
     StepInfo,
 )
+from webui.engine.memory import MemoryPlan, MemorySettings
 from webui.engine.pipeline import Engine, GenerationResult
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.segmap import ADE20K, Palette
@@ -42,6 +43,7 @@ from webui.errors import (
     ModelLoadError,
     ModelNotFoundError,
     NoModelError,
+    OutOfMemoryError,
     PluginError,
     UnknownSamplerError,
 )
@@ -58,6 +60,9 @@ __all__ = [
     "API_VERSION",
     "Conditioning",
     "ControlInput",
+    "MemoryPlan",
+    "MemorySettings",
+    "OutOfMemoryError",
     "Engine",
     "GenerationControl",
     "GenerationRequest",
