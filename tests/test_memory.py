@@ -13,12 +13,12 @@ import pytest
 import torch
 from components import bundle_from, sd_components
 
+from webui.api import hookimpl, make_plugin_manager
 from webui.cli import build_parser, memory_settings
 from webui.engine import memory
 from webui.engine.memory import MemoryPlan, MemorySettings, applied, choose_plan, lower_plan
 from webui.engine.pipeline import Engine
 from webui.errors import InvalidRequestError, OutOfMemoryError
-from webui.api import hookimpl, make_plugin_manager
 from webui.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="a red circle", steps=3, seed=7, width=64, height=64, batch_size=2,

@@ -201,7 +201,7 @@ def estimate(bundle: ModelBundle, width: int, height: int, batch: int, *, slicin
     if tiling:
         tile = int(getattr(bundle.vae, "tile_sample_min_size", 512) or 512)
         area = min(area, tile * tile)
-    vae = images * area * vae_width * element * 8
+    vae = images * area * vae_width * element * 16
     return {"unet": unet, "vae": vae}
 
 

@@ -218,7 +218,8 @@ class Engine:
             except Exception as error:
                 if not (self.memory.recover and is_out_of_memory(error)):
                     raise
-                failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error) else ''}"
+                first_line = (str(error).strip().splitlines() or [""])[0][:160]
+                failure = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
             finally:
                 context.seeds = seeds
             # outside the except block: the failed attempt's frames, and the tensors they held, are

@@ -16,7 +16,6 @@ says so, so the user never gets a black image without a word.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,7 @@ def decode_checked(decode: Any, bundle: Any, latents: torch.Tensor, notes: dict[
             "the VAE decoded to NaN/inf even in float32: the latents are broken "
             "(try another sampler, fewer steps or a lower CFG scale)"
         )
-    upcast = copy.deepcopy(vae).to(torch.float32)
+    upcast = _float32_copy(vae, latents.device)
     try:
         pixels = decode(_with_vae(bundle, upcast), latents.float())
     finally:
@@ -147,6 +146,19 @@ def decode_checked(decode: Any, bundle: Any, latents: torch.Tensor, notes: dict[
         raise GenerationError("the VAE decoded to NaN/inf in float16 and again in float32: the latents are broken")
     notes["VAE decode"] = f"float32 (NaN in {str(dtype).removeprefix('torch.')})"
     return pixels
+
+
+def _float32_copy(vae: Any, device: torch.device) -> Any:
+    """A float32 copy of ``vae`` on ``device``, built fresh from its config and weights: none of the
+    original's hooks (CPU offload moves the original, not a copy), with its slicing and tiling."""
+    state = {key: value.detach().to(device=device, dtype=torch.float32) for key, value in vae.state_dict().items()}
+    with torch.device("meta"):
+        upcast = type(vae).from_config(vae.config)
+    upcast.load_state_dict(state, assign=True)
+    for flag in ("use_slicing", "use_tiling"):
+        if hasattr(vae, flag):
+            setattr(upcast, flag, getattr(vae, flag))
+    return upcast.eval()
 
 
 def _with_vae(bundle: Any, vae: Any) -> Any:

@@ -1,0 +1,48 @@
+"""The side-by-side benchmark script runs end to end on scaled-down SD 1.5 and SDXL architectures
+(the full-size run is by hand; its figures are in the README)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "benchmarks" / "bench_vs_diffusers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_prints_both_rows_and_writes_json(tmp_path, capsys):
+    bench = load_script()
+    report = bench.main(["--tiny", "--steps", "2", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert out.count("| stock diffusers | float32 |") == 2 and out.count("| Latent Studio (") == 2
+    assert out.count("| ours / stock |") == 2 and "Live preview" in out
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [r["model"] for r in written["results"]] == ["sd15", "sdxl"] == [r["model"] for r in report["results"]]
+    for result in written["results"]:
+        assert result["size"] == 64 and result["steps"] == 2
+        for side in ("stock", "ours"):
+            entry = result[side]
+            assert entry["steps"] == 2  # the step hook fired once per step
+            assert 0 < entry["s_per_step"] < entry["s_per_image"] and math.isfinite(entry["s_per_image"])
+            assert entry["peak_ram_gb"] > 0.05 and entry["peak_vram_gb"] is None
+        assert 0 < result["preview_s"] < result["ours"]["s_per_image"]
+
+
+def test_the_random_models_have_the_real_architectures():
+    bench = load_script()
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    for name, params in (("sd15", 859_520_964), ("sdxl", 2_567_463_684)):
+        config = bench.family_config(name, tiny=False)["unet"]
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        assert sum(p.numel() for p in unet.parameters()) == params  # SD 1.5's and SDXL base's UNets
