@@ -323,17 +323,12 @@ def _attention(bundle: ModelBundle, backend: str) -> Iterator[None]:
         else:  # sliced: one head at a time (the lowest peak; A1111's split attention is similar)
             wanted = {name: SlicedAttnProcessor(slice_size=1) for name in processors}
         if any(type(processors[name]) is not type(wanted[name]) for name in processors):
-            _set_processors(module, wanted)
+            module.set_attn_processor(wanted)
     try:
         yield
     finally:
         for module, processors in saved:
-            _set_processors(module, processors)
-
-
-def _set_processors(module: Any, processors: dict[str, Any]) -> None:
-    # diffusers warns when a processor without LoRA support replaces one; none is involved here
-    module.set_attn_processor(processors)
+            module.set_attn_processor(processors)
 
 
 @contextlib.contextmanager
