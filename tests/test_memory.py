@@ -74,7 +74,7 @@ def test_every_backend_and_mode_gives_the_default_image(components, default, set
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in bundle.unet.modules())
 
 
-def test_tiling_really_tiles_and_offload_really_hooks(components):
+def test_tiling_slicing_and_offload_really_happen(components):
     bundle = bundle_from(components)
     latents = torch.randn(1, 4, 8, 16)
     calls = []
@@ -86,6 +86,10 @@ def test_tiling_really_tiles_and_offload_really_hooks(components):
         assert len(calls) > 1 and all(shape[-1] <= bundle.vae.tile_latent_min_size for shape in calls)
     finally:
         del bundle.vae.decoder.forward
+    with applied(bundle, MemoryPlan(attention="sliced"), CPU):
+        kinds = {type(p).__name__ for m in (bundle.unet, bundle.vae) for p in m.attn_processors.values()}
+        assert kinds == {"SlicedAttnProcessor"}
+    assert {type(p).__name__ for p in bundle.unet.attn_processors.values()} == {"AttnProcessor2_0"}
     with applied(bundle, MemoryPlan(offload="sequential"), CPU):
         assert bundle.execution_device == CPU
         hooked = [m for m in bundle.unet.modules() if m._forward_pre_hooks]

@@ -304,7 +304,14 @@ def _attention_modules(bundle: ModelBundle) -> list[Any]:
 
 @contextlib.contextmanager
 def _attention(bundle: ModelBundle, backend: str) -> Iterator[None]:
+    """xformers or sliced attention in place of the standard processors for the ``with`` block.
+    ``sdpa`` changes nothing: diffusers' standard processor already calls SDPA. Processors of
+    other kinds (a model's own, an adapter's) are left as they are."""
+    if backend == "sdpa":
+        yield
+        return
     from diffusers.models.attention_processor import (
+        AttnProcessor,
         AttnProcessor2_0,
         SlicedAttnProcessor,
         XFormersAttnProcessor,
@@ -312,18 +319,16 @@ def _attention(bundle: ModelBundle, backend: str) -> Iterator[None]:
 
     saved = []
     for module in _attention_modules(bundle):
-        processors = module.attn_processors
-        if not processors:
+        processors = dict(module.attn_processors)
+        standard = [name for name, p in processors.items() if type(p) in (AttnProcessor, AttnProcessor2_0)]
+        if not standard:
             continue
-        saved.append((module, dict(processors)))
-        if backend == "sdpa":
-            wanted: Any = {name: AttnProcessor2_0() for name in processors}
-        elif backend == "xformers":
-            wanted = {name: XFormersAttnProcessor() for name in processors}
-        else:  # sliced: one head at a time (the lowest peak; A1111's split attention is similar)
-            wanted = {name: SlicedAttnProcessor(slice_size=1) for name in processors}
-        if any(type(processors[name]) is not type(wanted[name]) for name in processors):
-            module.set_attn_processor(wanted)
+        wanted = dict(processors)
+        for name in standard:
+            # sliced: one head at a time, the lowest peak of the three
+            wanted[name] = XFormersAttnProcessor() if backend == "xformers" else SlicedAttnProcessor(slice_size=1)
+        saved.append((module, processors))
+        module.set_attn_processor(wanted)
     try:
         yield
     finally:
