@@ -22,6 +22,7 @@ import torch
 from webui.engine.bundle import ModelBundle
 from webui.engine.context import LoadContext, ModelEntry
 from webui.engine.folders import HUB_ID, ModelFolders, check_name, model_hash
+from webui.engine.memory import auto_dtype, release_memory
 from webui.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, NoModelError
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class ModelManager:
                 return self._cache[key]
             while len(self._cache) >= self.cache_size:  # make room first: a GPU may fit only one model
                 self._cache.popitem(last=False)
-                _free_memory(self.device)
+                release_memory(self.device)
             context = LoadContext(
                 models_dir=str(self.models_dir) if self.models_dir else None,
                 device=self.device,
@@ -233,21 +234,11 @@ class ModelManager:
         with self._lock:
             self._cache.clear()
             self._sources.clear()
-        _free_memory(self.device)
+        release_memory(self.device)
 
 
 def _to_auto_dtype(bundle: ModelBundle, device: torch.device) -> None:
-    from webui.engine.memory import auto_dtype
-
     wanted = auto_dtype(device, sum(p.numel() for p in bundle.unet.parameters()))
     if wanted != bundle.dtype:
         log.info("%s: computing in %s", bundle.name, str(wanted).removeprefix("torch."))
         bundle.to(dtype=wanted)
-
-
-def _free_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
