@@ -36,17 +36,13 @@ PARAMETERS_KEY = "parameters"
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
-# One ``Key: value`` pair of the parameters line. A key starts with a word character and has at
-# least two characters (letters, digits, spaces, ``-``, ``/``); a value is either a JSON string
-# (backslash escapes allowed) or anything up to the next comma.
-_PAIR = re.compile(
-    r"""\s*
-    (?P<key>\w[\w \-/]+)
-    :\s*
-    (?P<value>"(?:\\.|[^\\"])+"|[^,]*)
-    (?:,|$)""",
-    re.VERBOSE,
-)
+# The pieces of one ``Key: value`` pair of the parameters line, read by :func:`_parse_pairs`. A key
+# starts with a word character and has at least two characters (letters, digits, spaces, ``-``,
+# ``/``); a value is either a JSON string (backslash escapes allowed) or anything up to the next comma.
+_WORD = re.compile(r"\w")
+_KEY_REST = re.compile(r"[\w \-/]*")
+_SPACE = re.compile(r"\s*")
+_QUOTE_OR_ESCAPE = re.compile(r'["\\]')
 _KEY = re.compile(r"\w[\w \-/]+")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEEDS_QUOTES = (",", ":", '"', "\n")
@@ -106,9 +102,60 @@ def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, obje
     return text.strip()
 
 
+def _run_end(pattern: re.Pattern[str], line: str, pos: int) -> int:
+    """Where the run that ``pattern`` (a single repeated class) matches from ``pos`` ends."""
+    match = pattern.match(line, pos)
+    return pos if match is None else match.end()
+
+
+def _string_end(line: str, pos: int) -> int:
+    """Where the body of a JSON-quoted string starting at ``pos`` stops: at the first ``"`` that is
+    not escaped, at a backslash before a newline or the end, or at the end of ``line``."""
+    while True:
+        found = _QUOTE_OR_ESCAPE.search(line, pos)
+        if found is None:
+            return len(line)
+        pos = found.start()
+        if line[pos] == '"' or pos + 1 == len(line) or line[pos + 1] == "\n":
+            return pos
+        pos += 2  # an escaped character
+
+
 def _parse_pairs(line: str) -> list[tuple[str, str]]:
-    """All ``(key, raw value)`` pairs found in ``line``."""
-    return [(m.group("key"), m.group("value")) for m in _PAIR.finditer(line)]
+    r"""All ``(key, raw value)`` pairs found in ``line``, in time linear in its length.
+
+    The pairs are those of the pattern ``\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)``
+    found left to right, without its quadratic time: a run of key characters not followed by ``:``
+    is skipped as a whole instead of being tried again from each of its characters.
+    """
+    pairs: list[tuple[str, str]] = []
+    end = len(line)
+    pos = 0
+    while True:
+        word = _WORD.search(line, pos)
+        if word is None:
+            return pairs
+        start = word.start()
+        colon = _run_end(_KEY_REST, line, start + 1)
+        if colon == end or line[colon] != ":" or colon - start < 2:
+            # A key starting later in this run would end at the same place, so it cannot match
+            # either; a try from the run's trailing spaces is the same as a try from ``colon``.
+            pos = colon
+            continue
+        value_start = _run_end(_SPACE, line, colon + 1)
+        value_end = -1
+        if value_start < end and line[value_start] == '"':
+            close = _string_end(line, value_start + 1)
+            after = close + 1
+            if close > value_start + 1 and close < end and line[close] == '"':
+                if after < end and line[after] == ",":
+                    value_end, pos = after, after + 1
+                elif after == end or (after == end - 1 and line[after] == "\n"):  # ``$``
+                    value_end, pos = after, after
+        if value_end < 0:  # anything up to the next comma, which is consumed
+            comma = line.find(",", value_start)
+            value_end, pos = (end, end) if comma < 0 else (comma, comma + 1)
+        pairs.append((line[start:colon], line[value_start:value_end]))
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -9,11 +9,17 @@ not stored: the 256 byte symbols, the same with ``</w>`` (end of word), one toke
 
 The tokenizers differ only in padding: SD 1.x pads with ``<|endoftext|>``; OpenCLIP encoders
 (SD 2.x, SDXL's second) pad with ``!`` (id 0).
+
+BPE merges the symbols of one word at a time, and its work grows faster than the word's length
+(quadratically in the Python tokenizers of older transformers releases). :func:`split_long_words`
+bounds the words: prompts are passed through it before any tokenizer sees them, so a prompt of one
+huge "word" costs time linear in its length.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +34,24 @@ BPE_FILE = CONFIG_DIR / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # CLIP uses the first 48,894 merges of the file
 START, END = "<|startoftext|>", "<|endoftext|>"
+
+MAX_WORD_CHARS = 256
+"""The longest run of non-space characters a tokenizer gets in one piece (CLIP's longest token has
+32 characters; an embedding's file name has at most 255)."""
+_SPACES = r" \t\n\r\f\v"  # ASCII whitespace: every tokenizer splits words there
+_LONG_WORD = re.compile(rf"(?<![^{_SPACES}])[^{_SPACES}]{{{MAX_WORD_CHARS + 1},}}")
+
+
+def split_long_words(text: str) -> str:
+    """``text`` with a space after every :data:`MAX_WORD_CHARS` characters of each run of non-space
+    characters longer than that; any other text is returned unchanged. Linear in ``len(text)``: a
+    run is matched only from its first character."""
+
+    def cut(match: re.Match[str]) -> str:
+        word = match.group(0)
+        return " ".join(word[i : i + MAX_WORD_CHARS] for i in range(0, len(word), MAX_WORD_CHARS))
+
+    return _LONG_WORD.sub(cut, text)
 
 
 def byte_symbols() -> list[str]:

@@ -249,20 +249,28 @@ class EmbeddingMatcher:
     dims: tuple[int, ...]
     index: int
     _skipped: set[str] = field(default_factory=set)
+    _found: dict[str, tuple[TextualInversion, torch.Tensor]] = field(default_factory=dict)
 
     def match(self, tokens: Sequence[int], position: int) -> tuple[TextualInversion, torch.Tensor, int] | None:
         """``(embedding, vectors for this encoder, tokens of the name)`` when an embedding's name
-        starts at ``position``, else ``None``."""
+        starts at ``position``, else ``None``.
+
+        The work per position is bounded by the library (the names sharing the token there), not by
+        the prompt, and each embedding is loaded once per matcher however often its name appears.
+        """
         for ids, name in self.lookup.get(int(tokens[position]), ()):
             if name in self._skipped or tuple(tokens[position : position + len(ids)]) != ids:
                 continue
-            embedding = self.library.get(name)
-            vectors = embedding.vectors_for(self.dims)
-            if vectors is None:  # made for another model family: the name stays a word
-                self._skipped.add(name)
-                continue
-            self.library.mark_used(embedding)
-            return embedding, vectors[self.index], len(ids)
+            found = self._found.get(name)
+            if found is None:
+                embedding = self.library.get(name)
+                vectors = embedding.vectors_for(self.dims)
+                if vectors is None:  # made for another model family: the name stays a word
+                    self._skipped.add(name)
+                    continue
+                self.library.mark_used(embedding)
+                found = self._found[name] = (embedding, vectors[self.index])
+            return found[0], found[1], len(ids)
         return None
 
 

@@ -48,7 +48,7 @@ import re
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,7 @@ LORA_SUFFIX = ".safetensors"
 LORA_TYPES = ("lora", "lyco")  # A1111 registers "lyco" as an alias of "lora"
 STATE_KEY = "loras"  # RunContext.state key of a request's applied LoRAs
 ADAPTER_PREFIX = "latent_studio_lora_"
-EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax; use _sub_tags
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _UNSUPPORTED_MARKERS = {
     "dora_scale": "DoRA",
@@ -104,7 +104,14 @@ def _number(value: str, tag: str, what: str) -> float:
     return number
 
 
-def _lora_tag(args: str, text: str) -> LoraTag:
+def _shown(tag: str, limit: int = 80) -> str:
+    """A tag as an error message quotes it: one line, at most ``limit`` characters."""
+    tag = " ".join(tag.split())
+    return tag if len(tag) <= limit else tag[: limit - 1] + "…"
+
+
+def _lora_tag(args: str, tag: str) -> LoraTag:
+    text = _shown(tag)  # for messages
     items = args.split(":")
     positional: list[str] = []
     named: dict[str, str] = {}
@@ -119,14 +126,25 @@ def _lora_tag(args: str, text: str) -> LoraTag:
         raise InvalidRequestError(f"{text}: a LoRA tag needs a name, as in <lora:name:0.8>")
     if len(positional) > 3 or "dyn" in named:
         raise InvalidRequestError(f"{text}: A1111's dyn (rank truncation) is not supported; use <lora:name:weight>")
-    unknown = sorted(set(named) - {"te", "unet"})
+    unknown = set(named) - {"te", "unet"}
     if unknown:
-        raise InvalidRequestError(f"{text}: unknown option {unknown[0]!r}; the options are te= and unet=")
+        raise InvalidRequestError(f"{text}: unknown option {min(unknown)!r}; the options are te= and unet=")
     te = _number(positional[1], text, "weight") if len(positional) > 1 else 1.0
     te = _number(named["te"], text, "te weight") if "te" in named else te
     unet = _number(positional[2], text, "UNet weight") if len(positional) > 2 else te
     unet = _number(named["unet"], text, "unet weight") if "unet" in named else unet
-    return LoraTag(name=name, te_weight=te, unet_weight=unet, text=text)
+    return LoraTag(name=name, te_weight=te, unet_weight=unet, text=tag)
+
+
+def _sub_tags(replace: Callable[[re.Match[str]], str], prompt: str) -> str:
+    """``EXTRA_NETWORK_TAG.sub(replace, prompt)`` in time linear in ``len(prompt)``.
+
+    A tag ends with ``>``, so none can start after the last ``>``; the pattern is run only on the
+    text up to it. There, a ``<name:`` that is not a tag's start fails before the next ``>``, while
+    after the last ``>`` each of ``"<a:" * n`` would scan to the end of the prompt (quadratic time).
+    """
+    cut = prompt.rfind(">") + 1
+    return EXTRA_NETWORK_TAG.sub(replace, prompt[:cut]) + prompt[cut:]
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
@@ -147,17 +165,17 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
             unsupported.append(match.group(0))
         return ""
 
-    text = EXTRA_NETWORK_TAG.sub(take, prompt)
+    text = _sub_tags(take, prompt)
     if unsupported:
         raise InvalidRequestError(
-            f"{unsupported[0]}: only LoRA extra networks are supported (<lora:name:weight>)"
+            f"{_shown(unsupported[0])}: only LoRA extra networks are supported (<lora:name:weight>)"
         )
     return text, tags
 
 
 def strip_network_tags(prompt: str) -> str:
     """``prompt`` without its ``<type:...>`` extra-network tags (what the text encoder sees)."""
-    return EXTRA_NETWORK_TAG.sub("", prompt)
+    return _sub_tags(lambda _match: "", prompt)
 
 
 # -- finding and reading files ---------------------------------------------------------------------
