@@ -48,6 +48,7 @@ from webui.errors import (
     UnknownSamplerError,
 )
 from webui.hookspecs import hookimpl
+from webui.limits import LimitExceeded, Limits
 from webui.metadata import format_infotext, parse_infotext, read_png_parameters
 from webui.output import save_png
 from webui.plugins import make_plugin_manager
@@ -69,6 +70,8 @@ __all__ = [
     "GenerationResult",
     "InvalidRequestError",
     "LatentStudioError",
+    "LimitExceeded",
+    "Limits",
     "LoadContext",
     "ModelBundle",
     "ModelEntry",

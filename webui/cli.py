@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from webui.errors import InvalidRequestError, LatentStudioError
+from webui.limits import Limits, add_limit_options
 from webui.plugins import REPO_ROOT
 
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="auto: fp16 on GPUs; on CPUs with native bf16, bf16 for big models; else fp32")
     _memory_options(parser)
+    add_limit_options(parser)
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let the web app and its API download models named by a Hugging Face id "
+                        "(off: only models on disk; `generate` may always download the model it is given)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate images without the web UI")
@@ -66,30 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--control-start", type=float, default=0.0)
     gen.add_argument("--control-end", type=float, default=1.0)
     _model_options(gen)
+    add_limit_options(gen, keep=True)
     gen.add_argument("--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)")
 
     train = commands.add_parser("train", help="train the default shapes model (resumable)")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR / "latent-studio-shapes")
     train.add_argument("--checkpoint-dir", type=Path, default=REPO_ROOT / "checkpoints" / "latent-studio-shapes",
                        help="checkpoints and log.jsonl; an interrupted run resumes from here")
-    train.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the recipe's)")
-    train.add_argument("--refine-steps", type=int, default=None,
+    train.add_argument("--steps", type=_at_least(0), default=None, help="diffusion steps (default: the recipe's)")
+    train.add_argument("--refine-steps", type=_at_least(0), default=None,
                        help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)")
-    train.add_argument("--polish-steps", type=int, default=None,
+    train.add_argument("--polish-steps", type=_at_least(0), default=None,
                        help="polish steps after the refinement (default: the recipe's; 0 skips it)")
-    train.add_argument("--vae-steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--scenes", type=int, default=None, help="size of the training pool")
+    train.add_argument("--vae-steps", type=_at_least(0), default=None)
+    train.add_argument("--batch-size", type=_at_least(1), default=None)
+    train.add_argument("--scenes", type=_at_least(1), default=None, help="size of the training pool")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    train.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
 
     ev = commands.add_parser("evaluate", help="score a shapes model on txt2img, seg2img, inpainting, img2img")
-    ev.add_argument("--n", type=int, default=100, help="images per task")
+    ev.add_argument("--n", type=_at_least(1), default=100, help="images per task")
     ev.add_argument("--seed", type=int, default=12345, help="scene seed (training uses seeds under 10000)")
-    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--steps", type=_at_least(1), default=20)
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
-    ev.add_argument("--batch-size", type=int, default=4, help="images per request (one scene each)")
+    ev.add_argument("--batch-size", type=_at_least(1), default=4, help="images per request (one scene each)")
     ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
     _model_options(ev)
 
@@ -98,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models found")
     _model_options(models)
     return parser
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number >= ``low`` (argparse prints the one-line message, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # refuses unsafe flags before building anything (no model is loaded yet); the web's model names
     # may not be paths (--model, given here, still may)
-    serve(args, _engine(args, allow_paths=False))
+    serve(args, _engine(args, allow_paths=False, allow_download=args.allow_download))
     return 0
 
 
@@ -213,7 +236,7 @@ def _samplers() -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace, *, allow_paths: bool = True) -> Any:
+def _engine(args: argparse.Namespace, *, allow_paths: bool = True, allow_download: bool = True) -> Any:
     from webui.engine.devices import pick_device, pick_dtype
     from webui.engine.pipeline import Engine
 
@@ -222,7 +245,8 @@ def _engine(args: argparse.Namespace, *, allow_paths: bool = True) -> Any:
     dtype = "auto" if args.dtype == "auto" else pick_dtype(args.dtype, device)
     return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
                   dtype=dtype, extra_models_dirs=args.extra_models_dir, memory=memory_settings(args),
-                  allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False))
+                  allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False),
+                  allow_download=allow_download, limits=Limits.from_args(args))
 
 
 def _quiet_libraries() -> None:
@@ -277,7 +301,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from webui.output import output_dir, save_png
+    from webui.output import BatchSaver, check_writable, output_dir
     from webui.request import GenerationRequest
 
     init = _open(args.init_image, "init image")
@@ -295,12 +319,30 @@ def _generate(args: argparse.Namespace) -> int:
         control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
     )
     request.validate()  # fail fast on bad input, before a model is loaded
+    problem = check_writable(args.out)
+    if problem:
+        raise InvalidRequestError(f"--out {problem}")
     engine = _engine(args)
-    result = engine.generate(request)
-    folder = output_dir(args.out, task)
-    for item in result.images:
-        path = save_png(item.image, folder, seed=item.seed, infotext=item.parameters["infotext"])
-        print(path)
+    # each batch is saved (and its paths printed) as soon as it is decoded: a later failure, Ctrl+C
+    # or a crash keeps it; a failure to save does not stop the run, it is reported at the end (exit 2)
+    saver = BatchSaver(output_dir(args.out, task), report=lambda path: print(path, flush=True))
+    try:
+        result = engine.generate(request, on_batch=saver)
+    except LatentStudioError as error:
+        note = saver.summary()
+        if note is None:
+            raise
+        raise LatentStudioError(f"{error} ({note})") from error
+    except BaseException:
+        note = saver.summary()
+        if note is not None:
+            print(note, file=sys.stderr, flush=True)
+        raise
+    saver.finish(result.images)
+    warning = saver.warning()
+    if warning is not None:
+        print(f"error: {warning}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -309,11 +351,22 @@ def _open(path: Path | None, what: str) -> Any:
         return None
     from PIL import Image, UnidentifiedImageError
 
+    from webui.images import MAX_PIXELS
+
     if not path.is_file():
         raise InvalidRequestError(f"{what} not found: {path}")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow refuses bigger images (decompression bombs) at open
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError(f"cannot read {what} {path}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise InvalidRequestError(f"{what} {path} is too large: {width}x{height} is "
+                                              f"{width * height} pixels, the limit is {MAX_PIXELS}")
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequestError(f"{what} {path} is too large to open safely: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequestError(f"cannot read {what} {path}: {exc}") from None

@@ -120,6 +120,8 @@ class GenerationRequest:
             )
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidRequestError("prompt and negative_prompt must be text")
+        _check_text("prompt", self.prompt)
+        _check_text("negative prompt", self.negative_prompt)
         if self.vae is not None and not isinstance(self.vae, str):
             raise InvalidRequestError(f"vae must be a VAE name, got {self.vae!r}")
 
@@ -137,6 +139,18 @@ class GenerationRequest:
         if self.task == "seg2img" and seg is None:
             raise InvalidRequestError("seg2img needs a segmentation map")
         return self.replace(init_image=init, mask=mask, seg_map=seg, extra=dict(self.extra))
+
+
+def _check_text(name: str, text: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (from bytes that were not UTF-8 on a
+    command line, or a JSON ``\\ud800`` escape) can be neither tokenized nor saved."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"the {name} is not valid text: character {error.start + 1} is a lone surrogate "
+            f"({text[error.start]!a}); was it written in another encoding than UTF-8?"
+        ) from None
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -34,7 +34,8 @@ def load_model(source: str, kind: str, context: LoadContext) -> Any:
         if not HUB_ID.match(source):
             raise ModelNotFoundError(f"model not found: {source!r} is neither a folder nor a Hugging Face id")
         if not context.allow_download:
-            raise ModelNotFoundError(f"model {source!r} is not on disk and downloads are disabled")
+            raise ModelNotFoundError(f"model {source!r} is not on disk and downloads are not allowed "
+                                     "(the server owner can allow them with --allow-download)")
         path = _download(source, kind)
     if kind == "controlnet":
         return load_controlnet_folder(path, context)

@@ -29,6 +29,8 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
             device=context.device,
             dtype=context.dtype,
             embeddings=context.state.get(EMBEDDINGS_STATE),
+            max_chunks=getattr(getattr(context.engine, "limits", None), "max_prompt_chunks", 0),
+            should_stop=context.control.check,  # an interrupt stops a long prompt within a chunk
         )
     positive, negative = context.state["text"]
     conditioning.prompt_embeds = positive.embeds

@@ -68,6 +68,11 @@ class Conditioning:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+class GenerationStopped(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside a batch (e.g. between the text encoder's chunks) when the request was
+    interrupted or the batch skipped; the engine catches it and keeps what is finished."""
+
+
 class GenerationControl:
     """Per-request interrupt and skip switches, safe to flip from another thread.
 
@@ -95,6 +100,17 @@ class GenerationControl:
 
     def clear_skip(self) -> None:
         self._skip.clear()
+
+    @property
+    def stopped(self) -> bool:
+        """Interrupted, or the current batch skipped."""
+        return self._interrupt.is_set() or self._skip.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`GenerationStopped` if the request was interrupted or the batch skipped:
+        for long work between sampler steps (text encoding) to stop within one step."""
+        if self.stopped:
+            raise GenerationStopped()
 
 
 @dataclass

@@ -226,7 +226,8 @@ class ModelManager:
                 return name
         if HUB_ID.match(name) and self.allow_download and not Path(name).exists():
             return name  # downloaded by the loader into the Hugging Face cache
-        refused = " (downloads are disabled)" if HUB_ID.match(name) and not self.allow_download else ""
+        refused = (" (downloading it is not allowed here; the server owner can allow downloads with "
+                   "--allow-download)") if HUB_ID.match(name) and not self.allow_download else ""
         raise ModelNotFoundError(f"no {kind} named {name!r} in the model folders{refused}")
 
     def clear(self) -> None:

@@ -27,6 +27,7 @@ from webui.engine.bundle import ModelBundle
 from webui.engine.context import (
     Conditioning,
     GenerationControl,
+    GenerationStopped,
     OutputImage,
     RunContext,
     StepInfo,
@@ -49,11 +50,13 @@ from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.vae import decode_checked, is_automatic, latent_scaling
 from webui.errors import InvalidRequestError, OutOfMemoryError, PluginError
 from webui.images import tensor_to_images
+from webui.limits import Limits
 from webui.metadata import format_infotext
 from webui.plugins import PluginManager, make_plugin_manager
 from webui.request import GenerationRequest
 
 StepCallback = Callable[[StepInfo], None]
+BatchCallback = Callable[[list[OutputImage]], None]
 MEMORY_STATE = "memory"  # RunContext.state key: the memory plan's note for the image metadata
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,9 @@ class Engine:
         allow_paths: bool = True,
         allow_pickle: bool = False,
         memory: MemorySettings | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = (limits or Limits()).validated()  # what one request may ask for
         self.plugins = plugins if plugins is not None else make_plugin_manager()
         self.device = torch.device(device)
         # "auto": fp16 on GPUs; on the CPU bf16 for big models where the CPU has native bf16, else fp32
@@ -139,15 +144,19 @@ class Engine:
         bundle: ModelBundle | None = None,
         callback: StepCallback | None = None,
         control: GenerationControl | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> GenerationResult:
         """Run ``request`` and return its images (each with seed and infotext).
 
         ``bundle`` overrides the request's model (useful when a model was built in code);
         ``callback`` is called after each step; ``control`` interrupts or skips from another
-        thread. Raises :class:`~webui.errors.LatentStudioError` subclasses for bad input.
+        thread; ``on_batch`` gets each batch's finished images as soon as they are decoded and
+        described (before the next batch starts), so a caller can save them even if a later
+        batch fails. Raises :class:`~webui.errors.LatentStudioError` subclasses for bad input.
         """
         started = time.perf_counter()
         request = request.validate(sizes=False)
+        self._check_limits(request)  # before a model is loaded
         self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
         if not is_automatic(request.vae):
@@ -163,6 +172,7 @@ class Engine:
         request = request.validate()
         context.request = request
         context.width, context.height = self._size(request, bundle)
+        self._check_limits(request, context.width, context.height)  # again: plugins may change it
 
         # LoRAs named in the prompt (<lora:name:weight>) and the installed textual-inversion
         # embeddings; the LoRAs are applied to the cached bundle only inside this block, under the
@@ -183,14 +193,23 @@ class Engine:
                 context.seeds = [seed + batch * per_batch + k for k in range(per_batch)]
                 try:
                     images, plan = self._run_batch_planned(request, context, callback, plan)
+                except GenerationStopped:  # stopped between steps (e.g. while encoding a prompt)
+                    images = []
                 finally:
                     control.clear_skip()
                 result.images.extend(images)
+                if on_batch is not None and images:
+                    on_batch(images)
         result.interrupted = result.interrupted or control.interrupted
         result.seconds = time.perf_counter() - started
         return result
 
     # -- internals --------------------------------------------------------------------------
+
+    def _check_limits(self, request: GenerationRequest, width: int | None = None, height: int | None = None) -> None:
+        self.limits.check(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                          width=width or request.width, height=height or request.height,
+                          batch_size=request.batch_size, batch_count=request.batch_count)
 
     def _run_batch_planned(
         self, request: GenerationRequest, context: RunContext, callback: StepCallback | None, plan: MemoryPlan

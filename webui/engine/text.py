@@ -27,7 +27,7 @@ so an unweighted prompt encodes exactly like the plain diffusers pipelines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +35,12 @@ from typing import Any
 import torch
 
 from webui.engine.bundle import ModelBundle
+from webui.engine.clip_tokenizer import split_long_words
 from webui.engine.embeddings import EmbeddingLibrary, EmbeddingMatcher, embedding_dims, input_embedding_layer
 from webui.engine.lora import bundle_lock, strip_network_tags
 from webui.engine.prompt_parser import is_break, parse_prompt_attention
 from webui.errors import InvalidRequestError, ModelLoadError
+from webui.limits import check_total
 
 _UNBOUNDED = 1_000_000  # tokenizers report a huge model_max_length when they have no limit
 _DEFAULT_WINDOW = 77
@@ -121,6 +123,11 @@ def token_layout(tokenizer: Any, text_encoder: Any) -> TokenLayout:
     return TokenLayout(window=window, start_id=start, end_id=end, pad_id=end if pad is None else pad)
 
 
+MAX_EMPHASIS = 100.0
+"""The largest emphasis weight a token may get: ``(`` nested 250 deep is 1.1**250, about 2e10, which
+turns the embeddings (and then the image) into infinities; such a prompt gets a message instead."""
+
+
 def chunk_prompt(
     tokenizer: Any, prompt: str, chunk_size: int, matcher: EmbeddingMatcher | None = None
 ) -> list[PromptChunk]:
@@ -132,7 +139,13 @@ def chunk_prompt(
     fragment it is in); an embedding that does not fit in the current chunk starts the next one.
     """
     fragments = parse_prompt_attention(prompt)
-    texts = [text for text, weight in fragments if not is_break((text, weight))]
+    for text, weight in fragments:
+        if not is_break((text, weight)) and not abs(weight) <= MAX_EMPHASIS:  # also NaN
+            raise InvalidRequestError(
+                f"the emphasis on {text.strip()[:40]!r} gives it a weight of {weight:g}; weights must stay "
+                f"within ±{MAX_EMPHASIS:g} (are brackets nested too deep, or left open?)"
+            )
+    texts = [split_long_words(text) for text, weight in fragments if not is_break((text, weight))]
     token_lists = iter(
         tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     )
@@ -309,14 +322,17 @@ def _encode_all(
     clip_skip: int,
     sdxl: bool,
     layers: tuple[int, ...] | None = None,
+    should_stop: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode every prompt's chunks with one encoder: ``(N, n_chunks * window, D)`` and the pooled
-    output of the first chunk."""
+    output of the first chunk. ``should_stop`` is called before each chunk (it raises to stop)."""
     device = _module_device(text_encoder)
     empty = PromptChunk([], [])
     parts: list[torch.Tensor] = []
     pooled_first: torch.Tensor | None = None
     for index in range(n_chunks):
+        if should_stop is not None:
+            should_stop()
         framed = [
             layout.frame(chunks[index] if index < len(chunks) else empty) for chunks in chunks_per_prompt
         ]
@@ -346,6 +362,8 @@ def encode_prompts(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     embeddings: EmbeddingLibrary | None = None,
+    max_chunks: int = 0,
+    should_stop: Callable[[], None] | None = None,
 ) -> tuple[PromptEmbeds, PromptEmbeds]:
     """Encode positive and negative prompts; both padded to the same number of chunks.
 
@@ -358,6 +376,11 @@ def encode_prompts(
     before... Non-CLIP encoders ignore it. ``device``/``dtype`` default to the last text encoder's.
     If ``bundle.config["force_zeros_for_empty_prompt"]`` is true, empty negative prompts give zero
     embeddings and zero pooled embeddings, as the SDXL pipelines do.
+
+    ``max_chunks`` (0 = no limit): a prompt needing more chunks is refused with
+    :class:`~webui.limits.LimitExceeded` before anything is encoded. ``should_stop`` is called
+    before each chunk is encoded and stops the encoding by raising (an interrupt takes effect
+    within one chunk, also for a long prompt).
     """
     prompts, negative_prompts = list(prompts), list(negative_prompts)
     if not prompts:
@@ -394,6 +417,12 @@ def encode_prompts(
         for tok, layout, matcher in zip(tokenizers, layouts, matchers, strict=True)
     ]
     n_chunks = max(len(chunks) for per_encoder in chunked for chunks in per_encoder)
+    if max_chunks:
+        for per_encoder in chunked:
+            for index, chunks in enumerate(per_encoder):
+                what = "prompt" if index < len(prompts) else "negative prompt"
+                check_total(f"the {what} needs {len(chunks)} chunks of {layouts[0].chunk_size} tokens",
+                            len(chunks), max_chunks, "max_prompt_chunks")
 
     out_device = torch.device(device) if device is not None else _module_device(encoders[-1])
     out_dtype = dtype if dtype is not None else _module_dtype(encoders[-1])
@@ -402,7 +431,7 @@ def encode_prompts(
     with torch.no_grad(), bundle_lock(bundle):
         for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
             hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl,
-                                         layers=layers)
+                                         layers=layers, should_stop=should_stop)
             embeds_parts.append(hidden.to(device=out_device, dtype=out_dtype))
     embeds = torch.cat(embeds_parts, dim=-1)
     if sdxl and pooled is not None:

@@ -10,6 +10,7 @@ request field name, so adding a control never shifts anybody's arguments.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import gradio as gr
 
 from webui.engine.stream import Progress
 from webui.errors import LatentStudioError
+from webui.limits import LIMIT_FLAGS, Limits
 from webui.request import GenerationRequest
 from webui.ui.service import Finished, StudioService
 
@@ -41,6 +43,11 @@ class UIContext:
     tabs: dict[str, GenerationTab] = field(default_factory=dict)  # generation tabs built so far, by task
     labels: dict[str, str] = field(default_factory=dict)  # every tab's label, by id
     selector: Any = None  # the gr.Tabs holding the tabs (select one with gr.Tabs(selected=id))
+
+    @property
+    def limits(self) -> Limits:
+        """The server's limits per request (the controls' ranges)."""
+        return getattr(self.service.engine, "limits", None) or Limits()
 
     @property
     def default_size(self) -> int:
@@ -75,8 +82,10 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
         fields["vae"] = gr.Dropdown(choices=vae_choices(ctx.service), value=AUTOMATIC_VAE, label="VAE", scale=2,
                                     elem_id=f"{task}-vae", allow_custom_value=True)
         refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{task}-refresh")
+    limits = ctx.limits
+    max_chars = limits.max_prompt_chars or None  # the browser stops typing there
     fields["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "",
-                                  elem_id=f"{task}-prompt")
+                                  elem_id=f"{task}-prompt", max_length=max_chars)
     with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
         lora = gr.Dropdown(choices=ctx.service.names("lora"), value=None, label="Add a LoRA", scale=1,
                            elem_id=f"{task}-add-lora")
@@ -92,21 +101,26 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
         lambda: (gr.update(choices=ctx.service.model_names()), gr.update(choices=vae_choices(ctx.service)),
                  gr.update(choices=ctx.service.names("lora")), gr.update(choices=ctx.service.names("embedding"))),
         outputs=[fields["model"], fields["vae"], lora, embedding], queue=False, api_visibility="private")
-    fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
+    fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative",
+                                           max_length=max_chars)
     if examples:
         gr.Examples(examples=[[text] for text in examples], inputs=[fields["prompt"]], label="Try a prompt")
     with gr.Row():
         fields["sampler"] = gr.Dropdown(choices=ctx.samplers, value="DPM++ 2M Karras", label="Sampler")
-        fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id=f"{task}-steps")
+        fields["steps"] = limited_slider(1, limits.max_steps or 150, value=min(20, limits.max_steps or 20), step=1,
+                                        label="Steps", elem_id=f"{task}-steps", flag=LIMIT_FLAGS["max_steps"])
         fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=info.cfg_scale, step=0.5,
                                         label="CFG scale", elem_id=f"{task}-cfg-scale")
     with gr.Row():
-        fields["width"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Width",
-                                    elem_id=f"{task}-width")
-        fields["height"] = gr.Slider(64, SIZE_LIMIT, value=info.default_size, step=8, label="Height",
-                                     elem_id=f"{task}-height")
-        fields["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id=f"{task}-batch-count")
-        fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+        side = size_limit(limits)
+        pixels, batch = LIMIT_FLAGS["max_pixels"], LIMIT_FLAGS["max_batch"]
+        fields["width"] = limited_slider(64, side, value=min(info.default_size, side), step=8, label="Width",
+                                        elem_id=f"{task}-width", flag=pixels)
+        fields["height"] = limited_slider(64, side, value=min(info.default_size, side), step=8, label="Height",
+                                         elem_id=f"{task}-height", flag=pixels)
+        fields["batch_count"] = limited_slider(1, limits.max_batch or 100, value=1, step=1, label="Batch count",
+                                              elem_id=f"{task}-batch-count", flag=batch)
+        fields["batch_size"] = gr.Slider(1, min(8, limits.max_batch or 8), value=1, step=1, label="Batch size")
     with gr.Row():
         fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4,
                                    elem_id=f"{task}-seed")
@@ -123,6 +137,32 @@ def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.
                           outputs=[fields["cfg_scale"], fields["width"], fields["height"]], queue=False,
                           api_visibility="private")
     return fields, reuse_seed
+
+
+def limited_slider(*args: Any, flag: str, **kwargs: Any) -> gr.Slider:
+    """A slider whose upper end is a server limit raised by ``flag``: a value above it (from an API
+    client; the browser cannot go there) is refused with a message naming the flag, as the engine's
+    own check would. (An ordinary ``gr.Slider``, so browsers and API clients see nothing new.)"""
+    slider = gr.Slider(*args, **kwargs)
+    check = slider.preprocess
+
+    def preprocess(payload: float) -> float:
+        if isinstance(payload, (int, float)) and slider.maximum is not None and payload > slider.maximum:
+            raise gr.Error(f"{slider.label} {payload:g} is over this server's limit of {slider.maximum:g} ({flag})",
+                           print_exception=False)
+        return check(payload)
+
+    slider.preprocess = preprocess  # type: ignore[method-assign]
+    return slider
+
+
+def size_limit(limits: Limits) -> int:
+    """The width/height sliders' upper end: the side of the largest square under ``--max-pixels``
+    (a multiple of 8), or 2048 without a limit."""
+    if not limits.max_pixels:
+        return SIZE_LIMIT
+    side = math.isqrt(limits.max_pixels)
+    return max(64, side - side % 8)
 
 
 def vae_choices(service: StudioService) -> list[str]:
@@ -233,6 +273,9 @@ def _finished(event: Finished, progress: Any, preview: Any, gallery: Any, infote
     done = f"{len(event.files)} image(s) in {event.seconds:.1f}s"
     if event.interrupted:
         done += " (interrupted: finished images kept)"
+    if event.warning:  # saving failed: the images are shown all the same, the reason in one line
+        done += f" · {event.warning}"
+        gr.Warning(event.warning)
     return {
         progress: done,
         preview: None,
