@@ -223,13 +223,13 @@ def test_register_ui_tabs_adds_and_replaces_tabs(tmp_path):
 
     plugins = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=[Gallery()])
     specs = collect_tabs(plugins)
-    assert [s.id for s in specs] == ["txt2img", "img2img", "inpaint", "seg2img", "community", "pnginfo"]
-    assert specs[-1].label == "Image info"  # the plugin registered first, so its pnginfo wins
+    assert [s.id for s in specs] == ["txt2img", "img2img", "inpaint", "seg2img", "community", "pnginfo", "plugins"]
+    assert specs[-2].label == "Image info"  # the plugin registered first, so its pnginfo wins
     engine = Engine(plugins=plugins, models_dir=str(ROOT / "models"))
     demo = build_app(StudioService(engine, tmp_path), plugins=plugins)
     labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
     assert labels == ["Text to image", "Image to image", "Inpainting", "Segmentation to image", "Community",
-                      "Image info"]
+                      "Image info", "Plugins"]
     assert built == [["img2img", "inpaint", "seg2img", "txt2img"]]
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"community-tab", "replaced-pnginfo", "txt2img-generate"} <= ids

@@ -32,7 +32,8 @@ class NoModelError(LatentStudioError):
 
 
 class PluginError(LatentStudioError):
-    """A plugin registered something invalid (duplicate name, wrong type)."""
+    """A plugin registered something invalid (duplicate name, wrong type), or a plugin's hook
+    failed during a request (the message names the plugin and the hook)."""
 
 
 class OutOfMemoryError(LatentStudioError):

@@ -86,7 +86,13 @@ def load_model(source: str, kind: str, context: LoadContext) -> ModelBundle | An
 
 @hookspec
 def startup(engine: Any) -> None:
-    """Notification: an engine was created (``engine.plugins``, ``engine.schedulers`` are ready)."""
+    """Notification: an engine was created (``engine.plugins``, ``engine.schedulers`` are ready).
+
+    Like every start-up hook (``startup``, ``register_schedulers``, ``register_models``,
+    ``register_ui_tabs``), a failure here is recorded against the plugin, logged and shown in the
+    web app's Plugins tab, and everything else goes on. A request hook that raises anything but a
+    ``LatentStudioError`` fails the request with a ``PluginError`` naming the plugin and the hook.
+    """
 
 
 # --- Request preparation ----------------------------------------------------------------------
@@ -157,9 +163,10 @@ def register_ui_tabs(register: Callable[..., None]) -> None:
     creates the tab's components. A generation tab builds itself with
     ``webui.ui.controls.generation_tab`` and so gets the shared controls, progress, preview,
     Interrupt/Skip, the gallery and saving; PNG Info can then send parameters to it. Tabs are
-    shown by ``order``; the built-ins are txt2img (10), img2img (20), inpaint (30), seg2img (40)
-    and pnginfo (90). The first registration of an ``id`` wins, so a community plugin can replace
-    a built-in tab by registering its id. A tab whose ``build`` fails shows the error instead.
+    shown by ``order``; the built-ins are txt2img (10), img2img (20), inpaint (30), seg2img (40),
+    pnginfo (90) and plugins (1000: every plugin and its error, if any). The first registration of
+    an ``id`` wins, so a community plugin can replace a built-in tab by registering its id. A tab
+    whose ``build`` fails shows the error instead.
     Called only when the web UI starts, so gradio is imported by the tab's ``build``, not at
     plugin import.
     """

@@ -23,3 +23,4 @@ def register_ui_tabs(register: Callable[..., None]) -> None:
     register("inpaint", "Inpainting", lazy("inpaint"), order=30)
     register("seg2img", "Segmentation to image", lazy("segmap"), order=40)
     register("pnginfo", "PNG Info", lazy("pnginfo"), order=90)
+    register("plugins", "Plugins", lazy("plugins"), order=1000)

@@ -11,6 +11,7 @@ import gradio as gr
 
 from webui.ui.controls import UIContext
 from webui.ui.service import StudioService
+from webui.ui.tabs.plugins import notice as plugin_notice
 
 __all__ = ["BUSY_MESSAGE", "TabSpec", "build_app", "collect_tabs", "configure_queue"]
 
@@ -50,11 +51,14 @@ def build_app(service: StudioService, *, plugins: Any | None = None) -> gr.Block
     """The gradio app over ``service``'s engine. Tabs come from the ``register_ui_tabs`` hook."""
     engine = service.engine
     plugins = plugins if plugins is not None else engine.plugins
-    specs = collect_tabs(plugins)
+    specs = collect_tabs(plugins)  # start-up hooks are guarded: a failing plugin is recorded, not raised
+    failed = plugin_notice(plugins)  # after collect_tabs, so a failed register_ui_tabs is listed too
     ctx = UIContext(service=service, samplers=engine.schedulers.names(), default_model=service.default_model_name(),
                     labels={spec.id: spec.label for spec in specs})
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE}")
+        if failed:
+            gr.Markdown(failed, elem_id="plugin-notice", latex_delimiters=[])
         if ctx.default_model is None:
             gr.Markdown("**No model found.** Put a diffusers model folder into the models folder and press ↻.")
         with gr.Tabs(elem_id="tabs") as selector:
