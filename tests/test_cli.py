@@ -203,7 +203,18 @@ ERROR_CASES = {
                           "cannot read init image {tmp}/notes.png"),
     "init-missing": (lambda tmp, model: ["--init-image", tmp / "missing.png", "--model", model],
                      "init image not found: {tmp}/missing.png"),
+    # checked before any model is looked at (the model named here does not even exist)
+    "out-is-a-file": (lambda tmp, model: ["--out", _a_file(tmp), "--model", tmp / "no-such-model"],
+                      "--out {tmp}/taken.png is not a writable folder (it is a file)"),
+    "out-below-a-file": (lambda tmp, model: ["--out", _a_file(tmp) / "images", "--model", tmp / "no-such-model"],
+                         "--out {tmp}/taken.png/images is not a writable folder ({tmp}/taken.png is a file)"),
 }
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "taken.png"
+    path.write_bytes(b"an image that is already there")
+    return path
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))

@@ -54,3 +54,17 @@ def test_errors_come_out_of_the_stream(engine):
         list(stream(engine, REQUEST.replace(task="img2img", init_image=np.zeros((64, 64, 3), np.uint8),
                                             strength=0.0)))
     assert len(list(stream(engine, REQUEST.replace(batch_count=1)))) == 7  # and the engine still works
+
+
+
+def test_on_batch_gets_each_batch_on_the_worker_thread(engine):
+    import threading
+
+    seen: list[tuple[list[int], str]] = []
+
+    def on_batch(images: list) -> None:
+        seen.append(([item.seed for item in images], threading.current_thread().name))
+
+    result = list(stream(engine, REQUEST, preview_every=0, on_batch=on_batch))[-1]
+    assert seen == [([3], "latent-studio-generate"), ([4], "latent-studio-generate")]
+    assert result.seeds == [3, 4]

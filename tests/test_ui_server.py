@@ -139,7 +139,8 @@ def test_seg2img_follows_a_painted_map(client, tmp_path):
 def test_pnginfo_reads_ours_and_sends_to_a_tab(client, server):
     gallery = call(client, "txt2img", Prompt="a small white triangle", **{"Steps": 3, "Seed (-1 = random)": 77,
                                                                          "CFG scale": 6.5})[2]
-    text, parsed = call(client, "pnginfo", **{"Drop an image": handle_file(gallery[0]["image"])})
+    text, parsed, notes = call(client, "pnginfo", **{"Drop an image": handle_file(gallery[0]["image"])})
+    assert notes == ""
     assert text.startswith("a small white triangle\n")
     assert parsed["Seed"] == "77" and parsed["Steps"] == "3"
     sent = call_named(client, "pnginfo_to_img2img", text)
@@ -157,7 +158,7 @@ def test_pnginfo_reads_an_a1111_png(client, tmp_path):
     info = PngInfo()
     info.add_text("parameters", text)
     Image.new("RGB", (16, 16)).save(tmp_path / "a1111.png", pnginfo=info)
-    got, parsed = call(client, "pnginfo", **{"Drop an image": handle_file(str(tmp_path / "a1111.png"))})
+    got, parsed, _ = call(client, "pnginfo", **{"Drop an image": handle_file(str(tmp_path / "a1111.png"))})
     assert got == text and parsed["Size-2"] == "768"
     sent = call_named(client, "pnginfo_to_txt2img", text)
     assert sent["Sampler"] == "DPM++ 2M Karras" and sent["Seed (-1 = random)"] == 1234
@@ -388,3 +389,47 @@ def test_out_of_memory_is_retried_or_explained_and_the_server_keeps_serving(serv
         plugins.unregister(name="exhaust-always")
     progress = call(client, "txt2img", Prompt="a red circle", Steps=2, **{"Seed (-1 = random)": 1})[0]
     assert progress.startswith("1 image(s)")
+
+
+def test_a_request_failing_in_batch_2_keeps_and_names_batch_1(server, client):
+    from webui.api import hookimpl
+
+    class FailInBatch2:
+        @hookimpl
+        def on_step(self, step):
+            if step.context.batch_index == 1:
+                raise RuntimeError("the device fell over")
+
+    server.engine.plugins.register(FailInBatch2(), name="fail-in-batch-2")
+    try:
+        with pytest.raises(AppError) as failure:
+            call(client, "txt2img", Prompt="a red circle", Steps=3, **{"Batch count": 2, "Seed (-1 = random)": 70})
+    finally:
+        server.engine.plugins.unregister(name="fail-in-batch-2")
+    day = server.outputs / "txt2img" / datetime.date.today().isoformat()
+    message = str(failure.value)
+    assert message.endswith(f"(1 image of the finished batches was saved to {server.outputs.name}/txt2img/{day.name})")
+    assert "RuntimeError: the device fell over" in message and "\n" not in message
+    saved_files = sorted(day.glob("*-70.png"))
+    assert saved_files and "Seed: 70," in read_png_parameters(saved_files[-1])
+    assert not list(day.glob("*-71.png"))
+    assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith("1 image(s)")  # still serving
+
+
+def test_an_unwritable_outputs_folder_still_shows_the_images(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the outputs folder's parent should be")
+    server = Server(blocker / "outputs")
+    try:
+        progress, _, gallery, infotext = call(server.client(), "txt2img", Prompt="a red circle", Steps=3,
+                                              **{"Batch count": 2, "Seed (-1 = random)": 5})[:4]
+    finally:
+        server.close()
+    day = datetime.date.today().isoformat()
+    assert progress.startswith("2 image(s) in")
+    assert progress.endswith(f" · 2 images could not be saved to outputs/txt2img/{day}: Not a directory")
+    assert str(tmp_path) not in progress
+    assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"]
+    assert saved(gallery[1]["image"]).size == (64, 64)
+    assert parse_infotext(infotext)["Seed"] == "5"
+    assert blocker.read_text().startswith("a file")

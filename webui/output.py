@@ -9,6 +9,11 @@ processes) therefore always end with distinct, complete files.
 Choosing the counter and claiming the name happen under a lock (a per-directory thread lock plus,
 on POSIX, ``flock`` on the directory), so concurrent savers also get distinct counters. The lock
 only keeps counters unique; the no-overwrite guarantee does not depend on it.
+
+:class:`BatchSaver` saves a request's images batch by batch as the engine finishes them (it is
+``Engine.generate``'s ``on_batch``), so a later failure, an interrupt or a crash keeps what was
+already done, and a failure to save never throws the images away. :func:`check_writable` tells
+before any work whether a folder can take the files.
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ import datetime
 import errno
 import os
 import re
+import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from webui.metadata import PARAMETERS_KEY
 
-__all__ = ["next_counter", "output_dir", "save_png"]
+__all__ = ["BatchSaver", "check_writable", "next_counter", "output_dir", "save_png"]
 
 COUNTER_DIGITS = 5
 _COUNTER = re.compile(r"^(\d+)-")
@@ -222,3 +229,124 @@ def _umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+def check_writable(folder: str | os.PathLike[str]) -> str | None:
+    """``None`` when PNGs can be saved into ``folder`` (it exists or can be created), else one line
+    saying why not, starting with the folder's name: ``"<folder> is not a writable folder (...)"``.
+
+    Looks without writing anything: the nearest existing folder of ``folder``'s chain must be a
+    folder this process may write into, on a file system mounted read-write.
+    """
+    shown = os.fspath(folder)
+    path = Path(os.path.abspath(folder))
+    probe = path
+    while True:
+        try:
+            status = os.stat(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError):  # missing, or below a file: look further up
+            if probe.parent == probe:
+                return f"{shown} is not a writable folder (no existing folder above it)"
+            probe = probe.parent
+        except OSError as error:
+            return f"{shown} is not a writable folder ({_reason(error)})"
+    where = "it" if probe == path else str(probe)
+    if not stat.S_ISDIR(status.st_mode):
+        return f"{shown} is not a writable folder ({where} is a file)"
+    if _read_only_mount(probe):
+        return f"{shown} is not a writable folder ({where} is on a read-only file system)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{shown} is not a writable folder (no permission to write in {where})"
+    return None
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs on this platform
+        return False
+
+
+def _reason(error: OSError) -> str:
+    """The cause of a file error in one line, without the file's name (a temporary one, often)."""
+    text = error.strerror or str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _count(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+class BatchSaver:
+    """Save a request's images into ``directory`` batch by batch, as ``Engine.generate`` finishes them.
+
+    Pass the saver as ``on_batch``: it is called on the generating thread with each batch's
+    ``OutputImage`` list as soon as the batch is decoded, so the files exist before the next batch
+    starts and survive a later failure, an interrupt or the process dying. Each image is saved
+    with :func:`save_png` (atomic, never overwriting) in the order it came, so one request's names
+    are contiguous unless someone else saves into the same folder at the same moment.
+
+    A failure to save (``OSError``: a read-only folder, a full disk) never stops the generation
+    and never loses the image: the image stays in :attr:`items` without a file, :attr:`error`
+    keeps the first cause in one line, and later images are tried again. ``report`` is called
+    with each saved path; ``shown_as`` is how messages name the folder (default: its path).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, report: Callable[[Path], None] | None = None,
+                 shown_as: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.shown_as = shown_as if shown_as is not None else str(self.directory)
+        self.report = report
+        self.items: list[tuple[Any, Path | None]] = []  # (OutputImage, its file or None), in order
+        self.error: str | None = None
+
+    def __call__(self, images: Iterable[Any]) -> None:
+        for item in images:
+            path: Path | None = None
+            try:
+                path = save_png(item.image, self.directory, seed=item.seed,
+                                infotext=item.parameters.get("infotext"))
+            except OSError as error:
+                if self.error is None:
+                    self.error = _reason(error)
+            self.items.append((item, path))
+            if path is not None and self.report is not None:
+                self.report(path)
+
+    def finish(self, images: Iterable[Any]) -> None:
+        """Save those of a request's final ``images`` that no batch handed over (an engine that
+        does not call ``on_batch``); images already seen are left alone."""
+        seen = {id(item) for item, _ in self.items}
+        self([item for item in images if id(item) not in seen])
+
+    @property
+    def saved(self) -> list[Path]:
+        return [path for _, path in self.items if path is not None]
+
+    @property
+    def unsaved(self) -> int:
+        return sum(1 for _, path in self.items if path is None)
+
+    def warning(self) -> str | None:
+        """One line when some images could not be saved, e.g. ``"2 of 4 images could not be saved
+        to outputs/txt2img/2026-11-30: Permission denied"``; ``None`` when all were."""
+        if not self.unsaved:
+            return None
+        count = f"{self.unsaved} of {_count(len(self.items))}" if self.saved else _count(self.unsaved)
+        return f"{count} could not be saved to {self.shown_as}: {self.error}"
+
+    def summary(self) -> str | None:
+        """For a request that failed after some batches: one line saying what became of the
+        finished batches' images, e.g. ``"2 images of the finished batches were saved to
+        outputs/txt2img/2026-11-30"``; ``None`` when no batch had finished."""
+        if not self.items:
+            return None
+        saved = len(self.saved)
+        if not self.unsaved:
+            verb = "was" if saved == 1 else "were"
+            return f"{_count(saved)} of the finished batches {verb} saved to {self.shown_as}"
+        if not saved:
+            return f"the finished batches' {_count(self.unsaved)} could not be saved to {self.shown_as}: {self.error}"
+        return (f"{saved} of the finished batches' {_count(len(self.items))} saved to {self.shown_as}; "
+                f"{self.unsaved} could not be saved: {self.error}")

@@ -4,6 +4,8 @@
 (step counts, an ETA and, every few steps, a cheap preview of the latents) and finally the
 :class:`GenerationResult`. Closing the iterator early (a user left, a web request was cancelled)
 interrupts the generation and waits for the worker, so the device is never left busy by nobody.
+``on_batch`` runs on the worker thread as each batch finishes, so what it does (saving the
+images) happens even when nobody reads the iterator any more.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import gc
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +66,15 @@ def stream(
     *,
     control: GenerationControl | None = None,
     preview_every: int = 5,
+    on_batch: Callable[[list[Any]], None] | None = None,
 ) -> Iterator[Progress | Any]:
     """Yield :class:`Progress` while ``request`` runs, then its ``GenerationResult``.
 
-    ``preview_every`` is how often (in steps) a preview is made; 0 turns previews off. Errors of
-    the generation are raised from the iterator, after the worker has finished and memory was
-    released.
+    ``preview_every`` is how often (in steps) a preview is made; 0 turns previews off.
+    ``on_batch`` is ``Engine.generate``'s: called on the worker thread with each finished batch's
+    images, before the next batch starts, also after the consumer went away. Errors of the
+    generation are raised from the iterator, after the worker has finished and memory was
+    released (so whatever ``on_batch`` did is complete by then).
     """
     control = control or GenerationControl()
     events: queue.Queue[Any] = queue.Queue()
@@ -89,7 +94,7 @@ def stream(
 
     def work() -> None:
         try:
-            events.put(engine.generate(request, callback=on_step, control=control))
+            events.put(engine.generate(request, callback=on_step, control=control, on_batch=on_batch))
         except BaseException as error:  # handed to the consumer, raised there
             events.put(error)
         finally:

@@ -20,10 +20,10 @@ from webui.engine.context import GenerationControl
 from webui.engine.segmap import ADE20K, Palette
 from webui.engine.stream import Progress, stream
 from webui.errors import LatentStudioError
-from webui.output import output_dir, save_png
+from webui.output import BatchSaver, output_dir
 from webui.request import GenerationRequest
 
-__all__ = ["Finished", "ModelInfo", "StudioService"]
+__all__ = ["Finished", "GenerationFailed", "ModelInfo", "StudioService"]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,23 @@ class ModelInfo:
 
 @dataclass
 class Finished:
-    """A generation's end: the saved files (path, caption), their infotexts and seeds."""
+    """A generation's end: what the gallery shows, the infotexts and seeds, in the same order.
 
-    files: list[tuple[str, str]]
+    ``files`` holds (saved PNG's path, caption) per image, or (the PIL image, caption) for an
+    image that could not be saved; ``warning`` then says in one line why and where.
+    """
+
+    files: list[tuple[Any, str]]
     infotexts: list[str]
     seeds: list[int]
     seconds: float
     interrupted: bool
+    warning: str | None = None
+
+
+class GenerationFailed(LatentStudioError):
+    """A request failed after some of its batches had finished; the message says what it was and
+    where those batches' images were saved."""
 
 
 class StudioService:
@@ -151,19 +161,32 @@ class StudioService:
     def run(self, request: GenerationRequest, session: str) -> Iterator[Progress | Finished]:
         """Run ``request`` for browser session ``session``: progress events, then :class:`Finished`.
 
-        Images are saved to ``outputs/<task>/<date>/NNNNN-<seed>.png`` with their infotext as they
-        come out. A second run of the same session replaces the first's interrupt switch (the queue
+        Each batch's images are saved to ``outputs/<task>/<date>/NNNNN-<seed>.png`` with their
+        infotext as soon as the batch is decoded, on the generating thread: they stay on disk when
+        a later batch fails, the session interrupts, the browser goes away or the process dies.
+        When the request fails after some batches, :class:`GenerationFailed` says how many images
+        were saved and where; when saving fails, :class:`Finished` still carries the images, with a
+        warning. A second run of the same session replaces the first's interrupt switch (the queue
         runs one generation at a time anyway).
         """
+        directory = output_dir(self.outputs_dir, request.task)
+        saver = BatchSaver(directory, shown_as=self._shown(directory))
         control = GenerationControl()
         with self._lock:
             self._controls[session] = control
         try:
-            for event in stream(self.engine, request, control=control, preview_every=self.preview_every):
-                if isinstance(event, Progress):
-                    yield event
-                    continue
-                yield self._save(request.task, event)
+            try:
+                for event in stream(self.engine, request, control=control, preview_every=self.preview_every,
+                                    on_batch=saver):
+                    if isinstance(event, Progress):
+                        yield event
+                        continue
+                    yield self._finished(event, saver)
+            except Exception as error:
+                failed = self._failed(error, saver)
+                if failed is error:
+                    raise
+                raise failed from error
         finally:
             with self._lock:
                 if self._controls.get(session) is control:
@@ -191,13 +214,33 @@ class StudioService:
         with self._lock:
             return len(self._controls)
 
-    def _save(self, task: str, result: Any) -> Finished:
-        directory = output_dir(self.outputs_dir, task)
-        files = []
-        for item in result.images:
-            infotext = item.parameters.get("infotext", "")
-            path = save_png(item.image, directory, seed=item.seed, infotext=infotext)
-            files.append((str(path), f"seed {item.seed}"))
-        return Finished(files=files, infotexts=result.infotexts, seeds=result.seeds,
-                        seconds=result.seconds, interrupted=result.interrupted)
+    def _shown(self, directory: Path) -> str:
+        """``directory`` as web users see it: from the outputs folder's own name down (the
+        server's path above it is nobody's business)."""
+        try:
+            inner = directory.relative_to(self.outputs_dir)
+        except ValueError:
+            return directory.name
+        return str(Path(self.outputs_dir.name) / inner) if self.outputs_dir.name else str(inner)
+
+    def _finished(self, result: Any, saver: BatchSaver) -> Finished:
+        saver.finish(result.images)  # batches the engine did not hand over on the way, if any
+        files: list[tuple[Any, str]] = [(str(path) if path is not None else item.image, f"seed {item.seed}")
+                                        for item, path in saver.items]
+        warning = saver.warning()
+        if warning is not None:
+            log.warning("%s (%s)", warning, saver.directory)
+        return Finished(files=files, infotexts=[item.parameters.get("infotext", "") for item, _ in saver.items],
+                        seeds=[item.seed for item, _ in saver.items], seconds=result.seconds,
+                        interrupted=result.interrupted, warning=warning)
+
+    def _failed(self, error: Exception, saver: BatchSaver) -> Exception:
+        """``error`` itself when no batch had finished; else one naming what was kept and where."""
+        note = saver.summary()
+        if note is None:
+            return error
+        if isinstance(error, LatentStudioError):
+            return GenerationFailed(f"{error} ({note})")
+        log.error("generation failed (%s)", saver.directory, exc_info=error)  # a bug or the device: keep the trace
+        return GenerationFailed(f"generation failed: {type(error).__name__}: {error} ({note})")
 
