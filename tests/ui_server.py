@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,32 @@ def free_port() -> int:
 
 
 class Server:
-    """``python launch.py`` with the given flags, serving the shipped model until ``close()``."""
+    """``python launch.py`` with the given flags, serving the shipped model until ``close()``.
 
-    def __init__(self, outputs: Path, *flags: str) -> None:
+    ``plugin_dirs``: load drop-in plugins from these folders instead of ``plugins/`` (as
+    ``LATENT_STUDIO_PLUGIN_DIRS`` does for ``launch.py``)."""
+
+    def __init__(self, outputs: Path, *flags: str, plugin_dirs: Sequence[Path] | None = None) -> None:
         from webui.cli import _engine, build_parser
+        from webui.plugins import PLUGIN_DIRS_ENV
         from webui.ui.server import serve
 
         self.port = free_port()
         self.outputs = outputs
         argv = ["--port", str(self.port), "--models-dir", str(MODELS), "--outputs-dir", str(outputs), *flags]
         args = build_parser().parse_args(argv)
-        self.engine = _engine(args)
+        saved = os.environ.get(PLUGIN_DIRS_ENV)
+        if plugin_dirs is not None:
+            os.environ[PLUGIN_DIRS_ENV] = os.pathsep.join(str(folder) for folder in plugin_dirs)
+        try:
+            # as launch.py does: web names stay inside the model folders, downloads only if allowed
+            self.engine = _engine(args, allow_paths=False, allow_download=args.allow_download)
+        finally:
+            if plugin_dirs is not None:
+                if saved is None:
+                    os.environ.pop(PLUGIN_DIRS_ENV, None)
+                else:
+                    os.environ[PLUGIN_DIRS_ENV] = saved
         self.demo = serve(args, self.engine, block=False)
         self.url = f"http://127.0.0.1:{self.port}/"
 

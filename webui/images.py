@@ -199,7 +199,12 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
 
 
 def _check_size(img: Image.Image, name: str) -> None:
-    width, height = img.size
+    check_pixels(*img.size, name)
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Raise :class:`InvalidRequestError` for an empty image or one over :data:`MAX_PIXELS`
+    (one line naming ``name`` and the size; the web app checks uploads with it before decoding)."""
     if width <= 0 or height <= 0:
         raise InvalidRequestError(f"{name} is empty ({width}x{height} pixels)")
     if width * height > MAX_PIXELS:

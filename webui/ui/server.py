@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import logging
+import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from webui.errors import InvalidRequestError
 
-__all__ = ["LaunchRefused", "add_server_options", "exposure_problem", "read_auth", "serve"]
+__all__ = ["LaunchRefused", "add_server_options", "exposure_problem", "outputs_problem", "parse_origins", "read_auth",
+           "serve"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7860
 LOCALHOST = "127.0.0.1"
@@ -35,33 +42,59 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="generations that may wait; more get a 'busy, try again' message (default 16)")
     server.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload in MB (default 50)")
     server.add_argument("--preview-every", type=int, default=5, help="live preview every N steps; 0 = off")
+    server.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
+                        help="other sites whose pages may call this server from the browser, e.g. "
+                        "https://example.com (default: only the server's own address; * = any site)")
 
 
 def read_auth(auth: str | None, auth_file: Path | None) -> list[tuple[str, str]]:
-    """Logins from ``--auth`` and ``--auth-file``; malformed entries are refused, never skipped."""
+    """Logins from ``--auth`` and ``--auth-file``; malformed entries are refused, never skipped.
+
+    Spaces around the user name and the password are dropped (``" USER : PASS "``). The file may be
+    UTF-8 (with or without a byte order mark) or UTF-16 with a byte order mark. No message repeats
+    an entry: it could hold a password.
+    """
     entries: list[tuple[str, str]] = []
     sources: list[tuple[str, str]] = []
     if auth:
-        sources += [("--auth", part) for part in auth.split(",")]
+        sources += [(f"--auth login {n}", part) for n, part in enumerate(auth.split(","), 1) if part.strip()]
     if auth_file is not None:
-        try:
-            lines = auth_file.read_text(encoding="utf-8").splitlines()
-        except OSError as error:
-            raise LaunchRefused(f"cannot read --auth-file {auth_file}: {error.strerror or error}") from None
+        lines = _auth_file_text(auth_file).splitlines()
         sources += [(f"{auth_file}:{n}", line) for n, line in enumerate(lines, 1)
                     if line.strip() and not line.lstrip().startswith("#")]
     for where, item in sources:
-        user, sep, password = item.strip().partition(":")
+        user, sep, password = item.partition(":")
+        user, password = user.strip(), password.strip()
         if not sep or not user or not password:
-            raise LaunchRefused(f"{where}: a login must look like USER:PASS, got {item.strip()!r}")
+            raise LaunchRefused(f"{where}: a login must look like USER:PASS, with a user name and a password")
         entries.append((user, password))
     if (auth is not None or auth_file is not None) and not entries:
         raise LaunchRefused("--auth / --auth-file gave no login")
     return entries
 
 
+def _auth_file_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise LaunchRefused(f"cannot read --auth-file {path}: {error.strerror or error}") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif raw.startswith(codecs.BOM_UTF8):
+        encoding = "utf-8-sig"
+    else:
+        encoding = "utf-8"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise LaunchRefused(f"--auth-file {path} is not UTF-8 or UTF-16 text; save it as UTF-8") from None
+    if "\x00" in text:
+        raise LaunchRefused(f"--auth-file {path} looks like UTF-16 without a byte order mark; save it as UTF-8")
+    return text
+
+
 def exposure_problem(args: argparse.Namespace, logins: list[tuple[str, str]]) -> str | None:
-    """Why these flags must not start a server, or ``None`` when they may."""
+    """Why these flags must not start a server, or ``None`` when they may (one line)."""
     exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
     if exposed and not logins and not args.insecure:
         return (f"{' and '.join(exposed)} would let anyone who can reach this machine"
@@ -72,7 +105,50 @@ def exposure_problem(args: argparse.Namespace, logins: list[tuple[str, str]]) ->
         return f"--port must be between 1 and 65535, got {args.port}"
     if args.queue_size < 1:
         return f"--queue-size must be at least 1, got {args.queue_size}"
+    max_upload = getattr(args, "max_upload_mb", 50.0)
+    if not (math.isfinite(max_upload) and max_upload > 0):
+        return f"--max-upload-mb must be a number of megabytes above 0, got {max_upload:g}"
+    preview_every = getattr(args, "preview_every", 0)
+    if preview_every < 0:
+        return f"--preview-every must be 0 (off) or more, got {preview_every}"
+    try:
+        parse_origins(getattr(args, "cors_allow_origins", None))
+    except ValueError as error:
+        return str(error)
     return None
+
+
+def parse_origins(text: str | None) -> tuple[str, ...]:
+    """``--cors-allow-origins``: comma-separated origins such as ``https://example.com:8443``, or
+    ``*`` for any origin. Raises :class:`ValueError` with a one-line message for anything else."""
+    origins: list[str] = []
+    for item in (text or "").split(","):
+        item = item.strip().rstrip("/").lower()
+        if not item:
+            continue
+        if item != "*":
+            try:
+                parts = urlsplit(item)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+            except ValueError:  # a bad port or bracket
+                valid = False
+            if not valid or parts.path or parts.query or parts.fragment:
+                raise ValueError(f"--cors-allow-origins: {item!r} is not an origin like https://example.com")
+        origins.append(item)
+    return tuple(origins)
+
+
+def outputs_problem(outputs: Path) -> str | None:
+    """Why images cannot be saved under ``outputs``, or ``None`` (the folder is created if missing)."""
+    from webui.output import check_writable
+
+    problem = check_writable(outputs)
+    if problem is None:
+        try:
+            outputs.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problem = f"{outputs} is not a writable folder ({error.strerror or type(error).__name__})"
+    return None if problem is None else f"the outputs folder {problem}"
 
 
 def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
@@ -82,23 +158,34 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
 
     from webui.images import MAX_PIXELS
     from webui.ui.app import CSS, build_app, configure_queue
+    from webui.ui.security import (
+        LoginThrottle,
+        body_limit_bytes,
+        guard_uploads,
+        install_guards,
+    )
     from webui.ui.service import StudioService
 
     logins = read_auth(args.auth, args.auth_file)
     problem = exposure_problem(args, logins)
     if problem:
         raise LaunchRefused(problem)
-    # Pillow refuses decompression bombs at open; the engine's own check gives the message below that
+    # Pillow refuses decompression bombs at open; uploads are checked from their headers before that
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     from webui.cli import DEFAULT_OUTPUTS_DIR
 
     outputs = Path(args.outputs_dir) if args.outputs_dir else DEFAULT_OUTPUTS_DIR
+    unwritable = outputs_problem(outputs)
+    if unwritable:  # still serve: the owner may fix the folder while the app runs
+        log.warning("%s: generated images cannot be saved", unwritable)
+        print(f"warning: {unwritable}: generated images cannot be saved until it is fixed", flush=True)
     # model names from browsers and the API stay inside the model folders (--model may still be a path)
     engine.models.allow_paths = False
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     demo = configure_queue(build_app(service), args.queue_size)
+    guard_uploads(demo)
     demo.studio_service = service  # for whoever holds the app (the tests) to see the sessions
-    _, local_url, share_url = demo.launch(
+    app, local_url, share_url = demo.launch(
         server_name=EVERYWHERE if args.listen else LOCALHOST,
         server_port=args.port,
         share=bool(args.share),
@@ -110,6 +197,13 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
         quiet=True,
         css=CSS,
         footer_links=["api", "settings"],
+    )
+    max_body = body_limit_bytes(args.max_upload_mb)
+    install_guards(
+        app, max_body=max_body, cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
+        body_message=(f"the request body is over {max_body / 2**20:.1f} MB, the most this server accepts "
+                      f"(set by --max-upload-mb {args.max_upload_mb:g})"),
+        throttle=LoginThrottle() if logins else None,
     )
     if block:
         print(f"Latent Studio is running at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)

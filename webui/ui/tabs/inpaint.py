@@ -11,6 +11,7 @@ from PIL import Image
 from webui.errors import InvalidRequestError
 from webui.request import MASKED_CONTENT
 from webui.ui.controls import GenerationTab, UIContext, generation_tab
+from webui.ui.security import guard_image_input, open_upload
 
 
 def build(ctx: UIContext) -> GenerationTab:
@@ -18,14 +19,15 @@ def build(ctx: UIContext) -> GenerationTab:
 
     def controls() -> dict[str, Any]:
         fields: dict[str, Any] = {}
-        fields["editor"] = gr.ImageEditor(
+        fields["editor"] = guard_image_input(gr.ImageEditor(
             label="Image and mask: upload, then paint over what should change", type="pil", image_mode="RGBA",
             sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size),
             eraser=gr.Eraser(), transforms=(), layers=False, height=360, elem_id="inpaint-editor",
-        )
+        ), "image")
         with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
-            fields["mask_upload"] = gr.Image(label="Mask", type="filepath", image_mode=None, sources=["upload"],
-                                             height=200, elem_id="inpaint-mask")
+            fields["mask_upload"] = guard_image_input(gr.Image(
+                label="Mask", type="filepath", image_mode=None, sources=["upload"], height=200,
+                elem_id="inpaint-mask"), "mask")
         with gr.Row():
             fields["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
             fields["strength"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Denoising strength")
@@ -41,7 +43,7 @@ def build(ctx: UIContext) -> GenerationTab:
         image, painted = editor_image_and_mask(values.get("editor"))
         if image is None:
             raise InvalidRequestError("upload an image to inpaint first")
-        mask = values.get("mask_upload") or painted
+        mask = open_upload(values["mask_upload"], "mask") if values.get("mask_upload") else painted
         if mask is None:
             raise InvalidRequestError("paint a mask over the image (or upload one): nothing is marked to change")
         return {

@@ -7,11 +7,14 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from webui.limits import Limits
 from webui.metadata import parse_infotext, read_png_parameters
 from webui.ui.controls import UIContext
-from webui.ui.infotext import fields_from_parameters
+from webui.ui.infotext import Range, clamp_fields, fields_from_parameters, unreadable_numbers
+from webui.ui.security import guard_image_input
 
 _USER_COMMENT = 0x9286  # EXIF UserComment: where A1111 puts the parameters of JPEG and WebP files
+SEED_RANGE = (-1, 2**32 - 1)  # -1 = random; seeds are 32-bit
 
 
 def read_parameters(path: str | None) -> str | None:
@@ -42,44 +45,94 @@ def decode_user_comment(raw: bytes) -> str:
     return body.decode("utf-8", errors="replace")
 
 
+def too_long(text: str, limits: Limits) -> str | None:
+    """Why a parameters text is refused before it is parsed, or ``None`` when it may be parsed."""
+    limit = limits.max_infotext_chars
+    if limit and len(text) > limit:
+        return (f"the parameters text has {len(text)} characters; the limit is {limit} (--max-infotext-chars), "
+                "so it is not read")
+    return None
+
+
+def control_ranges(fields: dict[str, Any], limits: Limits) -> dict[str, Range]:
+    """What each control of a tab accepts, read from the control itself (a slider's ends and step,
+    a text box's length), with steps also capped by ``limits`` and seeds kept to 32 bits."""
+    ranges: dict[str, Range] = {}
+    for name, component in fields.items():
+        label = str(component.label or name).split(" (")[0]  # "Seed (-1 = random)" -> "Seed"
+        if isinstance(component, gr.Slider):
+            high = component.maximum
+            if name == "steps" and limits.max_steps:
+                high = min(high, limits.max_steps)
+            ranges[name] = Range(label, component.minimum, high, component.step)
+        elif isinstance(component, gr.Number):
+            low, high = component.minimum, component.maximum
+            if name == "seed":
+                low, high = SEED_RANGE
+            ranges[name] = Range(label, low, high, component.step)
+        elif isinstance(component, gr.Textbox):
+            ranges[name] = Range(label, max_chars=component.max_length or limits.max_prompt_chars or None)
+    return ranges
+
+
 def build(ctx: UIContext) -> None:
     tabs, labels = ctx.selector, ctx.labels
+    limits: Limits = getattr(ctx.service.engine, "limits", None) or Limits()
     with gr.Row(equal_height=False):
         with gr.Column():
-            image = gr.Image(label="Drop an image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             height=360, elem_id="pnginfo-image")
+            image = guard_image_input(gr.Image(
+                label="Drop an image", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=360,
+                elem_id="pnginfo-image"), "image")
         with gr.Column():
             text = gr.Textbox(label="Parameters", lines=6, interactive=False, buttons=["copy"],
                               elem_id="pnginfo-text")
             table = gr.JSON(label="Parsed", elem_id="pnginfo-parsed")
+            notes = gr.Markdown("", elem_id="pnginfo-notes")
             with gr.Row():
                 buttons = {task: gr.Button(f"Send to {labels[task]}", elem_id=f"pnginfo-send-{task}")
                            for task in ctx.tabs}
 
-    def read(path: str | None) -> tuple[str, dict[str, Any] | None]:
+    def read(path: str | None) -> tuple[str, dict[str, Any] | None, str]:
+        """The parameters text, parsed, and a note (why nothing was read, or "")."""
         found = read_parameters(path)
         if path and found is None:
             gr.Warning("This image carries no generation parameters.")
-            return "", None
-        return found or "", parse_infotext(found) if found else None
+            return "", None, ""
+        if found is None:
+            return "", None, ""
+        refused = too_long(found, limits)
+        if refused:  # refused before parsing: a huge text must not hold the server
+            gr.Warning(refused)
+            return "", None, refused
+        return found, parse_infotext(found), ""
 
-    image.change(read, inputs=image, outputs=[text, table], api_name="pnginfo")
+    image.change(read, inputs=image, outputs=[text, table, notes], api_name="pnginfo")
 
     for task, button in buttons.items():
         tab = ctx.tabs[task]
         names = [name for name in tab.fields if name in _SENDABLE]
         targets = [tab.fields[name] for name in names]
+        ranges = control_ranges({name: tab.fields[name] for name in names}, limits)
 
-        def send(parameters: str, names: list[str] = names, task: str = task) -> list[Any]:
+        def send(parameters: str, names: list[str] = names, task: str = task,
+                 ranges: dict[str, Range] = ranges) -> list[Any]:
             if not parameters:
                 raise gr.Error("Drop an image with generation parameters first.", print_exception=False)
-            values = fields_from_parameters(parse_infotext(parameters), ctx.samplers)
+            refused = too_long(parameters, limits)
+            if refused:
+                raise gr.Error(refused, print_exception=False)
+            parsed = parse_infotext(parameters)
+            values, changes = clamp_fields(fields_from_parameters(parsed, ctx.samplers), ranges)
+            changes = unreadable_numbers(parsed) + changes
             if "model" in values and values["model"] not in ctx.service.model_names():
-                gr.Warning(f"model {values['model']!r} is not installed; keeping the current model")
+                changes.append(f"model {str(values['model'])[:80]!r} is not installed; kept the current model")
                 values.pop("model")
-            return [gr.Tabs(selected=task)] + [values[name] if name in values else gr.skip() for name in names]
+            note = "; ".join(changes)
+            if note:
+                gr.Warning(note)
+            return [gr.Tabs(selected=task), note] + [values[name] if name in values else gr.skip() for name in names]
 
-        button.click(send, inputs=text, outputs=[tabs, *targets], api_name=f"pnginfo_to_{task}")
+        button.click(send, inputs=text, outputs=[tabs, notes, *targets], api_name=f"pnginfo_to_{task}")
 
 
 _SENDABLE = frozenset({

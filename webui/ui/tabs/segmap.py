@@ -11,6 +11,7 @@ from PIL import Image
 from webui.engine.segmap import Palette
 from webui.errors import InvalidRequestError
 from webui.ui.controls import GenerationTab, UIContext, generation_tab
+from webui.ui.security import guard_image_input, open_upload
 
 MODEL_OWN = "The model's own"  # the ControlNet shipped in the model's folder
 
@@ -49,16 +50,17 @@ def build(ctx: UIContext) -> GenerationTab:
 
     def controls() -> dict[str, Any]:
         fields: dict[str, Any] = {}
-        fields["seg_editor"] = gr.ImageEditor(
+        fields["seg_editor"] = guard_image_input(gr.ImageEditor(
             value={"background": blank_map(info.palette, info.default_size), "layers": [], "composite": None},
             label="Segmentation map: paint classes with the palette's colours", type="pil", image_mode="RGB",
             sources=["upload", "clipboard"], brush=_brush(info.palette, info.default_size), eraser=False, transforms=(),
             layers=False, height=360, elem_id="seg2img-editor",
-        )
+        ), "segmentation map")
         shown["legend"] = gr.HTML(legend_html(info.palette), elem_id="seg2img-legend")
         with gr.Accordion("Upload a map instead", open=False):
-            fields["seg_upload"] = gr.Image(label="Segmentation map", type="filepath", image_mode=None,
-                                            sources=["upload"], height=200, elem_id="seg2img-map")
+            fields["seg_upload"] = guard_image_input(gr.Image(
+                label="Segmentation map", type="filepath", image_mode=None, sources=["upload"], height=200,
+                elem_id="seg2img-map"), "segmentation map")
         with gr.Row():
             fields["controlnet"] = gr.Dropdown(
                 choices=[MODEL_OWN, *ctx.service.names("controlnet")], value=MODEL_OWN, label="ControlNet",
@@ -67,14 +69,15 @@ def build(ctx: UIContext) -> GenerationTab:
             fields["control_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
             fields["control_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
         with gr.Accordion("Start from an image (optional)", open=False):
-            fields["init_image"] = gr.Image(label="Init image", type="filepath", image_mode=None,
-                                            sources=["upload"], height=200, elem_id="seg2img-init")
+            fields["init_image"] = guard_image_input(gr.Image(
+                label="Init image", type="filepath", image_mode=None, sources=["upload"], height=200,
+                elem_id="seg2img-init"), "init image")
             fields["strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength")
         return fields
 
     def extras(values: dict[str, Any]) -> dict[str, Any]:
-        seg_map = values.get("seg_upload")
-        if not seg_map:
+        seg_map = open_upload(values["seg_upload"], "segmentation map") if values.get("seg_upload") else None
+        if seg_map is None:
             editor = values.get("seg_editor")
             if isinstance(editor, dict):
                 seg_map = editor.get("composite") or editor.get("background")
@@ -87,7 +90,7 @@ def build(ctx: UIContext) -> GenerationTab:
         if values.get("controlnet") not in (None, "", MODEL_OWN):
             fields["controlnet"] = str(values["controlnet"])
         if values.get("init_image"):
-            fields.update(init_image=values["init_image"], strength=float(values["strength"]))
+            fields.update(init_image=open_upload(values["init_image"], "init image"), strength=float(values["strength"]))
         return fields
 
     tab = generation_tab(ctx, "seg2img", extras=extras, build_controls=controls)
