@@ -131,6 +131,56 @@ def test_provide_conditioning_adds_a_control(bundle):
     assert "Edges: left half" in controlled.infotexts[0]
 
 
+def test_patch_model_applies_for_one_request_and_undoes(bundle):
+    saved = bundle.unet.conv_in.bias.detach().clone()
+    seen = []
+
+    class Brighter:
+        @hookimpl
+        def patch_model(self, request, context, patches):
+            bias = context.bundle.unet.conv_in.bias
+            patches.add("brighter", lambda: bias.data.add_(0.5), lambda: bias.data.copy_(saved))
+
+        @hookimpl
+        def on_step(self, step):
+            seen.append(float((step.context.bundle.unet.conv_in.bias - saved).max()))
+
+    plain = engine_with().generate(GenerationRequest(**BASE), bundle=bundle)
+    patched = engine_with(Brighter()).generate(GenerationRequest(**BASE), bundle=bundle)
+    assert seen == [0.5] * 3
+    assert np.abs(pixels(plain) - pixels(patched)).max() > 0
+    assert torch.equal(bundle.unet.conv_in.bias, saved)  # undone, bit for bit
+
+
+def test_wrap_denoiser_sees_each_step(bundle):
+    calls = []
+
+    class Counter:
+        @hookimpl
+        def wrap_denoiser(self, request, context):
+            def wrap(call):
+                def counted(model_input, step):
+                    calls.append((step.index, step.total, int(step.timestep), step.sigma is not None))
+                    return call(model_input, step)
+                return counted
+            return wrap
+
+    engine_with(Counter()).generate(GenerationRequest(**BASE), bundle=bundle)
+    assert [c[:2] for c in calls] == [(0, 3), (1, 3), (2, 3)]
+    assert calls[0][2] > calls[1][2] > calls[2][2] and all(c[3] for c in calls)  # Euler has sigmas
+
+
+def test_wrap_guidance_replaces_the_combination(bundle):
+    class TextOnly:
+        @hookimpl
+        def wrap_guidance(self, request, context):
+            return lambda combine: lambda uncond, cond, scale, step: combine(uncond, cond, 1.0, step)
+
+    unguided = engine_with().generate(GenerationRequest(**{**BASE, "cfg_scale": 1.0}), bundle=bundle)
+    wrapped = engine_with(TextOnly()).generate(GenerationRequest(**{**BASE, "cfg_scale": 7.0}), bundle=bundle)
+    assert np.abs(pixels(unguided) - pixels(wrapped)).max() <= 1  # scale 1 is the text prediction alone
+
+
 def test_on_step_reports_progress_and_can_interrupt(bundle):
     steps = []
 

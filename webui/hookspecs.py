@@ -14,6 +14,22 @@ Hook kinds:
 Order: pluggy calls the most recently registered plugin first. Built-ins are registered before
 community plugins, so a community plugin's transform runs first unless it asks for
 ``@hookimpl(trylast=True)``, and its firstresult answer wins over a built-in's.
+
+API versions: this contract and ``webui.api`` together are plugin API ``webui.api.API_VERSION``
+(now 1); the number goes up when a hook or a name there changes incompatibly (new hooks, new
+arguments and new names do not change it). A plugin declares the versions it supports with a
+module (or object) attribute, a whole number or a collection of them::
+
+    LATENT_STUDIO_API = 1          # or (1, 2)
+
+A plugin whose declaration does not include the running version is not registered, and its record
+says why, naming both versions (``needs plugin API 2; this Latent Studio provides API 1``), in
+``launch.py plugins`` and the web app's Plugins tab. A plugin that declares nothing is loaded, for
+compatibility with plugins written before versions were checked. The built-ins declare it too.
+
+Testing a plugin: ``webui.testing`` builds a tiny offline model and an engine with the plugin
+registered, runs a request on each task and checks the plugin's hook names and arguments against
+this contract (``check_hooks``).
 """
 
 from __future__ import annotations
@@ -27,8 +43,11 @@ if TYPE_CHECKING:
     from webui.engine.bundle import ModelBundle
     from webui.engine.context import (
         Conditioning,
+        DenoiserCall,
+        GuidanceCombine,
         LoadContext,
         ModelEntry,
+        ModelPatches,
         OutputImage,
         RunContext,
         StepInfo,
@@ -107,6 +126,28 @@ def prepare_request(request: GenerationRequest, context: RunContext) -> None:
     """
 
 
+@hookspec
+def patch_model(request: GenerationRequest, context: RunContext, patches: ModelPatches) -> None:
+    """Change the model for this request only: add each change to ``patches`` with
+    ``patches.add(name, apply, undo)`` or ``patches.enter(name, context_manager)``.
+
+    The hook only collects. The engine then applies the patches in the order they were added
+    (pluggy's call order, then each plugin's own order), under the model's lock, before the first
+    batch; it undoes them in reverse order when the request ends, also on an error (when a later
+    patch fails to apply, only the ones already applied are undone), an interrupt or a skip, so the
+    cached model is exactly what it was for the next request. Called once per request, after
+    ``prepare_request``; ``context.width``/``height`` are known. Built-ins: LoRAs named in the prompt
+    (``<lora:name:0.8>``) and textual-inversion embeddings. Example::
+
+        @hookimpl
+        def patch_model(request, context, patches):
+            unet = context.bundle.unet
+            saved = unet.conv_in.bias.detach().clone()
+            patches.add("brighter", lambda: unet.conv_in.bias.data.add_(0.1),
+                        lambda: unet.conv_in.bias.data.copy_(saved))
+    """
+
+
 # --- Conditioning -----------------------------------------------------------------------------
 
 
@@ -122,6 +163,49 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
 
 
 # --- Sampling ---------------------------------------------------------------------------------
+
+
+@hookspec
+def wrap_denoiser(request: GenerationRequest,
+                  context: RunContext) -> Callable[[DenoiserCall], DenoiserCall] | None:
+    """Wrap the denoiser call: return a function that takes the next ``call`` and returns a new
+    one, or None to leave it alone.
+
+    ``call(model_input, step) -> noise_pred`` runs the UNet (with every ControlNet) on the scaled
+    latents (doubled as ``[unconditional; conditional]`` when ``step.guided``); ``step`` is a
+    :class:`~webui.engine.context.DenoiseStep` (``index``, ``total``, ``timestep``, ``sigma``,
+    ``request``, ``context``, ``encoder_hidden_states``...). Called once per batch; the wrapped call
+    runs once per sampler evaluation. Wrappers compose: the first implementation pluggy calls is the
+    outermost (a community plugin wraps the built-ins unless it uses ``trylast=True``). Example::
+
+        @hookimpl
+        def wrap_denoiser(request, context):
+            def wrap(call):
+                def counted(model_input, step):
+                    print("step", step.index, "timestep", int(step.timestep))
+                    return call(model_input, step)
+                return counted
+            return wrap
+    """
+
+
+@hookspec
+def wrap_guidance(request: GenerationRequest,
+                  context: RunContext) -> Callable[[GuidanceCombine], GuidanceCombine] | None:
+    """Wrap classifier-free guidance's combination step: return a function that takes the next
+    ``combine`` and returns a new one, or None to leave it alone.
+
+    ``combine(uncond, cond, scale, step) -> noise_pred``; the built-in one is
+    ``uncond + scale * (cond - uncond)``. Used only when the request is guided (CFG scale above 1).
+    Called once per batch; composed like ``wrap_denoiser`` (the first implementation pluggy calls
+    is outermost). The built-in CFG rescale (``extra["cfg_rescale"]``) is such a wrapper. Example::
+
+        @hookimpl
+        def wrap_guidance(request, context):
+            def wrap(combine):
+                return lambda uncond, cond, scale, step: combine(uncond, cond, scale * 0.9, step)
+            return wrap
+    """
 
 
 @hookspec

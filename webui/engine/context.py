@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -193,3 +194,99 @@ class LoadContext:
     # True only when the user opted in (--allow-pickle): pickle checkpoints (.ckpt/.pt/.pth/.bin) may
     # then be read, and only with torch.load(weights_only=True); see webui.engine.files
     allow_pickle: bool = False
+
+
+class _ApplyUndo(AbstractContextManager[None]):
+    def __init__(self, apply: Callable[[], Any], undo: Callable[[], Any] | None) -> None:
+        self.apply, self.undo = apply, undo
+
+    def __enter__(self) -> None:
+        self.apply()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.undo is not None:
+            self.undo()
+
+
+class ModelPatches:
+    """The changes to the model one request makes, collected by the ``patch_model`` hook.
+
+    ``add(name, apply, undo)``: ``apply()`` changes the model, ``undo()`` puts it back exactly.
+    ``enter(name, manager)``: the same as a context manager (entering applies, leaving undoes), such
+    as :func:`webui.engine.lora.apply_loras`. The hook only collects; the engine then applies the
+    patches in the order they were added, under the model's lock, before the first batch, and undoes
+    them in the reverse order when the request ends: normally, on an error (also one raised while a
+    later patch is being applied: only the patches already applied are undone), on an interrupt or a
+    skip. Every undo runs even when another one fails; the error is raised afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, AbstractContextManager[Any]]] = []
+
+    def add(self, name: str, apply: Callable[[], Any], undo: Callable[[], Any] | None = None) -> None:
+        """Apply ``apply()`` for the request and ``undo()`` afterwards (``None``: nothing to undo)."""
+        self._items.append((name, _ApplyUndo(apply, undo)))
+
+    def enter(self, name: str, manager: AbstractContextManager[Any]) -> None:
+        """Enter the context manager ``manager`` for the request and leave it afterwards."""
+        self._items.append((name, manager))
+
+    @property
+    def names(self) -> list[str]:
+        """The patches' names, in the order they are applied."""
+        return [name for name, _ in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Apply every patch in order for the ``with`` block, undo them in reverse order after it."""
+        with ExitStack() as stack:
+            for _, manager in self._items:
+                stack.enter_context(manager)
+            yield
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One call of the denoiser, handed to the functions ``wrap_denoiser`` and ``wrap_guidance`` add.
+
+    ``index`` counts the scheduler's timesteps from 0 to ``total - 1`` (a second-order sampler
+    calls the denoiser twice per user-visible step); ``timestep`` is the scheduler's timestep and
+    :attr:`sigma` its noise level where the scheduler has sigmas (Euler, DPM++, Heun...), else
+    ``None``. ``encoder_hidden_states`` and ``added_cond_kwargs`` are what the UNet (and every
+    ControlNet) receives; a denoiser wrapper may call the next function with
+    ``dataclasses.replace(step, encoder_hidden_states=...)``. ``guided`` tells whether the batch
+    is ``[unconditional; conditional]`` (classifier-free guidance) or the conditional half only.
+    """
+
+    context: RunContext
+    index: int
+    total: int
+    timestep: Any
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    guided: bool = True
+    guidance_scale: float = 1.0
+    sigmas: Any = field(default=None, repr=False)  # the scheduler's sigmas, when it has them
+    sigma_index: int | None = field(default=None, repr=False)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.context.request
+
+    @property
+    def sigma(self) -> float | None:
+        """The noise level of this call (``sigmas[sigma_index]``), or ``None`` for schedulers
+        without sigmas (DDIM, PNDM...)."""
+        if self.sigmas is None or self.sigma_index is None or self.sigma_index >= len(self.sigmas):
+            return None
+        return float(self.sigmas[self.sigma_index])
+
+
+DenoiserCall = Callable[[torch.Tensor, DenoiseStep], torch.Tensor]
+"""``call(model_input, step) -> noise_pred``: the UNet (with the ControlNets) on the scaled latents."""
+
+GuidanceCombine = Callable[[torch.Tensor, torch.Tensor, float, DenoiseStep], torch.Tensor]
+"""``combine(uncond, cond, scale, step) -> noise_pred``: classifier-free guidance's combination."""

@@ -38,7 +38,7 @@ from webui.errors import InvalidRequestError, ModelLoadError
 
 EMBEDDING_SUFFIX = ".safetensors"
 EMBEDDINGS_FOLDER = "embeddings"
-STATE_KEY = "embeddings"  # RunContext.state key of a request's EmbeddingLibrary
+STATE_KEY = "embeddings"  # RunContext.state: the request's EmbeddingLibrary (set by webui.builtin.embeddings)
 SDXL_KEYS = ("clip_l", "clip_g")  # vectors for text encoder 1 and 2 of SDXL embeddings
 _STRING_TO_PARAM = "string_to_param."
 _CACHE_SIZE = 256

@@ -26,9 +26,12 @@ injected with peft as one adapter per LoRA; the request's weights are the adapte
 the original module object it wrapped, so the model is exactly what it was before: same modules, same
 tensors, bit-for-bit the same outputs.
 
-The model bundle is cached and shared by all requests, so a request holds :func:`bundle_lock` for as
-long as its LoRAs are applied (the engine holds it for the whole generation, LoRAs or not): two
-generations on one model never see each other's LoRAs. Injecting takes a few milliseconds per layer
+In a generation the LoRAs are a model patch: the built-in plugin :mod:`webui.builtin.lora` reads the
+prompt's tags in the ``patch_model`` hook and hands :func:`apply_loras` to the engine. The model bundle
+is cached and shared by all requests, so a request holds the model's lock
+(:func:`webui.engine.models.model_lock`, also named :func:`bundle_lock` here) for as long as its LoRAs
+are applied (the engine holds it for the whole generation, LoRAs or not): two generations on one model
+never see each other's LoRAs. Injecting takes a few milliseconds per layer
 (about a second for a full SD 1.5 LoRA on a CPU), paid per request; the file itself is read once and
 cached.
 
@@ -45,11 +48,9 @@ import json
 import logging
 import math
 import re
-import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,14 @@ import torch
 from webui.engine.bundle import ModelBundle
 from webui.engine.files import FileCache
 from webui.engine.folders import check_name
+from webui.engine.models import model_lock
 from webui.errors import InvalidRequestError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
 LORA_TYPES = ("lora", "lyco")  # A1111 registers "lyco" as an alias of "lora"
-STATE_KEY = "loras"  # RunContext.state key of a request's applied LoRAs
+STATE_KEY = "loras"  # RunContext.state key of a request's LoRAs (set by webui.builtin.lora)
 ADAPTER_PREFIX = "latent_studio_lora_"
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax; use _sub_tags
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -465,28 +467,7 @@ def lora_layers(lora: LoraRequest, bundle: ModelBundle) -> dict[str, dict[str, t
 # -- applying and removing -------------------------------------------------------------------------
 
 
-_locks_guard = threading.Lock()
-_module_locks: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def bundle_lock(bundle: ModelBundle) -> Iterator[None]:
-    """Hold the locks of the bundle's UNet and text encoders (the modules LoRAs and embedding hooks
-    change for one request). The locks belong to the module objects, not to the bundle, so bundles
-    that share modules (a copy of a bundle with another VAE, a refiner that shares a text encoder)
-    also share them. Reentrant; taken in a fixed order, so two holders never deadlock."""
-    modules = {id(m): m for m in (bundle.unet, *bundle.text_encoders) if isinstance(m, torch.nn.Module)}
-    locks = []
-    with _locks_guard:
-        for key in sorted(modules):
-            lock = _module_locks.get(modules[key])
-            if lock is None:
-                lock = _module_locks[modules[key]] = threading.RLock()
-            locks.append(lock)
-    with ExitStack() as stack:
-        for lock in locks:
-            stack.enter_context(lock)
-        yield
+bundle_lock = model_lock  # the lock lives with the model cache (webui.engine.models); kept under this name
 
 
 def _lora_config(layers: dict[str, torch.Tensor]) -> Any:
@@ -602,12 +583,13 @@ class _Snapshot:
 def apply_loras(bundle: ModelBundle, loras: Sequence[LoraRequest]) -> Iterator[list[LoraRequest]]:
     """Apply ``loras`` to ``bundle`` for the duration of the ``with`` block, then remove them.
 
-    Holds :func:`bundle_lock` throughout. LoRAs whose weight for a component is 0 are not loaded
-    into it (a weight of 0 is exactly no LoRA). On exit, normal or not, every component is restored
-    to its original module objects and flags. Yields the LoRAs applied.
+    Holds the model's lock (:func:`~webui.engine.models.model_lock`) throughout. LoRAs whose weight
+    for a component is 0 are not loaded into it (a weight of 0 is exactly no LoRA). On exit, normal or
+    not, every component is restored to its original module objects and flags. Yields the LoRAs
+    applied.
     """
     active = [lora for lora in loras if lora.te_weight != 0 or lora.unet_weight != 0]
-    with bundle_lock(bundle):
+    with model_lock(bundle):
         if not active:
             yield list(loras)
             return

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,33 @@ from webui.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "latent-studio-shapes"  # the small model trained by this project, shipped in models/
+_locks_guard = threading.Lock()
+_module_locks: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def model_lock(bundle: ModelBundle) -> Iterator[None]:
+    """Hold the locks of the bundle's UNet and text encoders: the modules a request's model patches
+    (``patch_model``: LoRAs, embeddings) change. The engine holds it for the whole generation,
+    patches or not, so two generations on one cached model never see each other's patches.
+
+    The locks belong to the module objects, not to the bundle, so bundles that share modules (a copy
+    of a bundle with another VAE, a refiner that shares a text encoder) also share them, whether or
+    not they are in a cache. Reentrant; taken in a fixed order, so two holders never deadlock."""
+    modules = {id(m): m for m in (bundle.unet, *bundle.text_encoders) if isinstance(m, torch.nn.Module)}
+    locks = []
+    with _locks_guard:
+        for key in sorted(modules):
+            lock = _module_locks.get(modules[key])
+            if lock is None:
+                lock = _module_locks[modules[key]] = threading.RLock()
+            locks.append(lock)
+    with ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        yield
+
+
 NO_MODEL_HELP = (
     "no model is installed: put a diffusers model folder (with model_index.json) into {models_dir}, "
     "or a .safetensors checkpoint into its checkpoints/ folder, or pass --model with a folder path or "
@@ -229,6 +258,11 @@ class ModelManager:
         refused = (" (downloading it is not allowed here; the server owner can allow downloads with "
                    "--allow-download)") if HUB_ID.match(name) and not self.allow_download else ""
         raise ModelNotFoundError(f"no {kind} named {name!r} in the model folders{refused}")
+
+    def lock(self, bundle: ModelBundle) -> Any:
+        """The lock a request holds while it patches and uses ``bundle`` (see :func:`model_lock`);
+        a context manager."""
+        return model_lock(bundle)
 
     def clear(self) -> None:
         """Forget loaded models and resolved names (after models were added or moved)."""

@@ -26,16 +26,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from webui.engine.bundle import ModelBundle
 from webui.engine.context import (
     Conditioning,
+    DenoiserCall,
+    DenoiseStep,
     GenerationControl,
     GenerationStopped,
+    GuidanceCombine,
+    ModelPatches,
     OutputImage,
     RunContext,
     StepInfo,
 )
-from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
-from webui.engine.embeddings import EmbeddingLibrary
-from webui.engine.lora import STATE_KEY as LORAS_STATE
-from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.memory import (
     MemoryPlan,
     MemorySettings,
@@ -174,15 +174,14 @@ class Engine:
         context.width, context.height = self._size(request, bundle)
         self._check_limits(request, context.width, context.height)  # again: plugins may change it
 
-        # LoRAs named in the prompt (<lora:name:weight>) and the installed textual-inversion
-        # embeddings; the LoRAs are applied to the cached bundle only inside this block, under the
-        # bundle's lock, and removed when it ends, also on an error or an interrupt.
-        loras = prompt_loras(request.prompt, self.models)
-        context.state[LORAS_STATE] = loras
-        context.state[EMBEDDINGS_STATE] = EmbeddingLibrary.from_models(self.models)
+        # Model patches (the prompt's LoRAs, textual-inversion embeddings, plugins' own): collected
+        # first, then applied to the cached bundle only inside this block, under the model's lock,
+        # and undone in reverse order when it ends, also on an error or an interrupt.
+        patches = ModelPatches()
+        self.plugins.hook.patch_model(request=request, context=context, patches=patches)
         result = GenerationResult()
         per_batch = request.batch_size
-        with apply_loras(bundle, loras):
+        with self.models.lock(bundle), patches.applied():
             plan = choose_plan(self.memory, bundle, self.device, width=context.width, height=context.height,
                                batch=per_batch)
             for batch in range(request.batch_count):
@@ -311,7 +310,6 @@ class Engine:
         self.plugins.hook.provide_conditioning(request=request, context=context, conditioning=cond)
         if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
             raise PluginError("no conditioning plugin provided prompt embeddings")
-        _add_network_metadata(cond, context)
         if context.state.get(MEMORY_STATE):
             cond.metadata.setdefault("Memory", context.state[MEMORY_STATE])
         do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
@@ -364,26 +362,38 @@ class Engine:
             if bundle.is_inpainting_unet else None
         controls = [(c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls]
         step_kwargs = _step_kwargs(scheduler, generators, request.eta)
+
+        def unet_call(model_input: torch.Tensor, step: DenoiseStep) -> torch.Tensor:
+            down_residuals, mid_residual = _control_residuals(
+                controls, model_input, step.timestep, step.encoder_hidden_states, step.added_cond_kwargs,
+                step.index, step.total,
+            )
+            unet_input = torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
+            return unet(
+                unet_input,
+                step.timestep,
+                encoder_hidden_states=step.encoder_hidden_states,
+                added_cond_kwargs=step.added_cond_kwargs,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=mid_residual,
+                return_dict=False,
+            )[0]
+
+        denoise: DenoiserCall = _wrapped(
+            unet_call, self.plugins.hook.wrap_denoiser(request=request, context=context), "wrap_denoiser")
+        combine: GuidanceCombine = _wrapped(
+            _guidance, self.plugins.hook.wrap_guidance(request=request, context=context), "wrap_guidance")
         for i, t in enumerate(timesteps):
             if context.control.interrupted or context.control.skipped:
                 break
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            down_residuals, mid_residual = _control_residuals(controls, model_input, t, embeds, added_cond, i,
-                                                              len(timesteps))
-            unet_input = torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
-            noise_pred = unet(
-                unet_input,
-                t,
-                encoder_hidden_states=embeds,
-                added_cond_kwargs=added_cond,
-                down_block_additional_residuals=down_residuals,
-                mid_block_additional_residual=mid_residual,
-                return_dict=False,
-            )[0]
+            step = DenoiseStep(context, i, len(timesteps), t, embeds, added_cond, do_cfg, cond.guidance_scale,
+                               *_sigma_of(scheduler))
+            noise_pred = denoise(model_input, step)
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + cond.guidance_scale * (text - uncond)
+                noise_pred = combine(uncond, text, cond.guidance_scale, step)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if blend_mask:
                 known = image_latents
@@ -460,15 +470,36 @@ def _latent_scaling(bundle: ModelBundle) -> dict[str, Any]:
     return bundle.latent_scaling if bundle.latent_scaling is not None else latent_scaling(bundle.vae.config)
 
 
-def _add_network_metadata(cond: Conditioning, context: RunContext) -> None:
-    """A1111's ``Lora hashes`` and ``TI hashes`` entries, for the LoRAs of the prompt and the
-    embeddings the prompts used (known once the text is encoded)."""
-    entries = dict(lora_metadata(context.state.get(LORAS_STATE) or []))
-    embeddings = context.state.get(EMBEDDINGS_STATE)
-    if isinstance(embeddings, EmbeddingLibrary):
-        entries.update(embeddings.metadata())
-    for key, value in entries.items():
-        cond.metadata.setdefault(key, value)
+def _guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float, step: DenoiseStep) -> torch.Tensor:
+    """Classifier-free guidance: the unconditional prediction moved ``scale`` times towards the
+    conditional one (what diffusers' pipelines compute)."""
+    return uncond + scale * (cond - uncond)
+
+
+def _wrapped(inner: Callable[..., torch.Tensor], wrappers: Sequence[Any], hook: str) -> Any:
+    """``inner`` wrapped by the functions a ``wrap_*`` hook returned, the first one (in pluggy's call
+    order) outermost: ``wrappers[0](wrappers[1](inner))``."""
+    call = inner
+    for wrap in reversed(wrappers):
+        if not callable(wrap):
+            raise PluginError(f"{hook} must return a function or None, got {type(wrap).__name__}")
+        call = wrap(call)
+        if not callable(call):
+            raise PluginError(f"a {hook} wrapper returned {type(call).__name__}, not a function")
+    return call
+
+
+def _sigma_of(scheduler: Any) -> tuple[Any, int | None]:
+    """The scheduler's sigmas and the index of the coming step in them (``None, None`` for
+    schedulers without sigmas). Before its first ``step`` a scheduler has no ``step_index`` yet:
+    the step is then its ``begin_index`` (img2img) or 0."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:
+        return None, None
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None) or 0
+    return sigmas, int(index)
 
 
 def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
