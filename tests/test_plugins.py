@@ -106,8 +106,8 @@ def test_pip_installed_plugin_is_listed_by_the_cli(installed_example):
                          text=True, timeout=300, check=True).stdout
     rows = {row["name"]: row for row in json.loads(out)}
     row = rows["latent-studio-example-plugin:example"]
-    assert row == {"name": "latent-studio-example-plugin:example", "source": "entrypoint", "version": "0.2.0",
-                   "hooks": ["provide_conditioning", "register_schedulers", "write_metadata"], "error": None}
+    assert row == {"name": "latent-studio-example-plugin:example", "source": "entrypoint", "version": "0.3.0",
+                   "hooks": ["prepare_request", "register_schedulers", "write_metadata"], "error": None}
     samplers = subprocess.run([sys.executable, "launch.py", "samplers"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300, check=True).stdout.splitlines()
     assert "Euler Trailing" in samplers
@@ -132,6 +132,76 @@ def test_pip_installed_plugin_is_used_by_the_engine(installed_example, tmp_path,
     assert np.abs(euler - styled).max() > 0
     sys.modules.pop("latent_studio_example.plugin", None)
     sys.modules.pop("latent_studio_example", None)
+
+
+API_PLUGINS = {
+    "future.py": "LATENT_STUDIO_API = 2",
+    "both.py": "LATENT_STUDIO_API = (1, 2)",
+    "legacy.py": "",  # declares nothing: loaded, as before versions were checked
+    "wrong.py": "LATENT_STUDIO_API = '1'",
+}
+API_PLUGIN_BODY = """
+from diffusers import DDIMScheduler
+from webui.api import hookimpl
+{declaration}
+
+@hookimpl
+def register_schedulers(register):
+    register("DDIM {stem}", DDIMScheduler)
+"""
+
+
+def write_api_plugins(folder: Path) -> None:
+    for name, declaration in API_PLUGINS.items():
+        (folder / name).write_text(API_PLUGIN_BODY.format(declaration=declaration, stem=name[:-3]))
+
+
+def test_a_plugin_for_another_api_version_is_not_loaded_and_says_why(tmp_path):
+    write_api_plugins(tmp_path)
+    pm = make_plugin_manager(entry_points=False, plugin_dirs=[tmp_path])
+    rows = {row["name"]: row for row in pm.describe()}
+    assert rows["plugins/future.py"]["error"] == "needs plugin API 2; this Latent Studio provides API 1"
+    assert rows["plugins/future.py"]["hooks"] == []
+    assert pm.get_plugin("plugins/future.py") is None
+    assert rows["plugins/wrong.py"]["error"] == ("declares LATENT_STUDIO_API = '1', which is neither a whole "
+                                                 "number nor a collection of them; this Latent Studio provides "
+                                                 "API 1")
+    assert pm.get_plugin("plugins/wrong.py") is None
+    for name in ("plugins/both.py", "plugins/legacy.py"):
+        assert rows[name]["error"] is None
+        assert rows[name]["hooks"] == ["register_schedulers"]
+    engine = Engine(plugins=pm)
+    assert "DDIM both" in engine.schedulers and "DDIM legacy" in engine.schedulers
+    assert "DDIM future" not in engine.schedulers and "DDIM wrong" not in engine.schedulers
+
+
+def test_the_cli_names_both_api_versions(tmp_path):
+    write_api_plugins(tmp_path)
+    env = {**os.environ, "LATENT_STUDIO_PLUGIN_DIRS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "launch.py", "plugins"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["plugins/future.py"] == {"name": "plugins/future.py", "source": "dropin", "version": None,
+                                         "hooks": [], "error": "needs plugin API 2; this Latent Studio "
+                                                               "provides API 1"}
+    assert rows["plugins/legacy.py"]["error"] is None
+    assert all(rows[name]["error"] is None for name in BUILTIN_PLUGINS)
+
+
+def test_an_installed_plugin_for_other_api_versions_is_not_loaded(tmp_path, monkeypatch):
+    (tmp_path / "future_plugin_xyz.py").write_text(API_PLUGIN_BODY.format(
+        declaration="LATENT_STUDIO_API = range(2, 4)", stem="future"))
+    dist = tmp_path / "future_plugin-3.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: future-plugin\nVersion: 3.0\n")
+    (dist / "entry_points.txt").write_text("[latent_studio]\nfuture = future_plugin_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "future_plugin_xyz", raising=False)
+    pm = make_plugin_manager(plugin_dirs=[])
+    row = {row["name"]: row for row in pm.describe()}["future-plugin:future"]
+    assert row == {"name": "future-plugin:future", "source": "entrypoint", "version": "3.0", "hooks": [],
+                   "error": "needs plugin API 2 to 3; this Latent Studio provides API 1"}
+    assert "DDIM future" not in Engine(plugins=pm).schedulers
 
 
 def test_the_engine_and_plugin_api_never_import_gradio():

@@ -346,13 +346,14 @@ def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
         assert "seg-net" in service.names("controlnet")
         assert service.controlnet_palette("seg-net") is ADE20K  # no palette.json: the public seg palette
         client = server.client()
-        plain = call(client, "txt2img", Prompt="a cat", Steps=2, **{"Seed (-1 = random)": 3})
-        swapped = call(client, "txt2img", Prompt="a cat", Steps=2, VAE="crisp", **{"Seed (-1 = random)": 3})
+        small = {"Steps": 2, "Seed (-1 = random)": 3, "Width": 64, "Height": 64}  # the tiny model is 512 natively
+        plain = call(client, "txt2img", Prompt="a cat", **small)
+        swapped = call(client, "txt2img", Prompt="a cat", VAE="crisp", **small)
         assert "VAE: crisp" in swapped[3] and "VAE" not in parse_infotext(plain[3])
         a, b = (np.asarray(saved(result[2][0]["image"]), dtype=np.float32) for result in (plain, swapped))
         assert np.abs(a - b).mean() > 1.0  # another VAE decoded it
         with pytest.raises(AppError, match="not allowed"):
-            call(client, "txt2img", Prompt="a cat", Steps=2, VAE="../vae/crisp")
+            call(client, "txt2img", Prompt="a cat", VAE="../vae/crisp", **small)
     finally:
         server.close()
     assert add_to_prompt("a cat", "<lora:ink:1>") == "a cat, <lora:ink:1>"

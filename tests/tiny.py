@@ -24,23 +24,10 @@ from transformers import (
 )
 
 from webui.engine.bundle import ModelBundle
+from webui.testing import byte_level_alphabet
 
 CLIP_WORDS = ("the", "cat", "dog", "a", "photo", "of", "red", "blue", "sat", "on", "mat", "painting")
 BERT_WORDS = ("the", "cat", "dog", "a", "photo", "of", "red", "blue", "sat", "on", "mat", ",", ".", "##s")
-
-
-def byte_level_alphabet() -> list[str]:
-    """The 256 printable characters byte-level BPE uses for the bytes 0..255, in byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    alphabet: list[str] = []
-    shifted = 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + shifted))
-            shifted += 1
-    return alphabet
 
 
 def _word_merges(word: str) -> list[str]:

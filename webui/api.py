@@ -16,7 +16,23 @@ Python users::
     result = engine.generate(GenerationRequest(prompt="a red circle", steps=20, seed=1))
     result.images[0].image.save("out.png")
 
-``API_VERSION`` changes when something here changes incompatibly.
+Everything a plugin needs is here (the built-in plugins in ``webui/builtin/`` import nothing else
+from ``webui``, and a test keeps it so). Besides the types and hooks, the helpers come in groups:
+image helpers for conditioning plugins (``image_to_tensor``, ``mask_to_tensor``,
+``control_image_tensor``, ``snap_to_palette``) and helpers for model loaders and model listing
+(``ModelFolders``, ``resolve_in_root``, ``HUB_ID``, ``file_sha256``, ``model_hash``,
+``WEIGHT_SUFFIXES``, ``load_single_file``, ``load_single_file_controlnet``, ``load_vae``).
+``webui.testing`` has helpers for a plugin's tests (a tiny offline model, an engine with the plugin
+registered, a request on each task, a check of the hook signatures).
+
+``API_VERSION`` changes when something here or in the hooks changes incompatibly. A plugin says
+which versions it was written for with a module (or object) attribute::
+
+    LATENT_STUDIO_API = 1          # or a collection: (1, 2)
+
+A plugin that declares versions without the running one is not loaded; its error, shown by
+``launch.py plugins`` and the web app's Plugins tab, names both (``needs plugin API 2; this Latent
+Studio provides API 1``). A plugin that declares nothing is loaded, as before versions existed.
 """
 
 from __future__ import annotations
@@ -25,18 +41,29 @@ from webui.engine.bundle import ModelBundle
 from webui.engine.context import (
     Conditioning,
     ControlInput,
+    DenoiserCall,
+    DenoiseStep,
     GenerationControl,
+    GuidanceCombine,
     LoadContext,
     ModelEntry,
+    ModelPatches,
     OutputImage,
     RunContext,
     StepInfo,
 )
+from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
+from webui.engine.embeddings import EmbeddingLibrary
+from webui.engine.files import WEIGHT_SUFFIXES
+from webui.engine.folders import HUB_ID, ModelFolders, file_sha256, model_hash, resolve_in_root
+from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.memory import MemoryPlan, MemorySettings
 from webui.engine.pipeline import Engine, GenerationResult
 from webui.engine.schedulers import SchedulerRegistry
-from webui.engine.segmap import ADE20K, Palette
+from webui.engine.segmap import ADE20K, Palette, control_image_tensor, snap_to_palette
+from webui.engine.single_file import load_single_file, load_single_file_controlnet
 from webui.engine.text import PromptEmbeds, encode_prompts
+from webui.engine.vae import load_vae
 from webui.errors import (
     InvalidRequestError,
     LatentStudioError,
@@ -48,13 +75,12 @@ from webui.errors import (
     UnknownSamplerError,
 )
 from webui.hookspecs import hookimpl
+from webui.images import image_to_tensor, mask_to_tensor
 from webui.limits import LimitExceeded, Limits
 from webui.metadata import format_infotext, parse_infotext, read_png_parameters
 from webui.output import save_png
-from webui.plugins import make_plugin_manager
+from webui.plugins import API_VERSION, make_plugin_manager
 from webui.request import GenerationRequest
-
-API_VERSION = 1
 
 __all__ = [
     "ADE20K",
@@ -93,4 +119,31 @@ __all__ = [
     "parse_infotext",
     "read_png_parameters",
     "save_png",
+    # model patches and the denoiser (patch_model, wrap_denoiser, wrap_guidance)
+    "ModelPatches",
+    "DenoiseStep",
+    "DenoiserCall",
+    "GuidanceCombine",
+    # LoRAs and textual-inversion embeddings (the built-in patch_model plugins)
+    "EmbeddingLibrary",
+    "apply_loras",
+    "lora_metadata",
+    "prompt_loras",
+    # the RunContext.state key of the request's textual-inversion embeddings (for text encoders)
+    "EMBEDDINGS_STATE",
+    # image helpers for conditioning plugins
+    "image_to_tensor",
+    "mask_to_tensor",
+    "control_image_tensor",
+    "snap_to_palette",
+    # for model loaders and model listing (register_models, load_model)
+    "HUB_ID",
+    "ModelFolders",
+    "WEIGHT_SUFFIXES",
+    "file_sha256",
+    "load_single_file",
+    "load_single_file_controlnet",
+    "load_vae",
+    "model_hash",
+    "resolve_in_root",
 ]

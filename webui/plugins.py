@@ -63,6 +63,8 @@ PLUGIN_DIRS_ENV = "LATENT_STUDIO_PLUGIN_DIRS"  # drop-in folders instead of plug
 STARTUP_HOOKS = frozenset({"startup", "register_schedulers", "register_models", "register_ui_tabs"})
 GUARDED_SOURCES = frozenset({"entrypoint", "dropin"})  # whose request-hook errors become PluginError
 MAX_MESSAGE = 300  # characters of a plugin's error message kept in a record or a PluginError
+API_VERSION = 1  # the plugin API this program provides (re-exported as webui.api.API_VERSION)
+API_ATTRIBUTE = "LATENT_STUDIO_API"  # a plugin's declaration of the API versions it supports
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.schedulers",
@@ -71,6 +73,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.vae",
     "webui.builtin.metadata",
     "webui.builtin.text",
+    "webui.builtin.embeddings",  # before lora: its provide_conditioning (trylast) runs after lora's
+    "webui.builtin.lora",
+    "webui.builtin.cfg_rescale",
     "webui.builtin.init_image",
     "webui.builtin.masked_image",
     "webui.builtin.segmap",
@@ -110,7 +115,13 @@ class PluginManager(pluggy.PluginManager):
         return registered
 
     def register_plugin(self, plugin: Any, name: str, *, source: str, version: str | None = None) -> None:
-        """Register ``plugin`` under ``name``; a failure is recorded instead of raised."""
+        """Register ``plugin`` under ``name``; a failure is recorded instead of raised, and so is a
+        plugin written for other API versions (see :func:`api_mismatch`), which is not registered."""
+        mismatch = api_mismatch(plugin)
+        if mismatch is not None:
+            self.records[name] = PluginRecord(name, source, version, mismatch)
+            log.warning("plugin %r was not loaded: %s", name, mismatch)
+            return
         self._source = source
         try:
             self.register(plugin, name=name)
@@ -210,6 +221,48 @@ def _meant_for_the_engine(exc: BaseException) -> bool:
     from webui.engine.memory import is_out_of_memory
 
     return isinstance(exc, GenerationStopped) or is_out_of_memory(exc)
+
+
+def api_mismatch(plugin: Any) -> str | None:
+    """Why ``plugin`` cannot run on this program's :data:`API_VERSION`, or None when it can.
+
+    A plugin declares the versions it supports in its :data:`API_ATTRIBUTE` attribute: a whole
+    number (``LATENT_STUDIO_API = 1``) or a collection of them (``(1, 2)``, ``range(1, 3)``). A plugin
+    that declares nothing runs (plugins written before versions were checked).
+    """
+    try:
+        declared = getattr(plugin, API_ATTRIBUTE, None)
+    except Exception:  # a hostile attribute: pluggy's registration reports the object
+        return None
+    if declared is None:
+        return None
+    versions = _api_versions(declared)
+    if versions is None:
+        try:
+            shown = " ".join(repr(declared).split())[:80]
+        except Exception:
+            shown = f"a {type(declared).__name__}"
+        return (f"declares {API_ATTRIBUTE} = {shown}, which is neither a whole number nor a collection of "
+                f"them; this Latent Studio provides API {API_VERSION}")
+    if API_VERSION in versions:
+        return None
+    if isinstance(versions, range):
+        needs = f"{versions.start} to {versions.stop - 1}" if len(versions) > 1 else str(versions.start)
+    else:
+        needs = " or ".join(str(v) for v in sorted(versions))
+    return f"needs plugin API {needs}; this Latent Studio provides API {API_VERSION}"
+
+
+def _api_versions(declared: Any) -> range | set[int] | None:
+    """The versions in a declaration, or None when it is not a number or a collection of numbers."""
+    if isinstance(declared, range):
+        return declared if len(declared) and declared.step == 1 else None
+    items = [declared] if isinstance(declared, int) else declared
+    if not isinstance(items, (list, tuple, set, frozenset)) or not items:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return None
+    return set(items)
 
 
 def make_plugin_manager(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from webui.engine.context import Conditioning, RunContext
-from webui.hookspecs import hookimpl
-from webui.images import image_to_tensor
-from webui.request import GenerationRequest
+from webui.api import Conditioning, GenerationRequest, RunContext, hookimpl, image_to_tensor
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl

@@ -15,12 +15,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from webui.engine.bundle import ModelBundle
-from webui.engine.context import LoadContext
-from webui.engine.folders import HUB_ID, ModelFolders, file_sha256, resolve_in_root
-from webui.engine.segmap import Palette
-from webui.errors import ModelLoadError, ModelNotFoundError
-from webui.hookspecs import hookimpl
+from webui.api import (
+    HUB_ID,
+    LoadContext,
+    ModelBundle,
+    ModelFolders,
+    ModelLoadError,
+    ModelNotFoundError,
+    Palette,
+    file_sha256,
+    hookimpl,
+    resolve_in_root,
+)
+
+LATENT_STUDIO_API = 1
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SKIPPED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}

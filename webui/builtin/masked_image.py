@@ -25,10 +25,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from webui.engine.context import Conditioning, OutputImage, RunContext
-from webui.hookspecs import hookimpl
-from webui.images import image_to_tensor, mask_to_tensor
-from webui.request import GenerationRequest
+from webui.api import (
+    Conditioning,
+    GenerationRequest,
+    OutputImage,
+    RunContext,
+    hookimpl,
+    image_to_tensor,
+    mask_to_tensor,
+)
+
+LATENT_STUDIO_API = 1
 
 STATE_KEY = "masked_image"
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from webui.engine.context import OutputImage, RunContext
-from webui.hookspecs import hookimpl
-from webui.metadata import parse_infotext
-from webui.request import GenerationRequest
+from webui.api import GenerationRequest, OutputImage, RunContext, hookimpl, parse_infotext
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl(tryfirst=True)

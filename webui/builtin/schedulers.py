@@ -20,7 +20,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from webui.hookspecs import hookimpl
+from webui.api import hookimpl
+
+LATENT_STUDIO_API = 1
 
 KARRAS = {"use_karras_sigmas": True}
 

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from webui.engine.context import Conditioning, ControlInput, RunContext
-from webui.engine.segmap import ADE20K, Palette, control_image_tensor, snap_to_palette
-from webui.errors import InvalidRequestError
-from webui.hookspecs import hookimpl
-from webui.request import GenerationRequest
+from webui.api import (
+    ADE20K,
+    Conditioning,
+    ControlInput,
+    GenerationRequest,
+    InvalidRequestError,
+    Palette,
+    RunContext,
+    control_image_tensor,
+    hookimpl,
+    snap_to_palette,
+)
+
+LATENT_STUDIO_API = 1
 
 
 def palette_of(controlnet: Any) -> Palette:

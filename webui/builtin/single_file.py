@@ -15,11 +15,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from webui.engine.context import LoadContext
-from webui.engine.files import WEIGHT_SUFFIXES
-from webui.engine.segmap import ADE20K, Palette
-from webui.engine.single_file import load_single_file, load_single_file_controlnet
-from webui.hookspecs import hookimpl
+from webui.api import (
+    ADE20K,
+    WEIGHT_SUFFIXES,
+    LoadContext,
+    Palette,
+    hookimpl,
+    load_single_file,
+    load_single_file_controlnet,
+)
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl

@@ -2,19 +2,17 @@
 
 Long prompts are encoded in chunks of the encoder's window and concatenated; A1111's emphasis
 syntax ``(word:1.3)``, ``(word)``, ``[word]`` and ``BREAK`` are honoured, and the request's
-textual-inversion embeddings (``context.state["embeddings"]``, set by the engine) replace their names
-(see :mod:`webui.engine.text`).
+textual-inversion embeddings (``context.state["embeddings"]``, set by the ``webui.builtin.embeddings``
+plugin) replace their names (see :mod:`webui.engine.text`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from webui.engine.context import Conditioning, RunContext
-from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
-from webui.engine.text import encode_prompts
-from webui.hookspecs import hookimpl
-from webui.request import GenerationRequest
+from webui.api import EMBEDDINGS_STATE, Conditioning, GenerationRequest, RunContext, encode_prompts, hookimpl
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl(tryfirst=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from webui.hookspecs import hookimpl
+from webui.api import hookimpl
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl(trylast=True)

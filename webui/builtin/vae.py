@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from webui.engine.context import LoadContext
-from webui.engine.vae import load_vae
-from webui.hookspecs import hookimpl
+from webui.api import LoadContext, hookimpl, load_vae, model_hash
+
+LATENT_STUDIO_API = 1
 
 
 @hookimpl(trylast=True)
@@ -27,6 +27,4 @@ def _hash(path: Path) -> str | None:
     """A1111's short hash of a VAE file (None for folders)."""
     if not path.is_file():
         return None
-    from webui.engine.folders import model_hash
-
     return model_hash(path)

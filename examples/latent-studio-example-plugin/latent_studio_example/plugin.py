@@ -6,7 +6,9 @@ from typing import Any
 
 from diffusers import EulerDiscreteScheduler
 
-from webui.api import Conditioning, GenerationRequest, OutputImage, RunContext, encode_prompts, hookimpl
+from webui.api import GenerationRequest, OutputImage, RunContext, hookimpl
+
+LATENT_STUDIO_API = 1  # the plugin API versions this plugin is written for
 
 STYLES = {
     "watercolor": "watercolor painting, soft edges, paper texture",
@@ -19,20 +21,22 @@ def register_schedulers(register: Any) -> None:
     register("Euler Trailing", EulerDiscreteScheduler, timestep_spacing="trailing")
 
 
-@hookimpl(trylast=True)  # after the built-in text conditioning has run
-def provide_conditioning(request: GenerationRequest, context: RunContext, conditioning: Conditioning) -> None:
-    style = request.extra.get("style")
-    if not style:
-        return
+def styled(prompt: str, style: str) -> str:
+    """``prompt`` with the words of ``style`` appended (a name from STYLES, or the words themselves);
+    a prompt that already ends with them (sent back from PNG Info) is left as it is."""
     words = STYLES.get(style, style)
-    positive, negative = encode_prompts(
-        context.bundle, [f"{request.prompt}, {words}"], [request.negative_prompt],
-        clip_skip=request.clip_skip, device=context.device, dtype=context.dtype,
-    )
-    conditioning.prompt_embeds = positive.embeds
-    conditioning.negative_prompt_embeds = negative.embeds  # same chunk count as the positive side
-    if positive.pooled is not None:
-        conditioning.pooled_prompt_embeds = positive.pooled
+    if prompt.rstrip().endswith(words):
+        return prompt
+    return f"{prompt}, {words}" if prompt.strip() else words
+
+
+@hookimpl
+def prepare_request(request: GenerationRequest, context: RunContext) -> None:
+    """Restyle the prompt before anything is encoded: the built-in text conditioning then encodes
+    the styled prompt (emphasis, long prompts and embeddings included) and the infotext records it."""
+    style = request.extra.get("style")
+    if style:
+        request.prompt = styled(request.prompt, str(style))
 
 
 @hookimpl
