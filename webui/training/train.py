@@ -484,14 +484,19 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str =
            text_states: tuple[int, ...] | None = None, cfg_scale: float | None = None) -> Path:
     """Write the model as a diffusers folder: fp16 safetensors, configs, tokenizer, palette; with
     ``cfg_scale``, the guidance requests get when they name none (``defaults.cfg_scale``)."""
+    from webui.builtin.loaders import PACKAGED_WEIGHTS
     from webui.engine.segmap import Palette
 
     tokenizer, encoder = text_components()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name, module in (("vae", vae), ("unet", unet), ("controlnet", controlnet), ("text_encoder", encoder)):
+    for name, module in (("vae", vae), ("unet", unet), ("controlnet", controlnet)):
         copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(staging / name, safe_serialization=True)
+    # the frozen MiniLM is not copied: the folder names the package that ships it (fp16, as the rest)
+    encoder.config.save_pretrained(staging / "text_encoder")
+    (staging / "text_encoder" / PACKAGED_WEIGHTS).write_text(json.dumps(
+        {"package": MINILM_PACKAGE, "folder": "model", "precision": "float16"}, indent=2) + "\n")
     tokenizer.save_pretrained(staging / "tokenizer")
     # the WordPiece vocabulary is all a BERT tokenizer needs, at a third of tokenizer.json's size
     (staging / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
