@@ -351,7 +351,7 @@ def _open(path: Path | None, what: str) -> Any:
         return None
     from PIL import Image, UnidentifiedImageError
 
-    from webui.images import MAX_PIXELS
+    from webui.images import MAX_PIXELS, check_pixels
 
     if not path.is_file():
         raise InvalidRequestError(f"{what} not found: {path}")
@@ -360,10 +360,7 @@ def _open(path: Path | None, what: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise InvalidRequestError(f"{what} {path} is too large: {width}x{height} is "
-                                              f"{width * height} pixels, the limit is {MAX_PIXELS}")
+                check_pixels(*image.size, f"{what} {path}")  # from the header, before decoding
                 image.load()
                 return image.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -46,12 +46,12 @@ class Limits:
               batch_size: int, batch_count: int) -> None:
         """Raise :class:`LimitExceeded` for the first value over its limit."""
         for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            _at_most(f"the {what} has {len(text)} characters", len(text), self.max_prompt_chars, "max_prompt_chars")
-        _at_most(f"{steps} steps were asked for", steps, self.max_steps, "max_steps")
+            check_total(f"the {what} has {len(text)} characters", len(text), self.max_prompt_chars, "max_prompt_chars")
+        check_total(f"{steps} steps were asked for", steps, self.max_steps, "max_steps")
         if width and height:
-            _at_most(f"{width}x{height} is {width * height} pixels", width * height, self.max_pixels, "max_pixels")
+            check_total(f"{width}x{height} is {width * height} pixels", width * height, self.max_pixels, "max_pixels")
         images = batch_size * batch_count
-        _at_most(f"{batch_size} x {batch_count} = {images} images were asked for", images, self.max_batch, "max_batch")
+        check_total(f"{batch_size} x {batch_count} = {images} images were asked for", images, self.max_batch, "max_batch")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Limits:
@@ -75,14 +75,10 @@ def flag_of(name: str) -> str:
     return LIMIT_FLAGS.get(name, name)
 
 
-def _at_most(description: str, value: int, limit: int, name: str) -> None:
-    if limit and value > limit:
-        raise LimitExceeded(f"{description}, over this server's limit of {limit} ({flag_of(name)})")
-
-
 def check_total(description: str, value: int, limit: int, name: str) -> None:
     """Raise :class:`LimitExceeded` when ``value`` is over ``limit`` (0 = no limit)."""
-    _at_most(description, value, limit, name)
+    if limit and value > limit:
+        raise LimitExceeded(f"{description}, over this server's limit of {limit} ({flag_of(name)})")
 
 
 def _non_negative_int(text: str) -> int:
