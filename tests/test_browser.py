@@ -158,16 +158,16 @@ def test_inpaint_a_painted_stroke(page, server, tmp_path):
 
 
 def test_img2img_tab(page, server, tmp_path):
-    open_with_image(page, "Image to image", "img2img", "img2img-init",
+    open_with_image(page, "Image to image", "img2img", "img2img-init-image",
                     "a large red square in the center on a purple background",
                     shapes.Scene("square", "yellow", "large", "center", "purple"), tmp_path)
-    page.locator("#img2img-init img").first.wait_for(timeout=WAIT_MS)
+    page.locator("#img2img-init-image img").first.wait_for(timeout=WAIT_MS)
     page.locator("#img2img-generate").click()
     page.locator("#img2img-gallery img").first.wait_for(timeout=WAIT_MS)
     assert newest_output(server, "img2img").size == (64, 64)
     shot(page, "img2img")
     # a failed request says why and leaves the earlier result where it was
-    page.locator("#img2img-init button[aria-label='Remove Image']").first.click()
+    page.locator("#img2img-init-image button[aria-label='Remove Image']").first.click()
     page.locator("#img2img-generate").click()
     page.get_by_text("upload an init image first").first.wait_for(timeout=WAIT_MS)
     assert page.locator("#img2img-gallery img").count() >= 1
@@ -195,6 +195,9 @@ def test_seg2img_paint_a_class(page, server):
 def test_pnginfo_reads_an_image_and_sends_it(page, server):
     page.locator("#txt2img-prompt textarea").fill("a small white square at the top on a black background")
     page.locator("#txt2img-seed input").fill("1234")
+    rescale = page.locator("#txt2img-cfg-rescale input[type=number]")  # a plugin's field, next to the CFG scale
+    assert rescale.is_visible()
+    rescale.fill("0.5")
     page.locator("#txt2img-generate").click()
     page.locator("#txt2img-gallery img").first.wait_for(timeout=WAIT_MS)
     day = server.outputs / "txt2img" / datetime.date.today().strftime("%Y-%m-%d")
@@ -211,6 +214,7 @@ def test_pnginfo_reads_an_image_and_sends_it(page, server):
         "() => document.querySelector('#img2img-prompt textarea')?.value.startsWith('a small white square')",
         timeout=WAIT_MS)
     assert page.locator("#img2img-seed input").input_value() == "1234"
+    assert page.locator("#img2img-cfg-rescale input[type=number]").input_value() == "0.5"  # sent back too
 
 
 def test_closing_the_tab_frees_the_device(browser, server):

@@ -112,6 +112,55 @@ def test_prepare_request_can_round_sizes(bundle):
     assert "Size: 64x64" in result.infotexts[0]
 
 
+def test_register_fields_declares_a_checked_recorded_field(bundle):
+    class Brightness:
+        @hookimpl
+        def register_fields(self, register):
+            register("brightness", "float", default=0.0, minimum=-1.0, maximum=1.0, infotext="Brightness")
+
+        @hookimpl
+        def postprocess_images(self, images, request, context):
+            for item in images:
+                array = np.asarray(item.image, dtype=np.float32) + 255 * request.extra["brightness"]
+                item.image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+    engine = engine_with(Brightness())
+    assert engine.fields["brightness"].plugin is not None
+    plain = engine.generate(GenerationRequest(**BASE), bundle=bundle)  # the default is filled in
+    assert "Brightness" not in plain.infotexts[0]  # the default is not recorded
+    bright = engine.generate(GenerationRequest(**BASE, extra={"brightness": 0.5}), bundle=bundle)
+    assert pixels(bright).mean() > pixels(plain).mean() + 60
+    assert "Brightness: 0.5" in bright.infotexts[0]
+    with pytest.raises(Exception, match="brightness must be between -1 and 1, got 3"):
+        engine.generate(GenerationRequest(**BASE, extra={"brightness": 3}), bundle=bundle)
+
+
+def test_register_tasks_adds_a_task_run_by_the_one_loop(bundle):
+    class Negative:
+        @hookimpl
+        def register_tasks(self, register):
+            register("negative", "Negative of an image", requires=("source",), message="give a source image")
+
+        @hookimpl
+        def register_fields(self, register):
+            register("source", "image", tasks=("negative",))
+
+        @hookimpl
+        def postprocess_images(self, images, request, context):
+            if request.task == "negative":
+                for item in images:
+                    item.image = Image.fromarray(255 - np.asarray(request.extra["source"].resize(item.image.size)))
+
+    engine = engine_with(Negative())
+    with pytest.raises(Exception, match="unknown task 'negative'"):
+        engine_with().generate(GenerationRequest(**BASE, task="negative"), bundle=bundle)
+    with pytest.raises(Exception, match="give a source image"):
+        engine.generate(GenerationRequest(**BASE, task="negative"), bundle=bundle)
+    source = Image.new("RGB", (64, 64), (10, 200, 30))
+    result = engine.generate(GenerationRequest(**BASE, task="negative", extra={"source": source}), bundle=bundle)
+    assert result.images[0].image.getpixel((5, 5)) == (245, 55, 225)
+
+
 def test_provide_conditioning_adds_a_control(bundle):
     from components import make_controlnet
 

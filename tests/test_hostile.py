@@ -173,7 +173,7 @@ def raw_predict(server: Server, api_name: str, **by_elem_id: object) -> dict:
 
 
 def test_a_lone_surrogate_gets_a_message_not_an_internal_error(server):
-    for field, name in (("txt2img-prompt", "prompt"), ("txt2img-negative", "negative prompt")):
+    for field, name in (("txt2img-prompt", "prompt"), ("txt2img-negative-prompt", "negative prompt")):
         message = raw_predict(server, "txt2img", **{field: "a\ud800b", "txt2img-steps": 2})
         assert message["success"] is False
         error = message["output"]["error"]

@@ -21,7 +21,9 @@ from webui.testing import (
     run_task,
     sample_image,
     sample_mask,
+    save_controlnet,
     tiny_bundle,
+    tiny_controlnet,
 )
 
 TASKS = ("txt2img", "img2img", "inpaint", "seg2img")
@@ -217,3 +219,73 @@ def test_an_inpainting_model(tmp_path):
     engine = make_engine(bundle=tiny_bundle(in_channels=9, controlnet=False))
     result = run_task(engine, "inpaint", width=48, height=48)
     assert result.images[0].image.size == (48, 48)
+
+
+# --- a ControlNet of the plugin's own -----------------------------------------------------------
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_tiny_controlnet_is_the_tiny_models_kind_random_per_seed_and_leaves_the_random_state_alone():
+    bundle = tiny_bundle()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = tiny_controlnet(bundle.unet, seed=3)
+    assert torch.equal(torch.rand(3), expected)
+    assert _same(_weights(first), _weights(tiny_controlnet(bundle.unet, seed=3)))
+    assert not _same(_weights(first), _weights(tiny_controlnet(bundle.unet, seed=4)))
+    # the segmentation ControlNet of the tiny model is the one of seed 0, with a palette
+    assert _same(_weights(bundle.controlnets["seg"]), _weights(tiny_controlnet(bundle.unet)))
+    assert not hasattr(first, "seg_palette") and not first.training
+    assert first.controlnet_mid_block.weight.abs().max() > 0  # its outputs are not zero: it acts
+    # its encoder is the UNet's, as from_unet makes it
+    assert torch.equal(first.conv_in.weight, bundle.unet.conv_in.weight)
+    assert first.config.cross_attention_dim == bundle.unet.config.cross_attention_dim
+    # without a UNet: the tiny model's
+    assert _same(_weights(tiny_controlnet(seed=3)), _weights(first))
+    # for a VAE that downscales 8 times, the control image is halved three times
+    assert tuple(tiny_controlnet(bundle.unet, downscale=8).config.conditioning_embedding_out_channels) == (
+        16, 32, 64, 128)
+    with pytest.raises(ValueError, match="downscale must be a power of 2, got 3"):
+        tiny_controlnet(bundle.unet, downscale=3)
+
+
+def test_an_inpainting_models_controlnet_takes_the_latents_alone():
+    bundle = tiny_bundle(in_channels=9)
+    model = bundle.controlnets["seg"]
+    assert model.config.in_channels == 4  # the latents, not the mask and the masked image
+    assert torch.equal(model.conv_in.weight, bundle.unet.conv_in.weight[:, :4])
+    first_block = model.down_blocks[0].resnets[0].conv1.weight
+    assert torch.equal(first_block, bundle.unet.down_blocks[0].resnets[0].conv1.weight)
+    engine = make_engine(bundle=bundle)
+    seg = pixels(run_task(engine, "seg2img").images[0].image)
+    named = pixels(run_task(engine, "seg2img", controlnet=TINY_CONTROLNET).images[0].image)
+    assert np.array_equal(seg, named)
+    assert np.abs(seg - pixels(run_task(engine, "txt2img").images[0].image)).max() > 0  # the ControlNet acts
+
+
+def test_a_saved_controlnet_is_listed_and_loaded_by_name(tmp_path):
+    model = tiny_controlnet(seed=2)
+    folder = save_controlnet(model, tmp_path, "edges")
+    nested = save_controlnet(tiny_controlnet(seed=3), tmp_path, "lines/scribble")
+    assert folder == tmp_path / "controlnet" / "edges" and (folder / "config.json").is_file()
+    assert [p.suffix for p in folder.glob("diffusion_pytorch_model.*")] == [".safetensors"]
+    assert nested == tmp_path / "controlnet" / "lines" / "scribble"
+    engine = make_engine(models_dir=str(tmp_path), bundle=tiny_bundle(controlnet=False))
+    assert [entry.name for entry in engine.models.list("controlnet")] == ["edges", "lines/scribble"]
+    loaded = engine.models.get_controlnet("edges")
+    assert loaded is not model and _same(_weights(loaded), _weights(model))
+    # a request names it like an installed one
+    seg = run_task(engine, "seg2img", controlnet="lines/scribble")
+    assert "Model: lines/scribble" in seg.infotexts[0]
+    for bad in ("../outside", str(tmp_path / "absolute"), "", "a\\b"):
+        with pytest.raises(ValueError, match="give a relative folder name inside models/controlnet"):
+            save_controlnet(model, tmp_path, bad)
+    assert not (tmp_path / "outside").exists()

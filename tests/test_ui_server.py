@@ -350,6 +350,9 @@ def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
         plain = call(client, "txt2img", Prompt="a cat", **small)
         swapped = call(client, "txt2img", Prompt="a cat", VAE="crisp", **small)
         assert "VAE: crisp" in swapped[3] and "VAE" not in parse_infotext(plain[3])
+        assert call_named(client, "pnginfo_to_img2img", swapped[3])["VAE"] == "crisp"  # PNG Info sends it back
+        assert call_named(client, "pnginfo_to_img2img", swapped[3].replace("VAE: crisp", "VAE: gone"))["VAE"] == {
+            "__type__": "update"}  # not installed: the VAE choice is left as it is
         a, b = (np.asarray(saved(result[2][0]["image"]), dtype=np.float32) for result in (plain, swapped))
         assert np.abs(a - b).mean() > 1.0  # another VAE decoded it
         with pytest.raises(AppError, match="not allowed"):

@@ -29,8 +29,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from ui_server import Server, call, call_named
 
+from webui.fields import FieldRegistry
 from webui.limits import Limits
-from webui.ui.infotext import Range, clamp_fields, fields_from_parameters
+from webui.ui.infotext import Range, clamp_fields, fields_from_infotext
 from webui.ui.security import LoginThrottle, guard_image_input, guard_uploads, same_origin
 from webui.ui.server import LaunchRefused, exposure_problem, outputs_problem, parse_origins, read_auth
 
@@ -388,9 +389,9 @@ def test_send_to_clamps_every_value_to_its_control(client, web):
     assert sent["CFG scale"] == {"__type__": "update"}  # not a number: left as it was
     assert sent["Prompt"] == "a castle" and sent["Sampler"] == "Euler a"
     notes = [value for value in sent.values() if isinstance(value, str) and "out of range" in value]
-    assert notes == ["CFG scale 1e400 is not a number; not sent; Steps 99999999999999999999 is out of range; "
-                     "kept 150; Seed 99999999999 is out of range; kept 4294967295; Width 513 is not a multiple of 8; "
-                     "kept 512; Height 99999 is out of range; kept 2048; Denoising strength -2 is out of range; kept 0"]
+    assert notes == ["CFG scale '1e400' is not a number; not sent; Steps 99999999999999999999 is out of range; "
+                     "kept 150; Width 513 is not a multiple of 8; kept 512; Height 99999 is out of range; kept 2048; "
+                     "Seed 99999999999 is out of range; kept 4294967295; Denoising strength -2 is out of range; kept 0"]
     assert serving(web)
 
 
@@ -405,6 +406,9 @@ def test_clamp_fields():
     assert clamp_fields({"width": 2047, "cfg_scale": float("nan")}, ranges) == (
         {"width": 2048}, ["Width 2047 is not a multiple of 8; kept 2048", "CFG scale nan is not a number; not sent"])
     # exact integers (no float rounding of huge values), and nothing unreadable gets through
-    assert fields_from_parameters({"Steps": "99999999999999999999", "Seed": "inf", "CFG scale": "1e400",
-                                   "Clip skip": "9" * 200}) == {"steps": 99999999999999999999}
+    values, notes = fields_from_infotext(FieldRegistry.builtin(), {
+        "Steps": "99999999999999999999", "Seed": "inf", "CFG scale": "1e400", "Clip skip": "9" * 200})
+    assert values == {"steps": 99999999999999999999}
+    assert notes == ["CFG scale '1e400' is not a number; not sent", "Seed 'inf' is not a number; not sent",
+                     "Clip skip '999999999999999999999999999999999999... is not a number; not sent"]
 

@@ -22,8 +22,18 @@ image helpers for conditioning plugins (``image_to_tensor``, ``mask_to_tensor``,
 ``control_image_tensor``, ``snap_to_palette``) and helpers for model loaders and model listing
 (``ModelFolders``, ``resolve_in_root``, ``HUB_ID``, ``file_sha256``, ``model_hash``,
 ``WEIGHT_SUFFIXES``, ``load_single_file``, ``load_single_file_controlnet``, ``load_vae``).
-``webui.testing`` has helpers for a plugin's tests (a tiny offline model, an engine with the plugin
-registered, a request on each task, a check of the hook signatures).
+``webui.testing`` has helpers for a plugin's tests (a tiny offline model and ControlNet, an engine
+with the plugin registered, a request on each task, the web UI built in-process, a check of the hook
+signatures).
+
+Request fields and tasks: ``Field`` and ``TaskSpec`` (declared with the ``register_fields`` and
+``register_tasks`` hooks), ``FieldRegistry`` (``engine.fields``, also ``context.fields``: every
+declared field and task), and the built-in declarations ``BUILTIN_FIELDS`` and ``BUILTIN_TASKS``.
+
+From a hook, ``context.engine`` is the :class:`Engine`; these parts of it are public too:
+``engine.models`` (``get(name)`` a checkpoint's bundle, ``get_controlnet(name)`` a ControlNet by its
+listed name or folder, ``list(kind)`` the listed ``ModelEntry`` items, ``source_of(name, kind)``,
+``models_dir``), ``engine.schedulers`` (``names()``), ``engine.fields`` and ``engine.limits``.
 
 ``API_VERSION`` changes when something here or in the hooks changes incompatibly. A plugin says
 which versions it was written for with a module (or object) attribute::
@@ -74,6 +84,7 @@ from webui.errors import (
     PluginError,
     UnknownSamplerError,
 )
+from webui.fields import BUILTIN_FIELDS, BUILTIN_TASKS, Field, FieldRegistry, TaskSpec
 from webui.hookspecs import hookimpl
 from webui.images import image_to_tensor, mask_to_tensor
 from webui.limits import LimitExceeded, Limits
@@ -119,6 +130,12 @@ __all__ = [
     "parse_infotext",
     "read_png_parameters",
     "save_png",
+    # request fields and tasks (register_fields, register_tasks)
+    "BUILTIN_FIELDS",
+    "BUILTIN_TASKS",
+    "Field",
+    "FieldRegistry",
+    "TaskSpec",
     # model patches and the denoiser (patch_model, wrap_denoiser, wrap_guidance)
     "ModelPatches",
     "DenoiseStep",

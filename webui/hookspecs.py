@@ -92,6 +92,43 @@ def register_models(register: Callable[[ModelEntry], None], models_dir: str | No
     """
 
 
+@hookspec
+def register_fields(register: Callable[..., Any]) -> None:
+    """Declare request fields, once each: ``register(name, kind, **options)`` or
+    ``register(webui.api.Field(...))``. Called once when an engine is created (and by the command
+    line before it parses ``generate``'s options), built-ins first.
+
+    From the declaration the host derives the request value (``request.extra[name]``, checked and
+    filled with the default before ``prepare_request``; a bad value fails the request with a
+    one-line message naming the field), the web UI control on the tabs of the field's ``tasks``
+    (no gradio import needed), a ``launch.py generate`` flag (``--name`` and ``--set name=value``),
+    the infotext entry and PNG Info's reading and "Send to". See :class:`webui.fields.Field` for
+    every option. A name registered twice is refused (the second plugin's hook fails and is
+    reported). Example::
+
+        @hookimpl
+        def register_fields(register):
+            register("cfg_rescale", "float", default=0.0, minimum=0.0, maximum=1.0, step=0.05,
+                     label="CFG rescale", help="0 = off", infotext="CFG rescale")
+    """
+
+
+@hookspec
+def register_tasks(register: Callable[..., Any]) -> None:
+    """Declare tasks: ``register(name, label, requires=(field names...), message="...")``. A task
+    is only a name for a set of inputs run by the one denoising loop (the conditionings come from
+    ``provide_conditioning``); it names the outputs sub-folder, a tab's web API endpoint and the
+    tasks a field applies to. Called before ``register_fields``. Built-ins: txt2img, img2img,
+    inpaint, seg2img. Pair it with a tab (``register_ui_tabs``: ``register(id, label, task=name)``
+    builds a generation tab from the task's fields). Example::
+
+        @hookimpl
+        def register_tasks(register):
+            register("sketch2img", "Sketch to image", requires=("sketch",),
+                     message="draw or upload a sketch first")
+    """
+
+
 @hookspec(firstresult=True)
 def load_model(source: str, kind: str, context: LoadContext) -> ModelBundle | Any | None:
     """Load a model, or return None if this plugin does not handle ``source``.
@@ -108,7 +145,7 @@ def startup(engine: Any) -> None:
     """Notification: an engine was created (``engine.plugins``, ``engine.schedulers`` are ready).
 
     Like every start-up hook (``startup``, ``register_schedulers``, ``register_models``,
-    ``register_ui_tabs``), a failure here is recorded against the plugin, logged and shown in the
+    ``register_fields``, ``register_tasks``, ``register_ui_tabs``), a failure here is recorded against the plugin, logged and shown in the
     web app's Plugins tab, and everything else goes on. A request hook that raises anything but a
     ``LatentStudioError`` fails the request with a ``PluginError`` naming the plugin and the hook.
     """
@@ -240,17 +277,26 @@ def parse_metadata(text: str) -> dict[str, Any] | None:
 
 @hookspec
 def register_ui_tabs(register: Callable[..., None]) -> None:
-    """Add tabs to the web UI: call ``register(id, label, build, order=100)``.
+    """Add tabs to the web UI: call ``register(id, label, build=None, order=100, task=None)``.
 
-    ``build(ui)`` is called inside the tab's ``gr.Tab`` context with the
-    :class:`webui.ui.controls.UIContext` (the service, sampler names, the default model) and
-    creates the tab's components. A generation tab builds itself with
-    ``webui.ui.controls.generation_tab`` and so gets the shared controls, progress, preview,
-    Interrupt/Skip, the gallery and saving; PNG Info can then send parameters to it. Tabs are
-    shown by ``order``; the built-ins are txt2img (10), img2img (20), inpaint (30), seg2img (40),
-    pnginfo (90) and plugins (1000: every plugin and its error, if any). The first registration of
-    an ``id`` wins, so a community plugin can replace a built-in tab by registering its id. A tab
-    whose ``build`` fails shows the error instead.
+    Two kinds of tab:
+
+    * ``register(id, label, task="sketch2img")`` (no ``build``): the core builds a generation tab
+      for that task from the field registry — the shared controls, every field whose ``tasks``
+      include it, progress, preview, Interrupt/Skip, the gallery, saving and PNG Info's "Send to" —
+      so a plugin adds a task tab without importing gradio;
+    * ``build(ui)`` is called inside the tab's ``gr.Tab`` context with the
+      :class:`webui.ui.controls.UIContext` (the service, the field registry, sampler names, the
+      default model) and creates the tab's components; a generation tab calls
+      ``webui.ui.controls.generation_tab`` (and may build its own widgets for some fields).
+
+    The tab ``id`` (``[a-z][a-z0-9_-]*``) keys everything the tab makes: element ids
+    (``<id>-prompt``), the Generate API endpoint (``<id>``, ``<id>_interrupt``, ``<id>_skip``) and
+    PNG Info's "Send to" target, so a plugin tab that reuses a built-in task never collides with the
+    built-in tab. Tabs are shown by ``order``; the built-ins are txt2img (10), img2img (20), inpaint
+    (30), seg2img (40), pnginfo (90) and plugins (1000). The first registration of an ``id`` wins,
+    so a community plugin can replace a built-in tab by registering its id. A tab whose ``build``
+    fails, or whose id is refused, shows the error instead.
     Called only when the web UI starts, so gradio is imported by the tab's ``build``, not at
     plugin import.
     """

@@ -14,16 +14,12 @@ from typing import Any, Literal
 from PIL import Image
 
 from webui.errors import InvalidRequestError
+from webui.fields import BUILTIN_TASKS, builtin_field, check_text
 from webui.images import normalize_image, normalize_mask
 
 Task = Literal["txt2img", "img2img", "inpaint", "seg2img"]
-TASKS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "seg2img")
+TASKS: tuple[str, ...] = tuple(spec.name for spec in BUILTIN_TASKS)  # plugins may register more
 MaskedContent = Literal["original", "fill", "latent noise", "latent nothing"]
-MASKED_CONTENT: tuple[str, ...] = ("original", "fill", "latent noise", "latent nothing")
-
-MAX_STEPS = 1000
-MAX_SIDE = 8192
-MAX_BATCH = 64
 
 
 @dataclass
@@ -38,7 +34,7 @@ class GenerationRequest:
     image of a batch can be reproduced alone, as in AUTOMATIC1111.
     """
 
-    task: Task = "txt2img"
+    task: str = "txt2img"  # a built-in Task or one a plugin registered
     prompt: str = ""
     negative_prompt: str = ""
     model: str | None = None
@@ -69,59 +65,51 @@ class GenerationRequest:
     control_scale: float = 1.0
     control_start: float = 0.0
     control_end: float = 1.0
-    # free-form values for plugins; they appear in the metadata when a plugin writes them
     # a separate VAE by name (None or "Automatic": the model's own)
     vae: str | None = None
-
+    # the values of plugins' fields (register_fields), checked and completed with their defaults by
+    # the engine's field registry; other keys are free-form values for plugins
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field's value by name: a built-in field's attribute, else ``extra[name]``."""
+        if name in _ATTRIBUTES:
+            return getattr(self, name)
+        return self.extra.get(name, default)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
-    def validate(self, *, sizes: bool = True) -> GenerationRequest:
+    def validate(self, *, sizes: bool = True, tasks: Any = None) -> GenerationRequest:
         """Check every field; return a normalised copy (RGB images, binary-ready L masks).
 
-        Raises :class:`InvalidRequestError` with a one-line message naming the field.
-        ``sizes=False`` skips the multiple-of-8 check (the engine checks sizes only after the
-        ``prepare_request`` plugins, which may round them).
+        Raises :class:`InvalidRequestError` with a one-line message naming the field. The ranges
+        are the built-in field declarations' (``webui.fields.BUILTIN_FIELDS``). ``sizes=False``
+        skips the multiple-of-8 check (the engine checks sizes only after the ``prepare_request``
+        plugins, which may round them). ``tasks`` is a :class:`~webui.fields.FieldRegistry` whose
+        tasks are accepted (default: the built-in ones); a task's required inputs must be there.
         """
-        if self.task not in TASKS:
-            raise InvalidRequestError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        _check_int("steps", self.steps, 1, MAX_STEPS)
-        _check_int("batch_size", self.batch_size, 1, MAX_BATCH)
-        _check_int("batch_count", self.batch_count, 1, 10_000)
-        _check_int("clip_skip", self.clip_skip, 1, 12)
-        _check_int("mask_blur", self.mask_blur, 0, 256)
-        _check_int("only_masked_padding", self.only_masked_padding, 0, 4096)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -1 <= self.seed < 2**32:
-            raise InvalidRequestError(f"seed must be -1 (random) or an integer in [0, 2**32), got {self.seed!r}")
-        for name in ("width", "height"):
+        registry = tasks if tasks is not None else _builtin_registry()
+        spec = registry.task(self.task)
+        for name in _CHECKED:
             value = getattr(self, name)
-            if value is None:
+            if name == "seed":
+                if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < 2**32:
+                    raise InvalidRequestError(f"seed must be -1 (random) or an integer in [0, 2**32), got {value!r}")
                 continue
-            _check_int(name, value, 8, MAX_SIDE)
-            if sizes and value % 8:
-                low, high = value - value % 8, value - value % 8 + 8
-                raise InvalidRequestError(
-                    f"{name} {value} is not a multiple of 8; use {low} or {high}"
-                )
-        if self.cfg_scale is not None:
-            _check_float("cfg_scale", self.cfg_scale, 0.0, 100.0)
-        _check_float("strength", self.strength, 0.0, 1.0)
-        _check_float("eta", self.eta, 0.0, 1.0)
-        _check_float("control_scale", self.control_scale, 0.0, 10.0)
-        _check_float("control_start", self.control_start, 0.0, 1.0)
-        _check_float("control_end", self.control_end, 0.0, 1.0)
+            if name in ("width", "height") and value is not None:
+                builtin_field(name).check(value)
+                if sizes and value % 8:
+                    low, high = value - value % 8, value - value % 8 + 8
+                    raise InvalidRequestError(f"{name} {value} is not a multiple of 8; use {low} or {high}")
+                continue
+            builtin_field(name).check(value)
         if self.control_start > self.control_end:
             raise InvalidRequestError("control_start must not be after control_end")
-        if self.masked_content not in MASKED_CONTENT:
-            raise InvalidRequestError(
-                f"unknown masked_content {self.masked_content!r}; choose one of {', '.join(MASKED_CONTENT)}"
-            )
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidRequestError("prompt and negative_prompt must be text")
-        _check_text("prompt", self.prompt)
-        _check_text("negative prompt", self.negative_prompt)
+        check_text("prompt", self.prompt)
+        check_text("negative prompt", self.negative_prompt)
         if self.vae is not None and not isinstance(self.vae, str):
             raise InvalidRequestError(f"vae must be a VAE name, got {self.vae!r}")
 
@@ -132,36 +120,30 @@ class GenerationRequest:
             if init is None:
                 raise InvalidRequestError("a mask needs an image to inpaint (init_image)")
             mask = normalize_mask(self.mask, init.size)
-        if self.task == "img2img" and init is None:
-            raise InvalidRequestError("img2img needs an init image")
-        if self.task == "inpaint" and (init is None or mask is None):
-            raise InvalidRequestError("inpainting needs an image and a mask")
-        if self.task == "seg2img" and seg is None:
-            raise InvalidRequestError("seg2img needs a segmentation map")
+        present = {"init_image": init, "mask": mask, "seg_map": seg}
+        spec.check({**self.extra, **{name: getattr(self, name) for name in spec.inputs if hasattr(self, name)},
+                    **present})
         return self.replace(init_image=init, mask=mask, seg_map=seg, extra=dict(self.extra))
 
 
-def _check_text(name: str, text: str) -> None:
-    """Refuse text that is not valid Unicode: a lone surrogate (from bytes that were not UTF-8 on a
-    command line, or a JSON ``\\ud800`` escape) can be neither tokenized nor saved."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidRequestError(
-            f"the {name} is not valid text: character {error.start + 1} is a lone surrogate "
-            f"({text[error.start]!a}); was it written in another encoding than UTF-8?"
-        ) from None
+def request_attributes() -> frozenset[str]:
+    """The names of :class:`GenerationRequest`'s own fields (the rest of the registry's fields
+    live in ``extra``)."""
+    return _ATTRIBUTES
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}")
+def _builtin_registry() -> Any:
+    global _BUILTIN_REGISTRY
+    if _BUILTIN_REGISTRY is None:
+        from webui.fields import FieldRegistry
+
+        _BUILTIN_REGISTRY = FieldRegistry.builtin()
+    return _BUILTIN_REGISTRY
 
 
-def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+_BUILTIN_REGISTRY: Any = None
+_ATTRIBUTES = frozenset(item.name for item in dataclasses.fields(GenerationRequest))
+# checked here in this order (text and images are checked apart below)
+_CHECKED = ("steps", "batch_size", "batch_count", "clip_skip", "mask_blur", "only_masked_padding", "seed",
+            "width", "height", "cfg_scale", "strength", "eta", "control_scale", "control_start", "control_end",
+            "masked_content", "invert_mask", "keep_unmasked", "only_masked")

@@ -18,6 +18,8 @@ The tiny model is random (its images are noise-like, but deterministic for a see
 checking that a plugin runs, changes what it should and records what it should, not for looking at.
 It is built in code (a CLIP BPE tokenizer written to a temporary folder, a 2-block UNet, a VAE and a
 ControlNet of a few hundred kilobytes each), so tests need neither downloads nor a models folder.
+A plugin with a ControlNet of its own builds one with :func:`tiny_controlnet` and installs it in a
+temporary models folder with :func:`save_controlnet`, where the engine lists and loads it by name.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def tiny_bundle(*, controlnet: bool = True, in_channels: int = 4, seed: int = 0)
     seg2img when a request names no ControlNet); ``in_channels=9`` makes an inpainting UNet.
     The global torch random state is left as it was.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory(prefix="latent-studio-tokenizer-") as folder:
@@ -94,14 +96,9 @@ def tiny_bundle(*, controlnet: bool = True, in_channels: int = 4, seed: int = 0)
         ))
         controlnets = {}
         if controlnet:
-            torch.manual_seed(seed)
-            model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-            with torch.no_grad():  # from_unet zeroes the outputs: randomise them so the ControlNet matters
-                for name, param in model.named_parameters():
-                    if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
-                        param.normal_(0, 0.1)
+            model = tiny_controlnet(unet, seed=seed)
             model.seg_palette = ADE20K
-            controlnets["seg"] = model.eval().requires_grad_(False)
+            controlnets["seg"] = model
     bundle = ModelBundle(
         name=TINY_MODEL,
         unet=unet,
@@ -119,6 +116,65 @@ def tiny_bundle(*, controlnet: bool = True, in_channels: int = 4, seed: int = 0)
     for module in bundle.modules():
         module.eval().requires_grad_(False)
     return bundle
+
+
+def tiny_controlnet(unet: Any | None = None, *, seed: int = 0, downscale: int = 2) -> Any:
+    """A small random diffusers ``ControlNetModel`` for the tiny model, e.g. for a plugin that brings
+    its own kind of control image (edges, depth, pose).
+
+    Its encoder is a copy of ``unet`` (default: the UNet of :func:`tiny_bundle`), as ControlNets are
+    trained; its output layers, which a real ControlNet starts at zero, are random, so it changes the
+    image. Two seeds give two different ControlNets. For an inpainting UNet (9 input channels) it
+    takes the latents alone, as inpainting pipelines feed a ControlNet. ``downscale`` is the VAE's
+    (2 for the tiny model, 8 for Stable Diffusion's): the control image is brought down to the
+    latents' size by as many halvings. The global torch random state is left as it was. Use it in
+    code (``engine.models.add(name, model, kind="controlnet")``) or save it into a models folder
+    with :func:`save_controlnet`.
+    """
+    from diffusers import ControlNetModel
+
+    if unet is None:
+        unet = tiny_bundle(controlnet=False).unet
+    halvings = int(downscale).bit_length() - 1
+    if downscale < 1 or 2**halvings != downscale:
+        raise ValueError(f"downscale must be a power of 2, got {downscale!r}")
+    embedding = tuple(16 * 2**i for i in range(halvings + 1))  # (16, 32) for the tiny model
+    latent_channels = unet.config.out_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if unet.config.in_channels == latent_channels:
+            model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
+        else:  # the UNet also takes the mask and the masked image: copy what fits the latents alone
+            shape = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding,
+                                              load_weights_from_unet=False)
+            model = ControlNetModel.from_config({**shape.config, "in_channels": latent_channels})
+            with torch.no_grad():
+                model.conv_in.weight.copy_(unet.conv_in.weight[:, :latent_channels])
+                model.conv_in.bias.copy_(unet.conv_in.bias)
+            for part in ("time_proj", "time_embedding", "down_blocks", "mid_block"):
+                getattr(model, part).load_state_dict(getattr(unet, part).state_dict())
+        with torch.no_grad():  # from_unet zeroes the outputs: randomise them so the ControlNet matters
+            for name, param in model.named_parameters():
+                if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
+                    param.normal_(0, 0.1)
+    return model.eval().requires_grad_(False)
+
+
+def save_controlnet(model: Any, models_dir: str | Path, name: str) -> Path:
+    """Save ``model`` (e.g. a :func:`tiny_controlnet`) as a diffusers ControlNet folder,
+    ``models_dir/controlnet/name`` (``config.json`` and safetensors weights), and return that folder.
+
+    An engine with ``models_dir=models_dir`` then lists it under ``name`` (the choices of a field
+    with ``choices="models:controlnet"``, ``launch.py models``) and loads it by that name
+    (``engine.models.get_controlnet(name)``) with the built-in loader, as it would an installed one.
+    ``name`` may contain ``/`` for a sub-folder; absolute names and ``..`` are refused.
+    """
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"ControlNet name {name!r}: give a relative folder name inside models/controlnet")
+    folder = Path(models_dir) / "controlnet" / name
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
 
 
 def clip_tokenizer(folder: str | Path, *, words: tuple[str, ...] = CLIP_WORDS) -> Any:
@@ -230,12 +286,45 @@ def run_task(engine: Engine, task: str, **fields: Any) -> GenerationResult:
 
     The request gets small defaults (:data:`TASK_DEFAULTS`: 2 Euler steps, seed 1, 64×64) and the
     images the task needs (:func:`task_inputs`, at the request's size); ``fields`` override any of
-    them (``prompt=``, ``seed=``, ``extra=``, ``init_image=``…).
+    them (``prompt=``, ``seed=``, ``init_image=``…). A plugin's fields are given by name too
+    (``run_task(engine, "sketch2img", sketch=image, sketch_weight=0.5)``: they go to
+    ``request.extra``), as is ``extra=`` itself.
     """
     values = {**TASK_DEFAULTS, **fields}
+    extra = dict(values.pop("extra", None) or {})
     width, height = values.get("width") or SIZE, values.get("height") or SIZE
-    request = GenerationRequest(task=task, **{**task_inputs(task, width, height), **values})  # type: ignore[arg-type]
+    request = engine.fields.new_request(task, {**task_inputs(task, width, height), **values})
+    request.extra.update(extra)
     return engine.generate(request)
+
+
+# --- The web UI, built in-process ---------------------------------------------------------------
+
+
+def build_ui(engine: Engine, outputs_dir: str | Path | None = None) -> Any:
+    """The web app's ``gr.Blocks`` over ``engine``, with every tab its plugins register, built
+    in-process (no server, no browser): look at a tab's controls with :func:`ui_components`.
+    Images generated through it go to ``outputs_dir`` (default: a new temporary folder)."""
+    from webui.ui.app import build_app
+    from webui.ui.service import StudioService
+
+    folder = outputs_dir if outputs_dir is not None else tempfile.mkdtemp(prefix="latent-studio-outputs-")
+    return build_app(StudioService(engine, folder))
+
+
+def ui_components(demo: Any) -> dict[str, Any]:
+    """The components of a built app by element id (``"sketch2img-sketch-weight"``: a tab's control
+    for a field is ``<tab id>-<field name with dashes>``)."""
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def ui_request(engine: Engine, task: str, values: dict[str, Any]) -> GenerationRequest:
+    """The request a generation tab of ``task`` sends for its controls' ``values`` (by field name,
+    as the controls hold them: a canvas dict, a slider's float...), checked as the web app checks
+    them; a bad value raises ``InvalidRequestError`` with the message the user would see."""
+    from webui.ui.controls import build_request
+
+    return build_request(task, values, fields=engine.fields)
 
 
 # --- Hook signatures --------------------------------------------------------------------------

@@ -5,13 +5,14 @@ High CFG scales over-expose images, worst with zero-terminal-SNR models. The gui
 scaled back to the spread of the text-conditioned one: with ``std`` taken over every dimension but
 the batch, ``rescaled = cfg * std(text) / std(cfg)``, and the result is ``f * rescaled + (1 - f) * cfg``
 for the factor ``f`` in [0, 1] (diffusers' ``guidance_rescale``, the same formula). The factor is
-``request.extra["cfg_rescale"]`` (0, the default, is off); the image's ``parameters`` get
-``CFG rescale: f`` when it is on.
+the request field ``cfg_rescale`` (0, the default, is off), declared with ``register_fields``, so
+its control, command-line flag, infotext entry (``CFG rescale: f`` when it is on) and PNG Info's
+"Send to" come from that one declaration.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,26 +21,26 @@ from webui.api import (
     DenoiseStep,
     GenerationRequest,
     GuidanceCombine,
-    InvalidRequestError,
-    OutputImage,
     RunContext,
     hookimpl,
 )
 
 LATENT_STUDIO_API = 1
-FIELD = "cfg_rescale"  # the request.extra key
-INFOTEXT_KEY = "CFG rescale"
+FIELD = "cfg_rescale"  # the request field (request.extra["cfg_rescale"])
+
+
+@hookimpl
+def register_fields(register: Callable[..., Any]) -> None:
+    # declared once: the request value, the control next to the CFG scale, --cfg-rescale, the
+    # "CFG rescale" infotext entry when it is on, and PNG Info's "Send to" all come from here
+    register(FIELD, "float", default=0.0, minimum=0.0, maximum=1.0, step=0.05, label="CFG rescale",
+             group="sampling", help="pull over-exposed high-CFG images back (0 = off, 0.7 is typical)",
+             infotext="CFG rescale")
 
 
 def rescale_factor(request: GenerationRequest) -> float:
-    """The request's CFG rescale factor (0 when not given); a bad value raises InvalidRequestError."""
-    value = request.extra.get(FIELD, 0.0)
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
-        raise InvalidRequestError(f"cfg_rescale must be a number from 0 to 1 (0 = off), got {value!r:.40}")
-    return float(value)
+    """The request's CFG rescale factor (0 when it is off)."""
+    return float(request.extra.get(FIELD) or 0.0)
 
 
 def rescale(guided: torch.Tensor, text: torch.Tensor, factor: float) -> torch.Tensor:
@@ -49,11 +50,6 @@ def rescale(guided: torch.Tensor, text: torch.Tensor, factor: float) -> torch.Te
     std_cfg = guided.std(dim=dims, keepdim=True)
     rescaled = guided * (std_text / std_cfg)
     return factor * rescaled + (1 - factor) * guided
-
-
-@hookimpl
-def prepare_request(request: GenerationRequest, context: RunContext) -> None:
-    rescale_factor(request)
 
 
 @hookimpl
@@ -70,11 +66,3 @@ def wrap_guidance(request: GenerationRequest, context: RunContext) -> Any:
         return rescaled
 
     return wrap
-
-
-@hookimpl
-def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
-                   context: RunContext) -> None:
-    factor = rescale_factor(request)
-    if factor > 0:
-        parameters[INFOTEXT_KEY] = factor

@@ -134,6 +134,12 @@ class RunContext:
     state: dict[str, Any] = field(default_factory=dict)
     engine: Any = None
 
+    @property
+    def fields(self) -> Any:
+        """The engine's :class:`~webui.fields.FieldRegistry` (every registered field and task), or
+        None for a context built without an engine."""
+        return getattr(self.engine, "fields", None)
+
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per image, seeded with that image's seed (device-independent noise)."""
         return [torch.Generator("cpu").manual_seed(int(s)) for s in self.seeds]

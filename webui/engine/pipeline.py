@@ -49,6 +49,7 @@ from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.vae import decode_checked, is_automatic, latent_scaling
 from webui.errors import InvalidRequestError, OutOfMemoryError, PluginError
+from webui.fields import FieldRegistry
 from webui.images import tensor_to_images
 from webui.limits import Limits
 from webui.metadata import format_infotext
@@ -117,6 +118,7 @@ class Engine:
         self.memory = memory or MemorySettings()
         self.schedulers = SchedulerRegistry()
         self.plugins.hook.register_schedulers(register=self._register_scheduler)
+        self.fields = FieldRegistry.from_plugins(self.plugins)  # every request field and task, declared once
         self.models = ModelManager(
             self.plugins,
             models_dir=models_dir,
@@ -155,7 +157,7 @@ class Engine:
         batch fails. Raises :class:`~webui.errors.LatentStudioError` subclasses for bad input.
         """
         started = time.perf_counter()
-        request = request.validate(sizes=False)
+        request = self.fields.validate(request.validate(sizes=False, tasks=self.fields))
         self._check_limits(request)  # before a model is loaded
         self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
@@ -169,7 +171,7 @@ class Engine:
 
         context = self._context(request, bundle, control)
         self.plugins.hook.prepare_request(request=request, context=context)
-        request = request.validate()
+        request = self.fields.validate(request.validate(tasks=self.fields))
         context.request = request
         context.width, context.height = self._size(request, bundle)
         self._check_limits(request, context.width, context.height)  # again: plugins may change it
@@ -379,10 +381,9 @@ class Engine:
                 return_dict=False,
             )[0]
 
-        denoise: DenoiserCall = _wrapped(
-            unet_call, self.plugins.hook.wrap_denoiser(request=request, context=context), "wrap_denoiser")
-        combine: GuidanceCombine = _wrapped(
-            _guidance, self.plugins.hook.wrap_guidance(request=request, context=context), "wrap_guidance")
+        denoise: DenoiserCall = _wrapped(unet_call, self._wrappers("wrap_denoiser", request, context), "wrap_denoiser")
+        combine: GuidanceCombine = _wrapped(_guidance, self._wrappers("wrap_guidance", request, context),
+                                            "wrap_guidance")
         for i, t in enumerate(timesteps):
             if context.control.interrupted or context.control.skipped:
                 break
@@ -427,6 +428,14 @@ class Engine:
                 {k: v for k, v in item.parameters.items() if k != "infotext"},
             )
         return outputs
+
+    def _wrappers(self, hook: str, request: GenerationRequest, context: RunContext) -> list[Any]:
+        """The functions a ``wrap_*`` hook returned, in call order (guarded to name their plugin
+        when the plugin manager can)."""
+        call_wrappers = getattr(self.plugins, "call_wrappers", None)
+        if call_wrappers is not None:
+            return call_wrappers(hook, request=request, context=context)
+        return list(getattr(self.plugins.hook, hook)(request=request, context=context))
 
     # -- VAE ---------------------------------------------------------------------------------
 

@@ -1,48 +1,74 @@
-"""The controls every generation tab shares, and the wiring from a tab to the engine.
+"""Generation tabs derived from the request fields, and the wiring from a tab to the engine.
 
-A tab module builds its own controls, then calls :func:`generation_tab`, which adds the shared
-ones (prompt, sampler, steps, CFG, seed, size, batches, model), the Generate / Interrupt / Skip
-buttons, the progress line, the live preview and the gallery, and connects Generate to the engine.
-Handlers receive their inputs as one dict (gradio's "inputs as a set") and look values up by the
-request field name, so adding a control never shifts anybody's arguments.
+Every control of a generation tab comes from a field's declaration (:class:`webui.fields.Field`):
+its kind and widget pick the gradio component (:func:`make_control`), its range and the server's
+limits the slider's ends, its choices (a list, or a source such as the installed VAEs) the
+dropdown's, its label and help the text. :func:`generation_tab` lays a task's fields out by group
+(model, prompt, sampling, size, seed, the task's own groups, then "More options"), adds Generate /
+Interrupt / Skip, the progress line, the live preview and the gallery, and connects Generate to the
+engine; :func:`build_request` turns the values back into a request through the same declarations.
+
+A tab module builds only the widgets no field describes (the inpainting editor that yields the
+image and its mask, the segmentation-map editor) and turns their values into request fields.
+Handlers receive their inputs as one dict (gradio's "inputs as a set") and look values up by field
+name, so adding a field never shifts anybody's arguments.
+
+Each generation tab has an id (the one it was registered with): its element ids
+(``f"{tab_id}-{field name with '-'}"``), its web API endpoints (``tab_id``, ``{tab_id}_interrupt``,
+``{tab_id}_skip``) and PNG Info's "Send to" target are keyed by it, so two tabs of one task never
+collide.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from webui.engine.stream import Progress
-from webui.errors import LatentStudioError
+from webui.errors import InvalidRequestError, LatentStudioError
+from webui.fields import MAX_TEXT, Field, FieldRegistry
 from webui.limits import LIMIT_FLAGS, Limits
 from webui.request import GenerationRequest
+from webui.ui.security import guard_image_input, open_upload
 from webui.ui.service import Finished, StudioService
 
-__all__ = ["GenerationTab", "UIContext", "generation_tab"]
+__all__ = ["GenerationTab", "UIContext", "build_request", "choices_of", "control_id", "generation_tab",
+           "make_control"]
 
 log = logging.getLogger(__name__)
 
 SIZE_LIMIT = 2048
-AUTOMATIC_VAE = "Automatic"  # the model's own VAE
 BUSY_CONCURRENCY_ID = "generate"  # every tab's Generate shares one slot: one generation at a time
+TAB_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}\Z")  # element ids and endpoint names are made from it
+CORE_GROUPS = ("model", "prompt", "sampling", "size", "seed")  # the rows every generation tab starts with
+ADVANCED = "advanced"  # the closed "More options" accordion at the end
+# values that follow the model picked (its recommended guidance, its native size)
+MODEL_DEPENDENT = ("cfg_scale", "width", "height")
+_DEFAULT = object()
+
+RequestExtras = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
 class UIContext:
-    """What a tab's ``build`` gets: the service, the sampler names, the model to start with, and
-    the tabs built before it."""
+    """What a tab's ``build`` gets: the service, the sampler names, the model to start with, the
+    generation tabs built before it, and the id of the tab being built."""
 
     service: StudioService
     samplers: list[str]
     default_model: str | None
-    tabs: dict[str, GenerationTab] = field(default_factory=dict)  # generation tabs built so far, by task
+    tabs: dict[str, GenerationTab] = field(default_factory=dict)  # generation tabs built so far, by tab id
     labels: dict[str, str] = field(default_factory=dict)  # every tab's label, by id
     selector: Any = None  # the gr.Tabs holding the tabs (select one with gr.Tabs(selected=id))
+    current_tab: str | None = None  # the id of the tab being built (set by build_app)
+    deferred: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def limits(self) -> Limits:
@@ -53,107 +79,191 @@ class UIContext:
     def default_size(self) -> int:
         return self.service.model_info(self.default_model).default_size
 
+    @property
+    def fields(self) -> FieldRegistry:
+        """The engine's field registry (every built-in and plugin field and task)."""
+        registry = getattr(self.service.engine, "fields", None)
+        return registry if isinstance(registry, FieldRegistry) else _builtin_fields()
+
+    def when_built(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every tab is built (still inside the app, so it may add components
+        to a layout block it re-enters, and connect to tabs registered after this one)."""
+        self.deferred.append(callback)
+
 
 @dataclass
 class GenerationTab:
-    """A built generation tab: its controls by request field name (so PNG Info can fill them)."""
+    """A built generation tab: its controls by field name (and its own widgets by their names)."""
 
     task: str
     fields: dict[str, gr.components.Component]
     generate: gr.Button
     gallery: gr.Gallery
     infotext: gr.Textbox
+    id: str = ""  # the tab id: element ids, API endpoint, PNG Info's target
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.task
 
 
-RequestExtras = Callable[[dict[str, Any]], dict[str, Any]]
+def control_id(tab_id: str, name: str) -> str:
+    """The element id of a field's control in a tab: ``txt2img-cfg-scale``."""
+    return f"{tab_id}-{name.replace('_', '-')}"
 
 
-def shared_controls(ctx: UIContext, task: str) -> tuple[dict[str, gr.components.Component], gr.Button]:
-    """Prompt, negative prompt, model, sampler, steps, CFG, size, batches and seed; and the
-    "Last seed" button, which the caller connects to its own last-seed state."""
-    info = ctx.service.model_info(ctx.default_model)
-    examples = info.examples
-    fields: dict[str, gr.components.Component] = {}
-    with gr.Row():
-        fields["model"] = gr.Dropdown(
-            choices=ctx.service.model_names(), value=ctx.default_model, label="Model", scale=4,
-            elem_id=f"{task}-model", allow_custom_value=True,  # refreshed lists differ per session
-        )
-        fields["vae"] = gr.Dropdown(choices=vae_choices(ctx.service), value=AUTOMATIC_VAE, label="VAE", scale=2,
-                                    elem_id=f"{task}-vae", allow_custom_value=True)
-        refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{task}-refresh")
-    limits = ctx.limits
-    max_chars = limits.max_prompt_chars or None  # the browser stops typing there
-    fields["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "",
-                                  elem_id=f"{task}-prompt", max_length=max_chars)
-    with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
-        lora = gr.Dropdown(choices=ctx.service.names("lora"), value=None, label="Add a LoRA", scale=1,
-                           elem_id=f"{task}-add-lora")
-        embedding = gr.Dropdown(choices=ctx.service.names("embedding"), value=None, label="Add an embedding",
-                                scale=1, elem_id=f"{task}-add-embedding")
-    lora.input(lambda prompt, name: (add_to_prompt(prompt, f"<lora:{name}:1>" if name else ""), None),
-               inputs=[fields["prompt"], lora], outputs=[fields["prompt"], lora], queue=False,
-               api_visibility="private")
-    embedding.input(lambda prompt, name: (add_to_prompt(prompt, name or ""), None),
-                    inputs=[fields["prompt"], embedding], outputs=[fields["prompt"], embedding], queue=False,
-                    api_visibility="private")
-    refresh.click(
-        lambda: (gr.update(choices=ctx.service.model_names()), gr.update(choices=vae_choices(ctx.service)),
-                 gr.update(choices=ctx.service.names("lora")), gr.update(choices=ctx.service.names("embedding"))),
-        outputs=[fields["model"], fields["vae"], lora, embedding], queue=False, api_visibility="private")
-    fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative",
-                                           max_length=max_chars)
-    if examples:
-        gr.Examples(examples=[[text] for text in examples], inputs=[fields["prompt"]], label="Try a prompt")
-    with gr.Row():
-        fields["sampler"] = gr.Dropdown(choices=ctx.samplers, value="DPM++ 2M Karras", label="Sampler")
-        fields["steps"] = limited_slider(1, limits.max_steps or 150, value=min(20, limits.max_steps or 20), step=1,
-                                        label="Steps", elem_id=f"{task}-steps", flag=LIMIT_FLAGS["max_steps"])
-        fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=info.cfg_scale, step=0.5,
-                                        label="CFG scale", elem_id=f"{task}-cfg-scale")
-    with gr.Row():
-        side = size_limit(limits)
-        pixels, batch = LIMIT_FLAGS["max_pixels"], LIMIT_FLAGS["max_batch"]
-        fields["width"] = limited_slider(64, side, value=min(info.default_size, side), step=8, label="Width",
-                                        elem_id=f"{task}-width", flag=pixels)
-        fields["height"] = limited_slider(64, side, value=min(info.default_size, side), step=8, label="Height",
-                                         elem_id=f"{task}-height", flag=pixels)
-        fields["batch_count"] = limited_slider(1, limits.max_batch or 100, value=1, step=1, label="Batch count",
-                                              elem_id=f"{task}-batch-count", flag=batch)
-        fields["batch_size"] = gr.Slider(1, min(8, limits.max_batch or 8), value=1, step=1, label="Batch size")
-    with gr.Row():
-        fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4,
-                                   elem_id=f"{task}-seed")
-        random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{task}-random-seed")
-        reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{task}-reuse-seed")
-    random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, api_visibility="private")
-
-    def follow_model(name: str | None) -> tuple[float, int, int]:
-        picked = ctx.service.model_info(name)  # its recommended guidance and native size
-        return picked.cfg_scale, picked.default_size, picked.default_size
-
-    # only a pick by the user: PNG Info's "send to" sets the model and its own CFG and size
-    fields["model"].input(follow_model, inputs=fields["model"],
-                          outputs=[fields["cfg_scale"], fields["width"], fields["height"]], queue=False,
-                          api_visibility="private")
-    return fields, reuse_seed
+# -- one control per field ------------------------------------------------------------------------
 
 
-def limited_slider(*args: Any, flag: str, **kwargs: Any) -> gr.Slider:
-    """A slider whose upper end is a server limit raised by ``flag``: a value above it (from an API
-    client; the browser cannot go there) is refused with a message naming the flag, as the engine's
-    own check would. (An ordinary ``gr.Slider``, so browsers and API clients see nothing new.)"""
-    slider = gr.Slider(*args, **kwargs)
-    check = slider.preprocess
+def choices_of(ctx: UIContext, declared: Field) -> list[str]:
+    """What a choice field offers now: its fixed choices, or its source's names (samplers, installed
+    checkpoints, VAEs, ControlNets...) rescanned, with the ``none_label`` first."""
+    if declared.fixed_choices is not None:
+        names = list(declared.fixed_choices)
+    elif declared.source == "samplers":
+        names = list(ctx.samplers)
+    elif declared.source == "models:checkpoint":
+        names = ctx.service.model_names()
+    elif declared.source is not None:
+        names = ctx.service.names(declared.source.split(":", 1)[1])
+    else:
+        names = []
+    return [declared.none_label, *names] if declared.none_label is not None else names
 
-    def preprocess(payload: float) -> float:
-        if isinstance(payload, (int, float)) and slider.maximum is not None and payload > slider.maximum:
-            raise gr.Error(f"{slider.label} {payload:g} is over this server's limit of {slider.maximum:g} ({flag})",
+
+def make_control(ctx: UIContext, declared: Field, tab_id: str, *, task: str | None = None,
+                 value: Any = _DEFAULT, **props: Any) -> gr.components.Component:
+    """The gradio control of ``declared`` in tab ``tab_id`` (element id :func:`control_id`).
+
+    Numbers: a slider from ``ui_minimum``/``ui_maximum`` (else the valid range), its top lowered to
+    the server's limit when ``limit`` names one; a number box for ``widget="number"`` or an open
+    range. Text: a text box (``lines``; at most the limit's or ``max_chars`` characters). Bool: a
+    checkbox. Choice: a dropdown (``widget="radio"``: radio buttons) of :func:`choices_of`, which
+    accepts names outside the list when they come from a source (the list is refreshed). Image: an
+    upload (``widget="upload"``, refused with one line when it is not a sound image) or, for
+    ``widget="sketch"``, a drawing canvas (white, of the model's size, black brush, uploads
+    allowed) whose composite is the value. ``value`` overrides the field's default for ``task``;
+    ``props`` go to the component (``scale``, ``placeholder``...).
+    """
+    if value is _DEFAULT:
+        value = declared.default_for(task)
+    info = props.pop("info", declared.help or None)
+    if info and declared.kind != "image":
+        props.setdefault("min_width", 200)  # a row of controls with help text wraps rather than squeezes
+    common: dict[str, Any] = {"label": declared.label, "elem_id": control_id(tab_id, declared.name), **props}
+    widget = widget_of(declared)
+    if declared.kind in ("int", "float"):
+        return _number_control(ctx, declared, widget, value, info, common)
+    if declared.kind == "bool":
+        return gr.Checkbox(value=bool(value), info=info, **common)
+    if declared.kind == "text":
+        return gr.Textbox(value=value or "", lines=declared.lines, max_length=_max_chars(ctx.limits, declared),
+                          info=info, **common)
+    if declared.kind == "choice":
+        choices = choices_of(ctx, declared)
+        if value is None:
+            value = declared.none_label if declared.none_label is not None else (choices[0] if choices else None)
+        if widget == "radio":
+            return gr.Radio(choices, value=value, info=info, **common)
+        return gr.Dropdown(choices=choices, value=value, info=info, allow_custom_value=declared.source is not None,
+                           **common)
+    if declared.kind == "image":
+        subject = declared.label.lower()
+        if widget == "sketch":
+            size = ctx.default_size
+            return guard_image_input(gr.ImageEditor(**{
+                "value": {"background": Image.new("RGB", (size, size), "white"), "layers": [], "composite": None},
+                "type": "pil", "image_mode": "RGB", "sources": ["upload", "clipboard"],
+                "brush": gr.Brush(colors=["#000000"], color_mode="fixed", default_size=max(2, size // 64)),
+                "eraser": gr.Eraser(), "transforms": (), "layers": False, "height": 360, **common}), subject)
+        return guard_image_input(gr.Image(**{"type": "filepath", "image_mode": None, "sources": ["upload", "clipboard"],
+                                             "height": 300, **common}), subject)
+    raise ValueError(f"field {declared.name!r}: no control for kind {declared.kind!r}")  # pragma: no cover
+
+
+def widget_of(declared: Field) -> str:
+    """The widget a field shows as: its own choice, else its kind's usual one."""
+    if declared.widget:
+        return declared.widget
+    return {"int": "slider", "float": "slider", "bool": "checkbox", "text": "textbox", "choice": "dropdown",
+            "image": "upload"}[declared.kind]
+
+
+def _number_control(ctx: UIContext, declared: Field, widget: str, value: Any, info: str | None,
+                    common: dict[str, Any]) -> gr.components.Component:
+    low = declared.ui_minimum if declared.ui_minimum is not None else declared.minimum
+    high = declared.ui_maximum if declared.ui_maximum is not None else declared.maximum
+    limit = limit_of(ctx.limits, declared.limit)
+    whole = declared.kind == "int"
+    if widget == "number" or low is None or high is None:
+        control = gr.Number(value=value, precision=0 if whole else None, minimum=declared.minimum,
+                            maximum=declared.maximum, step=declared.step or 1, info=info, **common)
+    else:
+        top = min(high, limit) if limit is not None else high
+        step = declared.step or (1 if whole else (top - low) / 100)
+        if value is None:
+            value = low
+        control = gr.Slider(low, top, value=min(max(value, low), top), step=step, info=info, **common)
+    return _checked(control, declared, limit)
+
+
+def _checked(control: Any, declared: Field, limit: float | None) -> Any:
+    """``control`` refusing, with one line naming it, a number over the server's limit (and the flag
+    that raises it) or outside the field's valid range. Between the slider's top and the limit a
+    value from an API client is let through (the slider's top is for the browser's comfort); the
+    engine checks everything again."""
+    if "preprocess" in vars(control) and getattr(control, "_field_check", None) is not None:
+        return control  # already checked
+    label = str(declared.label).split(" (")[0]  # "Seed (-1 = random)" -> "Seed"
+    flag = LIMIT_FLAGS.get(declared.limit or "", "")
+    original = control.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if not isinstance(payload, (int, float)) or isinstance(payload, bool):
+            return original(payload)
+        if limit is not None and payload > limit:
+            raise gr.Error(f"{label} {payload:g} is over this server's limit of {limit:g} ({flag})",
                            print_exception=False)
-        return check(payload)
+        low, high = declared.minimum, declared.maximum
+        if (low is not None and payload < low) or (high is not None and payload > high):
+            raise gr.Error(f"{label} must be between {_shown(low)} and {_shown(high)}, got {_shown(payload)}",
+                           print_exception=False)
+        return gr.Number.round_to_precision(payload, getattr(control, "precision", None))
 
-    slider.preprocess = preprocess  # type: ignore[method-assign]
-    return slider
+    control.preprocess = preprocess
+    control._field_check = (declared, limit)
+    return control
+
+
+def keep_checks(demo: Any) -> None:
+    """Keep the checks of :func:`make_control`'s number controls on the per-session copies gradio
+    makes of a component when an event updates its properties (PNG Info leaving a control as it
+    is does): the copy is built from the constructor's arguments and would check with gradio's
+    own words, not ours."""
+    original = demo.preprocess_data
+
+    async def preprocess_data(block_fn: Any, inputs: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            for block in getattr(block_fn, "inputs", ()):
+                check = getattr(block, "_field_check", None)
+                if check is not None and state is not None and block._id in state:
+                    copy = state[block._id]
+                    if copy is not block:
+                        _checked(copy, *check)
+        except Exception:  # pragma: no cover - gradio's session state changed shape: the originals still check
+            log.debug("cannot keep the checks on the session copies of controls", exc_info=True)
+        return await original(block_fn, inputs, state, *args, **kwargs)
+
+    demo.preprocess_data = preprocess_data
+
+
+def limit_of(limits: Limits, name: str | None) -> int | None:
+    """The upper end a :class:`Limits` attribute sets for one control (``max_pixels``: the side of
+    the largest square under it), or None when there is no such limit."""
+    if not name or not getattr(limits, name, 0):
+        return None
+    if name == "max_pixels":
+        return size_limit(limits)
+    return int(getattr(limits, name))
 
 
 def size_limit(limits: Limits) -> int:
@@ -165,8 +275,12 @@ def size_limit(limits: Limits) -> int:
     return max(64, side - side % 8)
 
 
-def vae_choices(service: StudioService) -> list[str]:
-    return [AUTOMATIC_VAE, *service.names("vae")]
+def _max_chars(limits: Limits, declared: Field) -> int | None:
+    if declared.limit:
+        return limit_of(limits, declared.limit)
+    if declared.max_chars is None:
+        return MAX_TEXT
+    return declared.max_chars or None
 
 
 def add_to_prompt(prompt: str | None, text: str) -> str:
@@ -177,40 +291,84 @@ def add_to_prompt(prompt: str | None, text: str) -> str:
     return f"{prompt}, {text}" if prompt and not prompt.endswith(",") else f"{prompt} {text}".strip()
 
 
-def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
-                   build_controls: Callable[[], dict[str, gr.components.Component]] | None = None,
-                   ) -> GenerationTab:
-    """Lay out a generation tab and connect it to the engine.
+# -- a generation tab -------------------------------------------------------------------------------
 
-    ``build_controls`` (called inside the left column, after the shared controls) creates the
-    tab's own controls; ``extras(values)`` turns all values into the task's request fields
-    (``init_image``, ``mask``...). Returns the built tab.
+
+def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = None,
+                   build_controls: Callable[[], dict[str, gr.components.Component]] | None = None, *,
+                   tab_id: str | None = None, own: Sequence[str] = ()) -> GenerationTab:
+    """Lay out a generation tab for ``task`` and connect it to the engine.
+
+    Every field of the task with ``ui=True`` gets its derived control (:func:`make_control`), laid
+    out by group: the model row (with ↻ Refresh), the prompt (with the LoRA/embedding pickers and
+    the model's example prompts), sampling, size, the seed (with Random and Last seed), the tab's
+    own controls, the task's other groups in registration order, and "More options" (group
+    ``"advanced"``: clip skip, eta, plugin fields), closed.
+
+    ``tab_id`` (default: the tab being built, else ``task``) keys the element ids, the API endpoints
+    and PNG Info's target. ``build_controls`` (called after the seed row) creates the tab's own
+    widgets and returns them by name; those named after a field replace its derived control.
+    ``own`` names fields the tab provides itself (no derived control): ``extras(values)`` turns the
+    values of every control into those fields (``init_image``, ``mask``...). Returns the built tab.
     """
+    tab_id = tab_id or ctx.current_tab or task
+    if not TAB_ID.match(tab_id):
+        raise ValueError(f"tab id {tab_id!r}: use lowercase letters, digits, '-' and '_', starting with a letter")
+    if tab_id in ctx.tabs:
+        raise ValueError(f"tab id {tab_id!r} already has a generation tab")
+    registry = ctx.fields
+    registry.task(task)  # an unknown task: the tab shows why
+    info = ctx.service.model_info(ctx.default_model)
+    skipped = set(own)
+    derived = [declared for declared in registry.for_task(task) if declared.ui and declared.name not in skipped]
+    groups: dict[str, list[Field]] = {}
+    for declared in derived:
+        groups.setdefault(declared.group, []).append(declared)
+
+    def control(declared: Field, **props: Any) -> gr.components.Component:
+        if declared.name == "cfg_scale":
+            props.setdefault("value", info.cfg_scale)
+        elif declared.name in ("width", "height"):
+            props.setdefault("value", info.default_size)
+        elif declared.name == "model":
+            props.setdefault("value", ctx.default_model)
+        return make_control(ctx, declared, tab_id, task=task, **props)
+
+    controls: dict[str, gr.components.Component] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            fields, reuse_seed = shared_controls(ctx, task)
+            wiring = _core_rows(ctx, tab_id, groups, control, controls, info.examples)
             if build_controls is not None:
-                fields.update(build_controls())
+                controls.update(build_controls())
+            for group, members in groups.items():
+                if group in CORE_GROUPS or group == ADVANCED:
+                    continue
+                _group_row([m for m in members if m.name not in controls], control, controls)
+            advanced = [m for m in groups.get(ADVANCED, []) if m.name not in controls]
+            if advanced:
+                with gr.Accordion("More options", open=False, elem_id=f"{tab_id}-more"):
+                    _group_row(advanced, control, controls)
         with gr.Column(scale=2):
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", scale=3, elem_id=f"{task}-generate")
-                interrupt = gr.Button("Interrupt", scale=1, elem_id=f"{task}-interrupt")
-                skip = gr.Button("Skip", scale=1, elem_id=f"{task}-skip")
-            progress = gr.Markdown("", elem_id=f"{task}-progress")
+                generate = gr.Button("Generate", variant="primary", scale=3, elem_id=f"{tab_id}-generate")
+                interrupt = gr.Button("Interrupt", scale=1, elem_id=f"{tab_id}-interrupt")
+                skip = gr.Button("Skip", scale=1, elem_id=f"{tab_id}-skip")
+            progress = gr.Markdown("", elem_id=f"{tab_id}-progress")
             preview = gr.Image(label="Preview", interactive=False, height=160, visible=True, format="png",
-                               elem_id=f"{task}-preview")
-            gallery = gr.Gallery(label="Results", columns=2, height=360, format="png", elem_id=f"{task}-gallery")
+                               elem_id=f"{tab_id}-preview")
+            gallery = gr.Gallery(label="Results", columns=2, height=360, format="png", elem_id=f"{tab_id}-gallery")
             infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"],
-                                  elem_id=f"{task}-infotext")
+                                  elem_id=f"{tab_id}-infotext")
     last_seed = gr.State(-1)
     outputs = [progress, preview, gallery, infotext, last_seed]
+    _wire_core(ctx, registry, controls, wiring, last_seed)
 
     def run(data: dict[Any, Any], request: gr.Request,
             bar: gr.Progress = gr.Progress()) -> Iterator[dict[Any, Any]]:  # noqa: B008 - gradio's idiom
-        values = {name: data[component] for name, component in fields.items()}
+        values = {name: data[component] for name, component in controls.items()}
         session = _session_of(request)
         try:
-            generation = build_request(task, values, extras)
+            generation = build_request(task, values, extras, fields=registry)
         except LatentStudioError as error:
             raise gr.Error(str(error), print_exception=False) from None
         try:
@@ -229,7 +387,7 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
             log.exception("generation failed")
             raise gr.Error(f"generation failed: {type(error).__name__}: {error}", print_exception=False) from None
 
-    generate.click(run, inputs=set(fields.values()), outputs=outputs, api_name=task,
+    generate.click(run, inputs=set(controls.values()), outputs=outputs, api_name=tab_id,
                    concurrency_id=BUSY_CONCURRENCY_ID, concurrency_limit=1)
 
     def stop(request: gr.Request) -> None:
@@ -238,34 +396,188 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras,
     def skip_batch(request: gr.Request) -> None:
         ctx.service.skip(_session_of(request))
 
-    interrupt.click(stop, inputs=None, outputs=None, queue=False, api_name=f"{task}_interrupt")
-    skip.click(skip_batch, inputs=None, outputs=None, queue=False, api_name=f"{task}_skip")
-    reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=fields["seed"], queue=False,
-                     api_visibility="private")
-    tab = GenerationTab(task=task, fields=fields, generate=generate, gallery=gallery, infotext=infotext)
-    ctx.tabs[task] = tab
+    interrupt.click(stop, inputs=None, outputs=None, queue=False, api_name=f"{tab_id}_interrupt")
+    skip.click(skip_batch, inputs=None, outputs=None, queue=False, api_name=f"{tab_id}_skip")
+    tab = GenerationTab(task=task, fields=controls, generate=generate, gallery=gallery, infotext=infotext, id=tab_id)
+    ctx.tabs[tab_id] = tab
     return tab
 
 
-def build_request(task: str, values: dict[str, Any], extras: RequestExtras) -> GenerationRequest:
-    """The typed request for ``task`` from a tab's values (shared ones and the tab's own)."""
-    seed = values.get("seed")
-    request = GenerationRequest(
-        task=task,  # type: ignore[arg-type]
-        prompt=values.get("prompt") or "",
-        negative_prompt=values.get("negative_prompt") or "",
-        model=values.get("model") or None,
-        sampler=values.get("sampler") or "DPM++ 2M Karras",
-        steps=int(values.get("steps") or 20),
-        cfg_scale=float(values["cfg_scale"]) if values.get("cfg_scale") is not None else None,
-        seed=-1 if seed is None or seed == "" else int(seed),
-        width=int(values["width"]) if values.get("width") else None,
-        height=int(values["height"]) if values.get("height") else None,
-        batch_size=int(values.get("batch_size") or 1),
-        batch_count=int(values.get("batch_count") or 1),
-        vae=None if values.get("vae") in (None, "", AUTOMATIC_VAE) else str(values["vae"]),
-    )
-    return request.replace(**extras(values))
+@dataclass
+class _Wiring:
+    """The core rows' buttons and pickers, connected once every control exists."""
+
+    refresh: gr.Button | None = None
+    pickers: dict[str, gr.Dropdown] = field(default_factory=dict)  # add-a-LoRA / add-an-embedding
+    random_seed: gr.Button | None = None
+    reuse_seed: gr.Button | None = None
+
+
+def _core_rows(ctx: UIContext, tab_id: str, groups: dict[str, list[Field]],
+               control: Callable[..., gr.components.Component], controls: dict[str, gr.components.Component],
+               examples: list[str]) -> _Wiring:
+    wiring = _Wiring()
+    with gr.Row():
+        for declared in groups.get("model", []):
+            controls[declared.name] = control(declared, scale=4 if declared.name == "model" else 2)
+        wiring.refresh = gr.Button("↻ Refresh", scale=1, min_width=80, elem_id=f"{tab_id}-refresh")
+    for declared in groups.get("prompt", []):
+        props: dict[str, Any] = {}
+        if declared.name == "prompt":
+            props["placeholder"] = examples[0] if examples else ""
+        controls[declared.name] = control(declared, **props)
+        if declared.name == "prompt":
+            with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
+                for kind, label in (("lora", "Add a LoRA"), ("embedding", "Add an embedding")):
+                    wiring.pickers[kind] = gr.Dropdown(choices=ctx.service.names(kind), value=None, label=label,
+                                                       scale=1, elem_id=f"{tab_id}-add-{kind}")
+    if examples and "prompt" in controls:
+        gr.Examples(examples=[[text] for text in examples], inputs=[controls["prompt"]], label="Try a prompt")
+    for group in ("sampling", "size"):
+        _group_row(groups.get(group, []), control, controls)
+    seed_group = groups.get("seed", [])
+    if seed_group:
+        with gr.Row():
+            for declared in seed_group:
+                controls[declared.name] = control(declared, scale=4)
+            if "seed" in controls:
+                wiring.random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{tab_id}-random-seed")
+                wiring.reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{tab_id}-reuse-seed")
+    return wiring
+
+
+def _group_row(members: list[Field], control: Callable[..., gr.components.Component],
+               controls: dict[str, gr.components.Component]) -> None:
+    """One group: images and multi-line text one under the other, then the rest side by side."""
+    tall = [m for m in members if m.kind == "image" or (m.kind == "text" and m.lines > 1)]
+    for declared in tall:
+        controls[declared.name] = control(declared)
+    rest = [m for m in members if m not in tall]
+    if rest:
+        with gr.Row():
+            for declared in rest:
+                controls[declared.name] = control(declared)
+
+
+def _wire_core(ctx: UIContext, registry: FieldRegistry, controls: dict[str, gr.components.Component],
+               wiring: _Wiring, last_seed: gr.State) -> None:
+    prompt = controls.get("prompt")
+    for kind, picker in wiring.pickers.items():
+        if prompt is None:
+            continue
+        syntax = (lambda name: f"<lora:{name}:1>" if name else "") if kind == "lora" else (lambda name: name or "")
+        picker.input(lambda text, name, syntax=syntax: (add_to_prompt(text, syntax(name)), None),
+                     inputs=[prompt, picker], outputs=[prompt, picker], queue=False, api_visibility="private")
+    # ↻ Refresh: every list of installed models in the tab, rescanned
+    listed = [(registry[name], component) for name, component in controls.items()
+              if name in registry and (registry[name].source or "").startswith("models:")]
+    if wiring.refresh is not None and (listed or wiring.pickers):
+        def refresh() -> list[Any]:
+            updates = [gr.update(choices=choices_of(ctx, declared)) for declared, _ in listed]
+            return updates + [gr.update(choices=ctx.service.names(kind)) for kind in wiring.pickers]
+
+        wiring.refresh.click(refresh, outputs=[c for _, c in listed] + list(wiring.pickers.values()), queue=False,
+                             api_visibility="private")
+    if wiring.random_seed is not None:
+        wiring.random_seed.click(lambda: -1, outputs=controls["seed"], queue=False, api_visibility="private")
+    if wiring.reuse_seed is not None:
+        wiring.reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=controls["seed"], queue=False,
+                                api_visibility="private")
+    followers = [name for name in MODEL_DEPENDENT if name in controls]
+    if "model" in controls and followers:
+        def follow_model(name: str | None) -> list[Any]:
+            picked = ctx.service.model_info(name)  # its recommended guidance and native size
+            return [picked.cfg_scale if follower == "cfg_scale" else picked.default_size for follower in followers]
+
+        # only a pick by the user: PNG Info's "send to" sets the model and its own CFG and size
+        controls["model"].input(follow_model, inputs=controls["model"], outputs=[controls[n] for n in followers],
+                                queue=False, api_visibility="private")
+
+
+# -- from values to a request --------------------------------------------------------------------
+
+
+def build_request(task: str, values: Mapping[str, Any], extras: RequestExtras | None = None, *,
+                  fields: FieldRegistry | None = None) -> GenerationRequest:
+    """The typed request for ``task`` from a tab's values by name.
+
+    Each value of a field's control is checked against its declaration (:func:`ui_value`); built-in
+    fields become the request's attributes and the rest ``request.extra`` entries. ``extras(values)``
+    adds the fields a tab makes from its own widgets. Raises :class:`InvalidRequestError` with one
+    line for a bad value or a missing required image ("upload an init image first").
+    """
+    registry = fields if fields is not None else _builtin_fields()
+    spec = registry.task(task)
+    found: dict[str, Any] = {}
+    for name, value in values.items():
+        declared = registry.get(name)
+        if declared is not None and declared.applies_to(task):
+            found[name] = ui_value(declared, value, task)
+    if extras is not None:
+        found.update(extras(dict(values)))
+    for name in spec.requires:
+        declared = registry.get(name)
+        if found.get(name) is None and name in values and declared is not None and declared.kind == "image":
+            raise InvalidRequestError(f"{'draw or upload' if widget_of(declared) == 'sketch' else 'upload'} "
+                                      f"{_with_article(declared.label.lower())} first")
+    own, extra = registry.split(found)
+    return GenerationRequest(task=task, **own, extra=extra)
+
+
+def ui_value(declared: Field, value: Any, task: str) -> Any:
+    """A control's value as the request field ``declared`` takes it.
+
+    An emptied control means the field's default; the ``none_label`` means None; a whole float of
+    an int field becomes an int; an uploaded image is opened (and refused with one line when it is
+    not a sound image), a drawing canvas gives its composite. The request checks its own text and
+    images itself (its messages, a mask's alpha channel), so built-in text and images pass as they are;
+    everything else goes through :meth:`Field.check`.
+    """
+    builtin = _is_attribute(declared.name)
+    if declared.kind == "image":
+        if isinstance(value, dict):  # a drawing canvas
+            value = value.get("composite") or value.get("background")
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            value = open_upload(value, declared.label.lower())
+        return value if builtin else declared.check(value)
+    if value is None or (value == "" and declared.kind != "text"):
+        value = declared.default_for(task)
+        if value is None:
+            return None
+    if builtin and declared.kind == "text":
+        return str(value)
+    return declared.check(value)
+
+
+def _is_attribute(name: str) -> bool:
+    from webui.request import request_attributes
+
+    return name in request_attributes()
+
+
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_BUILTIN: FieldRegistry | None = None
+
+
+def _builtin_fields() -> FieldRegistry:
+    """The built-in fields alone, for a service whose engine has no registry (test doubles)."""
+    global _BUILTIN
+    if _BUILTIN is None:
+        _BUILTIN = FieldRegistry.builtin()
+    return _BUILTIN
 
 
 def _finished(event: Finished, progress: Any, preview: Any, gallery: Any, infotext: Any,

@@ -1,85 +1,56 @@
-"""From a parsed ``parameters`` text (ours or AUTOMATIC1111's) to the values of a generation tab."""
+"""From a parsed ``parameters`` text (ours or AUTOMATIC1111's) to the values of a generation tab.
+
+Which entries are read, and how, comes from the field declarations (``webui.fields``): a field with
+an infotext key (or a ``read`` function) and ``send=True`` is read by the field registry; this
+module adds what only the web app knows (which models and samplers are on offer now) and brings
+numbers into each control's range, with a note for everything it changed or left out.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Range", "clamp_fields", "fields_from_parameters", "unreadable_numbers"]
+from webui.fields import FieldRegistry
 
-_NUMBERS: dict[str, tuple[str, type]] = {
-    "Steps": ("steps", int),
-    "CFG scale": ("cfg_scale", float),
-    "Seed": ("seed", int),
-    "Size-1": ("width", int),
-    "Size-2": ("height", int),
-    "Denoising strength": ("strength", float),
-    "Mask blur": ("mask_blur", int),
-    "Clip skip": ("clip_skip", int),
-    "ControlNet weight": ("control_scale", float),
-    "Batch size": ("batch_size", int),
-}
+__all__ = ["Range", "clamp_fields", "fields_from_infotext"]
 
 
-def fields_from_parameters(parsed: Mapping[str, Any], samplers: Iterable[str] = ()) -> dict[str, Any]:
-    """The tab fields (request field names) that ``parsed`` sets; keys it lacks are left out.
+def fields_from_infotext(registry: FieldRegistry, parsed: Mapping[str, Any], *, task: str | None = None,
+                         names: Iterable[str] | None = None,
+                         offered: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The field values (by field name) that ``parsed`` sets, and one note per entry left out.
 
-    A1111 since 1.9 writes the scheduler apart (``Sampler: DPM++ 2M, Schedule type: Karras``); the
-    two are joined when the joined name is one of ``samplers``. Unreadable numbers are skipped.
+    Entries are read through :meth:`FieldRegistry.from_infotext` (numbers as written, also out of
+    range: :func:`clamp_fields` brings them into the controls' ranges; an unreadable one gets
+    "Steps 'many' is not a number; not sent"). ``offered`` lists, by field name, what a choice
+    field offers now: a value not among them is left out with a note ("model 'x' is not
+    installed; kept the current model"), unless the entry as written is offered (A1111's
+    "Sampler: Euler" with a "Schedule type" our sampler list does not join it with).
     """
-    fields: dict[str, Any] = {}
-    if "Prompt" in parsed:
-        fields["prompt"] = str(parsed["Prompt"])
-    if "Negative prompt" in parsed:
-        fields["negative_prompt"] = str(parsed["Negative prompt"])
-    for key, (name, kind) in _NUMBERS.items():
-        if key in parsed:
-            number = _number(parsed[key], kind)
-            if number is not None:
-                fields[name] = number
-    sampler = parsed.get("Sampler")
-    if sampler:
-        known = set(samplers)
-        schedule = str(parsed.get("Schedule type", "")).strip()
-        joined = f"{sampler} {schedule}".strip()
-        if schedule and schedule.lower() not in ("automatic", "uniform") and (not known or joined in known):
-            sampler = joined
-        if not known or sampler in known:
-            fields["sampler"] = str(sampler)
-    if parsed.get("Model"):
-        fields["model"] = str(parsed["Model"])
-    if parsed.get("VAE"):  # A1111 writes the file name; the VAE picker lists names without extensions
-        vae = str(parsed["VAE"])
-        for suffix in (".safetensors", ".ckpt", ".pt"):
-            vae = vae.removesuffix(suffix)
-        fields["vae"] = vae
-    return fields
+    values, notes = registry.from_infotext(parsed, task=task, names=names, bounded=False)
+    offered = offered or {}
+    for name in [name for name in values if name in offered]:  # in the registry's order
+        choices = offered[name]
+        if values[name] in choices:
+            continue
+        declared = registry[name]
+        written = parsed.get(declared.infotext) if declared.infotext else None
+        if written is not None and str(written).strip() in choices:
+            values[name] = str(written).strip()
+            continue
+        what = _noun(declared.label)
+        where = "installed" if (declared.source or "").startswith("models:") else "available"
+        notes.append(f"{what} {str(values.pop(name))[:80]!r} is not {where}; kept the current {what}")
+    return values, notes
 
 
-def _number(text: Any, kind: type) -> int | float | None:
-    """``text`` as an int (exactly, also "20.0") or a finite float; None when it is neither."""
-    text = str(text).strip()
-    if len(text) > 100:  # no number worth sending is this long (and int() of it would be slow)
-        return None
-    try:
-        if kind is int:
-            try:
-                return int(text)
-            except ValueError:
-                value = float(text)
-                return int(value) if math.isfinite(value) else None
-        value = float(text)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def unreadable_numbers(parsed: Mapping[str, Any]) -> list[str]:
-    """Notes for the numbers in ``parsed`` that :func:`fields_from_parameters` leaves out."""
-    return [f"{key} {_shown(parsed[key])} is not a number; not sent" for key, (_, kind) in _NUMBERS.items()
-            if key in parsed and _number(parsed[key], kind) is None]
+def _noun(label: str) -> str:
+    """A label inside a sentence: "Model" -> "model", "VAE" and "ControlNet" as they are."""
+    first = label.split(" ")[0]
+    return label[:1].lower() + label[1:] if first[1:].islower() else label
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from webui.fields import FieldRegistry
 from webui.limits import Limits
 from webui.metadata import parse_infotext, read_png_parameters
-from webui.ui.controls import UIContext
-from webui.ui.infotext import Range, clamp_fields, fields_from_parameters, unreadable_numbers
+from webui.ui.controls import GenerationTab, UIContext, choices_of
+from webui.ui.infotext import Range, clamp_fields, fields_from_infotext
 from webui.ui.security import guard_image_input
 
 _USER_COMMENT = 0x9286  # EXIF UserComment: where A1111 puts the parameters of JPEG and WebP files
-SEED_RANGE = (-1, 2**32 - 1)  # -1 = random; seeds are 32-bit
 
 
 def read_parameters(path: str | None) -> str | None:
@@ -55,29 +55,35 @@ def too_long(text: str, limits: Limits) -> str | None:
 
 
 def control_ranges(fields: dict[str, Any], limits: Limits) -> dict[str, Range]:
-    """What each control of a tab accepts, read from the control itself (a slider's ends and step,
-    a text box's length), with steps also capped by ``limits`` and seeds kept to 32 bits."""
+    """What each control of a tab accepts, read from the control itself: a slider's ends and step
+    (its top already lowered to the server's limit), a number box's bounds, a text box's length."""
     ranges: dict[str, Range] = {}
     for name, component in fields.items():
         label = str(component.label or name).split(" (")[0]  # "Seed (-1 = random)" -> "Seed"
         if isinstance(component, gr.Slider):
-            high = component.maximum
-            if name == "steps" and limits.max_steps:
-                high = min(high, limits.max_steps)
-            ranges[name] = Range(label, component.minimum, high, component.step)
+            ranges[name] = Range(label, component.minimum, component.maximum, component.step)
         elif isinstance(component, gr.Number):
-            low, high = component.minimum, component.maximum
-            if name == "seed":
-                low, high = SEED_RANGE
-            ranges[name] = Range(label, low, high, component.step)
+            ranges[name] = Range(label, component.minimum, component.maximum, component.step)
         elif isinstance(component, gr.Textbox):
             ranges[name] = Range(label, max_chars=component.max_length or limits.max_prompt_chars or None)
     return ranges
 
 
+def send_targets(tab: GenerationTab, registry: FieldRegistry) -> list[str]:
+    """The fields of ``tab`` that PNG Info fills: those with a control there whose declaration has
+    an infotext key (or a ``read``) and ``send=True``."""
+    names = []
+    for name in tab.fields:
+        declared = registry.get(name)
+        if declared is not None and declared.send and (declared.infotext or declared.read) \
+                and declared.applies_to(tab.task):
+            names.append(name)
+    return names
+
+
 def build(ctx: UIContext) -> None:
-    tabs, labels = ctx.selector, ctx.labels
-    limits: Limits = getattr(ctx.service.engine, "limits", None) or Limits()
+    limits: Limits = ctx.limits
+    registry = ctx.fields
     with gr.Row(equal_height=False):
         with gr.Column():
             image = guard_image_input(gr.Image(
@@ -88,9 +94,7 @@ def build(ctx: UIContext) -> None:
                               elem_id="pnginfo-text")
             table = gr.JSON(label="Parsed", elem_id="pnginfo-parsed")
             notes = gr.Markdown("", elem_id="pnginfo-notes")
-            with gr.Row():
-                buttons = {task: gr.Button(f"Send to {labels[task]}", elem_id=f"pnginfo-send-{task}")
-                           for task in ctx.tabs}
+            buttons_row = gr.Row()
 
     def read(path: str | None) -> tuple[str, dict[str, Any] | None, str]:
         """The parameters text, parsed, and a note (why nothing was read, or "")."""
@@ -108,35 +112,36 @@ def build(ctx: UIContext) -> None:
 
     image.change(read, inputs=image, outputs=[text, table, notes], api_name="pnginfo")
 
-    for task, button in buttons.items():
-        tab = ctx.tabs[task]
-        names = [name for name in tab.fields if name in _SENDABLE]
+    def connect(tab: GenerationTab) -> None:
+        """A "Send to" button for ``tab``: the infotext's values of the fields it shows, each read
+        through its declaration, brought into its control's range, names not on offer left out."""
+        button = gr.Button(f"Send to {ctx.labels.get(tab.id, tab.id)}", elem_id=f"pnginfo-send-{tab.id}")
+        names = send_targets(tab, registry)
         targets = [tab.fields[name] for name in names]
         ranges = control_ranges({name: tab.fields[name] for name in names}, limits)
+        listed = [name for name in names if registry[name].source is not None]
 
-        def send(parameters: str, names: list[str] = names, task: str = task,
-                 ranges: dict[str, Range] = ranges) -> list[Any]:
+        def send(parameters: str) -> list[Any]:
             if not parameters:
                 raise gr.Error("Drop an image with generation parameters first.", print_exception=False)
             refused = too_long(parameters, limits)
             if refused:
                 raise gr.Error(refused, print_exception=False)
             parsed = parse_infotext(parameters)
-            values, changes = clamp_fields(fields_from_parameters(parsed, ctx.samplers), ranges)
-            changes = unreadable_numbers(parsed) + changes
-            if "model" in values and values["model"] not in ctx.service.model_names():
-                changes.append(f"model {str(values['model'])[:80]!r} is not installed; kept the current model")
-                values.pop("model")
-            note = "; ".join(changes)
+            offered = {name: choices_of(ctx, registry[name]) for name in listed}
+            values, unread = fields_from_infotext(registry, parsed, task=tab.task, names=names, offered=offered)
+            values, changes = clamp_fields(values, ranges)
+            note = "; ".join(unread + changes)
             if note:
                 gr.Warning(note)
-            return [gr.Tabs(selected=task), note] + [values[name] if name in values else gr.skip() for name in names]
+            return [gr.Tabs(selected=tab.id), note] + [values[name] if name in values else gr.skip() for name in names]
 
-        button.click(send, inputs=text, outputs=[tabs, notes, *targets], api_name=f"pnginfo_to_{task}")
+        button.click(send, inputs=text, outputs=[ctx.selector, notes, *targets], api_name=f"pnginfo_to_{tab.id}")
 
+    def connect_every_tab() -> None:
+        """Once every tab is built, so tabs registered after PNG Info get their button too."""
+        with buttons_row:
+            for tab in ctx.tabs.values():
+                connect(tab)
 
-_SENDABLE = frozenset({
-    "prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "seed", "width", "height", "strength",
-    "mask_blur", "control_scale", "batch_size", "model",
-})
-
+    ctx.when_built(connect_every_tab)

@@ -10,10 +10,8 @@ from PIL import Image
 
 from webui.engine.segmap import Palette
 from webui.errors import InvalidRequestError
-from webui.ui.controls import GenerationTab, UIContext, generation_tab
+from webui.ui.controls import GenerationTab, UIContext, generation_tab, make_control
 from webui.ui.security import guard_image_input, open_upload
-
-MODEL_OWN = "The model's own"  # the ControlNet shipped in the model's folder
 
 
 def hex_color(rgb: Any) -> str:
@@ -45,35 +43,32 @@ def _brush(palette: Palette, size: int) -> gr.Brush:
 
 
 def build(ctx: UIContext) -> GenerationTab:
+    """The map comes from the palette editor (or an upload); the optional init image sits in a
+    closed accordion; the ControlNet row and every other field are derived from their declarations."""
+    tab_id = ctx.current_tab or "seg2img"
     info = ctx.service.model_info(ctx.default_model)
+    registry = ctx.fields
+    model_own = registry["controlnet"].none_label  # the ControlNet shipped in the model's folder
     shown: dict[str, Any] = {}  # components that are not request inputs
 
     def controls() -> dict[str, Any]:
-        fields: dict[str, Any] = {}
-        fields["seg_editor"] = guard_image_input(gr.ImageEditor(
+        widgets: dict[str, Any] = {}
+        widgets["seg_editor"] = guard_image_input(gr.ImageEditor(
             value={"background": blank_map(info.palette, info.default_size), "layers": [], "composite": None},
             label="Segmentation map: paint classes with the palette's colours", type="pil", image_mode="RGB",
             sources=["upload", "clipboard"], brush=_brush(info.palette, info.default_size), eraser=False, transforms=(),
-            layers=False, height=360, elem_id="seg2img-editor",
+            layers=False, height=360, elem_id=f"{tab_id}-editor",
         ), "segmentation map")
-        shown["legend"] = gr.HTML(legend_html(info.palette), elem_id="seg2img-legend")
+        shown["legend"] = gr.HTML(legend_html(info.palette), elem_id=f"{tab_id}-legend")
         with gr.Accordion("Upload a map instead", open=False):
-            fields["seg_upload"] = guard_image_input(gr.Image(
+            widgets["seg_upload"] = guard_image_input(gr.Image(
                 label="Segmentation map", type="filepath", image_mode=None, sources=["upload"], height=200,
-                elem_id="seg2img-map"), "segmentation map")
-        with gr.Row():
-            fields["controlnet"] = gr.Dropdown(
-                choices=[MODEL_OWN, *ctx.service.names("controlnet")], value=MODEL_OWN, label="ControlNet",
-                elem_id="seg2img-controlnet", allow_custom_value=True)
-            fields["control_scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="ControlNet weight")
-            fields["control_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
-            fields["control_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
+                elem_id=f"{tab_id}-map"), "segmentation map")
         with gr.Accordion("Start from an image (optional)", open=False):
-            fields["init_image"] = guard_image_input(gr.Image(
-                label="Init image", type="filepath", image_mode=None, sources=["upload"], height=200,
-                elem_id="seg2img-init"), "init image")
-            fields["strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength")
-        return fields
+            for name in ("init_image", "strength"):
+                widgets[name] = make_control(ctx, registry[name], tab_id, task="seg2img",
+                                             **({"height": 200} if name == "init_image" else {}))
+        return widgets
 
     def extras(values: dict[str, Any]) -> dict[str, Any]:
         seg_map = open_upload(values["seg_upload"], "segmentation map") if values.get("seg_upload") else None
@@ -83,29 +78,22 @@ def build(ctx: UIContext) -> GenerationTab:
                 seg_map = editor.get("composite") or editor.get("background")
         if seg_map is None:
             raise InvalidRequestError("paint or upload a segmentation map first")
-        fields: dict[str, Any] = {
-            "seg_map": seg_map, "control_scale": float(values["control_scale"]),
-            "control_start": float(values["control_start"]), "control_end": float(values["control_end"]),
-        }
-        if values.get("controlnet") not in (None, "", MODEL_OWN):
-            fields["controlnet"] = str(values["controlnet"])
-        if values.get("init_image"):
-            fields.update(init_image=open_upload(values["init_image"], "init image"), strength=float(values["strength"]))
-        return fields
+        return {"seg_map": seg_map}
 
-    tab = generation_tab(ctx, "seg2img", extras=extras, build_controls=controls)
+    tab = generation_tab(ctx, "seg2img", extras, controls, own=("seg_map",))
 
     def follow(name: str | None, controlnet: str | None) -> tuple[Any, Any]:
         """Another model or ControlNet with another palette brings its brush colours, legend and a
         blank canvas (the chosen ControlNet's palette wins over the model's own)."""
         model = ctx.service.model_info(name)
         palette = model.palette
-        if controlnet not in (None, "", MODEL_OWN):
+        if controlnet not in (None, "", model_own):
             palette = ctx.service.controlnet_palette(controlnet) or palette
         canvas = {"background": blank_map(palette, model.default_size), "layers": [], "composite": None}
         return gr.update(value=canvas, brush=_brush(palette, model.default_size)), legend_html(palette)
 
-    for trigger in (tab.fields["model"], tab.fields["controlnet"]):
-        trigger.change(follow, inputs=[tab.fields["model"], tab.fields["controlnet"]],
-                       outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False, api_visibility="private")
+    if "model" in tab.fields and "controlnet" in tab.fields:
+        for trigger in (tab.fields["model"], tab.fields["controlnet"]):
+            trigger.change(follow, inputs=[tab.fields["model"], tab.fields["controlnet"]],
+                           outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False, api_visibility="private")
     return tab

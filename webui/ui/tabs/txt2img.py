@@ -1,4 +1,4 @@
-"""Text to image: the shared controls and nothing else."""
+"""Text to image: the task's fields and nothing else."""
 
 from __future__ import annotations
 
@@ -6,4 +6,4 @@ from webui.ui.controls import GenerationTab, UIContext, generation_tab
 
 
 def build(ctx: UIContext) -> GenerationTab:
-    return generation_tab(ctx, "txt2img", extras=lambda values: {})
+    return generation_tab(ctx, "txt2img")
