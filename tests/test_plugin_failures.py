@@ -165,14 +165,14 @@ def test_failing_startup_hooks_are_recorded_and_the_engine_and_app_still_build(t
     assert unescape(notice).endswith(
         "plugins/tabs.py — KeyError: 'tab' (in register_ui_tabs, tabs.py:6) — see the Plugins tab.")
     table = blocks["plugins-table"].value
-    assert table["headers"] == ["Name", "Source", "Version", "Hooks", "Status"]
+    assert table["headers"][:5] == ["Name", "Source", "Version", "Hooks", "Status"]
     by_name = {row[0]: row for row in table["data"]}
-    assert by_name["plugins/startup.py"] == ["plugins/startup.py", "dropin", "", "startup",
-                                             "failed: RuntimeError: no licence file (in startup, startup.py:6)"]
-    assert by_name["plugins/exits.py"][3:] == ["", "failed: SystemExit: 3 (at import, exits.py:2)"]
-    assert by_name["plugins/good.py"][3:] == ["register_schedulers", "loaded"]
-    assert by_name["webui.builtin.ui_tabs"][1:] == ["builtin", by_name["webui.builtin.ui_tabs"][2],
-                                                    "register_ui_tabs", "loaded"]
+    assert by_name["plugins/startup.py"][:5] == ["plugins/startup.py", "dropin", "", "startup",
+                                                 "failed: RuntimeError: no licence file (in startup, startup.py:6)"]
+    assert by_name["plugins/exits.py"][3:5] == ["", "failed: SystemExit: 3 (at import, exits.py:2)"]
+    assert by_name["plugins/good.py"][3:5] == ["register_schedulers", "loaded"]
+    assert by_name["webui.builtin.ui_tabs"][1:5] == ["builtin", by_name["webui.builtin.ui_tabs"][2],
+                                                     "register_ui_tabs", "loaded"]
 
 
 def unescape(markdown: str) -> str:
@@ -208,6 +208,49 @@ def test_request_hook_errors_name_the_plugin_and_the_engine_goes_on(tmp_path, bu
     reference = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
         GenerationRequest(**BASE), bundle=bundle)
     assert np.array_equal(np.asarray(result.images[0].image), np.asarray(reference.images[0].image))
+
+
+def test_functions_a_plugin_returns_name_the_plugin_when_they_fail(tmp_path, bundle):
+    folder = dropins(tmp_path / "plugins", wraps="""
+        from webui.api import hookimpl, InvalidRequestError
+
+        @hookimpl
+        def wrap_denoiser(request, context):
+            def wrap(call):
+                if request.prompt == "bad wrap":
+                    raise KeyError("wrap")
+
+                def run(model_input, step):
+                    if request.prompt == "bad call" and step.index == 1:
+                        raise ValueError("boom at step 2")
+                    if request.prompt == "user":
+                        raise InvalidRequestError("pick a smaller weight")
+                    return call(model_input, step)
+
+                return run
+
+            return wrap
+
+        @hookimpl
+        def wrap_guidance(request, context):
+            if request.prompt == "bad guidance":
+                return lambda combine: lambda *args: 1 / 0
+    """)
+    engine = Engine(plugins=manager(folder))
+    expected = {
+        "bad wrap": "plugin 'plugins/wraps.py' failed in the function its wrap_denoiser returned: KeyError: 'wrap'",
+        "bad call": "plugin 'plugins/wraps.py' failed in the function its wrap_denoiser returned: "
+                    "ValueError: boom at step 2",
+        "bad guidance": "plugin 'plugins/wraps.py' failed in the function its wrap_guidance returned: "
+                        "ZeroDivisionError: division by zero",
+    }
+    for prompt, message in expected.items():
+        with pytest.raises(PluginError) as failed:
+            engine.generate(GenerationRequest(**{**BASE, "prompt": prompt, "cfg_scale": 5.0}), bundle=bundle)
+        assert str(failed.value) == message
+    with pytest.raises(InvalidRequestError, match="^pick a smaller weight$"):
+        engine.generate(GenerationRequest(**{**BASE, "prompt": "user"}), bundle=bundle)
+    assert engine.generate(GenerationRequest(**BASE), bundle=bundle).images  # and it goes on
 
 
 def test_interrupts_and_out_of_memory_from_a_plugin_keep_their_meaning(tmp_path, bundle):
@@ -278,7 +321,10 @@ def test_cli_plugins_prints_json_and_exits_0_when_a_plugin_exits_at_import(tmp_p
     assert process.returncode == 0, process.stderr
     rows = {row["name"]: row for row in json.loads(process.stdout)}
     assert rows["plugins/exits.py"] == {"name": "plugins/exits.py", "source": "dropin", "version": None,
-                                        "hooks": [], "error": "SystemExit: 3 (at import, exits.py:2)"}
+                                        "hooks": [], "error": "SystemExit: 3 (at import, exits.py:2)",
+                                        "enabled": True, "status": "failed", "distribution": None,
+                                        "api_versions": None, "sha256": rows["plugins/exits.py"]["sha256"],
+                                        "hashed": "file"}
     assert rows["plugins/good.py"]["error"] is None
     assert rows["webui.builtin.text"]["error"] is None
     assert process.stderr.strip() == ("plugin 'plugins/exits.py' failed to load: "

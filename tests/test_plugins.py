@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -107,7 +108,11 @@ def test_pip_installed_plugin_is_listed_by_the_cli(installed_example):
     rows = {row["name"]: row for row in json.loads(out)}
     row = rows["latent-studio-example-plugin:example"]
     assert row == {"name": "latent-studio-example-plugin:example", "source": "entrypoint", "version": "0.3.0",
-                   "hooks": ["prepare_request", "register_schedulers", "write_metadata"], "error": None}
+                   "hooks": ["prepare_request", "register_schedulers", "write_metadata"], "error": None,
+                   "enabled": True, "status": "loaded", "distribution": "latent-studio-example-plugin",
+                   "api_versions": [1], "sha256": row["sha256"], "hashed": "RECORD"}
+    record = next(installed_example.glob("latent_studio_example_plugin-*.dist-info")) / "RECORD"
+    assert row["sha256"] == hashlib.sha256(record.read_bytes()).hexdigest()  # installed by pip, not by us
     samplers = subprocess.run([sys.executable, "launch.py", "samplers"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300, check=True).stdout.splitlines()
     assert "Euler Trailing" in samplers
@@ -183,7 +188,10 @@ def test_the_cli_names_both_api_versions(tmp_path):
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["plugins/future.py"] == {"name": "plugins/future.py", "source": "dropin", "version": None,
                                          "hooks": [], "error": "needs plugin API 2; this Latent Studio "
-                                                               "provides API 1"}
+                                                               "provides API 1",
+                                         "enabled": True, "status": "failed", "distribution": None,
+                                         "api_versions": [2], "hashed": "file",
+                                         "sha256": hashlib.sha256((tmp_path / "future.py").read_bytes()).hexdigest()}
     assert rows["plugins/legacy.py"]["error"] is None
     assert all(rows[name]["error"] is None for name in BUILTIN_PLUGINS)
 
@@ -200,7 +208,9 @@ def test_an_installed_plugin_for_other_api_versions_is_not_loaded(tmp_path, monk
     pm = make_plugin_manager(plugin_dirs=[])
     row = {row["name"]: row for row in pm.describe()}["future-plugin:future"]
     assert row == {"name": "future-plugin:future", "source": "entrypoint", "version": "3.0", "hooks": [],
-                   "error": "needs plugin API 2 to 3; this Latent Studio provides API 1"}
+                   "error": "needs plugin API 2 to 3; this Latent Studio provides API 1", "enabled": True,
+                   "status": "failed", "distribution": "future-plugin", "api_versions": [2, 3], "sha256": None,
+                   "hashed": None}  # no RECORD in this hand-made .dist-info
     assert "DDIM future" not in Engine(plugins=pm).schedulers
 
 

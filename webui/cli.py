@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from webui.errors import InvalidRequestError, LatentStudioError
-from webui.limits import Limits, add_limit_options
+from webui.limits import Limits, add_limit_options, at_least
 from webui.plugins import REPO_ROOT
 
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
@@ -23,8 +23,10 @@ DEFAULT_OUTPUTS_DIR = REPO_ROOT / "outputs"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description="Latent Studio: latent-diffusion image generation")
+def build_parser(fields: Any = None) -> argparse.ArgumentParser:
+    """The command line. ``fields`` (a :class:`~webui.fields.FieldRegistry`, default: the built-in
+    fields) gives ``generate`` one flag per field."""
+    parser = argparse.ArgumentParser(prog="launch.py", allow_abbrev=False, description="Latent Studio: latent-diffusion image generation")
     from webui.ui.server import add_server_options
 
     add_server_options(parser)
@@ -42,85 +44,96 @@ def build_parser() -> argparse.ArgumentParser:
                         "(off: only models on disk; `generate` may always download the model it is given)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate images without the web UI")
-    gen.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "seg2img"), default=None,
-                     help="default: derived from the images given")
-    gen.add_argument("--prompt", default="")
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--seed", type=int, default=-1, help="-1 = random; image k of a batch uses seed + k")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg-scale", type=float, default=None, help="default: the model's (7 unless it says)")
-    gen.add_argument("--sampler", default="DPM++ 2M Karras", help="see `launch.py samplers`")
-    gen.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's native size")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--batch-size", type=int, default=1, help="images per batch")
-    gen.add_argument("--batch-count", type=int, default=1, help="batches, one after the other")
-    gen.add_argument("--clip-skip", type=int, default=1)
-    gen.add_argument("--init-image", type=Path, help="img2img / inpaint: the image to start from")
-    gen.add_argument("--strength", type=float, default=None, help="denoising strength in [0, 1] "
-                     "(default 0.75 for img2img, 1.0 for inpainting)")
-    gen.add_argument("--mask", type=Path, help="inpaint: white = repaint; resized to the image if needed")
-    gen.add_argument("--mask-blur", type=int, default=4)
-    gen.add_argument("--invert-mask", action="store_true")
-    gen.add_argument("--masked-content", choices=("original", "fill", "latent noise", "latent nothing"),
-                     default="original")
-    gen.add_argument("--only-masked", action="store_true", help="inpaint the masked region at full resolution")
-    gen.add_argument("--only-masked-padding", type=int, default=32)
-    gen.add_argument("--seg-map", type=Path, help="seg2img: a colour-coded segmentation map")
-    gen.add_argument("--controlnet", default=None, help="ControlNet folder or name for the segmentation map")
-    gen.add_argument("--control-scale", type=float, default=1.0)
-    gen.add_argument("--control-start", type=float, default=0.0)
-    gen.add_argument("--control-end", type=float, default=1.0)
+    gen = commands.add_parser("generate", help="generate images without the web UI",
+                              description="Every request field has a flag (plugins' fields too, when installed); "
+                              "--set NAME=VALUE sets any field by its name.")
     _model_options(gen)
     add_limit_options(gen, keep=True)
     gen.add_argument("--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)")
+    add_field_options(gen, fields)  # after the fixed options: a plugin field never takes one of their names
 
     train = commands.add_parser("train", help="train the default shapes model (resumable)")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR / "latent-studio-shapes")
     train.add_argument("--checkpoint-dir", type=Path, default=REPO_ROOT / "checkpoints" / "latent-studio-shapes",
                        help="checkpoints and log.jsonl; an interrupted run resumes from here")
-    train.add_argument("--steps", type=_at_least(0), default=None, help="diffusion steps (default: the recipe's)")
-    train.add_argument("--refine-steps", type=_at_least(0), default=None,
+    train.add_argument("--steps", type=at_least(0), default=None, help="diffusion steps (default: the recipe's)")
+    train.add_argument("--refine-steps", type=at_least(0), default=None,
                        help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)")
-    train.add_argument("--polish-steps", type=_at_least(0), default=None,
+    train.add_argument("--polish-steps", type=at_least(0), default=None,
                        help="polish steps after the refinement (default: the recipe's; 0 skips it)")
-    train.add_argument("--vae-steps", type=_at_least(0), default=None)
-    train.add_argument("--batch-size", type=_at_least(1), default=None)
-    train.add_argument("--scenes", type=_at_least(1), default=None, help="size of the training pool")
+    train.add_argument("--vae-steps", type=at_least(0), default=None)
+    train.add_argument("--batch-size", type=at_least(1), default=None)
+    train.add_argument("--scenes", type=at_least(1), default=None, help="size of the training pool")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
+    train.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for torch (default: all cores)")
 
     ev = commands.add_parser("evaluate", help="score a shapes model on txt2img, seg2img, inpainting, img2img")
-    ev.add_argument("--n", type=_at_least(1), default=100, help="images per task")
+    ev.add_argument("--n", type=at_least(1), default=100, help="images per task")
     ev.add_argument("--seed", type=int, default=12345, help="scene seed (training uses seeds under 10000)")
-    ev.add_argument("--steps", type=_at_least(1), default=20)
+    ev.add_argument("--steps", type=at_least(1), default=20)
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
-    ev.add_argument("--batch-size", type=_at_least(1), default=4, help="images per request (one scene each)")
+    ev.add_argument("--batch-size", type=at_least(1), default=4, help="images per request (one scene each)")
     ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
     _model_options(ev)
 
-    commands.add_parser("plugins", help="list installed plugins as JSON")
+    from webui.plugin_admin import add_plugins_parser
+
+    add_plugins_parser(commands)
     commands.add_parser("samplers", help="list the available samplers")
     models = commands.add_parser("models", help="list the models found")
     _model_options(models)
     return parser
 
 
-def _at_least(low: int) -> Any:
-    """An argparse type: a whole number >= ``low`` (argparse prints the one-line message, exit 2)."""
+def add_field_options(parser: argparse.ArgumentParser, fields: Any = None) -> None:
+    """``--task``, ``--set NAME=VALUE`` and one flag per request field of ``fields`` (its name with
+    dashes: ``--cfg-rescale``), all defaulting to "not given" (the field's default for the task).
+    Values are read by the field's own parser after argparse (one ``error:`` line for a bad one); a
+    flag that would clash with another option is left out (``--set`` still reaches the field)."""
+    from webui.fields import FieldRegistry
 
-    def parse(text: str) -> int:
+    fields = fields if fields is not None else FieldRegistry.builtin()
+    parser.add_argument("--task", default=None, help=f"one of {', '.join(fields.tasks)}; default: derived from the "
+                        "images given (inpaint with a mask, seg2img with only a segmentation map, img2img with an image)")
+    parser.add_argument("--set", dest="field_values", action="append", default=[], metavar="NAME=VALUE",
+                        help="set any request field by name, e.g. --set cfg_rescale=0.7 (repeatable; "
+                        "`launch.py generate --help` lists the fields as flags)")
+    for declared in fields:
+        if not declared.cli:
+            continue
+        options: dict[str, Any] = {"dest": f"field:{declared.name}", "default": None, "help": declared.describe()}
+        if declared.kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["metavar"] = "PATH" if declared.kind == "image" else declared.kind.upper()
+            if declared.fixed_choices:
+                options["metavar"] = "{" + ",".join(declared.fixed_choices) + "}"
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
+            parser.add_argument(declared.flag, **options)
+        except argparse.ArgumentError:  # e.g. a plugin field called "out": --set out=... still works
+            continue
 
-    parse.__name__ = "number"
-    return parse
+
+def field_values(args: argparse.Namespace, fields: Any) -> dict[str, Any]:
+    """The fields given on the command line (flags, then ``--set`` entries, which win), read by
+    each field's parser; image fields stay paths. Raises InvalidRequestError for a bad value or an
+    unknown field name."""
+    given: dict[str, Any] = {}
+    for declared in fields:
+        value = getattr(args, f"field:{declared.name}", None)
+        if value is not None:
+            given[declared.name] = value
+    for entry in getattr(args, "field_values", []) or []:
+        name, equals, text = str(entry).partition("=")
+        if not equals:
+            raise InvalidRequestError(f"--set {str(entry)[:100]!r}: write NAME=VALUE, e.g. --set cfg_rescale=0.7")
+        given[fields.field(name.strip()).name] = text
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        declared = fields[name]
+        values[name] = value if isinstance(value, bool) else declared.parse(value)
+    return values
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -188,13 +201,25 @@ def _allow_pickle_option(parser: argparse.ArgumentParser, *, default: Any = Fals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # first pass: which command? (``generate``'s flags come from the installed plugins' fields)
+    first, _ = build_parser().parse_known_args([arg for arg in argv if arg not in ("-h", "--help")])
+    fields = None
+    if first.command == "generate":
+        try:
+            plugins = _plugin_manager(first)
+        except LatentStudioError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        fields = _fields(plugins)
+    args = build_parser(fields).parse_args(argv)
+    if fields is not None:
+        args.plugin_manager, args.fields = plugins, fields
     try:
         if args.command is None:
             return _serve(args)
         if args.command == "plugins":
-            return _plugins()
+            return _plugins(args)
         if args.command == "samplers":
             return _samplers()
         if args.command == "models":
@@ -221,11 +246,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plugins() -> int:
-    from webui.plugins import make_plugin_manager
+def _plugins(args: argparse.Namespace) -> int:
+    from webui.plugin_admin import run_command
 
-    print(json.dumps(make_plugin_manager().describe(), indent=2))
-    return 0
+    return run_command(args)
 
 
 def _samplers() -> int:
@@ -236,14 +260,15 @@ def _samplers() -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace, *, allow_paths: bool = True, allow_download: bool = True) -> Any:
+def _engine(args: argparse.Namespace, *, allow_paths: bool = True, allow_download: bool = True,
+            plugins: Any = None) -> Any:
     from webui.engine.devices import pick_device, pick_dtype
     from webui.engine.pipeline import Engine
 
     _quiet_libraries()
     device = pick_device(args.device)
     dtype = "auto" if args.dtype == "auto" else pick_dtype(args.dtype, device)
-    return Engine(models_dir=str(args.models_dir), default_model=args.model, device=device,
+    return Engine(plugins=plugins, models_dir=str(args.models_dir), default_model=args.model, device=device,
                   dtype=dtype, extra_models_dirs=args.extra_models_dir, memory=memory_settings(args),
                   allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False),
                   allow_download=allow_download, limits=Limits.from_args(args))
@@ -300,29 +325,36 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_manager(args: argparse.Namespace) -> Any:
+    """The plugins this command runs with (one manager for the command line and its engine)."""
+    from webui.plugins import make_plugin_manager
+
+    return make_plugin_manager()
+
+
+def _fields(plugins: Any) -> Any:
+    from webui.fields import FieldRegistry
+
+    return FieldRegistry.from_plugins(plugins)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from webui.output import BatchSaver, check_writable, output_dir
-    from webui.request import GenerationRequest
 
-    init = _open(args.init_image, "init image")
-    mask = _open(args.mask, "mask")
-    seg = _open(args.seg_map, "segmentation map")
-    task = args.task or ("inpaint" if mask else "seg2img" if seg and not init else "img2img" if init else "txt2img")
-    strength = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
-    request = GenerationRequest(
-        task=task, prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
-        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-        width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
-        clip_skip=args.clip_skip, init_image=init, strength=strength, mask=mask, mask_blur=args.mask_blur,
-        invert_mask=args.invert_mask, masked_content=args.masked_content, only_masked=args.only_masked,
-        only_masked_padding=args.only_masked_padding, seg_map=seg, controlnet=args.controlnet,
-        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
-    )
-    request.validate()  # fail fast on bad input, before a model is loaded
+    fields = args.fields
+    values = field_values(args, fields)
+    for name, value in list(values.items()):
+        if fields[name].kind == "image":
+            values[name] = _open(Path(value), fields[name].label.lower())
+    task = args.task or ("inpaint" if values.get("mask") else "seg2img" if values.get("seg_map") and not
+                         values.get("init_image") else "img2img" if values.get("init_image") else "txt2img")
+    values.setdefault("model", args.model)
+    request = fields.new_request(task, values)
+    request = fields.validate(request.validate(tasks=fields))  # fail fast on bad input, before a model is loaded
     problem = check_writable(args.out)
     if problem:
         raise InvalidRequestError(f"--out {problem}")
-    engine = _engine(args)
+    engine = _engine(args, plugins=args.plugin_manager)
     # each batch is saved (and its paths printed) as soon as it is decoded: a later failure, Ctrl+C
     # or a crash keeps it; a failure to save does not stop the run, it is reported at the end (exit 2)
     saver = BatchSaver(output_dir(args.out, task), report=lambda path: print(path, flush=True))

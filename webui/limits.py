@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +82,21 @@ def check_total(description: str, value: int, limit: int, name: str) -> None:
         raise LimitExceeded(f"{description}, over this server's limit of {limit} ({flag_of(name)})")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
-    return value
+def at_least(low: int, *, meaning: str | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``; argparse prints the one-line message (``must be
+    at least 1, got 0``, or ``must be <meaning>, got …``) and exits with status 2."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {meaning or f'at least {low}'}, got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def add_limit_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> None:
@@ -106,5 +114,5 @@ def add_limit_options(parser: argparse.ArgumentParser, *, keep: bool = False) ->
     }
     for f in dataclasses.fields(Limits):
         default: Any = argparse.SUPPRESS if keep else getattr(defaults, f.name)
-        group.add_argument(LIMIT_FLAGS[f.name], dest=f.name, type=_non_negative_int, default=default,
+        group.add_argument(LIMIT_FLAGS[f.name], dest=f.name, type=at_least(0, meaning="0 (no limit) or more"), default=default,
                            metavar="N", help=f"{helps[f.name]} (default {getattr(defaults, f.name)})")

@@ -32,12 +32,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from webui.atomic import write_text_atomic
 from webui.engine.context import ModelEntry
 from webui.errors import InvalidRequestError, ModelNotFoundError
 
@@ -485,14 +485,6 @@ def _read_cache(cache_file: Path) -> dict[str, dict[str, object]]:
 def _write_cache(cache_file: Path, entries: dict[str, dict[str, object]]) -> None:
     text = json.dumps({"version": 1, "files": entries}, indent=1, sort_keys=True) + "\n"
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.replace(temporary, cache_file)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_text_atomic(cache_file, text)
     except OSError as exc:
         log.warning("could not write the hash cache %s: %s", cache_file, exc)
