@@ -22,9 +22,11 @@ class Server:
     """``python launch.py`` with the given flags, serving the shipped model until ``close()``.
 
     ``plugin_dirs``: load drop-in plugins from these folders instead of ``plugins/`` (as
-    ``LATENT_STUDIO_PLUGIN_DIRS`` does for ``launch.py``)."""
+    ``LATENT_STUDIO_PLUGIN_DIRS`` does for ``launch.py``). ``plugins``: plugin objects registered
+    in code (then only the built-ins and these load)."""
 
-    def __init__(self, outputs: Path, *flags: str, plugin_dirs: Sequence[Path] | None = None) -> None:
+    def __init__(self, outputs: Path, *flags: str, plugin_dirs: Sequence[Path] | None = None,
+                 plugins: Sequence[Any] | None = None) -> None:
         from webui.cli import _engine, build_parser
         from webui.plugins import PLUGIN_DIRS_ENV
         from webui.ui.server import serve
@@ -38,7 +40,12 @@ class Server:
             os.environ[PLUGIN_DIRS_ENV] = os.pathsep.join(str(folder) for folder in plugin_dirs)
         try:
             # as launch.py does: web names stay inside the model folders, downloads only if allowed
-            self.engine = _engine(args, allow_paths=False, allow_download=args.allow_download)
+            manager = None
+            if plugins is not None:
+                from webui.plugins import make_plugin_manager
+
+                manager = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins)
+            self.engine = _engine(args, allow_paths=False, allow_download=args.allow_download, plugins=manager)
         finally:
             if plugin_dirs is not None:
                 if saved is None:

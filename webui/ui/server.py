@@ -1,4 +1,5 @@
-"""Starting the web app: the launch flags' checks (logins, exposure) and the gradio server."""
+"""Starting the web app: the launch flags' checks (logins, exposure) and the gradio server, and
+restarting it in place (the Plugins tab's "Apply and restart")."""
 
 from __future__ import annotations
 
@@ -6,14 +7,20 @@ import argparse
 import codecs
 import logging
 import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from webui.errors import InvalidRequestError
 
-__all__ = ["LaunchRefused", "add_server_options", "exposure_problem", "outputs_problem", "parse_origins", "read_auth",
-           "serve"]
+__all__ = ["LaunchRefused", "PluginControl", "add_server_options", "exposure_problem", "outputs_problem",
+           "parse_origins", "plugin_control_problem", "read_auth", "restart_in_place", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,16 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
                         help="other sites whose pages may call this server from the browser, e.g. "
                         "https://example.com (default: only the server's own address; * = any site)")
+    server.add_argument("--enable-plugin-install", action="store_true",
+                        help="let the web app install plugins, turn them on or off and restart the server even "
+                        "with --listen or --share (needs a login): whoever logs in can then run code on this "
+                        "machine. Without it, only a server on 127.0.0.1 without --share may")
+    from webui.plugin_admin import add_plugin_options
+
+    add_plugin_options(parser)
+    from webui.http.auth import add_api_options
+
+    add_api_options(parser)
 
 
 def read_auth(auth: str | None, auth_file: Path | None) -> list[tuple[str, str]]:
@@ -101,6 +118,9 @@ def exposure_problem(args: argparse.Namespace, logins: list[tuple[str, str]]) ->
                 f"{' (or the share link)' if args.share else ''} use it and read its outputs. "
                 "Add a login with --auth USER:PASS or --auth-file FILE, "
                 "or pass --insecure to start without one anyway.")
+    if exposed and not logins and getattr(args, "enable_plugin_install", False):
+        return (f"--enable-plugin-install with {' and '.join(exposed)} would let anyone who can reach this machine "
+                "install code that runs on it; it needs a login (--auth or --auth-file), even with --insecure")
     if not 0 < args.port < 65536:
         return f"--port must be between 1 and 65535, got {args.port}"
     if args.queue_size < 1:
@@ -151,9 +171,61 @@ def outputs_problem(outputs: Path) -> str | None:
     return None if problem is None else f"the outputs folder {problem}"
 
 
-def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
+@dataclass(frozen=True)
+class PluginControl:
+    """What the web app's Plugins tab may change: with ``problem`` None it may install plugins,
+    turn them on or off and (with ``restart``) restart the server; otherwise ``problem`` says why
+    not, and the tab shows its controls disabled with that reason and connects no handler to them."""
+
+    problem: str | None
+    restart: Callable[[], None] | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.problem is None
+
+
+def plugin_control_problem(args: argparse.Namespace) -> str | None:
+    """Why the web app must not install plugins, turn them on or off or restart itself, or None when
+    it may: only a server that listens on 127.0.0.1 without --share may, unless
+    ``--enable-plugin-install`` is given (which needs a login then, see :func:`exposure_problem`).
+    Whoever can do these things can run code on the machine."""
+    if getattr(args, "enable_plugin_install", False):
+        return None
+    exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
+    if exposed:
+        return (f"Installing plugins, turning them on or off and restarting are off here: this server was started "
+                f"with {' and '.join(exposed)}, so other people can reach it, and a plugin runs with the app's "
+                "rights. Use `python launch.py plugins` on the server's machine, or start the server with "
+                "--enable-plugin-install.")
+    return None
+
+
+def restart_in_place(delay: float = 1.0) -> None:
+    """Restart this process ``delay`` seconds from now (so the answer that says so reaches the
+    browser first): ``os.execv`` the same Python with the same command line, keeping the process id
+    and the environment (``--safe-mode`` and ``--plugins`` travel in it too). The new program
+    reads the plugins and settings again and serves on the same port with the same flags."""
+    argv = [sys.executable, *sys.orig_argv[1:]]
+
+    def restart() -> None:
+        time.sleep(delay)
+        log.warning("restarting: %s", " ".join(argv))
+        print("Restarting Latent Studio...", flush=True)
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
+
+    threading.Thread(target=restart, name="latent-studio-restart", daemon=True).start()
+
+
+def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
+          restart: Callable[[], None] | None = None) -> Any:
     """Check the flags, build the app over ``engine`` and start it. Returns the gradio app
-    (still serving when ``block`` is false, as the tests use it)."""
+    (still serving when ``block`` is false, as the tests use it).
+
+    ``restart`` is what the Plugins tab's "Apply and restart" calls: by default
+    :func:`restart_in_place` for a blocking server (``launch.py``), and nothing for one that runs
+    inside another program (``block=False``), which must not be replaced by a new process."""
     from PIL import Image
 
     from webui.images import MAX_PIXELS
@@ -167,7 +239,10 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
     from webui.ui.service import StudioService
 
     logins = read_auth(args.auth, args.auth_file)
-    problem = exposure_problem(args, logins)
+    from webui.http.auth import api_settings
+
+    api = api_settings(args, logins)  # --api / --nowebui, their logins and keys, checked
+    problem = exposure_problem(args, logins if api.web else api.login_stand_ins())
     if problem:
         raise LaunchRefused(problem)
     # Pillow refuses decompression bombs at open; uploads are checked from their headers before that
@@ -182,6 +257,13 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
     # model names from browsers and the API stay inside the model folders (--model may still be a path)
     engine.models.allow_paths = False
     service = StudioService(engine, outputs, preview_every=args.preview_every)
+    # read by the Plugins tab: whether it may install, enable or disable plugins and restart
+    service.plugin_control = PluginControl(plugin_control_problem(args),  # type: ignore[attr-defined]
+                                           restart if restart is not None else restart_in_place if block else None)
+    if not api.web:  # --nowebui: the HTTP API alone
+        from webui.http.routes import serve_api_alone
+
+        return serve_api_alone(args, service, api, block=block)
     demo = configure_queue(build_app(service), args.queue_size)
     guard_uploads(demo)
     demo.studio_service = service  # for whoever holds the app (the tests) to see the sessions
@@ -205,6 +287,9 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True) -> Any:
                       f"(set by --max-upload-mb {args.max_upload_mb:g})"),
         throttle=LoginThrottle() if logins else None,
     )
+    from webui.http.routes import mount_api
+
+    mount_api(app, demo, service, api, args)  # --api: on the same port, behind the same guards
     if block:
         print(f"Latent Studio is running at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
         print(f"Images are saved under {outputs}. Press Ctrl+C to stop.", flush=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,19 @@ class StudioService:
         self.preview_every = preview_every
         self._controls: dict[str, GenerationControl] = {}
         self._lock = threading.Lock()
+        # one generation on the device at a time, whoever asks (web app clicks, HTTP API jobs); a
+        # semaphore, not a lock: gradio may resume a generator on another thread than it began on
+        self._device = threading.BoundedSemaphore(1)
+
+    @contextmanager
+    def device_turn(self) -> Iterator[None]:
+        """Hold the device's turn: wait until no other generation runs, keep others waiting until
+        the block ends. :meth:`run` takes it itself unless told that its caller holds it."""
+        self._device.acquire()
+        try:
+            yield
+        finally:
+            self._device.release()
 
     # -- models ------------------------------------------------------------------------------
 
@@ -158,7 +172,8 @@ class StudioService:
 
     # -- generations -------------------------------------------------------------------------
 
-    def run(self, request: GenerationRequest, session: str) -> Iterator[Progress | Finished]:
+    def run(self, request: GenerationRequest, session: str, *, save: bool = True,
+            turn: bool = True) -> Iterator[Progress | Finished]:
         """Run ``request`` for browser session ``session``: progress events, then :class:`Finished`.
 
         Each batch's images are saved to ``outputs/<task>/<date>/NNNNN-<seed>.png`` with their
@@ -168,25 +183,30 @@ class StudioService:
         were saved and where; when saving fails, :class:`Finished` still carries the images, with a
         warning. A second run of the same session replaces the first's interrupt switch (the queue
         runs one generation at a time anyway).
+
+        ``save=False`` keeps the images in :class:`Finished` without writing files (an HTTP API
+        call that asks for no saving). The generation waits for the device's turn
+        (:meth:`device_turn`) unless ``turn=False`` says the caller holds it already.
         """
         directory = output_dir(self.outputs_dir, request.task)
-        saver = BatchSaver(directory, shown_as=self._shown(directory))
+        saver = BatchSaver(directory, shown_as=self._shown(directory)) if save else _Keeper(directory)
         control = GenerationControl()
         with self._lock:
             self._controls[session] = control
         try:
-            try:
-                for event in stream(self.engine, request, control=control, preview_every=self.preview_every,
-                                    on_batch=saver):
-                    if isinstance(event, Progress):
-                        yield event
-                        continue
-                    yield self._finished(event, saver)
-            except Exception as error:
-                failed = self._failed(error, saver)
-                if failed is error:
-                    raise
-                raise failed from error
+            with self.device_turn() if turn else nullcontext():
+                try:
+                    for event in stream(self.engine, request, control=control, preview_every=self.preview_every,
+                                        on_batch=saver):
+                        if isinstance(event, Progress):
+                            yield event
+                            continue
+                        yield self._finished(event, saver)
+                except Exception as error:
+                    failed = self._failed(error, saver)
+                    if failed is error:
+                        raise
+                    raise failed from error
         finally:
             with self._lock:
                 if self._controls.get(session) is control:
@@ -244,3 +264,15 @@ class StudioService:
         log.error("generation failed (%s)", saver.directory, exc_info=error)  # a bug or the device: keep the trace
         return GenerationFailed(f"generation failed: {type(error).__name__}: {error} ({note})")
 
+
+class _Keeper(BatchSaver):
+    """A :class:`BatchSaver` that keeps each batch's images without writing them (``save=False``)."""
+
+    def __call__(self, images: Iterable[Any]) -> None:
+        self.items.extend((item, None) for item in images)
+
+    def warning(self) -> str | None:
+        return None
+
+    def summary(self) -> str | None:
+        return None
