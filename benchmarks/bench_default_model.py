@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from training import shapes  # noqa: E402
 from webui.engine.pipeline import Engine  # noqa: E402
 from webui.request import GenerationRequest  # noqa: E402
-from webui.training import shapes  # noqa: E402
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from diffusers import (
 from tiny import bundle_from_components, make_clip_tokenizer, make_text_encoder, make_unet, make_vae
 
 from webui.engine.bundle import ModelBundle
+from webui.engine.pipeline import Engine
+from webui.plugins import make_plugin_manager
 
 SD_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -74,3 +76,9 @@ def bundle_from(components: dict[str, Any], *, name: str = "tiny", controlnet: A
     if controlnet is not None:
         bundle.controlnets["seg"] = controlnet
     return bundle
+
+
+def engine_with(*plugins: Any) -> Engine:
+    """An engine with the built-in plugins and ``plugins`` (objects registered in code), nothing
+    installed or dropped in."""
+    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from webui.training.analyse import (
+from training.analyse import (
     analyse,
     class_iou,
     fill_holes,
@@ -17,7 +17,7 @@ from webui.training.analyse import (
     largest_component,
     nearest_color,
 )
-from webui.training.shapes import COLORS, POSITIONS, Scene, random_scene
+from training.shapes import COLORS, POSITIONS, Scene, random_scene
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 COUNT = 500

@@ -1,5 +1,5 @@
 """The side-by-side benchmark script runs end to end on scaled-down SD 1.5 and SDXL architectures
-(the full-size run is by hand; its figures are in the README)."""
+(the full-size run is by hand; its figures are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

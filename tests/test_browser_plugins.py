@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_browser import WAIT_MS, browser, shot  # noqa: F401 - browser is a fixture
+from test_browser import WAIT_MS, shot
 from ui_server import Server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]  # the browser fixture is in conftest.py
 
 STYLES = """
 from webui.api import hookimpl
@@ -39,7 +39,7 @@ def table_text(page) -> str:
     return page.locator("#plugins-table").inner_text()
 
 
-def test_the_tab_lists_plugins_and_disables_one(browser, home, tmp_path):  # noqa: F811
+def test_the_tab_lists_plugins_and_disables_one(browser, home, tmp_path):
     folder = tmp_path / "plugins"
     folder.mkdir()
     (folder / "styles.py").write_text(STYLES)
@@ -71,7 +71,7 @@ def test_the_tab_lists_plugins_and_disables_one(browser, home, tmp_path):  # noq
         server.close()
 
 
-def test_behind_a_login_on_the_network_the_controls_are_off_and_say_why(browser, home, tmp_path):  # noqa: F811
+def test_behind_a_login_on_the_network_the_controls_are_off_and_say_why(browser, home, tmp_path):
     server = Server(tmp_path / "outputs", "--listen", "--auth", "ada:lovelace")
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     try:

@@ -21,7 +21,6 @@ from fixtures_models import (
     random_image,
     rect_mask,
     seg_map,
-    tiny_bundle,
 )
 from PIL import Image
 
@@ -82,6 +81,7 @@ def write_png(image: Image.Image, path: Path) -> Path:
 # -- generate -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_txt2img_writes_numbered_pngs_with_a1111_parameters(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     args = ["generate", "--task", "txt2img", "--prompt", "a red circle", "--seed", "42", "--steps", "3",
@@ -123,6 +123,7 @@ def test_txt2img_writes_numbered_pngs_with_a1111_parameters(tiny_model_dir, tmp_
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_cfg_scale_defaults_to_the_models_recommendation(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "guided")
     index = json.loads((model / "model_index.json").read_text())
@@ -136,6 +137,7 @@ def test_cfg_scale_defaults_to_the_models_recommendation(tiny_model_dir, tmp_pat
         assert not np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_img2img_from_init_image(tiny_model_dir, tmp_path):
     init = write_png(random_image(1), tmp_path / "init.png")
     paths = ok(launch("generate", "--prompt", "a red circle", "--init-image", init, *SMALL,
@@ -146,6 +148,7 @@ def test_img2img_from_init_image(tiny_model_dir, tmp_path):
     assert line.startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64, ")
 
 
+@pytest.mark.slow
 def test_inpaint_from_init_image_and_mask(tiny_model_dir, tmp_path):
     init = write_png(random_image(2), tmp_path / "init.png")
     mask = write_png(rect_mask(32), tmp_path / "mask.png")  # another size: resized to the image
@@ -161,6 +164,7 @@ def test_inpaint_from_init_image_and_mask(tiny_model_dir, tmp_path):
     assert np.array_equal(result_arr[:4, -4:], np.asarray(random_image(2))[:4, -4:])
 
 
+@pytest.mark.slow
 def test_seg2img_with_the_model_controlnet(tiny_model_dir, tmp_path):
     seg = write_png(seg_map(), tmp_path / "seg.png")
     paths = ok(launch("generate", "--prompt", "a red circle", "--seg-map", seg, *SMALL, "--sampler", "Euler",
@@ -217,6 +221,7 @@ def _a_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_errors_print_one_line_and_exit_2(tiny_model_dir, tmp_path, case):
     make_args, expected = ERROR_CASES[case]
@@ -236,6 +241,7 @@ def test_errors_print_one_line_and_exit_2(tiny_model_dir, tmp_path, case):
 # -- listing commands -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plugins_lists_builtins_as_json():
     process = launch("plugins")
     assert process.returncode == 0, process.stderr
@@ -248,6 +254,7 @@ def test_plugins_lists_builtins_as_json():
         assert row["hooks"] == sorted(row["hooks"])
 
 
+@pytest.mark.slow
 def test_samplers_lists_the_a1111_names():
     process = launch("samplers")
     assert process.returncode == 0, process.stderr
@@ -257,6 +264,7 @@ def test_samplers_lists_the_a1111_names():
     assert len(names) == len(set(names))
 
 
+@pytest.mark.slow
 def test_models_lists_the_models_dir(tiny_model_dir):
     process = launch("models", "--models-dir", tiny_model_dir.parent)
     assert process.returncode == 0, process.stderr
@@ -267,11 +275,6 @@ def test_models_lists_the_models_dir(tiny_model_dir):
 
 
 # -- every listed sampler runs --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices from inside diffusers' schedulers

@@ -63,6 +63,7 @@ def written(process: subprocess.CompletedProcess[str]) -> list[Path]:
     return [Path(line) for line in process.stdout.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_help_lists_a_flag_per_field_with_its_range():
     process = run("generate", "--help")
     assert process.returncode == 0, process.stderr
@@ -93,6 +94,7 @@ def test_bad_field_values_fail_before_a_model_is_loaded(args, message, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_plugin_field_by_flag_and_by_set_reaches_the_image(tiny_model_dir, tmp_path):
     common = ["generate", "--prompt", "a red circle", *SMALL, "--cfg-scale", "7", "--model", tiny_model_dir]
     plain = written(run(*common, "--out", tmp_path / "plain"))[0]
@@ -104,6 +106,7 @@ def test_plugin_field_by_flag_and_by_set_reaches_the_image(tiny_model_dir, tmp_p
     assert not np.array_equal(np.asarray(Image.open(flag)), np.asarray(Image.open(plain)))
 
 
+@pytest.mark.slow
 def test_plugin_task_from_a_drop_in_runs_with_its_own_flags(tiny_model_dir, tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from training import shapes
+from training.analyse import analyse, colour_share
 from webui.engine.pipeline import Engine
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
-from webui.training import shapes
-from webui.training.analyse import analyse, colour_share
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "latent-studio-shapes"
@@ -23,8 +23,9 @@ RUN = dict(steps=20, sampler="DPM++ 2M Karras")  # and the guidance the model re
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return Engine(models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+def engine(shapes_engine):
+    """This module's tests run on the repository's models (conftest.py), the shipped model first."""
+    return shapes_engine
 
 
 
@@ -48,7 +49,7 @@ def test_it_is_the_default_and_loads_through_the_ordinary_loader(engine):
 
 
 def test_txt2img_draws_the_colours_the_prompt_says(engine):
-    # colours, sizes and backgrounds are right every time in the evaluation (see the README's table)
+    # colours, sizes and backgrounds are right every time in the evaluation (see docs/default-model.md)
     scene = shapes.Scene("circle", "red", "large", "center", "white")
     result = engine.generate(GenerationRequest(prompt=scene.caption(), seed=1, **RUN))
     image = result.images[0].image
@@ -118,7 +119,7 @@ def test_img2img_stays_close_at_low_strength(engine):
 
 
 def test_training_smoke_runs_resumes_and_exports(tmp_path):
-    from webui.training.train import TrainConfig, train
+    from training.train import TrainConfig, train
 
     config = TrainConfig(scenes=16, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, checkpoint_every=2,
                          log_every=1, unet_channels=(16, 32, 32), refine_steps=0, polish_steps=2)
@@ -152,7 +153,7 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
 
 
 def test_widening_the_text_features_keeps_what_the_model_computes():
-    from webui.training.train import TrainConfig, build_controlnet, build_unet, widen_state
+    from training.train import TrainConfig, build_controlnet, build_unet, widen_state
 
     config = TrainConfig(unet_channels=(16, 32, 32))
     torch.manual_seed(0)

@@ -4,40 +4,23 @@ built-in CFG rescale written on them, equal to diffusers' ``guidance_rescale``."
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from components import bundle_from, sd_components
+from components import engine_with
 from diffusers import StableDiffusionPipeline
 
 from webui.api import (
-    Engine,
     GenerationRequest,
     InvalidRequestError,
     hookimpl,
-    make_plugin_manager,
     parse_infotext,
 )
 
 BASE = dict(prompt="a red circle at the top left", negative_prompt="blurry", steps=3, seed=4, width=64, height=64,
             sampler="Euler", cfg_scale=5.0)
 TOLERANCE = 1e-3
-
-
-def engine_with(*plugins: Any) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins))
-
-
-@pytest.fixture(scope="module")
-def components(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return sd_components(tmp_path_factory.mktemp("denoiser"))
-
-
-@pytest.fixture(scope="module")
-def bundle(components):
-    return bundle_from(components)
 
 
 def pixels(result) -> np.ndarray:

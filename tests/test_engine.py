@@ -16,13 +16,9 @@ BASE = dict(prompt="a green triangle", steps=3, seed=100, width=64, height=64, s
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    return sd_components(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def bundle(components):
-    return bundle_from(components, controlnet=make_controlnet(components["unet"]))
+def bundle(controlnet_bundle):
+    """This module's tests run on the tiny model with its segmentation ControlNet (conftest.py)."""
+    return controlnet_bundle
 
 
 @pytest.fixture(scope="module")

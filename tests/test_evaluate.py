@@ -15,11 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui.engine.context import OutputImage
-from webui.engine.pipeline import Engine, GenerationResult
-from webui.errors import InvalidRequestError
-from webui.plugins import make_plugin_manager
-from webui.training.evaluate import (
+from training.evaluate import (
     PSNR_CAP,
     STRENGTHS,
     TASK_ORDER,
@@ -29,7 +25,11 @@ from webui.training.evaluate import (
     inpaint_pair,
     psnr,
 )
-from webui.training.shapes import COLORS, PALETTE, POSITIONS, SHAPES, SIZES, Scene
+from training.shapes import COLORS, PALETTE, POSITIONS, SHAPES, SIZES, Scene
+from webui.engine.context import OutputImage
+from webui.engine.pipeline import Engine, GenerationResult
+from webui.errors import InvalidRequestError
+from webui.plugins import make_plugin_manager
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +157,7 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir):
     assert "identical" in table
 
 
+@pytest.mark.slow
 def test_cli_evaluate_writes_table_and_json(tiny_model_dir, tmp_path):
     out = tmp_path / "scores.json"
     process = subprocess.run(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from components import bundle_from, sd_components
+from components import engine_with
 from PIL import Image
 
 from webui import hookspecs
@@ -25,15 +25,6 @@ from webui.api import (
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = [name for name, obj in inspect.getmembers(hookspecs) if hasattr(obj, "latent_studio_spec")]
 BASE = dict(prompt="a blue square", steps=3, seed=4, width=64, height=64, sampler="Euler")
-
-
-def engine_with(*plugins) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins))
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    return bundle_from(sd_components(tmp_path))
 
 
 def pixels(result) -> np.ndarray:

@@ -31,7 +31,7 @@ from ui_server import Server, call
 
 from webui.limits import Limits
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST = {"Steps": 2, "Seed (-1 = random)": 3}

@@ -21,7 +21,7 @@ from ui_server import MODELS, ROOT, Server, call
 
 from webui.metadata import parse_infotext, read_png_parameters
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ALICE = ("alice", "wonderland")
 BOB = ("bob", "builder99")

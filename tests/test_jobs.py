@@ -8,13 +8,13 @@ import base64
 import io
 import json
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from ui_server import Server, arguments
+from waiting import wait_until
 
 from webui.http.jobs import JobManager, QueueFull
 from webui.metadata import read_png_parameters
@@ -62,14 +62,16 @@ def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     return found
 
 
-def wait_for(client: httpx.Client, job_id: str, state: str) -> dict:
-    while True:  # bounded by the test's timeout
-        view = client.get(f"/api/v1/jobs/{job_id}").json()
-        if view["state"] == state or view["state"] in ("done", "failed", "cancelled"):
-            return view
-        time.sleep(0.05)
+def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 240) -> dict:
+    """The job's view once it is in ``state`` or has ended."""
+    def view() -> dict | None:
+        found = client.get(f"/api/v1/jobs/{job_id}").json()
+        return found if found["state"] == state or found["state"] in ("done", "failed", "cancelled") else None
+
+    return wait_until(view, timeout=timeout, what=f"job {job_id} reaching {state!r}")
 
 
+@pytest.mark.slow
 def test_a_job_followed_through_its_events_to_its_images(alice):
     created = alice.post("/api/v1/jobs", json={**QUICK, "task": "txt2img", "batch_size": 2})
     assert created.status_code == 202
@@ -95,6 +97,7 @@ def test_a_job_followed_through_its_events_to_its_images(alice):
     assert job["id"] in [item["id"] for item in alice.get("/api/v1/jobs").json()]
 
 
+@pytest.mark.slow
 def test_jobs_for_other_tasks(alice):
     init = Image.new("RGB", (64, 64), (10, 10, 200))
     buffer = io.BytesIO()
@@ -108,6 +111,7 @@ def test_jobs_for_other_tasks(alice):
     assert alice.post("/api/v1/jobs", json={**QUICK, "task": "upscale"}).status_code == 422
 
 
+@pytest.mark.slow
 def test_two_users_do_not_see_each_others_jobs(alice, bob):
     job = alice.post("/api/v1/jobs", json=QUICK).json()
     wait_for(alice, job["id"], "done")
@@ -118,6 +122,7 @@ def test_two_users_do_not_see_each_others_jobs(alice, bob):
     assert alice.get(f"/api/v1/jobs/{job['id']}/images/0").status_code == 200
 
 
+@pytest.mark.slow
 def test_cancel_while_queued_and_while_running_and_the_busy_answer(alice, bob, server):
     long = alice.post("/api/v1/jobs", json=LONG).json()
     running = wait_for(alice, long["id"], "running")
@@ -158,6 +163,7 @@ def test_cancel_while_queued_and_while_running_and_the_busy_answer(alice, bob, s
     assert wait_for(bob, second["id"], "done")["state"] == "done"  # the queue goes on
 
 
+@pytest.mark.slow
 def test_interrupt_route_stops_only_the_callers_job(alice, bob):
     long = alice.post("/api/v1/jobs", json=LONG).json()
     wait_for(alice, long["id"], "running")
@@ -176,11 +182,12 @@ class Step:
 
 
 def test_job_manager_order_failure_and_retention():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     ran: list[str] = []
 
     def run(job):
         if job.request == "wait":
+            started.set()
             gate.wait(30)
         if job.request == "boom":
             raise RuntimeError("the device fell over\nsecond line")
@@ -191,8 +198,7 @@ def test_job_manager_order_failure_and_retention():
     manager = JobManager(run, stop=lambda job: gate.set(), max_waiting=2, keep_count=2)
     try:
         blocker = manager.submit("a", "txt2img", "wait")
-        while manager.running() is not blocker:
-            time.sleep(0.01)
+        assert started.wait(30) and manager.running() is blocker
         queued = [manager.submit("a", "txt2img", name) for name in ("one", "boom")]
         with pytest.raises(QueueFull):
             manager.submit("b", "txt2img", "three")

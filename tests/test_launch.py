@@ -20,6 +20,7 @@ def launch(*argv: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--listen", "--share"])
 def test_exposing_the_app_without_a_login_is_refused(flag):
     run = launch(flag, "--port", "1")
@@ -30,6 +31,7 @@ def test_exposing_the_app_without_a_login_is_refused(flag):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_a_malformed_login_is_refused(tmp_path):
     run = launch("--listen", "--auth", "nopassword")
     assert run.returncode == 2 and "USER:PASS" in run.stderr
@@ -57,6 +59,7 @@ def test_what_the_flags_allow():
     assert (args.port, args.listen, args.share, args.auth) == (7860, False, False, None)
 
 
+@pytest.mark.slow
 def test_help_lists_the_launch_flags():
     run = launch("--help")
     assert run.returncode == 0
@@ -65,6 +68,7 @@ def test_help_lists_the_launch_flags():
         assert flag in run.stdout, flag
 
 
+@pytest.mark.slow
 def test_default_bind_is_localhost_and_a_login_guards_the_app(tmp_path):
     server = Server(tmp_path / "outputs", "--auth", "alice:wonder")
     try:
@@ -83,6 +87,7 @@ def test_ui_modules_never_touch_torch():
         assert not any("import torch" in line or "torch." in line for line in code), path
 
 
+@pytest.mark.slow
 def test_python_launch_py_serves_on_localhost(tmp_path):
     import httpx
     from ui_server import free_port

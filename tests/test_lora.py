@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from components import bundle_from, sd_components
 from safetensors.torch import save_file
 from tiny import bundle_from_components, make_sdxl_components
 
@@ -92,11 +91,6 @@ def pixels(result: Any) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return bundle_from(sd_components(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from components import bundle_from, sd_components
+from components import bundle_from
 
 from webui.api import hookimpl, make_plugin_manager
 from webui.cli import build_parser, memory_settings
@@ -25,11 +25,6 @@ REQUEST = GenerationRequest(prompt="a red circle", steps=3, seed=7, width=64, he
                             sampler="Euler", cfg_scale=5.0)
 CPU = torch.device("cpu")
 GPU = torch.device("cuda")  # only as a value: no test here touches a GPU
-
-
-@pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    return sd_components(tmp_path_factory.mktemp("tok"))
 
 
 def plugins(*extra):

@@ -5,14 +5,12 @@ for bit as it was."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import pytest
 import torch
-from components import bundle_from, sd_components
+from components import engine_with
 
 from webui.api import (
-    Engine,
     GenerationControl,
     GenerationRequest,
     InvalidRequestError,
@@ -24,15 +22,6 @@ from webui.engine.lora import bundle_lock
 from webui.engine.models import model_lock
 
 BASE = dict(prompt="a blue square", steps=3, seed=4, width=64, height=64, sampler="Euler", cfg_scale=5.0)
-
-
-def engine_with(*plugins: Any) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory):
-    return bundle_from(sd_components(tmp_path_factory.mktemp("patches")))
 
 
 def weights(bundle) -> dict[str, torch.Tensor]:

@@ -374,6 +374,7 @@ def test_cli_refuses_an_out_that_is_a_file_before_loading_a_model(tmp_path, caps
     assert file.read_bytes() == b"not a folder"
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_in_batch_2_leaves_batch_1_on_disk(tiny_model_dir, tmp_path):
     script = tmp_path / "dies.py"
     script.write_text(textwrap.dedent(f"""

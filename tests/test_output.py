@@ -179,6 +179,7 @@ def test_concurrent_saves_are_distinct(tmp_path: Path) -> None:
             assert saved.tobytes() == _image(seed).tobytes()
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_collide(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -122,6 +122,7 @@ def test_a_hostile_settings_file_is_refused_in_one_line(home, dropins, content, 
         set_enabled("plugins/good.py", False)  # never overwritten by a change
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_broken_settings_file_and_safe_mode_still_starts(home, dropins, tmp_path):
     home.mkdir()
     (home / "plugins.json").write_text("{oops")

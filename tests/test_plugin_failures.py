@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from components import bundle_from, sd_components
 
 from webui.engine.pipeline import Engine
 from webui.errors import InvalidRequestError, PluginError
@@ -98,11 +97,6 @@ def manager(folder: Path):
 
 def errors(pm) -> dict[str, str | None]:
     return {row["name"]: row["error"] for row in pm.describe()}
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    return bundle_from(sd_components(tmp_path))
 
 
 def test_exit_or_error_at_import_is_recorded_with_the_plugin_name(tmp_path, caplog):
@@ -315,6 +309,7 @@ def launch(*args: str, plugin_dir: Path) -> subprocess.CompletedProcess[str]:
                           timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_cli_plugins_prints_json_and_exits_0_when_a_plugin_exits_at_import(tmp_path):
     folder = dropins(tmp_path / "plugins", exits=EXITS, good=GOOD)
     process = launch("plugins", plugin_dir=folder)
@@ -331,6 +326,7 @@ def test_cli_plugins_prints_json_and_exits_0_when_a_plugin_exits_at_import(tmp_p
                                       "SystemExit: 3 (at import, exits.py:2)")
 
 
+@pytest.mark.slow
 def test_cli_generate_names_the_plugin_that_failed(tmp_path, tiny_model_dir):
     folder = dropins(tmp_path / "plugins", exits=EXITS, bad=FAILS_ON_REQUEST)
     out = tmp_path / "out"
@@ -345,6 +341,7 @@ def test_cli_generate_names_the_plugin_that_failed(tmp_path, tiny_model_dir):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_real_server_shows_the_failures_and_still_generates(tmp_path):
     from gradio_client.exceptions import AppError

@@ -15,7 +15,7 @@ from wheels import IMPORT_MARKER, ROOT, Venv, build_example_wheel, plugin_wheel,
 
 from webui.plugin_admin import TRUST
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 EXAMPLE = "latent-studio-example-plugin"
 

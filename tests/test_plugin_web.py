@@ -17,7 +17,7 @@ import pytest
 from ui_server import Server, free_port
 from wheels import ROOT, Venv, build_example_wheel
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MANAGING = ("plugins_check", "plugins_install", "plugins_enable", "plugins_disable", "plugins_restart")
 SAMPLER = """

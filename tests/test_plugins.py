@@ -101,6 +101,7 @@ def installed_example(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow
 def test_pip_installed_plugin_is_listed_by_the_cli(installed_example):
     env = {**os.environ, "PYTHONPATH": str(installed_example), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "launch.py", "plugins"], cwd=ROOT, env=env, capture_output=True,
@@ -118,6 +119,7 @@ def test_pip_installed_plugin_is_listed_by_the_cli(installed_example):
     assert "Euler Trailing" in samplers
 
 
+@pytest.mark.slow
 def test_pip_installed_plugin_is_used_by_the_engine(installed_example, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(installed_example))
     engine = Engine(plugins=make_plugin_manager(plugin_dirs=[]))
@@ -180,6 +182,7 @@ def test_a_plugin_for_another_api_version_is_not_loaded_and_says_why(tmp_path):
     assert "DDIM future" not in engine.schedulers and "DDIM wrong" not in engine.schedulers
 
 
+@pytest.mark.slow
 def test_the_cli_names_both_api_versions(tmp_path):
     write_api_plugins(tmp_path)
     env = {**os.environ, "LATENT_STUDIO_PLUGIN_DIRS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
@@ -214,6 +217,7 @@ def test_an_installed_plugin_for_other_api_versions_is_not_loaded(tmp_path, monk
     assert "DDIM future" not in Engine(plugins=pm).schedulers
 
 
+@pytest.mark.slow
 def test_the_engine_and_plugin_api_never_import_gradio():
     code = "import sys, webui.api, webui.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)

@@ -14,12 +14,11 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from tiny import make_vae
 
+from training import shapes
 from webui.engine import preview
 from webui.engine.bundle import ModelBundle
 from webui.engine.pipeline import Engine
-from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
-from webui.training import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 BOX = Image.Resampling.BOX
@@ -28,11 +27,6 @@ BOX = Image.Resampling.BOX
 def vae_bundle(vae: AutoencoderKL, name: str = "vae-only") -> ModelBundle:
     """A bundle with only a VAE: all that previews need."""
     return ModelBundle(name=name, unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
-
-
-@pytest.fixture(scope="module")
-def shapes_engine() -> Engine:
-    return Engine(models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
 
 
 @pytest.fixture(scope="module")

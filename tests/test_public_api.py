@@ -87,6 +87,7 @@ def test_the_api_version_is_one_number_checked_where_plugins_load():
     assert isinstance(webui.api.API_VERSION, int) and webui.api.API_VERSION >= 1
 
 
+@pytest.mark.slow
 def test_the_public_api_imports_no_builtin_so_each_builtin_imports_first():
     """A built-in imported first (a fresh interpreter) imports webui.api, which must then load
     completely without importing a built-in (that would be a cycle through a half-loaded module)."""

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from webui.api import make_plugin_manager
+
+pytestmark = pytest.mark.slow  # runs pytest in a subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 

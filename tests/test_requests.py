@@ -22,8 +22,9 @@ BASE = dict(prompt="a red circle", sampler="Euler", steps=2, cfg_scale=7.0, seed
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.mktemp("tok"), controlnet=True)
+def bundle(controlnet_bundle):
+    """This module's tests run on the tiny model with its segmentation ControlNet (conftest.py)."""
+    return controlnet_bundle
 
 
 def run(engine, bundle, **kwargs):

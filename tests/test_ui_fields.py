@@ -24,7 +24,7 @@ from webui.errors import InvalidRequestError
 from webui.fields import FieldRegistry
 from webui.metadata import parse_infotext, read_png_parameters
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 FAST = {"Steps": 2, "Seed (-1 = random)": 3}
 

@@ -20,13 +20,14 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 from PIL import Image
 from ui_server import Server, arguments, call, call_named, submit
+from waiting import wait_until
 
+from training import shapes
+from training.analyse import analyse, colour_share
 from webui.metadata import parse_infotext, read_png_parameters
-from webui.training import shapes
-from webui.training.analyse import analyse, colour_share
 from webui.ui.app import BUSY_MESSAGE
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 FAST = {"Steps": 8, "Seed (-1 = random)": 5}
 
@@ -230,12 +231,8 @@ def test_interrupt_stops_within_a_step_and_keeps_finished_images(server):
 
 def wait_until_running(job, timeout: float = 60) -> None:
     """Until the job has streamed its first progress update (it is in the denoising loop)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any("Step" in str(output[0]) for output in job.outputs()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"job did not start: {job.status()}")
+    wait_until(lambda: any("Step" in str(output[0]) for output in job.outputs()), timeout=timeout,
+               what="the job's first progress update")
 
 
 def test_a_full_queue_says_busy(tmp_path):
@@ -245,7 +242,7 @@ def test_a_full_queue_says_busy(tmp_path):
         running = submit(first, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 8})
         wait_until_running(running)  # running now: the queue is empty again
         waiting = submit(second, "txt2img", Prompt="a red circle", Steps=2)
-        time.sleep(1)
+        wait_until(lambda: len(server.demo._queue) == 1, timeout=60, what="the second generation joining the queue")
         # gradio_client words it itself ...
         with pytest.raises(QueueError, match="(?i)try again"):
             call(third, "txt2img", Prompt="a blue square", Steps=2)
@@ -346,7 +343,7 @@ def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
         assert "seg-net" in service.names("controlnet")
         assert service.controlnet_palette("seg-net") is ADE20K  # no palette.json: the public seg palette
         client = server.client()
-        small = {"Steps": 2, "Seed (-1 = random)": 3, "Width": 64, "Height": 64}  # the tiny model is 512 natively
+        small = {"Steps": 2, "Seed (-1 = random)": 3, "Width": 64, "Height": 64}  # the tiny model's own size, kept small
         plain = call(client, "txt2img", Prompt="a cat", **small)
         swapped = call(client, "txt2img", Prompt="a cat", VAE="crisp", **small)
         assert "VAE: crisp" in swapped[3] and "VAE" not in parse_infotext(plain[3])

@@ -21,7 +21,8 @@ from ``webui``, and a test keeps it so). Besides the types and hooks, the helper
 image helpers for conditioning plugins (``image_to_tensor``, ``mask_to_tensor``,
 ``control_image_tensor``, ``snap_to_palette``) and helpers for model loaders and model listing
 (``ModelFolders``, ``resolve_in_root``, ``HUB_ID``, ``file_sha256``, ``model_hash``,
-``WEIGHT_SUFFIXES``, ``load_single_file``, ``load_single_file_controlnet``, ``load_vae``).
+``WEIGHT_SUFFIXES``, ``load_single_file``, ``load_single_file_controlnet``, ``load_vae``,
+``find_palette``: a ControlNet's ``palette.json`` or ``<name>.palette.json``).
 ``webui.testing`` has helpers for a plugin's tests (a tiny offline model and ControlNet, an engine
 with the plugin registered, a request on each task, the web UI built in-process, a check of the hook
 signatures).
@@ -70,7 +71,7 @@ from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.memory import MemoryPlan, MemorySettings
 from webui.engine.pipeline import Engine, GenerationResult
 from webui.engine.schedulers import SchedulerRegistry
-from webui.engine.segmap import ADE20K, Palette, control_image_tensor, snap_to_palette
+from webui.engine.segmap import ADE20K, Palette, control_image_tensor, find_palette, snap_to_palette
 from webui.engine.single_file import load_single_file, load_single_file_controlnet
 from webui.engine.text import PromptEmbeds, encode_prompts
 from webui.engine.vae import load_vae
@@ -158,6 +159,7 @@ __all__ = [
     "ModelFolders",
     "WEIGHT_SUFFIXES",
     "file_sha256",
+    "find_palette",
     "load_single_file",
     "load_single_file_controlnet",
     "load_vae",

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from webui import paths
 from webui.errors import InvalidRequestError, LatentStudioError
 from webui.limits import Limits, add_limit_options, at_least
-from webui.plugins import REPO_ROOT
 
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
-DEFAULT_OUTPUTS_DIR = REPO_ROOT / "outputs"
+# the data folder's (webui.paths: the checkout, or the user's folder when installed); --data-dir moves them
+DEFAULT_MODELS_DIR = paths.models_dir()
+DEFAULT_OUTPUTS_DIR = paths.outputs_dir()
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -54,7 +55,8 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the default shapes model (resumable)")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR / "latent-studio-shapes")
-    train.add_argument("--checkpoint-dir", type=Path, default=REPO_ROOT / "checkpoints" / "latent-studio-shapes",
+    train.add_argument("--checkpoint-dir", type=Path,
+                       default=paths.data_dir() / "checkpoints" / "latent-studio-shapes",
                        help="checkpoints and log.jsonl; an interrupted run resumes from here")
     train.add_argument("--steps", type=at_least(0), default=None, help="diffusion steps (default: the recipe's)")
     train.add_argument("--refine-steps", type=at_least(0), default=None,
@@ -149,12 +151,44 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _models_dir_options(parser: argparse.ArgumentParser, *, default: Any = None) -> None:
+    parser.add_argument("--data-dir", type=Path, action=_DataDirAction, default=default, metavar="DIR",
+                        help="the data folder: models/, outputs/, plugins/ and the plugin settings (default: the "
+                        "checkout; installed: ~/.local/share/latent-studio, or $XDG_DATA_HOME/latent-studio)")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR if default is None else default,
                         help="models root: diffusers folders anywhere in it, files in checkpoints/, vae/, "
                         "controlnet/, lora/, embeddings/ (an A1111 or ComfyUI models folder works as it is)")
     parser.add_argument("--extra-models-dir", type=Path, action="append", default=[] if default is None else default,
                         metavar="DIR", help="another models root, searched after --models-dir (repeatable), e.g. "
                         "~/stable-diffusion-webui/models or ~/ComfyUI/models")
+
+
+class _DataDirAction(argparse.Action):
+    """``--data-dir``: checked, then set in ``$LATENT_STUDIO_DATA_DIR`` at once (see :mod:`webui.paths`),
+    so the drop-in plugins found while parsing, a restarted server and child processes all use it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, paths.use_data_dir(values))
+        except ValueError as error:  # one line and status 2, like every input error (no usage dump)
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _data_folder(args: argparse.Namespace) -> None:
+    """The folders left at their defaults follow ``--data-dir``; the shipped model is copied into the
+    data folder's ``models/`` when it is missing there (an installed package's first run)."""
+    if getattr(args, "data_dir", None) is not None:
+        if args.models_dir is DEFAULT_MODELS_DIR:
+            args.models_dir = paths.models_dir()
+        if getattr(args, "out", None) is DEFAULT_OUTPUTS_DIR:
+            args.out = paths.outputs_dir()
+        if hasattr(args, "outputs_dir") and args.outputs_dir is None:
+            args.outputs_dir = paths.outputs_dir()
+    if args.command not in ("plugins", "samplers", "train"):
+        problem = paths.install_shipped_model(args.models_dir)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
 
 
 def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> None:
@@ -215,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(fields).parse_args(argv)
     if fields is not None:
         args.plugin_manager, args.fields = plugins, fields
+    _data_folder(args)
     try:
         if args.command is None:
             return _serve(args)
@@ -289,8 +324,31 @@ def _quiet_libraries() -> None:
         library_logging.disable_progress_bar()
 
 
+def _training(module: str, command: str) -> Any:
+    """The module ``training.<module>``. The training code sits beside ``webui/`` in a source
+    checkout and is not installed with the package (only the model's author runs it); without it,
+    or without one of its requirements, ``command`` fails with a one-line error."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "training" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # e.g. `latent-studio train` from an editable install
+    try:
+        return importlib.import_module(f"training.{module}")
+    except ModuleNotFoundError as error:
+        if error.name in ("training", f"training.{module}"):
+            raise LatentStudioError(
+                f"`{command}` needs the training code, which is not part of the installed package: run it from a "
+                "source checkout of Latent Studio (the training/ folder beside webui/)"
+            ) from None
+        raise LatentStudioError(
+            f"`{command}` needs the package {error.name!r}: pip install -r requirements-train.txt"
+        ) from None
+
+
 def _train(args: argparse.Namespace) -> int:
-    from webui.training.train import TrainConfig, train
+    train_module = _training("train", "train")
+    TrainConfig, train = train_module.TrainConfig, train_module.train
 
     if args.threads:
         import torch
@@ -308,7 +366,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from webui.training.evaluate import evaluate, format_table
+    evaluation = _training("evaluate", "evaluate")  # before a model is loaded
+    evaluate, format_table = evaluation.evaluate, evaluation.format_table
 
     scores = evaluate(_engine(args), args.model, seed=args.seed, n=args.n, steps=args.steps, cfg_scale=args.cfg_scale,
                       batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))

@@ -2,19 +2,24 @@
 
 Every image that enters a generation goes through :func:`normalize_image` (masks through
 :func:`normalize_mask`), so the engine only ever sees upright 8-bit RGB images and 8-bit "L" masks.
+
+The tensor conversions import torch when first called, not when this module is imported: requests
+and the web UI normalise images here without loading torch.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from webui.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PIXELS = 8192 * 8192
 """The largest image (width * height) accepted; larger ones are refused, not downscaled."""
@@ -80,6 +85,8 @@ def normalize_mask(mask: Any, size: tuple[int, int]) -> Image.Image:
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a (1, 3, H, W) float32 tensor in [-1, 1] (the VAE's input range)."""
+    import torch
+
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     arr = 2.0 * arr - 1.0
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
@@ -87,6 +94,8 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """An "L" mask as a (1, 1, H, W) float32 tensor in [0, 1]."""
+    import torch
+
     arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 

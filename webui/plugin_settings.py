@@ -1,6 +1,7 @@
 """Which plugins are turned off: a small JSON file in the user's data folder, never in the code tree.
 
-The folder is ``$LATENT_STUDIO_HOME`` when that is set, else ``$XDG_DATA_HOME/latent-studio``, else
+The folder is decided in :mod:`webui.paths` (:func:`~webui.paths.settings_dir`): the data folder
+given with ``--data-dir``, else ``$LATENT_STUDIO_HOME``, else ``$XDG_DATA_HOME/latent-studio``, else
 ``~/.local/share/latent-studio``. The file, ``plugins.json``, holds one list::
 
     {"disabled": ["latent-studio-example-plugin", "plugins/karras_euler_a.py"]}
@@ -17,18 +18,18 @@ rename), so an interrupted write leaves the old file whole.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from webui import paths
 from webui.atomic import write_text_atomic
 from webui.errors import LatentStudioError
 
 __all__ = ["HOME_ENV", "MAX_BYTES", "PluginSettings", "PluginSettingsError", "data_dir", "normalize_name",
            "settings_path"]
 
-HOME_ENV = "LATENT_STUDIO_HOME"  # the user data folder (settings, kept plugin wheels); tests point it elsewhere
+HOME_ENV = paths.HOME_ENV  # the user data folder (settings, kept plugin wheels); tests point it elsewhere
 SETTINGS_FILE = "plugins.json"
 MAX_BYTES = 256 * 1024  # far more than any real list of plugin names
 MAX_ENTRIES = 1000
@@ -40,13 +41,8 @@ class PluginSettingsError(LatentStudioError):
 
 
 def data_dir() -> Path:
-    """The user's Latent Studio data folder (not created here)."""
-    home = os.environ.get(HOME_ENV, "").strip()
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME", "").strip()
-    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
-    return base / "latent-studio"
+    """The folder of the plugin settings and the kept plugin wheels (not created here)."""
+    return paths.settings_dir()
 
 
 def settings_path() -> Path:

@@ -8,9 +8,10 @@ engine, each test). Community plugins are found two ways:
       [project.entry-points.latent_studio]
       my_plugin = "my_package.plugin"
 
-* **drop-in modules**: ``*.py`` files in the ``plugins/`` folder next to ``launch.py`` (or any
-  folder passed in ``plugin_dirs``, or listed in the ``LATENT_STUDIO_PLUGIN_DIRS`` environment
-  variable, separated like ``PATH``, which then replaces ``plugins/``).
+* **drop-in modules**: ``*.py`` files in the data folder's ``plugins/`` (next to ``launch.py`` in a
+  checkout, see :mod:`webui.paths`; or any folder passed in ``plugin_dirs``, or listed in the
+  ``LATENT_STUDIO_PLUGIN_DIRS`` environment variable, separated like ``PATH``, which then replaces
+  ``plugins/``).
 
 A plugin cannot take the app down:
 
@@ -63,15 +64,13 @@ from typing import Any
 
 import pluggy
 
-from webui import hookspecs
+from webui import hookspecs, paths
 from webui.errors import LatentStudioError, PluginError
 from webui.plugin_settings import PluginSettings, PluginSettingsError, normalize_name
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PLUGIN_DIR = REPO_ROOT / "plugins"
 PLUGIN_DIRS_ENV = "LATENT_STUDIO_PLUGIN_DIRS"  # drop-in folders instead of plugins/ (os.pathsep-separated)
 # hooks called while an engine or the web app starts (or a model list is refreshed): a failure
 # there is recorded and skipped; every other hook runs during a request
@@ -387,7 +386,7 @@ def make_plugin_manager(
     """Build a fresh plugin manager.
 
     ``plugin_dirs`` defaults to the folders in ``$LATENT_STUDIO_PLUGIN_DIRS`` when that is set,
-    else the repository's ``plugins/`` folder; pass ``[]`` for none.
+    else ``plugins/`` in the data folder (see :func:`default_plugin_dirs`); pass ``[]`` for none.
     ``extra`` plugins (objects or modules) are registered last, so they run first and their
     firstresult answers win (handy in tests and embedding code).
     ``safe_mode`` (built-ins and ``extra`` only) and ``only`` (names of the installed or drop-in
@@ -441,10 +440,11 @@ def make_plugin_manager(
 
 def default_plugin_dirs() -> list[Path]:
     """The drop-in folders: ``$LATENT_STUDIO_PLUGIN_DIRS`` (``os.pathsep``-separated) when set,
-    else ``plugins/`` next to ``launch.py``."""
+    else ``plugins/`` in the data folder (:func:`webui.paths.plugins_dir`: next to ``launch.py`` in a
+    checkout)."""
     listed = os.environ.get(PLUGIN_DIRS_ENV)
     if listed is None:
-        return [DEFAULT_PLUGIN_DIR]
+        return [paths.plugins_dir()]
     return [Path(part).expanduser() for part in listed.split(os.pathsep) if part.strip()]
 
 

@@ -22,8 +22,8 @@ from webui.api import (
     ModelFolders,
     ModelLoadError,
     ModelNotFoundError,
-    Palette,
     file_sha256,
+    find_palette,
     hookimpl,
     resolve_in_root,
 )
@@ -165,8 +165,9 @@ def load_controlnet_folder(folder: Path, context: LoadContext) -> Any:
 def attach_palette(controlnet: Any, folder: Path) -> Any:
     """A segmentation ControlNet may ship ``palette.json`` (class names and colours); the
     segmentation plugin reads it from ``controlnet.seg_palette`` (ADE20K when absent)."""
-    if (folder / "palette.json").is_file():
-        controlnet.seg_palette = Palette.from_json(folder / "palette.json")
+    palette = find_palette(folder, default=None)
+    if palette is not None:
+        controlnet.seg_palette = palette
     return controlnet
 
 

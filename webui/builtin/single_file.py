@@ -19,7 +19,7 @@ from webui.api import (
     ADE20K,
     WEIGHT_SUFFIXES,
     LoadContext,
-    Palette,
+    find_palette,
     hookimpl,
     load_single_file,
     load_single_file_controlnet,
@@ -65,9 +65,9 @@ def weight_file(source: str, context: LoadContext) -> Path | None:
 
 def attach_file_palette(controlnet: Any, path: Path) -> Any:
     """Give a segmentation ControlNet file its class palette (see the module docstring)."""
-    sidecar = path.with_name(f"{path.stem}.palette.json")
-    if sidecar.is_file():
-        controlnet.seg_palette = Palette.from_json(sidecar)  # a bad file is a ModelLoadError
+    palette = find_palette(path, default=None)  # a bad file is a ModelLoadError
+    if palette is not None:
+        controlnet.seg_palette = palette
     elif "seg" in re.split(r"[^a-z0-9]+", path.stem.lower()):
         controlnet.seg_palette = ADE20K
     return controlnet

@@ -7,6 +7,10 @@ from typing import Any
 
 import torch
 
+from webui.engine.model_defaults import DEFAULT_CFG_SCALE, model_default_cfg, native_size, vae_scale_factor
+
+__all__ = ["DEFAULT_CFG_SCALE", "Family", "ModelBundle", "model_default_cfg"]
+
 Family = str  # "sd1", "sd2", "sdxl", or a project's own (e.g. "latent-studio")
 
 
@@ -39,7 +43,7 @@ class ModelBundle:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config.block_out_channels)
 
     @property
     def latent_channels(self) -> int:
@@ -74,8 +78,9 @@ class ModelBundle:
 
     @property
     def default_size(self) -> int:
-        """The native output side in pixels (512 for SD 1.x, 1024 for SDXL...)."""
-        return int(self.config.get("default_size") or self.unet.config.sample_size * self.vae_scale_factor)
+        """The native output side in pixels (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL...),
+        by the rules the web UI reads a model folder with (:func:`webui.engine.model_defaults.native_size`)."""
+        return native_size(self.config, sample_size=self.unet.config.sample_size, scale_factor=self.vae_scale_factor)
 
     @property
     def default_cfg_scale(self) -> float:
@@ -100,15 +105,3 @@ class ModelBundle:
         for module in self.modules():
             module.to(device=device, dtype=dtype)
         return self
-
-
-DEFAULT_CFG_SCALE = 7.0
-
-
-def model_default_cfg(index: dict[str, Any]) -> float:
-    """``defaults.cfg_scale`` of a ``model_index.json`` (a model's recommended guidance), else 7."""
-    defaults = index.get("defaults")
-    value = defaults.get("cfg_scale") if isinstance(defaults, dict) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100:
-        return float(value)
-    return DEFAULT_CFG_SCALE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -10,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+# the stop switches live in a torch-free module (the web UI imports them); importable here as before
+from webui.engine.control import GenerationControl, GenerationStopped  # noqa: F401
 
 if TYPE_CHECKING:
     from webui.engine.bundle import ModelBundle
@@ -67,51 +69,6 @@ class Conditioning:
     masked_image: torch.Tensor | None = None
     controls: list[ControlInput] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-class GenerationStopped(Exception):  # noqa: N818 - a signal, not an error
-    """Raised inside a batch (e.g. between the text encoder's chunks) when the request was
-    interrupted or the batch skipped; the engine catches it and keeps what is finished."""
-
-
-class GenerationControl:
-    """Per-request interrupt and skip switches, safe to flip from another thread.
-
-    ``interrupt()`` stops the whole request after the current step and keeps what is finished;
-    ``skip()`` stops the current batch only and moves on to the next one.
-    """
-
-    def __init__(self) -> None:
-        self._interrupt = threading.Event()
-        self._skip = threading.Event()
-
-    def interrupt(self) -> None:
-        self._interrupt.set()
-
-    def skip(self) -> None:
-        self._skip.set()
-
-    @property
-    def interrupted(self) -> bool:
-        return self._interrupt.is_set()
-
-    @property
-    def skipped(self) -> bool:
-        return self._skip.is_set()
-
-    def clear_skip(self) -> None:
-        self._skip.clear()
-
-    @property
-    def stopped(self) -> bool:
-        """Interrupted, or the current batch skipped."""
-        return self._interrupt.is_set() or self._skip.is_set()
-
-    def check(self) -> None:
-        """Raise :class:`GenerationStopped` if the request was interrupted or the batch skipped:
-        for long work between sampler steps (text encoding) to stop within one step."""
-        if self.stopped:
-            raise GenerationStopped()
 
 
 @dataclass

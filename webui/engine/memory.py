@@ -262,11 +262,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def release_memory(device: torch.device) -> None:
+def release_memory(device: torch.device | None = None) -> None:
     """Collect garbage and give cached GPU blocks back (after a failed attempt, outside its
-    ``except`` block, when its frames and tensors are unreachable)."""
+    ``except`` block, when its frames and tensors are unreachable; after evicting a model).
+    ``None``: whatever device the caller used, so CUDA's cache too when there is one. The one
+    place memory is given back: the engine, the model cache and the generation stream use it."""
     gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
+    if (device is None or torch.device(device).type == "cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
 
@@ -286,7 +288,7 @@ def _components(bundle: ModelBundle) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def applied(bundle: ModelBundle, plan: MemoryPlan, device: torch.device) -> Iterator[None]:
     """Put ``plan`` on ``bundle`` for the ``with`` block, and restore the bundle afterwards (also
-    after an error). The caller holds the bundle's lock (``lora.bundle_lock``)."""
+    after an error). The caller holds the bundle's lock (:func:`webui.engine.models.model_lock`)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_attention(bundle, plan.attention))
         stack.enter_context(_vae_flags(bundle.vae, slicing=plan.vae_slicing, tiling=plan.vae_tiling))

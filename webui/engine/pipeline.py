@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from webui.engine import codec
 from webui.engine.bundle import ModelBundle
 from webui.engine.context import (
     Conditioning,
@@ -47,7 +48,7 @@ from webui.engine.memory import (
 )
 from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
-from webui.engine.vae import decode_checked, is_automatic, latent_scaling
+from webui.engine.vae import is_automatic
 from webui.errors import InvalidRequestError, OutOfMemoryError, PluginError
 from webui.fields import FieldRegistry
 from webui.images import tensor_to_images
@@ -267,7 +268,7 @@ class Engine:
         config = dict(bundle.config)
         config["vae_name"], config["vae_hash"] = name, getattr(vae, "model_hash", None)
         return dataclasses.replace(bundle, vae=vae, config=config,
-                                   latent_scaling=_latent_scaling(bundle))
+                                   latent_scaling=codec.model_scaling(bundle))
 
     def _context(self, request: GenerationRequest, bundle: ModelBundle, control: GenerationControl) -> RunContext:
         return RunContext(
@@ -411,7 +412,7 @@ class Engine:
             return []
 
         # 5. Decode, post-process, describe
-        pixels = decode_checked(self.decode_latents, bundle, latents, cond.metadata)
+        pixels = codec.decode_checked(self.decode_latents, bundle, latents, cond.metadata)
         outputs = [
             OutputImage(image=img, seed=s, index=s - request.seed,  # the image's place in the request
                         pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu())
@@ -440,43 +441,16 @@ class Engine:
     # -- VAE ---------------------------------------------------------------------------------
 
     @staticmethod
-    @torch.inference_mode()
     def encode_images(bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Encode (1 or B, 3, H, W) images in [-1, 1] to scaled latents, sampling each image of
-        the batch with its own generator (so image k depends on seed k only)."""
-        vae = bundle.vae
-        images = images.to(device=bundle.device, dtype=vae.dtype)
-        if images.shape[0] == 1 and len(generators) > 1:
-            images = images.repeat(len(generators), 1, 1, 1)
-        latents = [vae.encode(images[k : k + 1]).latent_dist.sample(generators[k]) for k in range(images.shape[0])]
-        latents = torch.cat(latents)
-        scaling = _latent_scaling(bundle)
-        mean, std = scaling["latents_mean"], scaling["latents_std"]
-        if mean is not None and std is not None:  # the inverse of decode_latents, as diffusers' SDXL img2img
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            return ((latents - mean_t) * scaling["scaling_factor"] / std_t).to(bundle.dtype)
-        shift = scaling["shift_factor"] or 0.0
-        return ((latents - shift) * scaling["scaling_factor"]).to(bundle.dtype)
+        the batch with its own generator (so image k depends on seed k only): :func:`codec.encode
+        <webui.engine.codec.encode>`."""
+        return codec.encode(bundle, images, generators)
 
     @staticmethod
-    @torch.inference_mode()
     def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
-        vae = bundle.vae
-        scaling = _latent_scaling(bundle)
-        mean, std = scaling["latents_mean"], scaling["latents_std"]
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / scaling["scaling_factor"] + mean_t
-        else:
-            latents = latents / scaling["scaling_factor"] + (scaling["shift_factor"] or 0.0)
-        return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
-
-
-def _latent_scaling(bundle: ModelBundle) -> dict[str, Any]:
-    """The model's latent scaling: its own VAE's, also when another VAE was swapped in."""
-    return bundle.latent_scaling if bundle.latent_scaling is not None else latent_scaling(bundle.vae.config)
+        """Scaled latents to float32 pixels in [-1, 1]: :func:`codec.decode <webui.engine.codec.decode>`."""
+        return codec.decode(bundle, latents)
 
 
 def _guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float, step: DenoiseStep) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from webui.engine.codec import float32_vae, latent_scaling, scale_latents
+
 if TYPE_CHECKING:
     from webui.engine.bundle import ModelBundle
 
@@ -114,39 +116,14 @@ def _fit_images(side: int, factor: int) -> torch.Tensor:
     return torch.cat([solid, torch.stack(patterns), mosaics]) * 2 - 1
 
 
-def _cpu_fp32_vae(vae: Any) -> Any:
-    """``vae`` itself when it is float32 on the CPU, else a CPU float32 copy of its encoder half."""
-    first = next(vae.parameters())
-    if first.device.type == "cpu" and first.dtype == torch.float32:
-        return vae
-    state = {k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in vae.state_dict().items()
-             if not k.startswith(("decoder.", "post_quant_conv."))}
-    with torch.device("meta"):
-        clone = type(vae).from_config(vae.config)
-    clone.load_state_dict(state, strict=False, assign=True)
-    return clone.eval()
-
-
-def _scaled(latents: torch.Tensor, config: Any) -> torch.Tensor:
-    """Raw VAE latents to the loop's scaled latents: the inverse of ``Engine.decode_latents`` (the
-    same as ``Engine.encode_images`` unless the VAE config has ``latents_mean``/``latents_std``)."""
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=latents.dtype).view(1, -1, 1, 1)
-        return (latents - mean_t) * config.scaling_factor / std_t
-    shift = getattr(config, "shift_factor", None) or 0.0
-    return (latents - shift) * config.scaling_factor
-
-
 @torch.no_grad()
 def _fit_map(vae: Any, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares fit of (latent pixel, 1) → mean colour of its f×f patch, over one encoded batch."""
     images = _fit_images(max(64, _LATENT_SIDE * factor), factor)
-    encoded = _cpu_fp32_vae(vae).encode(images)
+    encoded = float32_vae(vae, "cpu", encoder_only=True).encode(images)  # the VAE's own copy is left alone
     dist = getattr(encoded, "latent_dist", None)
     raw = dist.mean if dist is not None else getattr(encoded, "latents", encoded[0])
-    z = _scaled(raw.float().cpu(), vae.config)
+    z = scale_latents(raw.float().cpu(), latent_scaling(vae.config))  # as the engine encodes (webui.engine.codec)
     target = F.avg_pool2d(images, factor)
     if target.shape[-2:] != z.shape[-2:]:  # a VAE that pads or crops: match the latent grid
         target = F.interpolate(target, size=z.shape[-2:], mode="area")

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from webui.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 # fmt: off
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -206,6 +208,25 @@ class Palette:
 ADE20K = Palette("ade20k", ADE20K_CLASSES, ADE20K_PALETTE)
 """The palette of ``lllyasviel/sd-controlnet-seg``."""
 
+PALETTE_FILE = "palette.json"
+
+
+def palette_file(path: str | Path) -> Path:
+    """Where the ControlNet at ``path`` keeps its palette: ``palette.json`` inside a ControlNet
+    folder, the sidecar ``<name>.palette.json`` beside a single weights file."""
+    path = Path(path)
+    return path / PALETTE_FILE if path.is_dir() else path.with_name(f"{path.stem}.{PALETTE_FILE}")
+
+
+def find_palette(path: str | Path, default: Palette | None = ADE20K) -> Palette | None:
+    """The class palette of the ControlNet at ``path`` (a folder or a weights file): its
+    :func:`palette_file` when there is one, else ``default``. The one lookup that the loaders and
+    the web UI share. A palette file that cannot be read raises :class:`ModelLoadError`."""
+    candidate = palette_file(path)
+    if not candidate.is_file():
+        return default
+    return Palette.from_json(candidate)
+
 
 def snap_to_palette(
     image: Image.Image, palette: Palette | np.ndarray = ADE20K
@@ -254,6 +275,8 @@ def control_image_tensor(image: Image.Image, width: int, height: int) -> torch.T
     The map is resized with nearest-neighbour sampling: any filtering would blend the colours of
     neighbouring classes into colours that belong to no class.
     """
+    import torch  # here, not above: the web UI reads palettes from this module without torch
+
     rgb = image.convert("RGB")
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.NEAREST)

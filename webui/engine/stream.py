@@ -10,19 +10,20 @@ images) happens even when nobody reads the iterator any more.
 
 from __future__ import annotations
 
-import gc
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from webui.engine.context import GenerationControl, StepInfo
-from webui.engine.preview import preview_images
+from webui.engine.control import GenerationControl
 from webui.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from webui.engine.context import StepInfo
 
 __all__ = ["Progress", "stream"]
 
@@ -76,6 +77,9 @@ def stream(
     generation are raised from the iterator, after the worker has finished and memory was
     released (so whatever ``on_batch`` did is complete by then).
     """
+    # torch comes with the previews, when a generation runs: the web UI imports this module without it
+    from webui.engine.preview import preview_images
+
     control = control or GenerationControl()
     events: queue.Queue[Any] = queue.Queue()
     started = time.perf_counter()
@@ -117,14 +121,8 @@ def stream(
             control.interrupt()
         worker.join()
         if failure is not None:
-            gc.collect()
-            _empty_device_cache()
+            from webui.engine.memory import release_memory
+
+            release_memory(getattr(engine, "device", None))
     if failure is not None:
         raise failure
-
-
-def _empty_device_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

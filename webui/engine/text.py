@@ -37,7 +37,8 @@ import torch
 from webui.engine.bundle import ModelBundle
 from webui.engine.clip_tokenizer import split_long_words
 from webui.engine.embeddings import EmbeddingLibrary, EmbeddingMatcher, embedding_dims, input_embedding_layer
-from webui.engine.lora import bundle_lock, strip_network_tags
+from webui.engine.lora import strip_network_tags
+from webui.engine.models import model_lock
 from webui.engine.prompt_parser import is_break, parse_prompt_attention
 from webui.errors import InvalidRequestError, ModelLoadError
 from webui.limits import check_total
@@ -370,7 +371,7 @@ def encode_prompts(
     Extra-network tags (``<lora:...>``) are removed from the positive prompts. ``embeddings``: the
     textual-inversion embeddings whose names are replaced by their vectors in every prompt (those
     used are recorded in ``embeddings.used``). The encoding holds the bundle's lock (see
-    :func:`webui.engine.lora.bundle_lock`), so it never sees another request's LoRAs.
+    :func:`webui.engine.models.model_lock`), so it never sees another request's LoRAs.
 
     ``clip_skip`` counts like A1111: 1 uses the last layer (the penultimate one for SDXL), 2 the one
     before... Non-CLIP encoders ignore it. ``device``/``dtype`` default to the last text encoder's.
@@ -428,7 +429,7 @@ def encode_prompts(
     out_dtype = dtype if dtype is not None else _module_dtype(encoders[-1])
     embeds_parts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    with torch.no_grad(), bundle_lock(bundle):
+    with torch.no_grad(), model_lock(bundle):
         for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
             hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl,
                                          layers=layers, should_stop=should_stop)

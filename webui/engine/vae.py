@@ -1,17 +1,15 @@
-"""Separate VAEs: loading a VAE file for a request, and decoding that never hands out NaN.
+"""Separate VAEs: loading a VAE file for a request.
 
 Users keep VAEs as single files (``models/vae/*.safetensors``) in the original (LDM) layout that
 A1111 and ComfyUI read, or as diffusers folders. A request names one (``GenerationRequest.vae``)
 and gets a copy of its model bundle with that VAE; the cached bundle itself is never changed, so
 the next request, or another user's, still sees the model's own VAE.
 
-The latent scaling (``scaling_factor``, SDXL's 0.13025 against SD's 0.18215, and any
-``latents_mean``/``latents_std``/``shift_factor``) belongs to the diffusion model, not to the VAE
-file: a swapped VAE decodes with the model's own values, as in A1111.
-
-fp16 VAEs (SDXL's above all) can overflow and decode to NaN, which shows as a black image.
-:func:`decode_checked` sees non-finite pixels, decodes again with a float32 copy of the VAE and
-says so, so the user never gets a black image without a word.
+The latent scaling (SDXL's 0.13025 against SD's 0.18215, and any shift or per-channel
+statistics) belongs to the diffusion model, not to the VAE file: a swapped VAE decodes with the
+model's own values, as in A1111. The scaling, encoding and decoding, and the float32 retry of a
+half-precision VAE that decoded to NaN (:func:`decode_checked`) are the latent codec's
+(:mod:`webui.engine.codec`); they are importable from here as before.
 """
 
 from __future__ import annotations
@@ -21,9 +19,14 @@ from typing import Any
 
 import torch
 
-from webui.errors import GenerationError, ModelLoadError
+from webui.engine.codec import LATENT_KEYS, decode_checked, latent_scaling
+from webui.errors import ModelLoadError
 
-LATENT_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+__all__ = [
+    "AUTOMATIC", "LATENT_KEYS", "config_from_ldm", "decode_checked", "is_automatic", "is_ldm_layout",
+    "latent_scaling", "load_vae", "strip_prefix", "vae_from_state_dict",
+]
+
 AUTOMATIC = ("", "automatic", "none")
 _LDM_PREFIXES = ("first_stage_model.", "vae.")
 
@@ -31,11 +34,6 @@ _LDM_PREFIXES = ("first_stage_model.", "vae.")
 def is_automatic(name: str | None) -> bool:
     """True when ``name`` means "the model's own VAE" (None, "", "Automatic", "None")."""
     return name is None or name.strip().lower() in AUTOMATIC
-
-
-def latent_scaling(vae_config: Any) -> dict[str, Any]:
-    """The latent-scaling entries of a VAE config (missing ones as None)."""
-    return {key: getattr(vae_config, key, None) for key in LATENT_KEYS}
 
 
 # -- reading VAE weights -----------------------------------------------------------------------
@@ -115,53 +113,3 @@ def load_vae(path: Path, *, device: torch.device, dtype: torch.dtype, allow_pick
         state = load_state_dict(path, allow_pickle=allow_pickle)
         vae = vae_from_state_dict(state, name=path.name)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-# -- decoding that recovers from NaN ---------------------------------------------------------------
-
-
-def decode_checked(decode: Any, bundle: Any, latents: torch.Tensor, notes: dict[str, Any]) -> torch.Tensor:
-    """``decode(bundle, latents)``; if that gives NaN or inf in a half-precision VAE, decode again
-    with a float32 copy of it and record ``"VAE decode": "float32 (NaN in float16)"`` in ``notes``.
-
-    The float32 copy lives only for this call: memory is given back at once. A float32 VAE that
-    still gives non-finite pixels is an error with a clear message, never a black image.
-    """
-    pixels = decode(bundle, latents)
-    if bool(torch.isfinite(pixels).all()):
-        return pixels
-    vae = bundle.vae
-    dtype = getattr(vae, "dtype", torch.float32)
-    if dtype == torch.float32:
-        raise GenerationError(
-            "the VAE decoded to NaN/inf even in float32: the latents are broken "
-            "(try another sampler, fewer steps or a lower CFG scale)"
-        )
-    upcast = _float32_copy(vae, latents.device)
-    try:
-        pixels = decode(_with_vae(bundle, upcast), latents.float())
-    finally:
-        del upcast
-    if not bool(torch.isfinite(pixels).all()):
-        raise GenerationError("the VAE decoded to NaN/inf in float16 and again in float32: the latents are broken")
-    notes["VAE decode"] = f"float32 (NaN in {str(dtype).removeprefix('torch.')})"
-    return pixels
-
-
-def _float32_copy(vae: Any, device: torch.device) -> Any:
-    """A float32 copy of ``vae`` on ``device``, built fresh from its config and weights: none of the
-    original's hooks (CPU offload moves the original, not a copy), with its slicing and tiling."""
-    state = {key: value.detach().to(device=device, dtype=torch.float32) for key, value in vae.state_dict().items()}
-    with torch.device("meta"):
-        upcast = type(vae).from_config(vae.config)
-    upcast.load_state_dict(state, assign=True)
-    for flag in ("use_slicing", "use_tiling"):
-        if hasattr(vae, flag):
-            setattr(upcast, flag, getattr(vae, flag))
-    return upcast.eval()
-
-
-def _with_vae(bundle: Any, vae: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(bundle, vae=vae)

@@ -247,9 +247,9 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
         raise LaunchRefused(problem)
     # Pillow refuses decompression bombs at open; uploads are checked from their headers before that
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    from webui.cli import DEFAULT_OUTPUTS_DIR
+    from webui.paths import outputs_dir
 
-    outputs = Path(args.outputs_dir) if args.outputs_dir else DEFAULT_OUTPUTS_DIR
+    outputs = Path(args.outputs_dir) if args.outputs_dir else outputs_dir()
     unwritable = outputs_problem(outputs)
     if unwritable:  # still serve: the owner may fix the folder while the app runs
         log.warning("%s: generated images cannot be saved", unwritable)

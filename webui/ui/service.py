@@ -7,18 +7,17 @@ The only per-session state is the switch that interrupts that session's own runn
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from webui.engine.bundle import DEFAULT_CFG_SCALE, model_default_cfg
-from webui.engine.context import GenerationControl
-from webui.engine.segmap import ADE20K, Palette
+from webui.engine.control import GenerationControl
+from webui.engine.model_info import ModelInfo, read_model_info
+from webui.engine.segmap import ADE20K, Palette, find_palette
 from webui.engine.stream import Progress, stream
 from webui.errors import LatentStudioError
 from webui.output import BatchSaver, output_dir
@@ -27,19 +26,6 @@ from webui.request import GenerationRequest
 __all__ = ["Finished", "GenerationFailed", "ModelInfo", "StudioService"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelInfo:
-    """What the UI shows about a model before it is loaded: read from its files, not its weights."""
-
-    name: str
-    default_size: int = 512
-    cfg_scale: float = DEFAULT_CFG_SCALE  # model_index.json's defaults.cfg_scale
-    vocabulary: dict[str, list[str]] = field(default_factory=dict)
-    examples: list[str] = field(default_factory=list)  # model_index.json's ui.examples
-    palette: Palette = ADE20K
-    has_controlnet: bool = False
 
 
 @dataclass
@@ -105,14 +91,11 @@ class StudioService:
             path = Path(self.engine.models.source_of(name, "controlnet"))
         except LatentStudioError:
             return None
-        candidates = [path / "palette.json"] if path.is_dir() else [path.with_name(path.stem + ".palette.json")]
-        for candidate in candidates:
-            if candidate.is_file():
-                try:
-                    return Palette.from_json(candidate)
-                except (OSError, ValueError) as error:
-                    log.warning("unreadable palette %s: %s", candidate, error)
-        return ADE20K
+        try:
+            return find_palette(path)
+        except LatentStudioError as error:  # the page keeps working; loading the ControlNet will say why
+            log.warning("%s", error)
+            return ADE20K
 
     def default_model_name(self) -> str | None:
         """The listed name of the model a request without one gets (the first listed as a fallback)."""
@@ -129,46 +112,21 @@ class StudioService:
         return entries[0].name if entries else None
 
     def model_info(self, name: str | None) -> ModelInfo:
-        """Vocabulary, palette and native size of a model, from its ``model_index.json`` and
-        ``controlnet/palette.json`` (ADE20K's palette when it ships none)."""
-        folder = self._folder_of(name)
-        info = ModelInfo(name=name or "")
-        if folder is None:
-            return info
-        index_file = folder / "model_index.json"
-        if index_file.is_file():
-            try:
-                index = json.loads(index_file.read_text())
-            except (OSError, ValueError):
-                index = {}
-            info.default_size = int(index.get("default_size") or (1024 if "text_encoder_2" in index else 512))
-            info.cfg_scale = model_default_cfg(index)
-            vocabulary = index.get("vocabulary")
-            if isinstance(vocabulary, dict):
-                info.vocabulary = {str(k): [str(w) for w in v] for k, v in vocabulary.items() if isinstance(v, list)}
-            ui = index.get("ui") if isinstance(index.get("ui"), dict) else {}
-            examples = ui.get("examples")
-            if isinstance(examples, list):
-                info.examples = [str(text) for text in examples]
-            info.has_controlnet = "controlnet" in index
-        palette_file = folder / "controlnet" / "palette.json"
-        if palette_file.is_file():
-            try:
-                info.palette = Palette.from_json(palette_file)
-            except (OSError, ValueError) as error:
-                log.warning("unreadable palette %s: %s", palette_file, error)
-        return info
+        """Native size, recommended guidance, vocabulary, examples and palette of a model, read
+        from its files by the reader the engine's bundle shares its rules with
+        (:func:`webui.engine.model_info.read_model_info`); the defaults for an unknown name."""
+        return read_model_info(self._source_path(name), name or "")
 
-    def _folder_of(self, name: str | None) -> Path | None:
-        """The model folder of a listed name, under the engine's path rules (a web name never
-        reaches a folder outside the model folders); None for single files and unknown names."""
+    def _source_path(self, name: str | None) -> Path | None:
+        """The model folder or file of a listed name, under the engine's path rules (a web name
+        never reaches a folder outside the model folders); None for unknown names."""
         models = self.engine.models
         try:
             source = models.source_of(models.resolve(name or None))
         except LatentStudioError:
             return None
         path = Path(source)
-        return path if path.is_dir() else None
+        return path if path.exists() else None
 
     # -- generations -------------------------------------------------------------------------
 

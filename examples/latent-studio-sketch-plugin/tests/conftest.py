@@ -14,3 +14,8 @@ if importlib.util.find_spec("latent_studio_sketch") is None:  # not pip-installe
     sys.path.insert(0, str(PACKAGE_ROOT))
 if importlib.util.find_spec("webui") is None and (REPOSITORY / "webui" / "api.py").is_file():
     sys.path.insert(0, str(REPOSITORY))  # Latent Studio not installed: the checkout's
+
+
+def pytest_configure(config):
+    """The marker Latent Studio's own test run uses (so the tests also run on their own without a warning)."""
+    config.addinivalue_line("markers", "slow: pip installs and subprocess runs; -m 'not slow' leaves them out")

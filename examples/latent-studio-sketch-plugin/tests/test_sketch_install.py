@@ -17,6 +17,8 @@ import webui
 PACKAGE = Path(__file__).resolve().parent.parent
 HOST = Path(webui.__file__).resolve().parent.parent  # where webui is imported from
 
+pytestmark = pytest.mark.slow  # pip installs the package and runs the command line in subprocesses
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:

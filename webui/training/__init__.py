@@ -1,1 +1,0 @@
-"""Training and evaluating the embedded default model (a small latent diffusion model of shapes)."""
