@@ -91,5 +91,8 @@ def clip_tokenizer(*, pad_token: str = END, model_max_length: int = 77) -> CLIPT
     if pad_token not in vocab:
         raise ModelLoadError(f"pad token {pad_token!r} is not in CLIP's vocabulary")
     return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=model_max_length
+        vocab=dict(vocab),
+        merges=list(merges),  # type: ignore[arg-type]  # pairs, which the tokenizers backend takes as well as strings
+        pad_token=pad_token,
+        model_max_length=model_max_length,
     )

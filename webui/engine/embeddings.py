@@ -279,7 +279,7 @@ def embedding_dims(text_encoders: Sequence[Any]) -> list[int]:
     dims = []
     for encoder in text_encoders:
         layer = encoder.get_input_embeddings() if hasattr(encoder, "get_input_embeddings") else None
-        width = getattr(layer, "embedding_dim", None)
+        width: Any = getattr(layer, "embedding_dim", None)
         if width is None:
             width = getattr(getattr(encoder, "config", None), "hidden_size", 0)
         dims.append(int(width))

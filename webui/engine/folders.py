@@ -446,14 +446,15 @@ def cached_sha256(path: str | Path, *, cache: str | Path | None = None) -> str:
     key = str(real)
     with _CACHE_LOCK:
         record = _read_cache(cache_file).get(key)
+    known = record.get("sha256") if isinstance(record, dict) else None
     if (
         isinstance(record, dict)
         and record.get("size") == stat.st_size
         and record.get("mtime_ns") == stat.st_mtime_ns
-        and isinstance(record.get("sha256"), str)
-        and _HEX64.match(record["sha256"])
+        and isinstance(known, str)
+        and _HEX64.match(known)
     ):
-        return str(record["sha256"])
+        return known
     log.info("computing the sha256 of %s (once; it is cached)", real)
     digest = file_sha256(real)
     with _CACHE_LOCK:

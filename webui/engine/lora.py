@@ -518,10 +518,10 @@ def _inject(module: torch.nn.Module, adapter: str, layers: dict[str, torch.Tenso
 def _activate(module: torch.nn.Module, weights: dict[str, float]) -> None:
     """Make exactly the adapters in ``weights`` active on every adapter layer, each scaled by its
     weight (the layers were configured with scale 1)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.lora import LoraLayer  # the only kind of layer injected here (plain LoRA)
 
     for layer in module.modules():
-        if not isinstance(layer, BaseTunerLayer):
+        if not isinstance(layer, LoraLayer):
             continue
         present = [name for name in weights if name in getattr(layer, "scaling", {})]
         layer.set_adapter(present)

@@ -359,7 +359,7 @@ def _channels_last(bundle: ModelBundle) -> None:
     results, and converting back and forth would cost a copy of the weights per request)."""
     for module in (bundle.unet, *bundle.controlnets.values(), bundle.vae):
         if isinstance(module, torch.nn.Module):
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; torch's overloads omit it
 
 
 @contextlib.contextmanager

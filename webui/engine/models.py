@@ -10,6 +10,7 @@ names only, kept inside the model folders (see :mod:`webui.engine.folders`).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import weakref
@@ -140,7 +141,7 @@ class ModelManager:
             entries.insert(len(self._pinned), default)
         return [e for e in entries if kind is None or e.kind == kind]
 
-    def _default_entry(self, entries: list[ModelEntry], seen: set[tuple[str, str]]) -> ModelEntry | None:
+    def _default_entry(self, entries: builtins.list[ModelEntry], seen: set[tuple[str, str]]) -> ModelEntry | None:
         """The command line's ``--model`` path as an entry, unless a listed entry is that model."""
         if not self.default_model or ("checkpoint", self.default_model) in seen:
             return None

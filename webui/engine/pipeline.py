@@ -60,6 +60,7 @@ from webui.request import GenerationRequest
 StepCallback = Callable[[StepInfo], None]
 BatchCallback = Callable[[list[OutputImage]], None]
 MEMORY_STATE = "memory"  # RunContext.state key: the memory plan's note for the image metadata
+NO_PROMPT_EMBEDS = "no conditioning plugin provided prompt embeddings"
 log = logging.getLogger(__name__)
 
 
@@ -162,7 +163,7 @@ class Engine:
         self._check_limits(request)  # before a model is loaded
         self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
-        if not is_automatic(request.vae):
+        if request.vae is not None and not is_automatic(request.vae):
             bundle = self._with_vae(bundle, request.vae)
         control = control or GenerationControl()
         seed = request.seed if request.seed >= 0 else random.randrange(2**32 - 1 - 10_000)
@@ -309,10 +310,11 @@ class Engine:
         unet = bundle.unet
 
         # 1. Conditioning from every plugin (text, init image, mask, segmentation map, ...)
-        cond = Conditioning(guidance_scale=float(request.cfg_scale))
+        cfg_scale = request.cfg_scale if request.cfg_scale is not None else bundle.default_cfg_scale
+        cond = Conditioning(guidance_scale=float(cfg_scale))
         self.plugins.hook.provide_conditioning(request=request, context=context, conditioning=cond)
         if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
-            raise PluginError("no conditioning plugin provided prompt embeddings")
+            raise PluginError(NO_PROMPT_EMBEDS)
         if context.state.get(MEMORY_STATE):
             cond.metadata.setdefault("Memory", context.state[MEMORY_STATE])
         do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
@@ -321,7 +323,8 @@ class Engine:
         scheduler = self.schedulers.build(request.sampler, bundle.scheduler_config, seed=context.seeds[0])
         scheduler.set_timesteps(request.steps, device=device)
         timesteps = scheduler.timesteps
-        starts_from_image = cond.init_image is not None
+        init_image = cond.init_image
+        starts_from_image = init_image is not None
         if starts_from_image:
             timesteps = _strength_timesteps(scheduler, request.steps, cond.strength)
             if len(timesteps) == 0:
@@ -338,8 +341,8 @@ class Engine:
         blend_mask = inpainting and not bundle.is_inpainting_unet
         pure_noise = not starts_from_image or (inpainting and cond.strength >= 1.0)
         image_latents = None
-        if starts_from_image and (not pure_noise or blend_mask):
-            image_latents = self.encode_images(bundle, cond.init_image, generators)
+        if init_image is not None and (not pure_noise or blend_mask):
+            image_latents = self.encode_images(bundle, init_image, generators)
             for transform in cond.init_latent_transforms:
                 image_latents = transform(image_latents, context)
         noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
@@ -358,11 +361,17 @@ class Engine:
         if mask is not None:
             mask_latents = torch.nn.functional.interpolate(mask, size=(height, width))
             mask_latents = mask_latents.to(device=device, dtype=dtype).repeat(batch, 1, 1, 1)
+        blend: tuple[torch.Tensor, torch.Tensor] | None = None  # (image latents, mask latents)
+        if blend_mask:
+            if image_latents is None or mask_latents is None:
+                raise PluginError("a mask was provided without an init image to keep outside it")
+            blend = (image_latents, mask_latents)
 
         # 4. The denoising loop
         embeds, added_cond = _text_inputs(cond, batch, do_cfg, bundle)
-        unet_extra = _doubled(torch.cat([mask_latents, masked_image_latents], dim=1), do_cfg) \
-            if bundle.is_inpainting_unet else None
+        unet_extra = None
+        if masked_image_latents is not None and mask_latents is not None:  # an inpainting UNet
+            unet_extra = _doubled(torch.cat([mask_latents, masked_image_latents], dim=1), do_cfg)
         controls = [(c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls]
         step_kwargs = _step_kwargs(scheduler, generators, request.eta)
 
@@ -397,11 +406,11 @@ class Engine:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = combine(uncond, text, cond.guidance_scale, step)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if blend_mask:
-                known = image_latents
+            if blend is not None:
+                known, repaint = blend
                 if i < len(timesteps) - 1:
-                    known = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
-                latents = (1 - mask_latents) * known + mask_latents * latents
+                    known = scheduler.add_noise(known, noise, torch.tensor([timesteps[i + 1]]))
+                latents = (1 - repaint) * known + repaint * latents
             if (i + 1) % getattr(scheduler, "order", 1) == 0 or i == len(timesteps) - 1:
                 info = StepInfo(context, (i + 1) // getattr(scheduler, "order", 1) or 1, num_steps, t, latents)
                 if callback is not None:
@@ -505,16 +514,19 @@ def _text_inputs(
     def per_image(t: torch.Tensor) -> torch.Tensor:
         return t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1))) if t.shape[0] != batch else t
 
+    if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
+        raise PluginError(NO_PROMPT_EMBEDS)
     embeds = per_image(cond.prompt_embeds)
     if do_cfg:
         embeds = torch.cat([per_image(cond.negative_prompt_embeds), embeds])
     if not bundle.is_sdxl:
         return embeds, None
-    if cond.pooled_prompt_embeds is None or cond.add_time_ids is None:
+    negative_pooled = cond.negative_pooled_prompt_embeds
+    if cond.pooled_prompt_embeds is None or cond.add_time_ids is None or (do_cfg and negative_pooled is None):
         raise PluginError("an SDXL model needs pooled prompt embeddings and time ids from the text plugin")
     pooled, time_ids = per_image(cond.pooled_prompt_embeds), per_image(cond.add_time_ids)
-    if do_cfg:
-        pooled = torch.cat([per_image(cond.negative_pooled_prompt_embeds), pooled])
+    if do_cfg and negative_pooled is not None:
+        pooled = torch.cat([per_image(negative_pooled), pooled])
         negative_ids = cond.negative_add_time_ids if cond.negative_add_time_ids is not None else cond.add_time_ids
         time_ids = torch.cat([per_image(negative_ids), time_ids])
     return embeds, {"text_embeds": pooled, "time_ids": time_ids}
@@ -546,7 +558,7 @@ def _control_residuals(
         scale = spec.scale * (0.0 if inactive else 1.0)
         extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
         unet_dtype, kind = model_input.dtype, next(spec.model.parameters()).dtype
-        inputs = (model_input, embeds, image)
+        inputs: tuple[torch.Tensor, ...] = (model_input, embeds, image)
         if kind != unet_dtype:  # a ControlNet loaded apart may have another dtype than the UNet
             inputs = tuple(x.to(kind) for x in inputs)
             extra = {k: {n: v.to(kind) for n, v in a.items()} for k, a in extra.items()}

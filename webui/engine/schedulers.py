@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from webui.errors import PluginError, UnknownSamplerError
 
@@ -31,7 +31,7 @@ class SamplerSpec:
         """Build a new scheduler from the model's scheduler config plus this sampler's overrides."""
         config = {k: v for k, v in base_config.items() if not k.startswith("_")}
         if inspect.isclass(self.factory):
-            scheduler = self.factory.from_config(config, **self.overrides)
+            scheduler = cast(Any, self.factory).from_config(config, **self.overrides)
         else:
             scheduler = self.factory({**config, **self.overrides})
         # Stochastic samplers that keep their own noise source (DPM++ SDE's Brownian tree) are

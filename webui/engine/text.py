@@ -442,8 +442,8 @@ def encode_prompts(
 
     if bundle.config.get("force_zeros_for_empty_prompt"):
         offset = len(prompts)
-        for i, negative in enumerate(negative_prompts):
-            if not negative.strip():
+        for i, negative_prompt in enumerate(negative_prompts):
+            if not negative_prompt.strip():
                 embeds[offset + i] = 0
                 if pooled is not None:
                     pooled[offset + i] = 0

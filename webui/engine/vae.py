@@ -85,7 +85,7 @@ def vae_from_state_dict(state: dict[str, torch.Tensor], *, name: str = "VAE") ->
         )
     config = config_from_ldm(state)
     converted = convert_ldm_vae_checkpoint(state, config)
-    vae = AutoencoderKL(**config)
+    vae: Any = AutoencoderKL(**config)
     missing, unexpected = vae.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ModelLoadError(
