@@ -258,7 +258,7 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
     engine.models.allow_paths = False
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     # read by the Plugins tab: whether it may install, enable or disable plugins and restart
-    service.plugin_control = PluginControl(plugin_control_problem(args),  # type: ignore[attr-defined]
+    service.plugin_control = PluginControl(plugin_control_problem(args),
                                            restart if restart is not None else restart_in_place if block else None)
     if not api.web:  # --nowebui: the HTTP API alone
         from webui.http.routes import serve_api_alone

@@ -56,6 +56,8 @@ class StudioService:
         self.engine = engine
         self.outputs_dir = Path(outputs_dir)
         self.preview_every = preview_every
+        # what the Plugins tab may do (a webui.ui.server.PluginControl); set by the server
+        self.plugin_control: Any = None
         self._controls: dict[str, GenerationControl] = {}
         self._lock = threading.Lock()
         # one generation on the device at a time, whoever asks (web app clicks, HTTP API jobs); a
