@@ -30,7 +30,9 @@ from webui.request import GenerationRequest  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sampler", default="DPM++ 2M Karras")
@@ -49,12 +51,18 @@ def main() -> None:
     tasks = {
         "txt2img": GenerationRequest(**base),
         "img2img (strength 0.75)": GenerationRequest(task="img2img", init_image=init, strength=0.75, **base),
-        "inpaint": GenerationRequest(task="inpaint", init_image=init, mask=Image.fromarray(mask), strength=1.0, **base),
+        "inpaint": GenerationRequest(
+            task="inpaint", init_image=init, mask=Image.fromarray(mask), strength=1.0, **base
+        ),
         "seg2img": GenerationRequest(task="seg2img", seg_map=shapes.class_map_image(labels), **base),
     }
-    print(f"# {bundle.name} on {args.device}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model load: {load:.2f} s; {args.steps} steps, {args.sampler}, CFG {bundle.default_cfg_scale:g}, 64x64, batch 1")
+    print(
+        f"# {bundle.name} on {args.device}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"model load: {load:.2f} s; {args.steps} steps, {args.sampler}, CFG {bundle.default_cfg_scale:g}, 64x64, batch 1"
+    )
     print("| task | median s/image | fastest s/image |")
     print("|---|---|---|")
     for name, request in tasks.items():

@@ -56,22 +56,41 @@ SIZES = {"sd15": 512, "sdxl": 1024}
 
 
 def family_config(name: str, tiny: bool) -> dict[str, Any]:
-    config = json.loads((ROOT / "webui" / "configs" / ("sd1.json" if name == "sd15" else "sdxl.json")).read_text())
+    config = json.loads(
+        (ROOT / "webui" / "configs" / ("sd1.json" if name == "sd15" else "sdxl.json")).read_text()
+    )
     if not tiny:
         return config
     # the same block types, a fraction of the width and depth
     unet, vae = config["unet"], config["vae"]
     vae.update(block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1, sample_size=64)
     for encoder in config["text_encoders"]:
-        encoder["config"].update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                 projection_dim=32)
+        encoder["config"].update(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        )
     if name == "sd15":
-        unet.update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, attention_head_dim=8,
-                    cross_attention_dim=32, sample_size=8)
+        unet.update(
+            block_out_channels=[32, 32, 64, 64],
+            layers_per_block=1,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            sample_size=8,
+        )
     else:
-        unet.update(block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=[4, 8, 8],
-                    transformer_layers_per_block=[1, 1, 1], cross_attention_dim=64, addition_time_embed_dim=8,
-                    projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8)
+        unet.update(
+            block_out_channels=[32, 64, 64],
+            layers_per_block=1,
+            attention_head_dim=[4, 8, 8],
+            transformer_layers_per_block=[1, 1, 1],
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        )
     return config
 
 
@@ -106,15 +125,20 @@ def build(name: str, tiny: bool) -> dict[str, Any]:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(clean)
         vae = AutoencoderKL.from_config({k: v for k, v in config["vae"].items() if not k.startswith("_")})
-        encoders = [getattr(transformers, spec["class"])(transformers.CLIPTextConfig(**spec["config"]))
-                    for spec in config["text_encoders"]]
+        encoders = [
+            getattr(transformers, spec["class"])(transformers.CLIPTextConfig(**spec["config"]))
+            for spec in config["text_encoders"]
+        ]
     components: dict[str, Any] = {
         "unet": _randomised(unet, 0),
         "vae": _randomised(vae, 1),
         "scheduler": EulerDiscreteScheduler.from_config(
-            {k: v for k, v in config["scheduler"].items() if k != "_class_name"}),
+            {k: v for k, v in config["scheduler"].items() if k != "_class_name"}
+        ),
     }
-    tokenizers = [clip_tokenizer(pad_token=spec.get("pad_token", "<|endoftext|>")) for spec in config["tokenizers"]]
+    tokenizers = [
+        clip_tokenizer(pad_token=spec.get("pad_token", "<|endoftext|>")) for spec in config["tokenizers"]
+    ]
     for index, encoder in enumerate(encoders):
         suffix = "" if index == 0 else f"_{index + 1}"
         components[f"text_encoder{suffix}"] = _randomised(encoder, 2 + index)
@@ -126,8 +150,9 @@ def stock_pipeline(name: str, components: dict[str, Any]) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if name == "sd15":
-        return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True)
 
 
@@ -196,8 +221,11 @@ def measure(run: Callable[[Callable[[], None]], Any], device: torch.device) -> d
     steps = len(stamps)
     per_step = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else seconds
     return {
-        "s_per_step": per_step, "s_per_image": seconds, "steps": steps,
-        "peak_ram_gb": rss.peak / 2**30, "ram_rise_gb": (rss.peak - rss.before) / 2**30,
+        "s_per_step": per_step,
+        "s_per_image": seconds,
+        "steps": steps,
+        "peak_ram_gb": rss.peak / 2**30,
+        "ram_rise_gb": (rss.peak - rss.before) / 2**30,
         "peak_vram_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output": output,
     }
@@ -219,11 +247,23 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         def hook(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             step()
             return kwargs
-        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, height=size, width=size,
-                    guidance_scale=7.0, generator=torch.Generator("cpu").manual_seed(args.seed),
-                    callback_on_step_end=hook).images[0]
 
-    print(f"## {name}: stock diffusers ({str(stock_dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
+        return pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=args.steps,
+            height=size,
+            width=size,
+            guidance_scale=7.0,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            callback_on_step_end=hook,
+        ).images[0]
+
+    print(
+        f"## {name}: stock diffusers ({str(stock_dtype).removeprefix('torch.')})...",
+        file=sys.stderr,
+        flush=True,
+    )
     results["stock"] = measure(stock, device)
     results["stock"]["dtype"] = str(stock_dtype).removeprefix("torch.")
     pipe = None  # the stock pipeline's references go before the weights are converted
@@ -234,21 +274,37 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     bundle = our_bundle(name, components).to(device, ours_dtype)
     del components
     gc.collect()
-    settings = MemorySettings(offload="sequential", vae_slicing="on", vae_tiling="on") \
-        if args.ours_memory == "lowest" else MemorySettings()
-    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), device=device,
-                    dtype=ours_dtype, memory=settings)
+    settings = (
+        MemorySettings(offload="sequential", vae_slicing="on", vae_tiling="on")
+        if args.ours_memory == "lowest"
+        else MemorySettings()
+    )
+    engine = Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
+        device=device,
+        dtype=ours_dtype,
+        memory=settings,
+    )
     if args.vram_cap_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * 2**30 / total), device)
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, cfg_scale=7.0,
-                                seed=args.seed, width=size, height=size, sampler="Euler")
+    request = GenerationRequest(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=args.steps,
+        cfg_scale=7.0,
+        seed=args.seed,
+        width=size,
+        height=size,
+        sampler="Euler",
+    )
     last: dict[str, Any] = {}
 
     def ours(step: Callable[[], None]) -> Any:
         def hook(info: Any) -> None:
             step()
             last["latents"] = info.latents
+
         return engine.generate(request, bundle=bundle, callback=hook).images[0]
 
     label = f"{str(ours_dtype).removeprefix('torch.')}, {args.ours_memory} memory plan"
@@ -309,23 +365,37 @@ def machine(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"# {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"device {device}")
+    return (
+        f"# {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
-    parser.add_argument("--size", type=int, default=None, help="default: 512 for sd15, 1024 for sdxl (64 with --tiny)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="default: 512 for sd15, 1024 for sdxl (64 with --tiny)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--ours-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--ours-memory", default="auto", choices=("auto", "lowest"),
-                        help="lowest: sequential offload, sliced and tiled VAE (the lowest-memory plan)")
-    parser.add_argument("--vram-cap-gb", type=float, default=None,
-                        help="CUDA: cap our run's memory (torch.cuda.set_per_process_memory_fraction)")
-    parser.add_argument("--tiny", action="store_true", help="scaled-down architectures at 64 px: a quick check")
+    parser.add_argument(
+        "--ours-memory",
+        default="auto",
+        choices=("auto", "lowest"),
+        help="lowest: sequential offload, sliced and tiled VAE (the lowest-memory plan)",
+    )
+    parser.add_argument(
+        "--vram-cap-gb",
+        type=float,
+        default=None,
+        help="CUDA: cap our run's memory (torch.cuda.set_per_process_memory_fraction)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="scaled-down architectures at 64 px: a quick check"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
 

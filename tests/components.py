@@ -20,8 +20,13 @@ from webui.engine.pipeline import Engine
 from webui.plugins import make_plugin_manager
 
 SD_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
 )
 
 
@@ -61,7 +66,10 @@ def sdxl_components(tmp_path: Path) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer,
         "scheduler": EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
             timestep_spacing="leading",
         ),
     }

@@ -29,8 +29,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 REQUIRE_BROWSER = "LATENT_STUDIO_REQUIRE_BROWSER"  # set (as in CI): a missing browser fails, not skips
 
@@ -68,7 +73,9 @@ def shapes_engine():
     from webui.engine.pipeline import Engine
     from webui.plugins import make_plugin_manager
 
-    return Engine(models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    return Engine(
+        models_dir=str(ROOT / "models"), plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])
+    )
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ from webui.engine.segmap import ADE20K
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
 
-def tiny_components(tokenizer_dir: str | Path, *, controlnet: bool = False, in_channels: int = 4) -> dict[str, Any]:
+def tiny_components(
+    tokenizer_dir: str | Path, *, controlnet: bool = False, in_channels: int = 4
+) -> dict[str, Any]:
     """The in-memory components that :func:`save_tiny_model` writes (plus ``"controlnet"`` if asked)."""
     components = sd_components(Path(tokenizer_dir), in_channels=in_channels)
     if controlnet:

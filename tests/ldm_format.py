@@ -35,8 +35,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-RESNET_NAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+RESNET_NAMES = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -48,7 +54,7 @@ def _count(state: dict[str, Any], pattern: str) -> int:
 def _resnet(rest: str) -> str:
     for diffusers, ldm in RESNET_NAMES:
         if rest.startswith(diffusers + "."):
-            return ldm + rest[len(diffusers):]
+            return ldm + rest[len(diffusers) :]
     raise KeyError(rest)
 
 
@@ -64,14 +70,20 @@ def _encoder_half(key: str, per_level: int) -> str | None:
         return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
     if m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-             "add_embedding.linear_2": "label_emb.0.2"}
+    fixed = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+    }
     module, _, kind = key.rpartition(".")
     return f"{fixed[module]}.{kind}" if module in fixed else None
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+def unet_to_ldm(
+    state: dict[str, torch.Tensor], prefix: str = "model.diffusion_model."
+) -> dict[str, torch.Tensor]:
     """A diffusers ``UNet2DConditionModel`` state dict in the original layout."""
     per_level = _count(state, r"down_blocks\.0\.resnets\.(\d+)\.")
     out: dict[str, torch.Tensor] = {}
@@ -86,7 +98,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], prefix: str = "model.diffusion_m
             name = f"output_blocks.{int(m[1]) * (per_level + 1) + per_level}.{2 if has_attention else 1}.conv.{m[2]}"
         elif name is None:
             module, _, kind = key.rpartition(".")
-            name = f"{ {'conv_norm_out': 'out.0', 'conv_out': 'out.2'}[module]}.{kind}"
+            name = f"{ {'conv_norm_out': 'out.0', 'conv_out': 'out.2'}[module] }.{kind}"
         out[prefix + name] = tensor
     return out
 
@@ -136,11 +148,19 @@ def open_clip_to_ldm(
     encoder without a projection gets a random ``text_projection`` as those files carry one."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
-    simple = {"embeddings.token_embedding.weight": "token_embedding.weight",
-              "embeddings.position_embedding.weight": "positional_embedding",
-              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-    layer_names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    simple = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    layer_names = {
+        "self_attn.out_proj": "attn.out_proj",
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     layers = _count(state, r"encoder\.layers\.(\d+)\.")
     for key, tensor in state.items():
         if key in simple:
@@ -159,7 +179,11 @@ def open_clip_to_ldm(
     device = out[prefix + "token_embedding.weight"].device
 
     def random(*shape: int) -> torch.Tensor:  # shapes only for models built on the meta device
-        return torch.empty(shape, device=device) if device.type == "meta" else torch.randn(shape, generator=generator)
+        return (
+            torch.empty(shape, device=device)
+            if device.type == "meta"
+            else torch.randn(shape, generator=generator)
+        )
 
     if extra_layer:
         for key in [k for k in out if k.startswith(f"{prefix}transformer.resblocks.0.")]:
@@ -170,7 +194,9 @@ def open_clip_to_ldm(
     return out
 
 
-def controlnet_to_ldm(state: dict[str, torch.Tensor], prefix: str = "control_model.") -> dict[str, torch.Tensor]:
+def controlnet_to_ldm(
+    state: dict[str, torch.Tensor], prefix: str = "control_model."
+) -> dict[str, torch.Tensor]:
     """A diffusers ``ControlNetModel`` state dict in the original ControlNet layout."""
     per_level = _count(state, r"down_blocks\.0\.resnets\.(\d+)\.")
     blocks = _count(state, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
@@ -196,44 +222,82 @@ def controlnet_to_ldm(state: dict[str, torch.Tensor], prefix: str = "control_mod
 # -- tiny models -------------------------------------------------------------------------------
 
 
-def text_encoder(seed: int, *, width: int, layers: int = 2, gelu: bool = False, projection: int | None = None) -> Any:
+def text_encoder(
+    seed: int, *, width: int, layers: int = 2, gelu: bool = False, projection: int | None = None
+) -> Any:
     """A tiny CLIP text encoder with CLIP's vocabulary and 64-channel heads."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=width + 32,
-                            num_attention_heads=width // 64, num_hidden_layers=layers, max_position_embeddings=77,
-                            hidden_act="gelu" if gelu else "quick_gelu", bos_token_id=0, eos_token_id=2,
-                            pad_token_id=1, projection_dim=projection or width)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=width + 32,
+        num_attention_heads=width // 64,
+        num_hidden_layers=layers,
+        max_position_embeddings=77,
+        hidden_act="gelu" if gelu else "quick_gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        projection_dim=projection or width,
+    )
     model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
     return model.eval()
 
 
-def unet(seed: int, family: str, *, in_channels: int = 4, cross: int, pooled: int = 0, time_ids: int = 6) -> Any:
+def unet(
+    seed: int, family: str, *, in_channels: int = 4, cross: int, pooled: int = 0, time_ids: int = 6
+) -> Any:
     """A tiny UNet shaped like ``family``'s (attention placement, projection, heads by its rule)."""
     torch.manual_seed(seed)
     if family == "sd1":
-        kwargs: dict[str, Any] = dict(block_out_channels=(32, 64), attention_head_dim=8,
-                                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        kwargs: dict[str, Any] = dict(
+            block_out_channels=(32, 64),
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
     elif family == "sd2":
-        kwargs = dict(block_out_channels=(64, 128), attention_head_dim=(1, 2), use_linear_projection=True,
-                      upcast_attention=True, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        kwargs = dict(
+            block_out_channels=(64, 128),
+            attention_head_dim=(1, 2),
+            use_linear_projection=True,
+            upcast_attention=True,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
     else:  # sdxl: no attention at the first level, deeper transformers below, pooled text + time ids
-        kwargs = dict(block_out_channels=(64, 128), attention_head_dim=(1, 2), use_linear_projection=True,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                      addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=time_ids * 8 + pooled)
-    return UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=2,
-                                cross_attention_dim=cross, **kwargs).eval()
+        kwargs = dict(
+            block_out_channels=(64, 128),
+            attention_head_dim=(1, 2),
+            use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=time_ids * 8 + pooled,
+        )
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=2,
+        cross_attention_dim=cross,
+        **kwargs,
+    ).eval()
 
 
 def vae(seed: int, *, scaling_factor: float = 0.18215) -> AutoencoderKL:
     """A tiny VAE (scale factor 2, two resnets per level so the shortcut and attention names occur)."""
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         scaling_factor=scaling_factor).eval()
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=scaling_factor,
+    ).eval()
 
 
 def tiny_components(kind: str, seed: int = 0) -> dict[str, Any]:
@@ -243,19 +307,31 @@ def tiny_components(kind: str, seed: int = 0) -> dict[str, Any]:
     in_channels = 9 if inpainting else 4
     if kind.startswith("sd1"):
         encoders = [text_encoder(seed + 1, width=64)]
-        return {"unet": unet(seed, "sd1", in_channels=in_channels, cross=64), "vae": vae(seed + 2),
-                "text_encoders": encoders}
+        return {
+            "unet": unet(seed, "sd1", in_channels=in_channels, cross=64),
+            "vae": vae(seed + 2),
+            "text_encoders": encoders,
+        }
     if kind.startswith("sd2"):
         encoders = [text_encoder(seed + 1, width=128, gelu=True)]
-        return {"unet": unet(seed, "sd2", in_channels=in_channels, cross=128), "vae": vae(seed + 2),
-                "text_encoders": encoders}
+        return {
+            "unet": unet(seed, "sd2", in_channels=in_channels, cross=128),
+            "vae": vae(seed + 2),
+            "text_encoders": encoders,
+        }
     if kind == "sdxl-refiner":
         encoders = [text_encoder(seed + 1, width=128, gelu=True, projection=64)]
-        return {"unet": unet(seed, "sdxl", cross=128, pooled=64, time_ids=5), "vae": vae(seed + 2, scaling_factor=0.13025),
-                "text_encoders": encoders}
+        return {
+            "unet": unet(seed, "sdxl", cross=128, pooled=64, time_ids=5),
+            "vae": vae(seed + 2, scaling_factor=0.13025),
+            "text_encoders": encoders,
+        }
     encoders = [text_encoder(seed + 1, width=64), text_encoder(seed + 3, width=128, gelu=True, projection=64)]
-    return {"unet": unet(seed, "sdxl", in_channels=in_channels, cross=192, pooled=64),
-            "vae": vae(seed + 2, scaling_factor=0.13025), "text_encoders": encoders}
+    return {
+        "unet": unet(seed, "sdxl", in_channels=in_channels, cross=192, pooled=64),
+        "vae": vae(seed + 2, scaling_factor=0.13025),
+        "text_encoders": encoders,
+    }
 
 
 def to_ldm(kind: str, components: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -278,7 +354,9 @@ def to_ldm(kind: str, components: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_single_file(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def write_single_file(
+    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``state`` as one ``.safetensors`` file (contiguous copies; shared storage is not allowed)."""
     path = Path(path)
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)

@@ -26,7 +26,9 @@ COUNT = 500
 def _perturbed(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Mild Gaussian noise (sigma 8 per channel) and a slight blur."""
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 8.0, (*image.size[::-1], 3))
-    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8))
+    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(0.8)
+    )
 
 
 def _score(scenes_seed: int, perturb: bool) -> tuple[dict[str, float], float, list[str]]:
@@ -83,7 +85,12 @@ def test_a_larger_render_reads_the_same():
     scene = Scene(shape="triangle", color="yellow", size="small", position="bottom right", background="black")
     image, labels = scene.render(128)
     found = analyse(image)
-    assert (found.color, found.shape, found.size, found.position) == ("yellow", "triangle", "small", "bottom right")
+    assert (found.color, found.shape, found.size, found.position) == (
+        "yellow",
+        "triangle",
+        "small",
+        "bottom right",
+    )
     assert class_iou(labels, found.class_map) > 0.97
 
 

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "benchmarks" / "bench_vs_diffusers.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_vs_diffusers", ROOT / "benchmarks" / "bench_vs_diffusers.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -25,7 +27,11 @@ def test_tiny_run_prints_both_rows_and_writes_json(tmp_path, capsys):
     assert out.count("| stock diffusers | float32 |") == 2 and out.count("| Latent Studio (") == 2
     assert out.count("| ours / stock |") == 2 and "Live preview" in out
     written = json.loads((tmp_path / "r.json").read_text())
-    assert [r["model"] for r in written["results"]] == ["sd15", "sdxl"] == [r["model"] for r in report["results"]]
+    assert (
+        [r["model"] for r in written["results"]]
+        == ["sd15", "sdxl"]
+        == [r["model"] for r in report["results"]]
+    )
     for result in written["results"]:
         assert result["size"] == 64 and result["steps"] == 2
         for side in ("stock", "ours"):
@@ -44,5 +50,7 @@ def test_the_random_models_have_the_real_architectures():
     for name, params in (("sd15", 859_520_964), ("sdxl", 2_567_463_684)):
         config = bench.family_config(name, tiny=False)["unet"]
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+            unet = UNet2DConditionModel.from_config(
+                {k: v for k, v in config.items() if not k.startswith("_")}
+            )
         assert sum(p.numel() for p in unet.parameters()) == params  # SD 1.5's and SDXL base's UNets

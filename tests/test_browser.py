@@ -78,8 +78,12 @@ def image_box(page, editor: str) -> dict:
     page.wait_for_timeout(300)
     box = canvas.bounding_box()
     side = min(box["width"], box["height"]) * 0.9
-    return {"x": box["x"] + (box["width"] - side) / 2, "y": box["y"] + (box["height"] - side) / 2,
-            "width": side, "height": side}
+    return {
+        "x": box["x"] + (box["width"] - side) / 2,
+        "y": box["y"] + (box["height"] - side) / 2,
+        "width": side,
+        "height": side,
+    }
 
 
 def test_type_a_prompt_generate_and_see_the_image(page, server):
@@ -95,12 +99,14 @@ def test_type_a_prompt_generate_and_see_the_image(page, server):
     # the random seed that was used can be taken back into the seed box
     seed = page.locator("#txt2img-infotext textarea").input_value().split("Seed: ")[1].split(",")[0]
     page.locator("#txt2img-reuse-seed").click()
-    page.wait_for_function(f"() => document.querySelector('#txt2img-seed input')?.value === '{seed}'",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        f"() => document.querySelector('#txt2img-seed input')?.value === '{seed}'", timeout=WAIT_MS
+    )
 
 
-def open_with_image(page, tab: str, task: str, upload: str, prompt: str, scene: shapes.Scene,
-                    folder: Path) -> Image.Image:
+def open_with_image(
+    page, tab: str, task: str, upload: str, prompt: str, scene: shapes.Scene, folder: Path
+) -> Image.Image:
     """Open ``tab``, type ``prompt`` and upload a render of ``scene`` into the ``upload`` control."""
     init, _ = scene.render()
     init.save(folder / "init.png")
@@ -113,9 +119,15 @@ def open_with_image(page, tab: str, task: str, upload: str, prompt: str, scene: 
 def test_inpaint_a_painted_stroke(page, server, tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-    init = open_with_image(page, "Inpainting", "inpaint", "inpaint-editor",
-                           "a large orange circle at the bottom right on a gray background",
-                           shapes.Scene("triangle", "green", "small", "top left", "gray"), tmp_path)
+    init = open_with_image(
+        page,
+        "Inpainting",
+        "inpaint",
+        "inpaint-editor",
+        "a large orange circle at the bottom right on a gray background",
+        shapes.Scene("triangle", "green", "small", "top left", "gray"),
+        tmp_path,
+    )
     page.wait_for_timeout(1500)
     # on a loaded machine the first stroke can land before the editor has taken the upload (then
     # the app answers "paint a mask" and no image comes): the stroke is painted once more then
@@ -124,7 +136,9 @@ def test_inpaint_a_painted_stroke(page, server, tmp_path):
         drag(page, box, [(0.6, 0.6), (0.85, 0.6), (0.85, 0.85), (0.6, 0.85), (0.7, 0.7)])
         page.locator("#inpaint-generate").click()
         try:
-            page.locator("#inpaint-gallery img").first.wait_for(timeout=WAIT_MS // 4 if attempt == 0 else WAIT_MS)
+            page.locator("#inpaint-gallery img").first.wait_for(
+                timeout=WAIT_MS // 4 if attempt == 0 else WAIT_MS
+            )
             break
         except PlaywrightTimeoutError:
             if attempt:
@@ -138,9 +152,15 @@ def test_inpaint_a_painted_stroke(page, server, tmp_path):
 
 
 def test_img2img_tab(page, server, tmp_path):
-    open_with_image(page, "Image to image", "img2img", "img2img-init-image",
-                    "a large red square in the center on a purple background",
-                    shapes.Scene("square", "yellow", "large", "center", "purple"), tmp_path)
+    open_with_image(
+        page,
+        "Image to image",
+        "img2img",
+        "img2img-init-image",
+        "a large red square in the center on a purple background",
+        shapes.Scene("square", "yellow", "large", "center", "purple"),
+        tmp_path,
+    )
     page.locator("#img2img-init-image img").first.wait_for(timeout=WAIT_MS)
     page.locator("#img2img-generate").click()
     page.locator("#img2img-gallery img").first.wait_for(timeout=WAIT_MS)
@@ -175,7 +195,9 @@ def test_seg2img_paint_a_class(page, server):
 def test_pnginfo_reads_an_image_and_sends_it(page, server):
     page.locator("#txt2img-prompt textarea").fill("a small white square at the top on a black background")
     page.locator("#txt2img-seed input").fill("1234")
-    rescale = page.locator("#txt2img-cfg-rescale input[type=number]")  # a plugin's field, next to the CFG scale
+    rescale = page.locator(
+        "#txt2img-cfg-rescale input[type=number]"
+    )  # a plugin's field, next to the CFG scale
     assert rescale.is_visible()
     rescale.fill("0.5")
     page.locator("#txt2img-generate").click()
@@ -185,14 +207,17 @@ def test_pnginfo_reads_an_image_and_sends_it(page, server):
     page.get_by_role("tab", name="PNG Info").click()
     page.locator("#pnginfo-image input[type=file]").first.set_input_files(str(saved))
     text = page.locator("#pnginfo-text textarea")
-    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea')?.value.includes('Seed: 1234')",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo-text textarea')?.value.includes('Seed: 1234')",
+        timeout=WAIT_MS,
+    )
     assert text.input_value().startswith("a small white square at the top")
     shot(page, "pnginfo")
     page.locator("#pnginfo-send-img2img").click()
     page.wait_for_function(
         "() => document.querySelector('#img2img-prompt textarea')?.value.startsWith('a small white square')",
-        timeout=WAIT_MS)
+        timeout=WAIT_MS,
+    )
     assert page.locator("#img2img-seed input").input_value() == "1234"
     assert page.locator("#img2img-cfg-rescale input[type=number]").input_value() == "0.5"  # sent back too
 
@@ -204,20 +229,26 @@ def test_closing_the_tab_frees_the_device(browser, server):
     page.locator("#txt2img-steps input[type=number]").fill("150")
     page.locator("#txt2img-batch-count input[type=number]").fill("16")
     page.locator("#txt2img-generate").click()
-    page.wait_for_function("() => document.querySelector('#txt2img-progress').innerText.includes('Step')",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img-progress').innerText.includes('Step')", timeout=WAIT_MS
+    )
     service = server.demo.studio_service
     assert service.sessions_running() == 1
     page.close(run_before_unload=True)
-    wait_until(lambda: service.sessions_running() == 0, timeout=60,
-               what="the generation stopping after its tab was closed")
+    wait_until(
+        lambda: service.sessions_running() == 0,
+        timeout=60,
+        what="the generation stopping after its tab was closed",
+    )
 
 
 def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_model_dir):
     import json
     import shutil
 
-    models = tmp_path / "models"  # the tiny model with a UNet of 48 latents: 96 pixels natively (engine and UI)
+    models = (
+        tmp_path / "models"
+    )  # the tiny model with a UNet of 48 latents: 96 pixels natively (engine and UI)
     shutil.copytree(tiny_model_dir, models / "tiny-sd")
     unet_config = models / "tiny-sd" / "unet" / "config.json"
     unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": 48}))
@@ -227,13 +258,18 @@ def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_mod
         page.goto(own.url)
         cfg, width = "#txt2img-cfg-scale input[type=number]", "#txt2img-width input[type=number]"
         page.locator(cfg).wait_for(timeout=WAIT_MS)
-        assert (page.locator(cfg).input_value(), page.locator(width).input_value()) == ("2", "64")  # the shapes model
+        assert (page.locator(cfg).input_value(), page.locator(width).input_value()) == (
+            "2",
+            "64",
+        )  # the shapes model
         for model, expected in (("tiny-sd", ("7", "96")), ("latent-studio-shapes", ("2", "64"))):
             page.locator("#txt2img-model input").click()
             page.get_by_role("option", name=model, exact=True).click()
             page.wait_for_function(
                 f"() => document.querySelector('{cfg}')?.value === '{expected[0]}' && "
-                f"document.querySelector('{width}')?.value === '{expected[1]}'", timeout=WAIT_MS)
+                f"document.querySelector('{width}')?.value === '{expected[1]}'",
+                timeout=WAIT_MS,
+            )
             assert page.locator("#txt2img-height input[type=number]").input_value() == expected[1]
     finally:
         page.close()

@@ -48,7 +48,9 @@ def test_the_tab_lists_plugins_and_disables_one(browser, home, tmp_path):
     try:
         page.goto(server.url)
         open_plugins_tab(page)
-        assert "runs inside Latent Studio with the app's rights" in page.locator("#plugins-trust").inner_text()
+        assert (
+            "runs inside Latent Studio with the app's rights" in page.locator("#plugins-trust").inner_text()
+        )
         text = table_text(page)
         assert "plugins/styles.py" in text and "webui.builtin.text" in text
         assert "write_metadata" in text and "1.4" in text
@@ -60,9 +62,13 @@ def test_the_tab_lists_plugins_and_disables_one(browser, home, tmp_path):
         page.locator("#plugins-disable").click()
         page.wait_for_function(
             "() => document.querySelector('#plugins-message textarea')?.value.startsWith('disabled plugins/styles.py')",
-            timeout=WAIT_MS)
-        page.wait_for_function("() => document.querySelector('#plugins-table').textContent"
-                               ".includes('loaded; disabled from the next start')", timeout=WAIT_MS)
+            timeout=WAIT_MS,
+        )
+        page.wait_for_function(
+            "() => document.querySelector('#plugins-table').textContent"
+            ".includes('loaded; disabled from the next start')",
+            timeout=WAIT_MS,
+        )
         assert json.loads((home / "plugins.json").read_text()) == {"disabled": ["plugins/styles.py"]}
         assert "Traceback" not in page.content()
         shot(page, "plugins")
@@ -83,8 +89,13 @@ def test_behind_a_login_on_the_network_the_controls_are_off_and_say_why(browser,
         page.locator("#txt2img-prompt textarea").wait_for(timeout=WAIT_MS)
         open_plugins_tab(page)
         assert "webui.builtin.text" in table_text(page)
-        for control in ("#plugins-enable", "#plugins-disable", "#plugins-check", "#plugins-install",
-                        "#plugins-restart"):
+        for control in (
+            "#plugins-enable",
+            "#plugins-disable",
+            "#plugins-check",
+            "#plugins-install",
+            "#plugins-restart",
+        ):
             assert page.locator(control).is_disabled(), control
         assert page.locator("#plugins-wheel input[type=file]").count() == 0  # no upload box
         locked = page.locator("#plugins-locked").inner_text()

@@ -54,25 +54,34 @@ def test_mypy_finds_no_error_beyond_the_baseline():
     process = run(*tool("mypy"), "webui")
     assert process.returncode in (0, 1), process.stdout + process.stderr  # 2: mypy itself failed
     current = mypy_errors(process.stdout)
-    baseline = mypy_errors("\n".join(line.replace(": ", ":0: error: ", 1)
-                                     for line in BASELINE.read_text(encoding="utf-8").splitlines()
-                                     if line.strip() and not line.startswith("#")))
+    baseline = mypy_errors(
+        "\n".join(
+            line.replace(": ", ":0: error: ", 1)
+            for line in BASELINE.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        )
+    )
     strict = sorted(error for error in current if error.startswith(STRICT))
     assert not strict, "no mypy errors are allowed in the engine and the plugin API:\n" + "\n".join(strict)
     new = current - baseline
     assert not new, "new mypy errors (fix them; the baseline only shrinks):\n" + "\n".join(sorted(new))
     fixed = baseline - current
-    assert not fixed, ("these baseline errors are fixed: remove them from mypy-baseline.txt "
-                       "(python tests/test_checks.py writes it):\n" + "\n".join(sorted(fixed)))
+    assert not fixed, (
+        "these baseline errors are fixed: remove them from mypy-baseline.txt "
+        "(python tests/test_checks.py writes it):\n" + "\n".join(sorted(fixed))
+    )
 
 
 def write_baseline() -> None:
     """Write the current mypy errors as the baseline (run by hand after fixing some)."""
     process = run(sys.executable, "-m", "mypy", "webui")
     lines = sorted(mypy_errors(process.stdout).elements())
-    BASELINE.write_text("# mypy errors accepted for now: `path: message`, one per error. This list may only\n"
-                        "# shrink (tests/test_checks.py); rewrite it with `python tests/test_checks.py`.\n"
-                        + "".join(f"{line}\n" for line in lines), encoding="utf-8")
+    BASELINE.write_text(
+        "# mypy errors accepted for now: `path: message`, one per error. This list may only\n"
+        "# shrink (tests/test_checks.py); rewrite it with `python tests/test_checks.py`.\n"
+        + "".join(f"{line}\n" for line in lines),
+        encoding="utf-8",
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,17 @@ from webui.request import GenerationRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_SAMPLERS = (
-    "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "DDIM", "UniPC", "LMS", "Heun",
-    "PNDM", "DPM2",
+    "Euler",
+    "Euler a",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "UniPC",
+    "LMS",
+    "Heun",
+    "PNDM",
+    "DPM2",
 )
 BUILTIN_HOOKS = {
     "webui.builtin.schedulers": {"register_schedulers"},
@@ -47,8 +56,13 @@ SMALL = ["--steps", "3", "--width", "64", "--height", "64", "--seed", "1"]
 def launch(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "launch.py", *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
-        text=True, timeout=300, check=False,
+        [sys.executable, "launch.py", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -84,9 +98,29 @@ def write_png(image: Image.Image, path: Path) -> Path:
 @pytest.mark.slow
 def test_txt2img_writes_numbered_pngs_with_a1111_parameters(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["generate", "--task", "txt2img", "--prompt", "a red circle", "--seed", "42", "--steps", "3",
-            "--width", "64", "--height", "64", "--batch-size", "2", "--sampler", "Euler", "--out", out,
-            "--model", tiny_model_dir]
+    args = [
+        "generate",
+        "--task",
+        "txt2img",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        "42",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--batch-size",
+        "2",
+        "--sampler",
+        "Euler",
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+    ]
     first = ok(launch(*args))
 
     dated = list((out / "txt2img").iterdir())
@@ -128,10 +162,24 @@ def test_cfg_scale_defaults_to_the_models_recommendation(tiny_model_dir, tmp_pat
     model = copy_model(tiny_model_dir, tmp_path / "guided")
     index = json.loads((model / "model_index.json").read_text())
     (model / "model_index.json").write_text(json.dumps({**index, "defaults": {"cfg_scale": 3.5}}))
-    named = ok(launch("generate", "--prompt", "a red circle", *SMALL, "--out", tmp_path / "a", "--model", model))
+    named = ok(
+        launch("generate", "--prompt", "a red circle", *SMALL, "--out", tmp_path / "a", "--model", model)
+    )
     assert "CFG scale: 3.5" in params_line(named[0]).split(", ")
-    given = ok(launch("generate", "--prompt", "a red circle", *SMALL, "--cfg-scale", "6", "--out", tmp_path / "b",
-                      "--model", model))
+    given = ok(
+        launch(
+            "generate",
+            "--prompt",
+            "a red circle",
+            *SMALL,
+            "--cfg-scale",
+            "6",
+            "--out",
+            tmp_path / "b",
+            "--model",
+            model,
+        )
+    )
     assert "CFG scale: 6" in params_line(given[0]).split(", ")
     with Image.open(named[0]) as a, Image.open(given[0]) as b:  # the guidance really differs
         assert not np.array_equal(np.asarray(a), np.asarray(b))
@@ -140,8 +188,20 @@ def test_cfg_scale_defaults_to_the_models_recommendation(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 def test_img2img_from_init_image(tiny_model_dir, tmp_path):
     init = write_png(random_image(1), tmp_path / "init.png")
-    paths = ok(launch("generate", "--prompt", "a red circle", "--init-image", init, *SMALL,
-                      "--out", tmp_path / "out", "--model", tiny_model_dir))
+    paths = ok(
+        launch(
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--init-image",
+            init,
+            *SMALL,
+            "--out",
+            tmp_path / "out",
+            "--model",
+            tiny_model_dir,
+        )
+    )
     assert len(paths) == 1 and paths[0].parent.parent.name == "img2img"
     line = params_line(paths[0])
     assert "Denoising strength: 0.75" in line.split(", ")
@@ -152,8 +212,24 @@ def test_img2img_from_init_image(tiny_model_dir, tmp_path):
 def test_inpaint_from_init_image_and_mask(tiny_model_dir, tmp_path):
     init = write_png(random_image(2), tmp_path / "init.png")
     mask = write_png(rect_mask(32), tmp_path / "mask.png")  # another size: resized to the image
-    paths = ok(launch("generate", "--prompt", "a red circle", "--init-image", init, "--mask", mask, *SMALL,
-                      "--sampler", "DDIM", "--out", tmp_path / "out", "--model", tiny_model_dir))
+    paths = ok(
+        launch(
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--init-image",
+            init,
+            "--mask",
+            mask,
+            *SMALL,
+            "--sampler",
+            "DDIM",
+            "--out",
+            tmp_path / "out",
+            "--model",
+            tiny_model_dir,
+        )
+    )
     assert len(paths) == 1 and paths[0].parent.parent.name == "inpaint"
     line = params_line(paths[0])
     assert "Denoising strength: 1" in line.split(", ")
@@ -167,8 +243,22 @@ def test_inpaint_from_init_image_and_mask(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_seg2img_with_the_model_controlnet(tiny_model_dir, tmp_path):
     seg = write_png(seg_map(), tmp_path / "seg.png")
-    paths = ok(launch("generate", "--prompt", "a red circle", "--seg-map", seg, *SMALL, "--sampler", "Euler",
-                      "--out", tmp_path / "out", "--model", tiny_model_dir))
+    paths = ok(
+        launch(
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--seg-map",
+            seg,
+            *SMALL,
+            "--sampler",
+            "Euler",
+            "--out",
+            tmp_path / "out",
+            "--model",
+            tiny_model_dir,
+        )
+    )
     assert len(paths) == 1 and paths[0].parent.parent.name == "seg2img"
     parsed = parse_infotext(read_png_parameters(paths[0]))
     assert parsed["ControlNet 0"].startswith("Module: seg, Model: tiny-sd/controlnet, Weight: 1")
@@ -190,28 +280,51 @@ def _not_an_image(tmp_path: Path) -> Path:
 
 
 ERROR_CASES = {
-    "width-100": (lambda tmp, model: ["--width", "100", "--model", model],
-                  "width 100 is not a multiple of 8; use 96 or 104"),
-    "steps-0": (lambda tmp, model: ["--steps", "0", "--model", model],
-                "steps must be between 1 and 1000, got 0"),
-    "unknown-sampler": (lambda tmp, model: ["--sampler", "Nope", "--model", model],
-                        "unknown sampler 'Nope'; available: Euler, Euler a"),
-    "strength-1.5": (lambda tmp, model: ["--init-image", write_png(random_image(1), tmp / "init.png"),
-                                         "--strength", "1.5", "--model", model],
-                     "strength must be between 0 and 1, got 1.5"),
-    "missing-model": (lambda tmp, model: ["--model", tmp / "no-such-model"],
-                      "model path does not exist"),
-    "corrupt-model": (lambda tmp, model: ["--model", _bad_model(tmp, model)],
-                      "cannot load {tmp}/corrupt/unet"),
-    "init-not-an-image": (lambda tmp, model: ["--init-image", _not_an_image(tmp), "--model", model],
-                          "cannot read init image {tmp}/notes.png"),
-    "init-missing": (lambda tmp, model: ["--init-image", tmp / "missing.png", "--model", model],
-                     "init image not found: {tmp}/missing.png"),
+    "width-100": (
+        lambda tmp, model: ["--width", "100", "--model", model],
+        "width 100 is not a multiple of 8; use 96 or 104",
+    ),
+    "steps-0": (
+        lambda tmp, model: ["--steps", "0", "--model", model],
+        "steps must be between 1 and 1000, got 0",
+    ),
+    "unknown-sampler": (
+        lambda tmp, model: ["--sampler", "Nope", "--model", model],
+        "unknown sampler 'Nope'; available: Euler, Euler a",
+    ),
+    "strength-1.5": (
+        lambda tmp, model: [
+            "--init-image",
+            write_png(random_image(1), tmp / "init.png"),
+            "--strength",
+            "1.5",
+            "--model",
+            model,
+        ],
+        "strength must be between 0 and 1, got 1.5",
+    ),
+    "missing-model": (lambda tmp, model: ["--model", tmp / "no-such-model"], "model path does not exist"),
+    "corrupt-model": (
+        lambda tmp, model: ["--model", _bad_model(tmp, model)],
+        "cannot load {tmp}/corrupt/unet",
+    ),
+    "init-not-an-image": (
+        lambda tmp, model: ["--init-image", _not_an_image(tmp), "--model", model],
+        "cannot read init image {tmp}/notes.png",
+    ),
+    "init-missing": (
+        lambda tmp, model: ["--init-image", tmp / "missing.png", "--model", model],
+        "init image not found: {tmp}/missing.png",
+    ),
     # checked before any model is looked at (the model named here does not even exist)
-    "out-is-a-file": (lambda tmp, model: ["--out", _a_file(tmp), "--model", tmp / "no-such-model"],
-                      "--out {tmp}/taken.png is not a writable folder (it is a file)"),
-    "out-below-a-file": (lambda tmp, model: ["--out", _a_file(tmp) / "images", "--model", tmp / "no-such-model"],
-                         "--out {tmp}/taken.png/images is not a writable folder ({tmp}/taken.png is a file)"),
+    "out-is-a-file": (
+        lambda tmp, model: ["--out", _a_file(tmp), "--model", tmp / "no-such-model"],
+        "--out {tmp}/taken.png is not a writable folder (it is a file)",
+    ),
+    "out-below-a-file": (
+        lambda tmp, model: ["--out", _a_file(tmp) / "images", "--model", tmp / "no-such-model"],
+        "--out {tmp}/taken.png/images is not a writable folder ({tmp}/taken.png is a file)",
+    ),
 }
 
 
@@ -226,8 +339,20 @@ def _a_file(tmp_path: Path) -> Path:
 def test_errors_print_one_line_and_exit_2(tiny_model_dir, tmp_path, case):
     make_args, expected = ERROR_CASES[case]
     out = tmp_path / "out"
-    process = launch("generate", "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
-                     "--out", out, *make_args(tmp_path, tiny_model_dir))
+    process = launch(
+        "generate",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out,
+        *make_args(tmp_path, tiny_model_dir),
+    )
     assert process.returncode == 2, process.stderr
     assert "Traceback" not in process.stderr
     lines = process.stderr.strip().splitlines()
@@ -270,8 +395,11 @@ def test_models_lists_the_models_dir(tiny_model_dir):
     assert process.returncode == 0, process.stderr
     entries = [json.loads(line) for line in process.stdout.splitlines()]
     assert {"name": "tiny-sd", "kind": "checkpoint", "source": str(tiny_model_dir)} in entries
-    assert {"name": "tiny-sd/controlnet", "kind": "controlnet",
-            "source": str(tiny_model_dir / "controlnet")} in entries
+    assert {
+        "name": "tiny-sd/controlnet",
+        "kind": "controlnet",
+        "source": str(tiny_model_dir / "controlnet"),
+    } in entries
 
 
 # -- every listed sampler runs --------------------------------------------------------------------

@@ -28,7 +28,6 @@ def engine(shapes_engine):
     return shapes_engine
 
 
-
 def test_shipped_model_is_small_and_complete():
     files = [p for p in MODEL.rglob("*") if p.is_file() and p.name != ".model_hash"]
     assert sum(p.stat().st_size for p in files) <= 60 * 1024 * 1024
@@ -68,7 +67,11 @@ def test_txt2img_puts_the_object_where_the_prompt_says(engine, position):
     for item in result.images:
         ys, xs = np.nonzero(analyse(item.image).mask)
         # the object's centre lies in the named cell of the 3x3 grid (cells are 21 pixels wide)
-        assert abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10, (position, xs.mean(), ys.mean())
+        assert abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10, (
+            position,
+            xs.mean(),
+            ys.mean(),
+        )
 
 
 @pytest.mark.parametrize("shape", shapes.SHAPES)
@@ -83,8 +86,15 @@ def test_txt2img_draws_the_shape_the_prompt_says(engine, shape):
 def test_seg2img_follows_the_map(engine):
     scene = shapes.Scene("square", "blue", "large", "top left", "yellow")
     _, labels = scene.render()
-    result = engine.generate(GenerationRequest(task="seg2img", prompt="a blue square on a yellow background",
-                                               seg_map=shapes.class_map_image(labels), seed=2, **RUN))
+    result = engine.generate(
+        GenerationRequest(
+            task="seg2img",
+            prompt="a blue square on a yellow background",
+            seg_map=shapes.class_map_image(labels),
+            seed=2,
+            **RUN,
+        )
+    )
     image = result.images[0].image
     assert colour_share(image, labels > 0, "blue") > 0.7
     assert colour_share(image, labels == 0, "yellow") > 0.7
@@ -98,8 +108,18 @@ def test_inpainting_paints_the_mask_and_keeps_the_rest(engine):
     mask = np.zeros((64, 64), dtype=np.uint8)
     ys, xs = np.nonzero(labels)
     mask[ys.min() - 3 : ys.max() + 4, xs.min() - 3 : xs.max() + 4] = 255
-    result = engine.generate(GenerationRequest(task="inpaint", prompt=added.caption(), init_image=init,
-                                               mask=Image.fromarray(mask), mask_blur=0, strength=1.0, seed=3, **RUN))
+    result = engine.generate(
+        GenerationRequest(
+            task="inpaint",
+            prompt=added.caption(),
+            init_image=init,
+            mask=Image.fromarray(mask),
+            mask_blur=0,
+            strength=1.0,
+            seed=3,
+            **RUN,
+        )
+    )
     image = result.images[0].image
     keep = mask == 0
     assert np.array_equal(np.asarray(image)[keep], np.asarray(init)[keep])
@@ -111,8 +131,9 @@ def test_img2img_stays_close_at_low_strength(engine):
     init, _ = scene.render()
     diffs = []
     for strength in (0.2, 1.0):
-        request = GenerationRequest(task="img2img", prompt=scene.caption(), init_image=init, strength=strength,
-                                    seed=4, **RUN)
+        request = GenerationRequest(
+            task="img2img", prompt=scene.caption(), init_image=init, strength=strength, seed=4, **RUN
+        )
         out = engine.generate(request).images[0].image
         diffs.append(np.abs(np.asarray(out, dtype=np.float32) - np.asarray(init, dtype=np.float32)).mean())
     assert diffs[0] < 12 and diffs[0] < diffs[1]
@@ -121,8 +142,19 @@ def test_img2img_stays_close_at_low_strength(engine):
 def test_training_smoke_runs_resumes_and_exports(tmp_path):
     from training.train import TrainConfig, train
 
-    config = TrainConfig(scenes=16, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, checkpoint_every=2,
-                         log_every=1, unet_channels=(16, 32, 32), refine_steps=0, polish_steps=2)
+    config = TrainConfig(
+        scenes=16,
+        vae_steps=3,
+        vae_batch=4,
+        steps=3,
+        batch=4,
+        warmup=1,
+        checkpoint_every=2,
+        log_every=1,
+        unet_channels=(16, 32, 32),
+        refine_steps=0,
+        polish_steps=2,
+    )
     out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2]
@@ -148,7 +180,8 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     assert index["defaults"] == {"cfg_scale": config.cfg_scale}
     assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
     result = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
-        GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
+        GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0)
+    )
     assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
 
 
@@ -160,7 +193,8 @@ def test_widening_the_text_features_keeps_what_the_model_computes():
     narrow, wide = build_unet(config).eval(), build_unet(config, (-1, 0)).eval()
     wide.load_state_dict(widen_state(narrow.state_dict(), wide))
     build_controlnet(config, (-1, 0)).load_state_dict(
-        widen_state(build_controlnet(config).state_dict(), build_controlnet(config, (-1, 0))))
+        widen_state(build_controlnet(config).state_dict(), build_controlnet(config, (-1, 0)))
+    )
     sample, text = torch.randn(2, 9, 16, 16), torch.randn(2, 8, 384)
     extra = torch.randn(2, 8, 384)
     with torch.no_grad():

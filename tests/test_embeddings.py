@@ -140,21 +140,26 @@ def test_nothing_is_left_on_the_tokenizer_or_the_encoder(sd: ModelBundle, librar
     assert torch.equal(again.embeds, as_words.embeds)
 
 
-def test_unknown_words_and_embeddings_for_other_models_stay_words(sd: ModelBundle, library: EmbeddingLibrary) -> None:
+def test_unknown_words_and_embeddings_for_other_models_stay_words(
+    sd: ModelBundle, library: EmbeddingLibrary
+) -> None:
     for prompt in ("a narrow cat", "a inkstyles cat", "a zebra cat"):
         with_library, _ = encode_prompts(sd, [prompt], [""], embeddings=library)
         without, _ = encode_prompts(sd, [prompt], [""])
         assert torch.equal(with_library.embeds, without.embeds), prompt
     assert library.used == {}
-    with pytest.raises(InvalidRequestError, match=r"unknown embedding 'nope'; available embeddings: inkstyle, narrow, tiny"):
+    with pytest.raises(
+        InvalidRequestError, match=r"unknown embedding 'nope'; available embeddings: inkstyle, narrow, tiny"
+    ):
         library.get("nope")
 
 
 def test_sdxl_embeddings_give_each_encoder_its_own_vectors(tmp_path: Path) -> None:
     tokenizer = make_clip_tokenizer(tmp_path / "tok")
     tokenizer_2 = make_clip_tokenizer(tmp_path / "tok2", pad_token="!")
-    bundle = text_bundle([make_text_encoder(0), make_text_encoder(1, projection=True)], [tokenizer, tokenizer_2],
-                         family="sdxl")
+    bundle = text_bundle(
+        [make_text_encoder(0), make_text_encoder(1, projection=True)], [tokenizer, tokenizer_2], family="sdxl"
+    )
     clip_l, clip_g = vectors(2, 5), vectors(2, 6)
     write(tmp_path / "emb", "inkxl", {"clip_l": clip_l, "clip_g": clip_g})
     write(tmp_path / "emb", "inksd", {"emb_params": vectors(2, 7)})  # an SD 1.x embedding: skipped
@@ -196,8 +201,12 @@ def test_a_generation_uses_the_embedding_and_records_its_hash(tmp_path: Path) ->
     path = write(models / "embeddings", "inkstyle", {"emb_params": vectors(2, 1)})
     plugins = make_plugin_manager(entry_points=False, plugin_dirs=[])
     engine = Engine(plugins=plugins, models_dir=str(models))
-    bare = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(tmp_path / "none"))
-    request = GenerationRequest(prompt="a inkstyle cat", steps=2, seed=3, width=64, height=64, sampler="Euler a")
+    bare = Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(tmp_path / "none")
+    )
+    request = GenerationRequest(
+        prompt="a inkstyle cat", steps=2, seed=3, width=64, height=64, sampler="Euler a"
+    )
 
     plain_before = engine.generate(request.replace(prompt="a cat"), bundle=bundle).images[0]
     used = engine.generate(request, bundle=bundle).images[0]

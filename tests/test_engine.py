@@ -77,12 +77,18 @@ def test_inpainting_keeps_unmasked_pixels_exactly(engine, request, which):
 
 def test_mask_blur_softens_the_seam_and_invert_swaps(engine, inpaint_bundle):
     init, mask = random_image(8), rect_mask()
-    sharp = arr(run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=0).images[0].image)
-    soft = arr(run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=4).images[0].image)
+    sharp = arr(
+        run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=0).images[0].image
+    )
+    soft = arr(
+        run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=4).images[0].image
+    )
     # just outside the rectangle the blurred composite mixes in the new content
     assert np.array_equal(sharp[16:48, 41], arr(init)[16:48, 41])
     assert not np.array_equal(soft[16:48, 41], arr(init)[16:48, 41])
-    inverted = run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=0, invert_mask=True)
+    inverted = run(
+        engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=0, invert_mask=True
+    )
     out = arr(inverted.images[0].image)
     inside = np.asarray(mask) > 0
     assert np.array_equal(out[inside], arr(init)[inside])
@@ -123,8 +129,18 @@ def test_only_masked_inpaints_the_crop_and_pastes_it_back(engine, inpaint_bundle
     init = random_image(10, size=128)
     mask = Image.new("L", (128, 128), 0)
     mask.paste(255, (80, 80, 100, 100))
-    result = run(engine, inpaint_bundle, task="inpaint", init_image=init, mask=mask, mask_blur=0, only_masked=True,
-                 only_masked_padding=8, width=64, height=64)
+    result = run(
+        engine,
+        inpaint_bundle,
+        task="inpaint",
+        init_image=init,
+        mask=mask,
+        mask_blur=0,
+        only_masked=True,
+        only_masked_padding=8,
+        width=64,
+        height=64,
+    )
     out = arr(result.images[0].image)
     assert out.shape == (128, 128, 3)  # the original size, not the 64x64 working size
     outside = np.asarray(mask) == 0
@@ -155,9 +171,12 @@ def test_img2img_closeness_falls_as_strength_rises(engine, bundle):
     distances = []
     for strength in (0.1, 0.3, 0.5, 0.7, 1.0):
         final = {}
-        request = GenerationRequest(**{**BASE, "task": "img2img", "init_image": init, "strength": strength,
-                                       "steps": 10})
-        engine.generate(request, bundle=bundle, callback=lambda step, seen=final: seen.update(latents=step.latents))
+        request = GenerationRequest(
+            **{**BASE, "task": "img2img", "init_image": init, "strength": strength, "steps": 10}
+        )
+        engine.generate(
+            request, bundle=bundle, callback=lambda step, seen=final: seen.update(latents=step.latents)
+        )
         distances.append(float((final["latents"] - init_latents).abs().mean()))
     assert distances == sorted(distances) and distances[0] < 0.2 * distances[-1]
 
@@ -172,7 +191,9 @@ def test_seg2img_without_a_controlnet_says_what_to_do(engine, components):
 def test_a_controlnet_with_its_own_palette(engine, components, tmp_path):
     from webui.engine.segmap import Palette
 
-    palette = Palette("shapes", ("background", "circle", "square"), np.array([[0, 0, 0], [250, 10, 10], [10, 10, 250]]))
+    palette = Palette(
+        "shapes", ("background", "circle", "square"), np.array([[0, 0, 0], [250, 10, 10], [10, 10, 250]])
+    )
     folder = tmp_path / "shapes-controlnet"
     make_controlnet(components["unet"], seed=3).save_pretrained(folder, safe_serialization=True)
     palette.to_json(folder / "palette.json")
@@ -192,8 +213,9 @@ def test_a_controlnet_with_its_own_palette(engine, components, tmp_path):
 
 def test_size_follows_the_init_image_rounded_down(engine, bundle):
     init = random_image(13, size=70)
-    result = engine.generate(GenerationRequest(prompt="x", steps=2, seed=1, task="img2img", init_image=init),
-                             bundle=bundle)
+    result = engine.generate(
+        GenerationRequest(prompt="x", steps=2, seed=1, task="img2img", init_image=init), bundle=bundle
+    )
     assert result.images[0].image.size == (64, 64)
     assert "Size: 64x64" in result.infotexts[0]
 
@@ -231,6 +253,11 @@ def test_guidance_follows_the_model_when_the_request_names_none(engine, componen
     explicit = engine.generate(request.replace(cfg_scale=3.5), bundle=plain).images[0]
     assert np.array_equal(arr(chosen.image), arr(explicit.image))  # the same as asking for 3.5
     assert "CFG scale: 9," in engine.generate(request.replace(cfg_scale=9.0), bundle=guided).infotexts[0]
-    for junk in ({"defaults": {"cfg_scale": "high"}}, {"defaults": {"cfg_scale": -1}}, {"defaults": 3},
-                 {"defaults": {"cfg_scale": True}}, {}):
+    for junk in (
+        {"defaults": {"cfg_scale": "high"}},
+        {"defaults": {"cfg_scale": -1}},
+        {"defaults": 3},
+        {"defaults": {"cfg_scale": True}},
+        {},
+    ):
         assert model_default_cfg(junk) == 7.0

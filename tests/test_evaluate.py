@@ -66,7 +66,9 @@ class OracleEngine:
                 image, _ = scene.render(request.width)
             elif request.task == "seg2img":
                 seg = np.asarray(request.seg_map)
-                classes = np.argmin(((seg[..., None, :].astype(int) - np.asarray(PALETTE)) ** 2).sum(-1), axis=-1)
+                classes = np.argmin(
+                    ((seg[..., None, :].astype(int) - np.asarray(PALETTE)) ** 2).sum(-1), axis=-1
+                )
                 pixels = np.where(classes[..., None] > 0, COLORS[scene.color], COLORS[scene.background])
                 image = Image.fromarray(pixels.astype(np.uint8))
             elif request.task == "inpaint":
@@ -83,7 +85,9 @@ def test_a_perfect_engine_scores_perfectly():
     engine = OracleEngine()
     scores = evaluate(engine, "oracle", n=6, steps=3, batch_size=4)
     assert scores["txt2img"]["adherence"] == 1.0
-    assert all(scores["txt2img"][name] == 1.0 for name in ("color", "shape", "position", "background", "size"))
+    assert all(
+        scores["txt2img"][name] == 1.0 for name in ("color", "shape", "position", "background", "size")
+    )
     assert scores["seg2img"]["miou"] == pytest.approx(1.0)
     assert scores["inpaint"]["unmasked_identical"] is True
     assert scores["inpaint"]["psnr_unmasked"] == PSNR_CAP
@@ -161,9 +165,24 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir):
 def test_cli_evaluate_writes_table_and_json(tiny_model_dir, tmp_path):
     out = tmp_path / "scores.json"
     process = subprocess.run(
-        [sys.executable, "launch.py", "evaluate", "--model", str(tiny_model_dir), "--n", "1", "--steps", "1",
-         "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "launch.py",
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert process.returncode == 0, process.stderr

@@ -34,22 +34,30 @@ def test_every_request_attribute_is_a_declared_field_with_the_same_default():
         assert attribute.name in declared, f"{attribute.name} has no field declaration"
         assert declared[attribute.name].default == attribute.default, attribute.name
     registry, _ = registry_with()
-    assert [field.name for field in registry][: len(BUILTIN_FIELDS)] == [field.name for field in BUILTIN_FIELDS]
+    assert [field.name for field in registry][: len(BUILTIN_FIELDS)] == [
+        field.name for field in BUILTIN_FIELDS
+    ]
     assert list(registry.tasks) == ["txt2img", "img2img", "inpaint", "seg2img"]
     assert [field.name for field in registry.plugin_fields()] == ["cfg_rescale"]  # the built-in plugin field
 
 
-@pytest.mark.parametrize(("declaration", "message"), [
-    (dict(name="Bad Name", kind="int"), "use 1-40 lowercase letters"),
-    (dict(name="x" * 41, kind="int"), "use 1-40 lowercase letters"),
-    (dict(name="level", kind="decimal"), "kind must be one of int, float"),
-    (dict(name="level", kind="choice"), "a choice field needs choices"),
-    (dict(name="level", kind="choice", choices="files:/etc"), "is neither a list nor one of samplers"),
-    (dict(name="level", kind="int", default=5, maximum=3), "its default is not valid (level must be between"),
-    (dict(name="level", kind="int", tasks=("nope",)), "unknown task 'nope'"),
-    (dict(name="level", kind="int", widget="knob"), "widget must be one of"),
-    (dict(name="steps", kind="int"), "field 'steps' is already registered by webui.builtin.fields"),
-])
+@pytest.mark.parametrize(
+    ("declaration", "message"),
+    [
+        (dict(name="Bad Name", kind="int"), "use 1-40 lowercase letters"),
+        (dict(name="x" * 41, kind="int"), "use 1-40 lowercase letters"),
+        (dict(name="level", kind="decimal"), "kind must be one of int, float"),
+        (dict(name="level", kind="choice"), "a choice field needs choices"),
+        (dict(name="level", kind="choice", choices="files:/etc"), "is neither a list nor one of samplers"),
+        (
+            dict(name="level", kind="int", default=5, maximum=3),
+            "its default is not valid (level must be between",
+        ),
+        (dict(name="level", kind="int", tasks=("nope",)), "unknown task 'nope'"),
+        (dict(name="level", kind="int", widget="knob"), "widget must be one of"),
+        (dict(name="steps", kind="int"), "field 'steps' is already registered by webui.builtin.fields"),
+    ],
+)
 def test_bad_declarations_fail_the_plugin_naming_the_problem(declaration, message):
     class Bad:
         @hookimpl
@@ -71,7 +79,9 @@ def test_tasks_require_all_or_any_of_their_inputs():
     class Trace:
         @hookimpl
         def register_tasks(self, register):
-            register("trace", "Trace", requires=("paper",), requires_any=("lines", "photo"), message="give lines")
+            register(
+                "trace", "Trace", requires=("paper",), requires_any=("lines", "photo"), message="give lines"
+            )
 
         @hookimpl
         def register_fields(self, register):
@@ -97,22 +107,31 @@ def test_a_plugin_cannot_take_a_builtin_task_name():
 
     registry, pm = registry_with(Clash())
     assert registry.tasks["txt2img"].plugin == "webui.builtin.fields"
-    assert any("task 'txt2img' is already registered" in (record.error or "") for record in pm.records.values())
+    assert any(
+        "task 'txt2img' is already registered" in (record.error or "") for record in pm.records.values()
+    )
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    (Field("n", "int", default=1, minimum=0, maximum=9), 10, "n must be between 0 and 9, got 10"),
-    (Field("n", "int", default=1), True, "n must be a whole number, got True"),
-    (Field("n", "int", default=1), 2.5, "n must be a whole number, got 2.5"),
-    (Field("x", "float", default=0.0), float("nan"), "x must be a number, got nan"),
-    (Field("x", "float", default=0.0, minimum=0, maximum=1), float("inf"), "x must be between 0 and 1, got inf"),
-    (Field("on", "bool", default=False), "yes", "on must be true or false"),
-    (Field("t", "text", default=""), "\ud800", "lone surrogate"),
-    (Field("t", "text", default=""), "a" * 10_001, "t has 10001 characters; the limit is 10000"),
-    (Field("c", "choice", default="a", choices=("a", "b")), "c", "unknown c 'c'; choose one of a, b"),
-    (Field("c", "choice", default="a", choices=("a", "b")), None, "c needs a value"),
-    (Field("img", "image"), "/etc/passwd", "img must be an image, not a file name"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (Field("n", "int", default=1, minimum=0, maximum=9), 10, "n must be between 0 and 9, got 10"),
+        (Field("n", "int", default=1), True, "n must be a whole number, got True"),
+        (Field("n", "int", default=1), 2.5, "n must be a whole number, got 2.5"),
+        (Field("x", "float", default=0.0), float("nan"), "x must be a number, got nan"),
+        (
+            Field("x", "float", default=0.0, minimum=0, maximum=1),
+            float("inf"),
+            "x must be between 0 and 1, got inf",
+        ),
+        (Field("on", "bool", default=False), "yes", "on must be true or false"),
+        (Field("t", "text", default=""), "\ud800", "lone surrogate"),
+        (Field("t", "text", default=""), "a" * 10_001, "t has 10001 characters; the limit is 10000"),
+        (Field("c", "choice", default="a", choices=("a", "b")), "c", "unknown c 'c'; choose one of a, b"),
+        (Field("c", "choice", default="a", choices=("a", "b")), None, "c needs a value"),
+        (Field("img", "image"), "/etc/passwd", "img must be an image, not a file name"),
+    ],
+)
 def test_check_refuses_bad_values_with_one_line(field, value, message):
     with pytest.raises(InvalidRequestError) as caught:
         field.check(value)
@@ -125,7 +144,10 @@ def test_parse_reads_text_and_refuses_huge_numbers_without_converting_them():
     assert Field("x", "float", default=0.0).parse("0.25") == 0.25
     assert Field("on", "bool", default=False).parse("Yes") is True
     assert Field("on", "bool", default=False).parse("off") is False
-    assert Field("v", "choice", choices="models:vae", none_label="Automatic", nullable=True).parse("Automatic") is None
+    assert (
+        Field("v", "choice", choices="models:vae", none_label="Automatic", nullable=True).parse("Automatic")
+        is None
+    )
     with pytest.raises(InvalidRequestError, match="n must be a whole number"):
         Field("n", "int", default=1).parse("9" * 1_000_000)  # not int()-ed: bounded work
     with pytest.raises(InvalidRequestError, match="n must be a whole number, got '2.5'"):
@@ -136,8 +158,15 @@ def test_plugin_values_are_checked_and_completed_with_defaults():
     class Sharpen:
         @hookimpl
         def register_fields(self, register):
-            register("sharpen", "float", default=0.0, minimum=0.0, maximum=2.0, tasks=("img2img",),
-                     task_defaults={"img2img": 0.5})
+            register(
+                "sharpen",
+                "float",
+                default=0.0,
+                minimum=0.0,
+                maximum=2.0,
+                tasks=("img2img",),
+                task_defaults={"img2img": 0.5},
+            )
             register("mode", "choice", default="soft", choices=("soft", "hard"))
 
     registry, _ = registry_with(Sharpen())
@@ -166,8 +195,17 @@ def test_infotext_is_written_and_read_back_from_the_declaration():
     parameters: dict = {"Steps": 20}
     registry.record(parameters, request)
     assert parameters == {"Steps": 20, "Tone": "cold", "Grain": 0, "Secret": "x"}
-    text = format_infotext("a cat", "", {**parameters, "VAE": "kl-f8.safetensors", "Sampler": "DPM++ 2M",
-                                         "Schedule type": "Karras", "Clip skip": "two"})
+    text = format_infotext(
+        "a cat",
+        "",
+        {
+            **parameters,
+            "VAE": "kl-f8.safetensors",
+            "Sampler": "DPM++ 2M",
+            "Schedule type": "Karras",
+            "Clip skip": "two",
+        },
+    )
     values, notes = registry.from_infotext(parse_infotext(text))
     assert values["tone"] == "cold" and values["grain"] == 0 and values["steps"] == 20
     assert values["vae"] == "kl-f8" and values["sampler"] == "DPM++ 2M Karras" and values["prompt"] == "a cat"

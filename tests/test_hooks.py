@@ -140,7 +140,9 @@ def test_register_tasks_adds_a_task_run_by_the_one_loop(bundle):
         def postprocess_images(self, images, request, context):
             if request.task == "negative":
                 for item in images:
-                    item.image = Image.fromarray(255 - np.asarray(request.extra["source"].resize(item.image.size)))
+                    item.image = Image.fromarray(
+                        255 - np.asarray(request.extra["source"].resize(item.image.size))
+                    )
 
     engine = engine_with(Negative())
     with pytest.raises(Exception, match="unknown task 'negative'"):
@@ -148,7 +150,9 @@ def test_register_tasks_adds_a_task_run_by_the_one_loop(bundle):
     with pytest.raises(Exception, match="give a source image"):
         engine.generate(GenerationRequest(**BASE, task="negative"), bundle=bundle)
     source = Image.new("RGB", (64, 64), (10, 200, 30))
-    result = engine.generate(GenerationRequest(**BASE, task="negative", extra={"source": source}), bundle=bundle)
+    result = engine.generate(
+        GenerationRequest(**BASE, task="negative", extra={"source": source}), bundle=bundle
+    )
     assert result.images[0].image.getpixel((5, 5)) == (245, 55, 225)
 
 
@@ -202,7 +206,9 @@ def test_wrap_denoiser_sees_each_step(bundle):
                 def counted(model_input, step):
                     calls.append((step.index, step.total, int(step.timestep), step.sigma is not None))
                     return call(model_input, step)
+
                 return counted
+
             return wrap
 
     engine_with(Counter()).generate(GenerationRequest(**BASE), bundle=bundle)
@@ -235,8 +241,9 @@ def test_on_step_reports_progress_and_can_interrupt(bundle):
     engine.generate(GenerationRequest(**{**BASE, "steps": 4}), bundle=bundle)
     assert steps == [(k, 4, (1, 4, 32, 32)) for k in range(1, 5)]
     steps.clear()
-    result = engine.generate(GenerationRequest(**{**BASE, "steps": 4, "batch_count": 3, "extra": {"stop": True}}),
-                             bundle=bundle)
+    result = engine.generate(
+        GenerationRequest(**{**BASE, "steps": 4, "batch_count": 3, "extra": {"stop": True}}), bundle=bundle
+    )
     assert [s[0] for s in steps] == [1, 2]  # stopped within one step
     assert result.interrupted and len(result.images) == 1  # what was finished is kept
 
@@ -250,8 +257,9 @@ def test_skip_drops_only_the_current_batch(bundle):
         if step.context.batch_index == 0 and step.step == 1:
             control.skip()
 
-    result = engine_with().generate(GenerationRequest(**{**BASE, "batch_count": 2}), bundle=bundle,
-                                    callback=callback, control=control)
+    result = engine_with().generate(
+        GenerationRequest(**{**BASE, "batch_count": 2}), bundle=bundle, callback=callback, control=control
+    )
     assert not result.interrupted
     assert [item.seed for item in result.images] == [BASE["seed"] + 1]
     assert calls.count(0) == 1 and calls.count(1) == 3
@@ -285,11 +293,13 @@ def test_parse_metadata_first_result_wins():
     class Custom:
         @hookimpl
         def parse_metadata(self, text):
-            return {"Prompt": text[len("CUSTOM:"):]} if text.startswith("CUSTOM:") else None
+            return {"Prompt": text[len("CUSTOM:") :]} if text.startswith("CUSTOM:") else None
 
     pm = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=[Custom()])
     assert pm.hook.parse_metadata(text="CUSTOM:hello") == {"Prompt": "hello"}
-    parsed = pm.hook.parse_metadata(text="a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
+    parsed = pm.hook.parse_metadata(
+        text="a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
+    )
     assert parsed["Prompt"] == "a cat" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1"
 
 
@@ -309,17 +319,37 @@ def test_register_ui_tabs_adds_and_replaces_tabs(tmp_path):
                 gr.Markdown("community tab", elem_id="community-tab")
 
             register("community", "Community", build, order=50)
-            register("pnginfo", "Image info", lambda ui: gr.Markdown("replaced", elem_id="replaced-pnginfo"), order=95)
+            register(
+                "pnginfo",
+                "Image info",
+                lambda ui: gr.Markdown("replaced", elem_id="replaced-pnginfo"),
+                order=95,
+            )
 
     plugins = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=[Gallery()])
     specs = collect_tabs(plugins)
-    assert [s.id for s in specs] == ["txt2img", "img2img", "inpaint", "seg2img", "community", "pnginfo", "plugins"]
+    assert [s.id for s in specs] == [
+        "txt2img",
+        "img2img",
+        "inpaint",
+        "seg2img",
+        "community",
+        "pnginfo",
+        "plugins",
+    ]
     assert specs[-2].label == "Image info"  # the plugin registered first, so its pnginfo wins
     engine = Engine(plugins=plugins, models_dir=str(ROOT / "models"))
     demo = build_app(StudioService(engine, tmp_path), plugins=plugins)
     labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels == ["Text to image", "Image to image", "Inpainting", "Segmentation to image", "Community",
-                      "Image info", "Plugins"]
+    assert labels == [
+        "Text to image",
+        "Image to image",
+        "Inpainting",
+        "Segmentation to image",
+        "Community",
+        "Image info",
+        "Plugins",
+    ]
     assert built == [["img2img", "inpaint", "seg2img", "txt2img"]]
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"community-tab", "replaced-pnginfo", "txt2img-generate"} <= ids

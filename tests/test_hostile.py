@@ -88,12 +88,17 @@ def answered_promptly_during(server: Server, hostile: Callable[[], object]) -> o
 
 # -- prompts: bounded by the limits, parsed in linear time ------------------------------------------
 
-@pytest.mark.parametrize(("prompt", "negative"), [
-    (" " * 1_000_000, ""),  # 1 MB prompt: once held the only generation slot for 739 s
-    ("a red circle", "blurry " * 150_000),  # 1 MB negative prompt: once kept the device busy 24 minutes
-    (" " * 30_000, ""),  # once 21 s in the BREAK pattern while every other user waited
-    ("<a:" * 20_000, ""),  # once 280 s in the extra-network tag pattern
-], ids=["1MB-prompt", "1MB-negative", "30k-spaces", "60KB-tags"])
+
+@pytest.mark.parametrize(
+    ("prompt", "negative"),
+    [
+        (" " * 1_000_000, ""),  # 1 MB prompt: once held the only generation slot for 739 s
+        ("a red circle", "blurry " * 150_000),  # 1 MB negative prompt: once kept the device busy 24 minutes
+        (" " * 30_000, ""),  # once 21 s in the BREAK pattern while every other user waited
+        ("<a:" * 20_000, ""),  # once 280 s in the extra-network tag pattern
+    ],
+    ids=["1MB-prompt", "1MB-negative", "30k-spaces", "60KB-tags"],
+)
 def test_oversized_prompts_are_refused_at_once_naming_the_flag(server, client, prompt, negative):
     def hostile() -> object:
         return call(client, "txt2img", Prompt=prompt, **{"Negative prompt": negative}, **FAST)
@@ -113,11 +118,15 @@ def test_hostile_prompts_within_the_limits_run_without_holding_anyone_up(server,
     assert result[0].startswith("1 image(s) in")
 
 
-@pytest.mark.parametrize(("prompt", "message"), [
-    ("(" * 3_000 + "a red circle", "weights must stay within ±100"),  # 1.1**3000: the image would be NaN
-    ("<a:" * 3_000, "over this server's limit of 32 (--max-prompt-chunks)"),
-    ("<x:y>" * 1_400, "only LoRA extra networks are supported"),
-], ids=["3k-brackets", "open-tags", "unknown-networks"])
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("(" * 3_000 + "a red circle", "weights must stay within ±100"),  # 1.1**3000: the image would be NaN
+        ("<a:" * 3_000, "over this server's limit of 32 (--max-prompt-chunks)"),
+        ("<x:y>" * 1_400, "only LoRA extra networks are supported"),
+    ],
+    ids=["3k-brackets", "open-tags", "unknown-networks"],
+)
 def test_hostile_prompts_within_the_character_limit_get_a_message(server, client, prompt, message):
     error = answered_promptly_during(server, lambda: call(client, "txt2img", Prompt=prompt, **FAST))
     assert isinstance(error, AppError)
@@ -132,8 +141,11 @@ def test_too_many_steps_pixels_or_images_name_their_flags(server, client):
         call(client, "txt2img", Prompt="x", Width=4096, Height=64, Steps=2)
     with pytest.raises(AppError, match=r"Batch count 100 is over this server's limit of 64 \(--max-batch\)"):
         call(client, "txt2img", Prompt="x", **{"Batch count": 100})
-    with pytest.raises(AppError, match=r"8 x 64 = 512 images were asked for, over this server's limit of 64 "
-                                       r"\(--max-batch\)"):
+    with pytest.raises(
+        AppError,
+        match=r"8 x 64 = 512 images were asked for, over this server's limit of 64 "
+        r"\(--max-batch\)",
+    ):
         call(client, "txt2img", Prompt="x", **{"Batch count": 64, "Batch size": 8})
     still_serving(server)
 
@@ -152,18 +164,33 @@ def raw_predict(server: Server, api_name: str, **by_elem_id: object) -> dict:
     cannot send) through the queue; the ``process_completed`` message."""
     config = httpx.get(server.url + "config", timeout=60).json()
     components = {c["id"]: c for c in config["components"]}
-    index, dependency = next((i, d) for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
+    index, dependency = next(
+        (i, d) for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name
+    )
     data = []
     for component_id in dependency["inputs"]:
         props = components[component_id]["props"]
         data.append(by_elem_id.get(props.get("elem_id"), props.get("value")))
     session = "hostile-" + str(time.time_ns())
-    body = json.dumps({"data": data, "fn_index": index, "session_hash": session, "event_data": None,
-                       "trigger_id": dependency.get("targets", [[None]])[0][0]})  # ensure_ascii: \\ud800 as text
-    joined = httpx.post(server.url + "gradio_api/queue/join", content=body,
-                        headers={"Content-Type": "application/json"}, timeout=60)
+    body = json.dumps(
+        {
+            "data": data,
+            "fn_index": index,
+            "session_hash": session,
+            "event_data": None,
+            "trigger_id": dependency.get("targets", [[None]])[0][0],
+        }
+    )  # ensure_ascii: \\ud800 as text
+    joined = httpx.post(
+        server.url + "gradio_api/queue/join",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert joined.status_code == 200, joined.text
-    with httpx.stream("GET", server.url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as events:
+    with httpx.stream(
+        "GET", server.url + f"gradio_api/queue/data?session_hash={session}", timeout=120
+    ) as events:
         for line in events.iter_lines():
             if line.startswith("data:"):
                 message = json.loads(line[5:])
@@ -208,7 +235,9 @@ def test_with_allow_download_the_owner_lets_the_web_app_fetch(tmp_path, monkeypa
     monkeypatch.setattr(loaders, "_download", fake_download)
     allowed = Server(tmp_path / "outputs", "--allow-download")
     try:
-        progress = call(allowed.client(), "txt2img", Prompt="a red circle", Model="some-org/some-model", **FAST)[0]
+        progress = call(
+            allowed.client(), "txt2img", Prompt="a red circle", Model="some-org/some-model", **FAST
+        )[0]
     finally:
         allowed.close()
     assert fetched == ["some-org/some-model"]
@@ -220,8 +249,16 @@ def test_with_allow_download_the_owner_lets_the_web_app_fetch(tmp_path, monkeypa
 
 def launch(*args: str | bytes | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, errors="replace", timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+        check=False,
+    )
 
 
 def one_line_error(process: subprocess.CompletedProcess[str]) -> str:
@@ -238,7 +275,11 @@ def bomb_png(path: Path, width: int, height: int) -> Path:
     Image.new("L", (8, 8)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
     ihdr = 8  # after the signature: length, b"IHDR", width, height, ...
-    body = bytes(data[ihdr + 4 : ihdr + 8]) + struct.pack(">II", width, height) + bytes(data[ihdr + 16 : ihdr + 21])
+    body = (
+        bytes(data[ihdr + 4 : ihdr + 8])
+        + struct.pack(">II", width, height)
+        + bytes(data[ihdr + 16 : ihdr + 21])
+    )
     data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
     data[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(body))
     path.write_bytes(bytes(data))
@@ -260,8 +301,9 @@ def test_cli_prompt_in_another_encoding(tmp_path):
 
 
 def test_cli_limits_and_their_flags(tmp_path):
-    line = one_line_error(launch("generate", "--prompt", "x", "--steps", "12", "--max-steps", "10",
-                                 "--out", tmp_path / "out"))
+    line = one_line_error(
+        launch("generate", "--prompt", "x", "--steps", "12", "--max-steps", "10", "--out", tmp_path / "out")
+    )
     assert line == "error: 12 steps were asked for, over this server's limit of 10 (--max-steps)"
     process = launch("--max-pixels", "-1", "generate", "--prompt", "x")
     assert process.returncode == 2 and "Traceback" not in process.stderr

@@ -30,8 +30,14 @@ QUICK = {"steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Eule
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("outputs"), "--api", "--api-auth", f"{ALICE[0]}:{ALICE[1]},{BOB[0]}:{BOB[1]}",
-                    "--max-upload-mb", "1")
+    server = Server(
+        tmp_path_factory.mktemp("outputs"),
+        "--api",
+        "--api-auth",
+        f"{ALICE[0]}:{ALICE[1]},{BOB[0]}:{BOB[1]}",
+        "--max-upload-mb",
+        "1",
+    )
     yield server
     server.close()
 
@@ -82,7 +88,9 @@ def test_login_refused_without_or_with_a_wrong_password_and_accepted_with_the_ri
         docs = anonymous.get("/docs", auth=BOB)
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
         spec = anonymous.get("/openapi.json", auth=BOB).json()
-        assert {"/sdapi/v1/txt2img", "/api/v1/jobs/{job_id}/events", "/v1/images/generations"} <= set(spec["paths"])
+        assert {"/sdapi/v1/txt2img", "/api/v1/jobs/{job_id}/events", "/v1/images/generations"} <= set(
+            spec["paths"]
+        )
 
 
 def test_api_settings_follow_the_exposure_rules(tmp_path):
@@ -90,8 +98,17 @@ def test_api_settings_follow_the_exposure_rules(tmp_path):
     from webui.ui.server import LaunchRefused
 
     def args(**given):
-        base = dict(api=True, nowebui=False, api_auth=None, api_auth_file=None, api_key=None, api_key_file=None,
-                    listen=False, share=False, insecure=False)
+        base = dict(
+            api=True,
+            nowebui=False,
+            api_auth=None,
+            api_auth_file=None,
+            api_key=None,
+            api_key_file=None,
+            listen=False,
+            share=False,
+            insecure=False,
+        )
         return Namespace(**{**base, **given})
 
     assert not api_settings(args(), []).protected  # 127.0.0.1 for its owner: open
@@ -118,8 +135,12 @@ def test_api_settings_follow_the_exposure_rules(tmp_path):
 
 
 def test_txt2img_answers_as_a1111(api):
-    body = {"prompt": "a large red circle in the center on a blue background", "negative_prompt": "green",
-            "batch_size": 2, **QUICK}
+    body = {
+        "prompt": "a large red circle in the center on a blue background",
+        "negative_prompt": "green",
+        "batch_size": 2,
+        **QUICK,
+    }
     response = api.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -138,14 +159,24 @@ def test_txt2img_answers_as_a1111(api):
 
 
 def test_override_settings_apply_to_one_request_and_options_are_per_user(api, server):
-    once = api.post("/sdapi/v1/txt2img", json={"prompt": "a square", **QUICK,
-                                              "override_settings": {"CLIP_stop_at_last_layers": 2,
-                                                                    "sd_model_checkpoint": "latent-studio-shapes"}})
+    once = api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a square",
+            **QUICK,
+            "override_settings": {
+                "CLIP_stop_at_last_layers": 2,
+                "sd_model_checkpoint": "latent-studio-shapes",
+            },
+        },
+    )
     assert json.loads(once.json()["info"])["clip_skip"] == 2
     after = api.post("/sdapi/v1/txt2img", json={"prompt": "a square", **QUICK})
     assert json.loads(after.json()["info"])["clip_skip"] == 1
     options = api.get("/sdapi/v1/options").json()
-    assert options["sd_model_checkpoint"] == "latent-studio-shapes" and options["CLIP_stop_at_last_layers"] == 1
+    assert (
+        options["sd_model_checkpoint"] == "latent-studio-shapes" and options["CLIP_stop_at_last_layers"] == 1
+    )
     assert {"sd_vae", "samples_save", "outdir_samples"} <= set(options)
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3}).status_code == 200
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 3
@@ -154,8 +185,11 @@ def test_override_settings_apply_to_one_request_and_options_are_per_user(api, se
     ran = api.post("/sdapi/v1/txt2img", json={"prompt": "a square", **QUICK})
     assert json.loads(ran.json()["info"])["clip_skip"] == 3
     assert "unknown option 'sd_checkpoint_cache'" in one_line_error(
-        api.post("/sdapi/v1/options", json={"sd_checkpoint_cache": 2}), 422)
-    assert "--outputs-dir" in one_line_error(api.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"}), 422)
+        api.post("/sdapi/v1/options", json={"sd_checkpoint_cache": 2}), 422
+    )
+    assert "--outputs-dir" in one_line_error(
+        api.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"}), 422
+    )
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
 
 
@@ -174,16 +208,27 @@ def test_img2img_with_a_mask_inpaints_and_keeps_the_rest(api):
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 16:48] = 255
-    body = {"prompt": "a blue square", **QUICK, "init_images": [png_b64(init)], "mask": png_b64(Image.fromarray(mask)),
-            "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False, "inpainting_mask_invert": 0,
-            "denoising_strength": 1.0, "include_init_images": True}
+    body = {
+        "prompt": "a blue square",
+        **QUICK,
+        "init_images": [png_b64(init)],
+        "mask": png_b64(Image.fromarray(mask)),
+        "mask_blur": 0,
+        "inpainting_fill": 1,
+        "inpaint_full_res": False,
+        "inpainting_mask_invert": 0,
+        "denoising_strength": 1.0,
+        "include_init_images": True,
+    }
     response = api.post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert len(answer["images"]) == 2  # the result, then the init image (include_init_images)
     out = pixels(decoded(answer["images"][0]))
     keep = mask == 0
-    assert np.array_equal(out[keep], pixels(init)[keep]) and not np.array_equal(out[~keep], pixels(init)[~keep])
+    assert np.array_equal(out[keep], pixels(init)[keep]) and not np.array_equal(
+        out[~keep], pixels(init)[~keep]
+    )
     assert np.array_equal(pixels(decoded(answer["images"][1])), pixels(init))
     assert answer["parameters"]["init_images"] is None and answer["parameters"]["mask"] is None
     info = json.loads(answer["info"])
@@ -192,14 +237,25 @@ def test_img2img_with_a_mask_inpaints_and_keeps_the_rest(api):
 
 def test_img2img_without_a_mask_and_an_inverted_mask(api):
     init = Image.new("RGB", (64, 64), (30, 200, 30))
-    plain = api.post("/sdapi/v1/img2img", json={"prompt": "x", **QUICK, "steps": 4, "init_images": [png_b64(init)],
-                                                "denoising_strength": 0.5})
+    plain = api.post(
+        "/sdapi/v1/img2img",
+        json={"prompt": "x", **QUICK, "steps": 4, "init_images": [png_b64(init)], "denoising_strength": 0.5},
+    )
     assert plain.status_code == 200 and json.loads(plain.json()["info"])["denoising_strength"] == 0.5
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[:, :32] = 255
-    inverted = api.post("/sdapi/v1/img2img", json={"prompt": "x", **QUICK, "init_images": [png_b64(init)],
-                                                   "mask": png_b64(Image.fromarray(mask)), "mask_blur": 0,
-                                                   "inpainting_mask_invert": 1, "denoising_strength": 1.0})
+    inverted = api.post(
+        "/sdapi/v1/img2img",
+        json={
+            "prompt": "x",
+            **QUICK,
+            "init_images": [png_b64(init)],
+            "mask": png_b64(Image.fromarray(mask)),
+            "mask_blur": 0,
+            "inpainting_mask_invert": 1,
+            "denoising_strength": 1.0,
+        },
+    )
     out = pixels(decoded(inverted.json()["images"][0]))
     assert np.array_equal(out[:, :32], pixels(init)[:, :32])  # the white half is kept when inverted
 
@@ -210,19 +266,44 @@ def test_controlnet_extension_body_drives_the_segmentation_controlnet(api):
     assert api.get("/controlnet/module_list").json() == {"module_list": ["none"]}
     segmap = Image.new("RGB", (64, 64), (120, 120, 120))
     segmap.paste((255, 0, 0), (8, 8, 40, 40))
-    unit = {"image": png_b64(segmap), "model": names[0] + " [0123abcd]", "module": "none", "weight": 1.0,
-            "guidance_start": 0.0, "guidance_end": 1.0, "resize_mode": "Crop and Resize", "processor_res": 512}
-    with_control = api.post("/sdapi/v1/txt2img", json={"prompt": "a circle", **QUICK,
-                                                       "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    unit = {
+        "image": png_b64(segmap),
+        "model": names[0] + " [0123abcd]",
+        "module": "none",
+        "weight": 1.0,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "resize_mode": "Crop and Resize",
+        "processor_res": 512,
+    }
+    with_control = api.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "a circle", **QUICK, "alwayson_scripts": {"controlnet": {"args": [unit]}}},
+    )
     assert with_control.status_code == 200, with_control.text
     without = api.post("/sdapi/v1/txt2img", json={"prompt": "a circle", **QUICK})
-    assert not np.array_equal(pixels(decoded(with_control.json()["images"][0])),
-                              pixels(decoded(without.json()["images"][0])))
-    off = api.post("/sdapi/v1/txt2img", json={"prompt": "a circle", **QUICK, "alwayson_scripts": {
-        "controlnet": {"args": [{**unit, "enabled": False}]}}})
-    assert np.array_equal(pixels(decoded(off.json()["images"][0])), pixels(decoded(without.json()["images"][0])))
-    refused = api.post("/sdapi/v1/txt2img", json={"prompt": "a circle", **QUICK, "alwayson_scripts": {
-        "controlnet": {"args": [{**unit, "module": "canny"}]}}})
+    assert not np.array_equal(
+        pixels(decoded(with_control.json()["images"][0])), pixels(decoded(without.json()["images"][0]))
+    )
+    off = api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a circle",
+            **QUICK,
+            "alwayson_scripts": {"controlnet": {"args": [{**unit, "enabled": False}]}},
+        },
+    )
+    assert np.array_equal(
+        pixels(decoded(off.json()["images"][0])), pixels(decoded(without.json()["images"][0]))
+    )
+    refused = api.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a circle",
+            **QUICK,
+            "alwayson_scripts": {"controlnet": {"args": [{**unit, "module": "canny"}]}},
+        },
+    )
     assert "module" in one_line_error(refused, 422)
 
 
@@ -230,9 +311,12 @@ def test_plugin_fields_are_accepted_under_their_registered_names(api):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", **QUICK, "cfg_rescale": 0.7})
     assert response.status_code == 200
     assert parse_infotext(json.loads(response.json()["info"])["infotexts"][0])["CFG rescale"] == "0.7"
-    assert "cfg_rescale" in one_line_error(api.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_rescale": 5}), 422)
+    assert "cfg_rescale" in one_line_error(
+        api.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_rescale": 5}), 422
+    )
     assert "did you mean cfg_rescale" in one_line_error(
-        api.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_rescal": 0.5}), 422)
+        api.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_rescal": 0.5}), 422
+    )
 
 
 def test_png_info_reads_the_parameters_chunk(api):
@@ -252,8 +336,16 @@ def test_lists_and_small_routes(api):
     schedulers = api.get("/sdapi/v1/schedulers").json()
     assert {"automatic", "karras"} <= {item["name"] for item in schedulers}
     models = api.get("/sdapi/v1/sd-models").json()
-    assert models == [{"title": "latent-studio-shapes", "model_name": "latent-studio-shapes", "hash": None,
-                       "sha256": None, "filename": "latent-studio-shapes", "config": None}]
+    assert models == [
+        {
+            "title": "latent-studio-shapes",
+            "model_name": "latent-studio-shapes",
+            "hash": None,
+            "sha256": None,
+            "filename": "latent-studio-shapes",
+            "config": None,
+        }
+    ]
     assert api.get("/sdapi/v1/sd-vae").json() == []
     assert api.get("/sdapi/v1/loras").json() == []
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
@@ -273,15 +365,25 @@ def test_lists_and_small_routes(api):
 
 
 def test_openai_images_generations(api, server):
-    response = api.post("/v1/images/generations", json={"prompt": "a green triangle", "n": 2, "size": "64x64",
-                                                       "response_format": "b64_json", "model": "dall-e-3",
-                                                       "seed": 7, "quality": "standard"})
+    response = api.post(
+        "/v1/images/generations",
+        json={
+            "prompt": "a green triangle",
+            "n": 2,
+            "size": "64x64",
+            "response_format": "b64_json",
+            "model": "dall-e-3",
+            "seed": 7,
+            "quality": "standard",
+        },
+    )
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert len(data) == 2 and data[0]["revised_prompt"] == "a green triangle"
     assert decoded(data[0]["b64_json"]).size == (64, 64)
-    assert "b64_json" in one_line_error(api.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"}),
-                                   422)
+    assert "b64_json" in one_line_error(
+        api.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"}), 422
+    )
     refused = api.post("/v1/images/generations", json={"prompt": "x", "n": 0})
     assert refused.json()["error"]["message"] == one_line_error(refused, 422)  # OpenAI's error shape too
     assert one_line_error(api.post("/v1/images/generations", json={"prompt": "x", "size": "big"}), 422)
@@ -295,14 +397,23 @@ def test_openai_bearer_key_on_an_api_alone(tmp_path):
         with httpx.Client(base_url=alone.url, timeout=120) as client:
             assert client.get("/").status_code == 404  # no web app
             assert client.post("/v1/images/generations", json={"prompt": "x"}).status_code == 401
-            wrong = client.post("/v1/images/generations", json={"prompt": "x"},
-                                headers={"Authorization": "Bearer sk-wrong-000000"})
+            wrong = client.post(
+                "/v1/images/generations",
+                json={"prompt": "x"},
+                headers={"Authorization": "Bearer sk-wrong-000000"},
+            )
             assert wrong.status_code == 401 and wrong.json()["error"]["message"]
-            ok = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "seed": 7},
-                             headers={"Authorization": f"Bearer {key}"})
+            ok = client.post(
+                "/v1/images/generations",
+                json={"prompt": "x", "size": "64x64", "seed": 7},
+                headers={"Authorization": f"Bearer {key}"},
+            )
             assert ok.status_code == 200 and decoded(ok.json()["data"][0]["b64_json"]).size == (64, 64)
-            big = client.post("/sdapi/v1/txt2img", content=b"x" * (80 * 2**20),
-                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            big = client.post(
+                "/sdapi/v1/txt2img",
+                content=b"x" * (80 * 2**20),
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
             assert big.status_code == 413
     finally:
         alone.close()
@@ -329,9 +440,19 @@ BAD = [
     ("txt2img", {"prompt": "x", "width": 4096, "height": 4096}, 422, "--max-pixels"),
     ("txt2img", {"prompt": "x", "width": 65}, 422, "multiple of 8"),
     ("txt2img", {"prompt": "x", "sampler_name": "Turbo 9000"}, 404, "sampler"),
-    ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope [12345678]"}}, 404, "not found"),
+    (
+        "txt2img",
+        {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope [12345678]"}},
+        404,
+        "not found",
+    ),
     ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 422, ".."),
-    ("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 422, "absolute"),
+    (
+        "txt2img",
+        {"prompt": "x", "override_settings": {"sd_model_checkpoint": "/etc/passwd"}},
+        422,
+        "absolute",
+    ),
     ("txt2img", {"prompt": "x", "override_settings": {"sd_vae": "missing-vae"}}, 404, "vae"),
     ("txt2img", {"prompt": "x", "override_settings": {"show_progressbar": True}}, 422, "show_progressbar"),
     ("txt2img", {"prompt": "x", "enable_hr": True}, 422, "hires fix"),
@@ -340,19 +461,51 @@ BAD = [
     ("txt2img", {"prompt": "x", "init_images": ["abc"]}, 422, "img2img"),
     ("img2img", {"prompt": "x"}, 422, "init_images"),
     ("img2img", {"prompt": "x", "init_images": ["not base64 at all!"]}, 422, "base64"),
-    ("img2img", {"prompt": "x", "init_images": [base64.b64encode(b"hello, not an image").decode()]}, 422, "readable"),
+    (
+        "img2img",
+        {"prompt": "x", "init_images": [base64.b64encode(b"hello, not an image").decode()]},
+        422,
+        "readable",
+    ),
     ("img2img", {"prompt": "x", "init_images": [12]}, 422, "base64"),
     ("img2img", {"prompt": "x", "init_images": ["/etc/passwd"]}, 422, "image"),
     ("img2img", {"prompt": "x", "init_images": [_huge_png_header()]}, 422, "too large"),
-    ("img2img", {"prompt": "x", "init_images": [png_b64(Image.new("RGB", (64, 64)))], "inpainting_fill": 9,
-                 "mask": png_b64(Image.new("L", (64, 64)))}, 422, "inpainting_fill"),
-    ("img2img", {"prompt": "x", "init_images": [png_b64(Image.new("RGB", (64, 64)))], "mask": "%%%"}, 422, "mask"),
+    (
+        "img2img",
+        {
+            "prompt": "x",
+            "init_images": [png_b64(Image.new("RGB", (64, 64)))],
+            "inpainting_fill": 9,
+            "mask": png_b64(Image.new("L", (64, 64))),
+        },
+        422,
+        "inpainting_fill",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "init_images": [png_b64(Image.new("RGB", (64, 64)))], "mask": "%%%"},
+        422,
+        "mask",
+    ),
     ("png-info", {"image": "bm9wZQ=="}, 422, "readable"),
     ("png-info", {}, 422, "image"),
-    ("txt2img", {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [{"module": "none"}]}}}, 422,
-     "image is missing"),
-    ("txt2img", {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [
-        {"image": png_b64(Image.new("RGB", (64, 64))), "model": "../../x"}]}}}, 422, ".."),
+    (
+        "txt2img",
+        {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [{"module": "none"}]}}},
+        422,
+        "image is missing",
+    ),
+    (
+        "txt2img",
+        {
+            "prompt": "x",
+            "alwayson_scripts": {
+                "controlnet": {"args": [{"image": png_b64(Image.new("RGB", (64, 64))), "model": "../../x"}]}
+            },
+        },
+        422,
+        "..",
+    ),
     ("txt2img", {"prompt": "x", "alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
 ]
 
@@ -364,14 +517,29 @@ def test_bad_input_gets_a_one_line_answer(api, route, body, status, words):
 
 
 def test_malformed_bodies_and_the_server_keeps_serving(api):
-    assert one_line_error(api.post("/sdapi/v1/txt2img", content=b"{not json",
-                                   headers={"Content-Type": "application/json"}), 422)
+    assert one_line_error(
+        api.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"}), 422
+    )
     assert one_line_error(api.post("/sdapi/v1/txt2img", json=["a", "list"]), 422)
-    assert one_line_error(api.post("/sdapi/v1/txt2img", content="\udcff".encode("utf-8", "surrogatepass"),
-                                   headers={"Content-Type": "application/json"}), 422)
-    assert one_line_error(api.post("/sdapi/v1/txt2img", content=b'{"prompt": "\\ud800"}',
-                                   headers={"Content-Type": "application/json"}), 422)
-    too_big = api.post("/sdapi/v1/img2img", content=b"0" * (3 * 2**20), headers={"Content-Type": "application/json"})
+    assert one_line_error(
+        api.post(
+            "/sdapi/v1/txt2img",
+            content="\udcff".encode("utf-8", "surrogatepass"),
+            headers={"Content-Type": "application/json"},
+        ),
+        422,
+    )
+    assert one_line_error(
+        api.post(
+            "/sdapi/v1/txt2img",
+            content=b'{"prompt": "\\ud800"}',
+            headers={"Content-Type": "application/json"},
+        ),
+        422,
+    )
+    too_big = api.post(
+        "/sdapi/v1/img2img", content=b"0" * (3 * 2**20), headers={"Content-Type": "application/json"}
+    )
     assert too_big.status_code == 413 and "--max-upload-mb" in too_big.json()["detail"]
     assert one_line_error(api.get("/api/v1/jobs/../../etc/passwd"), 404)
     assert api.get("/sdapi/v1/samplers").status_code == 200
@@ -382,16 +550,60 @@ def test_malformed_bodies_and_the_server_keeps_serving(api):
 
 def test_same_seed_same_pixels_through_web_app_cli_and_api(api, server, tmp_path):
     prompt = "a small yellow square at the top left on a purple background"
-    through_api = pixels(decoded(api.post("/sdapi/v1/txt2img", json={
-        "prompt": prompt, "steps": 2, "seed": 1234, "width": 64, "height": 64,
-        "sampler_name": "DPM++ 2M", "scheduler": "Karras"}).json()["images"][0]))
-    web = call(server.client(), "txt2img", Prompt=prompt, Steps=2, Width=64, Height=64,
-               Sampler="DPM++ 2M Karras", **{"Seed (-1 = random)": 1234})
+    through_api = pixels(
+        decoded(
+            api.post(
+                "/sdapi/v1/txt2img",
+                json={
+                    "prompt": prompt,
+                    "steps": 2,
+                    "seed": 1234,
+                    "width": 64,
+                    "height": 64,
+                    "sampler_name": "DPM++ 2M",
+                    "scheduler": "Karras",
+                },
+            ).json()["images"][0]
+        )
+    )
+    web = call(
+        server.client(),
+        "txt2img",
+        Prompt=prompt,
+        Steps=2,
+        Width=64,
+        Height=64,
+        Sampler="DPM++ 2M Karras",
+        **{"Seed (-1 = random)": 1234},
+    )
     through_web = pixels(Image.open(web[2][0]["image"]))
-    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "generate", "--models-dir", str(MODELS),
-                           "--prompt", prompt, "--steps", "2", "--seed", "1234", "--width", "64", "--height", "64",
-                           "--sampler", "DPM++ 2M Karras", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "generate",
+            "--models-dir",
+            str(MODELS),
+            "--prompt",
+            prompt,
+            "--steps",
+            "2",
+            "--seed",
+            "1234",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--sampler",
+            "DPM++ 2M Karras",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     through_cli = pixels(Image.open(done.stdout.strip().splitlines()[-1]))
     assert np.array_equal(through_api, through_web)

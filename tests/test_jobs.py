@@ -24,14 +24,29 @@ pytestmark = pytest.mark.timeout(300)
 
 ALICE = ("alice", "wonderland")
 BOB = ("bob", "builder99")
-QUICK = {"prompt": "a large red circle", "steps": 4, "width": 64, "height": 64, "seed": 11, "sampler_name": "Euler a"}
+QUICK = {
+    "prompt": "a large red circle",
+    "steps": 4,
+    "width": 64,
+    "height": 64,
+    "seed": 11,
+    "sampler_name": "Euler a",
+}
 LONG = {"prompt": "a long one", "steps": 150, "n_iter": 30, "width": 64, "height": 64, "seed": 3}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("outputs"), "--api", "--api-auth",
-                    f"{ALICE[0]}:{ALICE[1]},{BOB[0]}:{BOB[1]}", "--queue-size", "2", "--preview-every", "2")
+    server = Server(
+        tmp_path_factory.mktemp("outputs"),
+        "--api",
+        "--api-auth",
+        f"{ALICE[0]}:{ALICE[1]},{BOB[0]}:{BOB[1]}",
+        "--queue-size",
+        "2",
+        "--preview-every",
+        "2",
+    )
     yield server
     server.close()
 
@@ -53,17 +68,20 @@ def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     found: list[tuple[str, dict]] = []
     name = None
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
         for line in response.iter_lines():
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             elif line.startswith("data: "):
-                found.append((name, json.loads(line[len("data: "):])))
+                found.append((name, json.loads(line[len("data: ") :])))
     return found
 
 
 def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 240) -> dict:
     """The job's view once it is in ``state`` or has ended."""
+
     def view() -> dict | None:
         found = client.get(f"/api/v1/jobs/{job_id}").json()
         return found if found["state"] == state or found["state"] in ("done", "failed", "cancelled") else None
@@ -91,7 +109,9 @@ def test_a_job_followed_through_its_events_to_its_images(alice):
     image = Image.open(io.BytesIO(first.content))
     assert image.size == (64, 64) and read_png_parameters(image) == final["infotexts"][0]
     same = alice.post("/sdapi/v1/txt2img", json={**QUICK, "batch_size": 2}).json()  # the same, synchronously
-    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(base64.b64decode(same["images"][0])))))
+    assert np.array_equal(
+        np.asarray(image), np.asarray(Image.open(io.BytesIO(base64.b64decode(same["images"][0]))))
+    )
     assert alice.get(f"/api/v1/jobs/{job['id']}/images/2").status_code == 404
     assert alice.get(f"/api/v1/jobs/{job['id']}").json()["state"] == "done"
     assert job["id"] in [item["id"] for item in alice.get("/api/v1/jobs").json()]
@@ -103,7 +123,9 @@ def test_jobs_for_other_tasks(alice):
     buffer = io.BytesIO()
     init.save(buffer, format="PNG")
     encoded = base64.b64encode(buffer.getvalue()).decode()
-    job = alice.post("/api/v1/jobs", json={**QUICK, "init_images": [encoded], "denoising_strength": 0.5}).json()
+    job = alice.post(
+        "/api/v1/jobs", json={**QUICK, "init_images": [encoded], "denoising_strength": 0.5}
+    ).json()
     assert job["task"] == "img2img"
     assert wait_for(alice, job["id"], "done")["state"] == "done"
     refused = alice.post("/api/v1/jobs", json={**QUICK, "task": "inpaint", "init_images": [encoded]})
@@ -134,22 +156,33 @@ def test_cancel_while_queued_and_while_running_and_the_busy_answer(alice, bob, s
     assert progress["current_task"] == long["id"] and progress["state"]["sampling_steps"] == 150
     assert progress["state"]["job_count"] == 30 and 0 <= progress["progress"] < 1
     assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).format == "PNG"
-    assert alice.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+    assert (
+        alice.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+    )
     assert bob.get("/sdapi/v1/progress").json()["current_task"] is None  # not bob's job
     # the queue holds 2 (--queue-size 2): the third waiting generation is refused with 503
     first = alice.post("/api/v1/jobs", json=QUICK).json()
     second = bob.post("/api/v1/jobs", json=QUICK).json()
     assert (first["state"], first["position"], second["position"]) == ("queued", 1, 2)
     busy = alice.post("/api/v1/jobs", json=QUICK)
-    assert busy.status_code == 503 and "busy" in busy.json()["detail"] and int(busy.headers["retry-after"]) >= 1
+    assert (
+        busy.status_code == 503 and "busy" in busy.json()["detail"] and int(busy.headers["retry-after"]) >= 1
+    )
     sync_busy = bob.post("/sdapi/v1/txt2img", json=QUICK)
     assert sync_busy.status_code == 503
     # the web app's Generate meets the same bound, with the same message
     web = server.client()
     fn_index = next(d["id"] for d in web.config["dependencies"] if d.get("api_name") == "txt2img")
-    reply = httpx.post(f"{server.url}gradio_api/queue/join", json={
-        "data": arguments(web, "txt2img", Prompt="x"), "fn_index": fn_index, "session_hash": "busy-test",
-        "event_data": None, "trigger_id": None})
+    reply = httpx.post(
+        f"{server.url}gradio_api/queue/join",
+        json={
+            "data": arguments(web, "txt2img", Prompt="x"),
+            "fn_index": fn_index,
+            "session_hash": "busy-test",
+            "event_data": None,
+            "trigger_id": None,
+        },
+    )
     assert reply.status_code == 503 and reply.json()["detail"] == BUSY_MESSAGE.format(size=2)
     assert busy.json()["detail"] == BUSY_MESSAGE.format(size=2)
     # cancelled while queued: it leaves the queue at once, and the one behind moves up
@@ -208,7 +241,10 @@ def test_job_manager_order_failure_and_retention():
         for job in queued:
             assert manager.wait_finished(job, timeout=30)
         assert queued[0].state == "done" and queued[0].result == {"result": "one"}
-        assert queued[1].state == "failed" and queued[1].error == "generation failed: RuntimeError: the device fell over"
+        assert (
+            queued[1].state == "failed"
+            and queued[1].error == "generation failed: RuntimeError: the device fell over"
+        )
         assert ran == ["wait", "one"]
         assert len(manager.jobs("a")) == 2  # keep_count: the oldest finished job is forgotten
     finally:
@@ -229,7 +265,11 @@ def test_retention_flags_reach_the_job_manager_and_bad_values_are_refused(capsys
         assert (api.state.api.jobs.keep_seconds, api.state.api.jobs.keep_count) == (5.0, 3)
     finally:
         close_api(api)
-    for flag, value in (("--job-keep-seconds", "nan"), ("--job-keep-seconds", "-1"), ("--job-keep-count", "0")):
+    for flag, value in (
+        ("--job-keep-seconds", "nan"),
+        ("--job-keep-seconds", "-1"),
+        ("--job-keep-count", "0"),
+    ):
         with pytest.raises(SystemExit):
             build_parser().parse_args([flag, value])
         assert "must be" in capsys.readouterr().err

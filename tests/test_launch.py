@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def launch(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *argv], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
@@ -44,8 +49,11 @@ def test_a_malformed_login_is_refused(tmp_path):
 
 def test_logins_from_flag_and_file(tmp_path):
     (tmp_path / "logins").write_text("# team\nalice:wonder\n\ncarol:pa:ss\n")
-    assert read_auth("bob:builder", tmp_path / "logins") == [("bob", "builder"), ("alice", "wonder"),
-                                                             ("carol", "pa:ss")]
+    assert read_auth("bob:builder", tmp_path / "logins") == [
+        ("bob", "builder"),
+        ("alice", "wonder"),
+        ("carol", "pa:ss"),
+    ]
 
 
 def test_what_the_flags_allow():
@@ -63,8 +71,20 @@ def test_what_the_flags_allow():
 def test_help_lists_the_launch_flags():
     run = launch("--help")
     assert run.returncode == 0
-    for flag in ("--port", "--listen", "--share", "--auth", "--auth-file", "--insecure", "--model", "--models-dir",
-                 "--outputs-dir", "--device", "--dtype", "--queue-size"):
+    for flag in (
+        "--port",
+        "--listen",
+        "--share",
+        "--auth",
+        "--auth-file",
+        "--insecure",
+        "--model",
+        "--models-dir",
+        "--outputs-dir",
+        "--device",
+        "--dtype",
+        "--queue-size",
+    ):
         assert flag in run.stdout, flag
 
 
@@ -93,9 +113,13 @@ def test_python_launch_py_serves_on_localhost(tmp_path):
     from ui_server import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--outputs-dir",
-                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--outputs-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         line = ""
         for _ in range(200):
@@ -108,4 +132,3 @@ def test_python_launch_py_serves_on_localhost(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
-

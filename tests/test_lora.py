@@ -47,8 +47,9 @@ def kohya_name(prefix: str, module: str) -> str:
     return prefix + module.replace(".", "_")
 
 
-def kohya_layers(module: torch.nn.Module, prefix: str, targets: tuple[str, ...], seed: int,
-                 scale: float = 0.3) -> dict[str, torch.Tensor]:
+def kohya_layers(
+    module: torch.nn.Module, prefix: str, targets: tuple[str, ...], seed: int, scale: float = 0.3
+) -> dict[str, torch.Tensor]:
     """Random rank-2 kohya LoRA tensors (down, up, alpha) for every ``targets`` layer of ``module``."""
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -98,8 +99,10 @@ def files(bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> dict
     """A models folder with two LoRAs for the tiny model: ``style`` (UNet attention and text
     encoder layers) and ``other`` (UNet only, another seed)."""
     root = tmp_path_factory.mktemp("models")
-    style = {**kohya_layers(bundle.unet, "lora_unet_", UNET_TARGETS, 1),
-             **kohya_layers(bundle.text_encoders[0], "lora_te_", TE_TARGETS, 2)}
+    style = {
+        **kohya_layers(bundle.unet, "lora_unet_", UNET_TARGETS, 1),
+        **kohya_layers(bundle.text_encoders[0], "lora_te_", TE_TARGETS, 2),
+    }
     other = kohya_layers(bundle.unet, "lora_unet_", UNET_TARGETS, 3)
     write_lora(root / "lora" / "style.safetensors", style)
     write_lora(root / "lora" / "other.safetensors", other)
@@ -108,7 +111,9 @@ def files(bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def engine(files: dict[str, Any]) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(files["root"]))
+    return Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(files["root"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +136,15 @@ def assert_clean(bundle: ModelBundle) -> None:
 
 
 def test_tags_are_parsed_like_a1111() -> None:
-    text, tags = parse_lora_tags("a cat <lora:ink:0.8>, <lora:film>  <lyco:grain:0.5:0.25> <lora:x:te=0.2:unet=0.9>")
+    text, tags = parse_lora_tags(
+        "a cat <lora:ink:0.8>, <lora:film>  <lyco:grain:0.5:0.25> <lora:x:te=0.2:unet=0.9>"
+    )
     assert text == "a cat ,    "
     assert [(t.name, t.te_weight, t.unet_weight) for t in tags] == [
-        ("ink", 0.8, 0.8), ("film", 1.0, 1.0), ("grain", 0.5, 0.25), ("x", 0.2, 0.9),
+        ("ink", 0.8, 0.8),
+        ("film", 1.0, 1.0),
+        ("grain", 0.5, 0.25),
+        ("x", 0.2, 0.9),
     ]
     assert strip_network_tags("a <lora:ink:1> cat <hypernet:h:1>") == "a  cat "
 
@@ -157,7 +167,10 @@ def test_bad_tags_say_what_is_wrong(prompt: str, message: str) -> None:
 
 def test_repeated_tags_add_up(engine: Engine) -> None:
     loras = prompt_loras("<lora:style:0.25> x <lora:style:0.5:1> <lora:other>", engine.models)
-    assert [(lo.name, lo.te_weight, lo.unet_weight) for lo in loras] == [("style", 0.75, 1.25), ("other", 1.0, 1.0)]
+    assert [(lo.name, lo.te_weight, lo.unet_weight) for lo in loras] == [
+        ("style", 0.75, 1.25),
+        ("other", 1.0, 1.0),
+    ]
 
 
 # --------------------------------------------------------------------------- finding files
@@ -187,7 +200,9 @@ def test_an_unknown_lora_names_the_available_ones(engine: Engine, bundle: ModelB
 def test_pickle_loras_are_refused(tmp_path: Path) -> None:
     pickle = tmp_path / "ink.pt"
     pickle.write_bytes(b"not loaded")
-    models = SimpleNamespace(models_dir=None, list=lambda kind: [SimpleNamespace(name="ink", source=str(pickle))])
+    models = SimpleNamespace(
+        models_dir=None, list=lambda kind: [SimpleNamespace(name="ink", source=str(pickle))]
+    )
     with pytest.raises(InvalidRequestError, match=r"\.pt file; only \.safetensors"):
         find_lora("ink", models)
 
@@ -247,9 +262,14 @@ def test_two_loras_at_once(engine, bundle, base, files) -> None:
     to_q = bundle.unet.get_submodule(TO_Q)
     x = torch.randn(1, 3, to_q.in_features, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = to_q(x) + 0.5 * delta(files["style"], kohya_name("lora_unet_", TO_Q), x) \
+        expected = (
+            to_q(x)
+            + 0.5 * delta(files["style"], kohya_name("lora_unet_", TO_Q), x)
             + 0.25 * delta(files["other"], kohya_name("lora_unet_", TO_Q), x)
-        with apply_loras(bundle, [LoraRequest("style", style, 0.5, 0.5), LoraRequest("other", other, 0.25, 0.25)]):
+        )
+        with apply_loras(
+            bundle, [LoraRequest("style", style, 0.5, 0.5), LoraRequest("other", other, 0.25, 0.25)]
+        ):
             both = bundle.unet.get_submodule(TO_Q)(x)
     torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-6)
 
@@ -271,8 +291,12 @@ def test_a_failing_or_interrupted_request_leaves_no_lora(engine, bundle, base) -
     assert torch.equal(pixels(generate(engine, bundle, "a red cat")), base)
 
     control = GenerationControl()
-    result = engine.generate(GenerationRequest(**{**BASE, "prompt": "a red cat <lora:style:1>", "batch_count": 2}),
-                             bundle=bundle, control=control, callback=lambda step: control.interrupt())
+    result = engine.generate(
+        GenerationRequest(**{**BASE, "prompt": "a red cat <lora:style:1>", "batch_count": 2}),
+        bundle=bundle,
+        control=control,
+        callback=lambda step: control.interrupt(),
+    )
     assert result.interrupted
     assert_clean(bundle)
     assert torch.equal(pixels(generate(engine, bundle, "a red cat")), base)
@@ -305,28 +329,41 @@ def test_another_generation_waits_for_the_lora_request(engine, bundle, base, fil
 
 
 def test_a_lora_for_another_model_is_refused(bundle: ModelBundle, tmp_path: Path) -> None:
-    path = write_lora(tmp_path / "xl.safetensors", {
-        "lora_unet_down_blocks_5_attentions_9_proj_in.lora_down.weight": torch.zeros(2, 8),
-        "lora_unet_down_blocks_5_attentions_9_proj_in.lora_up.weight": torch.zeros(8, 2),
-    })
+    path = write_lora(
+        tmp_path / "xl.safetensors",
+        {
+            "lora_unet_down_blocks_5_attentions_9_proj_in.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_down_blocks_5_attentions_9_proj_in.lora_up.weight": torch.zeros(8, 2),
+        },
+    )
     with pytest.raises(InvalidRequestError, match="does not fit the model"):
         with apply_loras(bundle, [LoraRequest("xl", read_lora(path))]):
             pass
     assert_clean(bundle)
 
 
-def test_diffusers_format_loras_apply_at_scale_one_or_are_refused(bundle: ModelBundle, tmp_path: Path) -> None:
+def test_diffusers_format_loras_apply_at_scale_one_or_are_refused(
+    bundle: ModelBundle, tmp_path: Path
+) -> None:
     to_q = bundle.unet.get_submodule(TO_Q)
     generator = torch.Generator().manual_seed(8)
-    a, b = torch.randn(4, to_q.in_features, generator=generator), torch.randn(to_q.out_features, 4, generator=generator)
+    a, b = (
+        torch.randn(4, to_q.in_features, generator=generator),
+        torch.randn(to_q.out_features, 4, generator=generator),
+    )
     tensors = {f"unet.{TO_Q}.lora_A.weight": a, f"unet.{TO_Q}.lora_B.weight": b}
     x = torch.randn(1, 3, to_q.in_features, generator=generator)
     with torch.no_grad():
         expected = to_q(x) + 0.5 * (x @ a.T @ b.T)
-        with apply_loras(bundle, [LoraRequest("d", read_lora(write_lora(tmp_path / "d.safetensors", tensors)), 1, 0.5)]):
+        with apply_loras(
+            bundle, [LoraRequest("d", read_lora(write_lora(tmp_path / "d.safetensors", tensors)), 1, 0.5)]
+        ):
             torch.testing.assert_close(bundle.unet.get_submodule(TO_Q)(x), expected, rtol=1e-5, atol=1e-6)
-    scaled = write_lora(tmp_path / "scaled.safetensors", tensors,
-                        {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 8}'})
+    scaled = write_lora(
+        tmp_path / "scaled.safetensors",
+        tensors,
+        {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 8}'},
+    )
     with pytest.raises(InvalidRequestError, match="its own scaling"):
         with apply_loras(bundle, [LoraRequest("scaled", read_lora(scaled))]):
             pass
@@ -356,9 +393,9 @@ def test_the_tag_never_reaches_the_text_encoder(bundle: ModelBundle) -> None:
 def test_lora_hashes_are_written_like_a1111(engine, bundle, files, tmp_path) -> None:
     data = (files["root"] / "lora" / "style.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
-    style_hash = hashlib.sha256(data[8 + header:]).hexdigest()[:12]  # kohya's "addnet" hash
+    style_hash = hashlib.sha256(data[8 + header :]).hexdigest()[:12]  # kohya's "addnet" hash
     data = (files["root"] / "lora" / "other.safetensors").read_bytes()
-    other_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    other_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
 
     prompt = "a red cat <lora:style:0.8>, <lora:other:0.2>"
     infotext = generate(engine, bundle, prompt).infotexts[0]
@@ -366,7 +403,9 @@ def test_lora_hashes_are_written_like_a1111(engine, bundle, files, tmp_path) -> 
     assert f'Lora hashes: "style: {style_hash}, other: {other_hash}"' in infotext
     assert parse_infotext(infotext)["Lora hashes"] == f"style: {style_hash}, other: {other_hash}"
 
-    stamped = write_lora(tmp_path / "stamped.safetensors", files["other"], {"sshs_model_hash": "0123456789abcdef"})
+    stamped = write_lora(
+        tmp_path / "stamped.safetensors", files["other"], {"sshs_model_hash": "0123456789abcdef"}
+    )
     assert read_lora(stamped).hash == "0123456789ab"  # the trainer's own hash wins, as in A1111
 
 
@@ -376,13 +415,20 @@ def test_lora_hashes_are_written_like_a1111(engine, bundle, files, tmp_path) -> 
 def test_sdxl_loras_reach_both_text_encoders_and_sgm_named_unet_blocks(tmp_path: Path) -> None:
     bundle = bundle_from_components(make_sdxl_components(tmp_path))
     te1, te2 = bundle.text_encoders
-    tensors = {**kohya_layers(te1, "lora_te1_", ("q_proj",), 4), **kohya_layers(te2, "lora_te2_", ("fc1",), 5)}
+    tensors = {
+        **kohya_layers(te1, "lora_te1_", ("q_proj",), 4),
+        **kohya_layers(te2, "lora_te2_", ("fc1",), 5),
+    }
     # kohya names SDXL's UNet blocks the sgm way: input_blocks.4.1 is down_blocks.1.attentions.0
     sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     generator = torch.Generator().manual_seed(6)
-    tensors.update({f"{sgm}.lora_down.weight": torch.randn(RANK, 64, generator=generator),
-                    f"{sgm}.lora_up.weight": torch.randn(64, RANK, generator=generator),
-                    f"{sgm}.alpha": torch.tensor(ALPHA)})
+    tensors.update(
+        {
+            f"{sgm}.lora_down.weight": torch.randn(RANK, 64, generator=generator),
+            f"{sgm}.lora_up.weight": torch.randn(64, RANK, generator=generator),
+            f"{sgm}.alpha": torch.tensor(ALPHA),
+        }
+    )
     lora = read_lora(write_lora(tmp_path / "xl.safetensors", tensors))
     q = next(name for name, _ in te1.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
     fc1 = next(name for name, _ in te2.named_modules() if name.endswith(FC1))  # under text_model.
@@ -396,5 +442,7 @@ def test_sdxl_loras_reach_both_text_encoders_and_sgm_named_unet_blocks(tmp_path:
         with apply_loras(bundle, [LoraRequest("xl", lora, te_weight=0.5, unet_weight=1.5)]):
             torch.testing.assert_close(te1.get_submodule(q)(x), expected_1, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(te2.get_submodule(fc1)(x), expected_2, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(bundle.unet.get_submodule(TO_Q)(x_unet), expected_unet, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                bundle.unet.get_submodule(TO_Q)(x_unet), expected_unet, rtol=1e-5, atol=1e-6
+            )
     assert_clean(bundle)

@@ -21,8 +21,9 @@ from webui.engine.pipeline import Engine
 from webui.errors import InvalidRequestError, OutOfMemoryError
 from webui.request import GenerationRequest
 
-REQUEST = GenerationRequest(prompt="a red circle", steps=3, seed=7, width=64, height=64, batch_size=2,
-                            sampler="Euler", cfg_scale=5.0)
+REQUEST = GenerationRequest(
+    prompt="a red circle", steps=3, seed=7, width=64, height=64, batch_size=2, sampler="Euler", cfg_scale=5.0
+)
 CPU = torch.device("cpu")
 GPU = torch.device("cuda")  # only as a value: no test here touches a GPU
 
@@ -47,15 +48,18 @@ def default(components):
     return pixels(result)
 
 
-@pytest.mark.parametrize(("settings", "tolerance"), [
-    (MemorySettings(attention="sliced"), 0.5),
-    (MemorySettings(attention="xformers"), 0.0),  # no GPU here: falls back to SDPA, the very same image
-    (MemorySettings(vae_slicing="on"), 0.5),
-    (MemorySettings(offload="model"), 0.0),
-    (MemorySettings(offload="sequential"), 0.0),
-    (MemorySettings(vae_tiling="on"), 6.0),  # overlapping tiles are blended: near the seams pixels move
-    (MemorySettings(channels_last=True), 0.5),  # last: the layout stays on the shared test modules
-])
+@pytest.mark.parametrize(
+    ("settings", "tolerance"),
+    [
+        (MemorySettings(attention="sliced"), 0.5),
+        (MemorySettings(attention="xformers"), 0.0),  # no GPU here: falls back to SDPA, the very same image
+        (MemorySettings(vae_slicing="on"), 0.5),
+        (MemorySettings(offload="model"), 0.0),
+        (MemorySettings(offload="sequential"), 0.0),
+        (MemorySettings(vae_tiling="on"), 6.0),  # overlapping tiles are blended: near the seams pixels move
+        (MemorySettings(channels_last=True), 0.5),  # last: the layout stays on the shared test modules
+    ],
+)
 def test_every_backend_and_mode_gives_the_default_image(components, default, settings, tolerance):
     result, bundle = run(components, settings)
     got = pixels(result)
@@ -126,22 +130,31 @@ def test_the_plan_follows_free_memory_and_size(components):
     assert choose_plan(fixed, bundle, GPU, width=512, height=512, batch=4, free=1 << 16) == MemoryPlan()
     forced = MemorySettings(vae_tiling="on", offload="model", channels_last=True, attention="sliced")
     assert choose_plan(forced, bundle, CPU, width=64, height=64, batch=1, free=1 << 40) == MemoryPlan(
-        attention="sliced", vae_tiling=True, offload="model", channels_last=True)
+        attention="sliced", vae_tiling=True, offload="model", channels_last=True
+    )
 
 
 def test_the_ladder_goes_tiling_slicing_offload_then_smaller_batches():
     rungs, plan = [], MemoryPlan()
     while (plan := lower_plan(plan, 4, GPU)) is not None:
         rungs.append(plan.describe())
-    assert rungs == ["tiled VAE", "tiled VAE, sliced VAE", "tiled VAE, sliced VAE, model offload",
-                     "tiled VAE, sliced VAE, sequential offload",
-                     "tiled VAE, sliced VAE, sequential offload, 2 images at a time",
-                     "tiled VAE, sliced VAE, sequential offload, 1 image at a time"]
+    assert rungs == [
+        "tiled VAE",
+        "tiled VAE, sliced VAE",
+        "tiled VAE, sliced VAE, model offload",
+        "tiled VAE, sliced VAE, sequential offload",
+        "tiled VAE, sliced VAE, sequential offload, 2 images at a time",
+        "tiled VAE, sliced VAE, sequential offload, 1 image at a time",
+    ]
     rungs, plan = [], MemoryPlan()
     while (plan := lower_plan(plan, 3, CPU)) is not None:  # no offload rungs on a CPU
         rungs.append(plan.describe())
-    assert rungs == ["tiled VAE", "tiled VAE, sliced VAE", "tiled VAE, sliced VAE, 2 images at a time",
-                     "tiled VAE, sliced VAE, 1 image at a time"]
+    assert rungs == [
+        "tiled VAE",
+        "tiled VAE, sliced VAE",
+        "tiled VAE, sliced VAE, 2 images at a time",
+        "tiled VAE, sliced VAE, 1 image at a time",
+    ]
 
 
 def test_auto_dtype(monkeypatch, components):
@@ -161,10 +174,24 @@ def test_the_flags_make_the_settings():
     assert memory_settings(parse([])) == MemorySettings()
     assert memory_settings(parse(["--medvram"])).offload == "model"
     assert memory_settings(parse(["--lowvram", "generate"])).offload == "sequential"
-    settings = memory_settings(parse(["generate", "--attention", "sliced", "--vae-tiling", "on", "--channels-last",
-                                      "--no-oom-retry", "--offload", "none"]))
-    assert settings == MemorySettings(attention="sliced", vae_tiling="on", channels_last=True, recover=False,
-                                      offload="none")
+    settings = memory_settings(
+        parse(
+            [
+                "generate",
+                "--attention",
+                "sliced",
+                "--vae-tiling",
+                "on",
+                "--channels-last",
+                "--no-oom-retry",
+                "--offload",
+                "none",
+            ]
+        )
+    )
+    assert settings == MemorySettings(
+        attention="sliced", vae_tiling="on", channels_last=True, recover=False, offload="none"
+    )
 
 
 # -- recovering from out of memory ---------------------------------------------------------------
@@ -220,8 +247,10 @@ def test_out_of_memory_in_the_decoder_walks_down_to_one_image_at_a_time(componen
     assert [item.index for item in result.images] == [0, 1, 2, 3]
     notes = {item.parameters["Memory"] for item in result.images}
     # the first batch needed three rungs; the second batch starts from the plan that worked
-    assert notes == {"tiled VAE, sliced VAE, 1 image at a time (retried after running out of memory)",
-                     "tiled VAE, sliced VAE, 1 image at a time"}
+    assert notes == {
+        "tiled VAE, sliced VAE, 1 image at a time (retried after running out of memory)",
+        "tiled VAE, sliced VAE, 1 image at a time",
+    }
     assert all(exhaust.freed_before_retry)
     first_two = pixels(result)[:2]
     assert np.abs(first_two - default).mean() <= 6.0  # seeds 7 and 8 as in the default run
@@ -231,7 +260,9 @@ def test_when_nothing_fits_the_message_is_clear_and_the_engine_goes_on(component
     exhaust = Exhaust(times=100)
     bundle = bundle_from(components)
     engine = Engine(plugins=plugins(exhaust))
-    with pytest.raises(OutOfMemoryError, match=r"out of memory even with the lowest-memory plan .*smaller size"):
+    with pytest.raises(
+        OutOfMemoryError, match=r"out of memory even with the lowest-memory plan .*smaller size"
+    ):
         engine.generate(REQUEST, bundle=bundle)
     assert exhaust.calls == 4  # default, tiled, sliced, 1 at a time: the first image fails each time
     gc.collect()
@@ -255,8 +286,12 @@ def test_other_errors_and_a_disabled_retry_are_not_retried(components):
 
 def test_out_of_memory_is_recognised():
     assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert memory.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
-                                                "can't allocate memory: you tried to allocate 4 GB"))
+    assert memory.is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 4 GB"
+        )
+    )
     assert memory.is_out_of_memory(MemoryError())
     assert not memory.is_out_of_memory(RuntimeError("shape mismatch"))
     assert dataclasses.replace(MemoryPlan(), max_batch=1).describe() == "1 image at a time"

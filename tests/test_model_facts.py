@@ -37,8 +37,10 @@ TWO = Palette("two", ("sky", "sea"), [[0, 0, 255], [0, 128, 255]])
 
 
 def make_engine(models_dir: Path | None = None) -> Engine:
-    return Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
-                  models_dir=str(models_dir) if models_dir else None)
+    return Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
+        models_dir=str(models_dir) if models_dir else None,
+    )
 
 
 # -- the latent codec ----------------------------------------------------------------------------------
@@ -48,8 +50,12 @@ SCALINGS = {
     "sd1": dict(scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None),
     "sdxl": dict(scaling_factor=0.13025, shift_factor=None, latents_mean=None, latents_std=None),
     "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609, latents_mean=None, latents_std=None),
-    "stats": dict(scaling_factor=0.5, shift_factor=None, latents_mean=[0.1, -0.2, 0.3, 0.0],
-                  latents_std=[2.0, 0.5, 1.0, 4.0]),
+    "stats": dict(
+        scaling_factor=0.5,
+        shift_factor=None,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[2.0, 0.5, 1.0, 4.0],
+    ),
 }
 
 
@@ -70,9 +76,13 @@ def test_codec_scales_each_family_as_its_reference(family):
     assert torch.allclose(scaled, expected_scaled(raw, scaling), atol=1e-6)
     assert torch.allclose(codec.unscale_latents(scaled, scaling), raw, atol=1e-5)
     if family == "sd1":
-        assert torch.allclose(codec.scale_latents(torch.ones(1, 4, 1, 1), scaling), torch.full((1, 4, 1, 1), 0.18215))
+        assert torch.allclose(
+            codec.scale_latents(torch.ones(1, 4, 1, 1), scaling), torch.full((1, 4, 1, 1), 0.18215)
+        )
     if family == "sd3":  # the shift comes off before the scaling
-        assert torch.allclose(codec.scale_latents(torch.full((1, 4, 1, 1), 0.0609), scaling), torch.zeros(1, 4, 1, 1))
+        assert torch.allclose(
+            codec.scale_latents(torch.full((1, 4, 1, 1), 0.0609), scaling), torch.zeros(1, 4, 1, 1)
+        )
 
 
 @pytest.mark.parametrize("family", SCALINGS)
@@ -115,29 +125,42 @@ def test_float32_vae_copies_only_when_needed_and_leaves_the_original():
     assert encoder.decoder.conv_in.weight.is_meta and not encoder.use_tiling  # the decoder half is not copied
     image = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(encoder.encode(image).latent_dist.mean, plain.encode(image).latent_dist.mean, atol=1e-2)
+        assert torch.allclose(
+            encoder.encode(image).latent_dist.mean, plain.encode(image).latent_dist.mean, atol=1e-2
+        )
 
 
 def test_engine_previews_and_nan_recovery_share_the_codec():
     """No second copy of the scaling or the float32 copy is left in the modules that use them."""
     for module in ("pipeline", "preview", "vae"):
         source = (ROOT / "webui" / "engine" / f"{module}.py").read_text(encoding="utf-8")
-        assert "scaling_factor\"]" not in source and "from_config(vae.config)" not in source, module
+        assert 'scaling_factor"]' not in source and "from_config(vae.config)" not in source, module
         assert "shift_factor" not in source.split('"""', 2)[2], module  # only the docstring may name it
 
 
 # -- native size, guidance and the rest of a model's facts ---------------------------------------------
 
 
-def save_folder(folder: Path, tokenizer: Path, *, sample_size: int, levels: int, prediction: str = "epsilon",
-                xl: bool = False) -> Path:
+def save_folder(
+    folder: Path,
+    tokenizer: Path,
+    *,
+    sample_size: int,
+    levels: int,
+    prediction: str = "epsilon",
+    xl: bool = False,
+) -> Path:
     """A tiny diffusers folder whose UNet ``sample_size`` and VAE depth are a real family's."""
     components = sdxl_components(tokenizer) if xl else sd_components(tokenizer)
     components["unet"].register_to_config(sample_size=sample_size)
     torch.manual_seed(0)
-    components["vae"] = AutoencoderKL(block_out_channels=[32] * levels, down_block_types=["DownEncoderBlock2D"] * levels,
-                                      up_block_types=["UpDecoderBlock2D"] * levels, latent_channels=4,
-                                      layers_per_block=1).eval()
+    components["vae"] = AutoencoderKL(
+        block_out_channels=[32] * levels,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        latent_channels=4,
+        layers_per_block=1,
+    ).eval()
     if not xl:
         components["scheduler"] = PNDMScheduler(**SD_SCHEDULER, prediction_type=prediction)
     pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
@@ -145,20 +168,36 @@ def save_folder(folder: Path, tokenizer: Path, *, sample_size: int, levels: int,
     return folder
 
 
-@pytest.mark.parametrize(("name", "sample_size", "levels", "prediction", "xl", "size"), [
-    ("sd1", 64, 4, "epsilon", False, 512),
-    ("sd2-768-v", 96, 4, "v_prediction", False, 768),  # the UI used to say 512 here
-    ("sdxl", 128, 4, "epsilon", True, 1024),
-    ("tiny", 32, 2, "epsilon", False, 64),
-])
-def test_native_size_is_the_same_for_engine_ui_and_reader(tmp_path, name, sample_size, levels, prediction, xl, size):
+@pytest.mark.parametrize(
+    ("name", "sample_size", "levels", "prediction", "xl", "size"),
+    [
+        ("sd1", 64, 4, "epsilon", False, 512),
+        ("sd2-768-v", 96, 4, "v_prediction", False, 768),  # the UI used to say 512 here
+        ("sdxl", 128, 4, "epsilon", True, 1024),
+        ("tiny", 32, 2, "epsilon", False, 64),
+    ],
+)
+def test_native_size_is_the_same_for_engine_ui_and_reader(
+    tmp_path, name, sample_size, levels, prediction, xl, size
+):
     models = tmp_path / "models"
-    folder = save_folder(models / name, tmp_path / "tokenizer", sample_size=sample_size, levels=levels,
-                         prediction=prediction, xl=xl)
+    folder = save_folder(
+        models / name,
+        tmp_path / "tokenizer",
+        sample_size=sample_size,
+        levels=levels,
+        prediction=prediction,
+        xl=xl,
+    )
     engine = make_engine(models)
     bundle = engine.models.get(name)
     service = StudioService(engine, tmp_path / "outputs")
-    assert bundle.default_size == service.model_info(name).default_size == read_model_info(folder).default_size == size
+    assert (
+        bundle.default_size
+        == service.model_info(name).default_size
+        == read_model_info(folder).default_size
+        == size
+    )
     assert bundle.default_cfg_scale == service.model_info(name).cfg_scale == 7.0
 
 
@@ -166,12 +205,18 @@ def test_a_declared_size_and_guidance_win_everywhere(tmp_path):
     models = tmp_path / "models"
     folder = save_folder(models / "own", tmp_path / "tokenizer", sample_size=96, levels=4)
     index = json.loads((folder / "model_index.json").read_text())
-    index.update(default_size=640, defaults={"cfg_scale": 3.5}, ui={"examples": ["a cat"]},
-                 vocabulary={"animals": ["cat", "dog"]})
+    index.update(
+        default_size=640,
+        defaults={"cfg_scale": 3.5},
+        ui={"examples": ["a cat"]},
+        vocabulary={"animals": ["cat", "dog"]},
+    )
     (folder / "model_index.json").write_text(json.dumps(index))
     engine = make_engine(models)
     bundle, info = engine.models.get("own"), StudioService(engine, tmp_path / "out").model_info("own")
-    assert (bundle.default_size, bundle.default_cfg_scale) == (info.default_size, info.cfg_scale) == (640, 3.5)
+    assert (
+        (bundle.default_size, bundle.default_cfg_scale) == (info.default_size, info.cfg_scale) == (640, 3.5)
+    )
     assert info.examples == ["a cat"] and info.vocabulary == {"animals": ["cat", "dog"]}
     result = engine.generate(GenerationRequest(model="own", prompt="a cat", steps=1, seed=1, sampler="Euler"))
     assert result.images[0].image.size == (640, 640) and "CFG scale: 3.5" in result.infotexts[0]
@@ -180,23 +225,33 @@ def test_a_declared_size_and_guidance_win_everywhere(tmp_path):
 def test_a_single_file_sd2_v_checkpoint_reads_768_in_ui_and_engine(tmp_path):
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
-    path = write_single_file(models / "checkpoints" / "sd21-v.safetensors", to_ldm("sd2-v", tiny_components("sd2-v")))
+    path = write_single_file(
+        models / "checkpoints" / "sd21-v.safetensors", to_ldm("sd2-v", tiny_components("sd2-v"))
+    )
     engine = make_engine(models)
     info = StudioService(engine, tmp_path / "out").model_info("sd21-v")
-    assert info.default_size == engine.models.get("sd21-v").default_size == read_model_info(path).default_size == 768
+    assert (
+        info.default_size
+        == engine.models.get("sd21-v").default_size
+        == read_model_info(path).default_size
+        == 768
+    )
 
 
-@pytest.mark.parametrize(("settings", "kwargs", "size"), [
-    ({}, dict(sample_size=64, scale_factor=8), 512),
-    ({}, dict(sample_size=96, scale_factor=8), 768),
-    ({}, dict(sample_size=[96, 128], scale_factor=8), 1024),  # a (height, width) pair: the larger side
-    ({"default_size": 64}, dict(sample_size=96, scale_factor=8), 64),
-    ({"default_size": "768"}, {}, 768),
-    ({"default_size": "big"}, dict(sample_size=96, scale_factor=8), 768),  # nonsense is not a size
-    ({"default_size": -5}, {}, 512),
-    ({}, dict(two_text_encoders=True), 1024),
-    ({}, {}, 512),
-])
+@pytest.mark.parametrize(
+    ("settings", "kwargs", "size"),
+    [
+        ({}, dict(sample_size=64, scale_factor=8), 512),
+        ({}, dict(sample_size=96, scale_factor=8), 768),
+        ({}, dict(sample_size=[96, 128], scale_factor=8), 1024),  # a (height, width) pair: the larger side
+        ({"default_size": 64}, dict(sample_size=96, scale_factor=8), 64),
+        ({"default_size": "768"}, {}, 768),
+        ({"default_size": "big"}, dict(sample_size=96, scale_factor=8), 768),  # nonsense is not a size
+        ({"default_size": -5}, {}, 512),
+        ({}, dict(two_text_encoders=True), 1024),
+        ({}, {}, 512),
+    ],
+)
 def test_native_size_rules(settings, kwargs, size):
     assert native_size(settings, **kwargs) == size
 
@@ -248,7 +303,11 @@ def test_the_ui_and_the_loaders_find_the_same_palette(tmp_path, tiny_model_dir):
     engine = make_engine(models)
     service = StudioService(engine, tmp_path / "out")
     assert service.controlnet_palette("seg-net") == engine.models.get_controlnet("seg-net").seg_palette == TWO
-    assert service.model_info("tiny-sd").palette == engine.models.get("tiny-sd").controlnets["seg"].seg_palette == TWO
+    assert (
+        service.model_info("tiny-sd").palette
+        == engine.models.get("tiny-sd").controlnets["seg"].seg_palette
+        == TWO
+    )
     (models / "controlnet" / "seg-net" / "palette.json").write_text("nonsense")
     assert service.controlnet_palette("seg-net") is ADE20K  # the UI logs it and keeps working
     with pytest.raises(ModelLoadError, match="invalid palette"):
@@ -293,8 +352,13 @@ def test_training_lives_beside_the_package():
     importers = []
     for path in (ROOT / "webui").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(name.split(".")[0] == "training" for name in names):
                 importers.append(path.relative_to(ROOT).as_posix())
     assert importers == []  # only the train and evaluate commands reach it, at run time (webui.cli._training)

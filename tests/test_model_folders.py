@@ -67,8 +67,15 @@ class Recorder:
     def load_model(self, source, kind, context):
         self.calls.append((source, kind, context.allow_paths))
         if kind == "checkpoint":
-            return ModelBundle(name=Path(source).stem, unet=None, vae=None, text_encoders=[], tokenizers=[],
-                               scheduler_config={}, source=source)
+            return ModelBundle(
+                name=Path(source).stem,
+                unet=None,
+                vae=None,
+                text_encoders=[],
+                tokenizers=[],
+                scheduler_config={},
+                source=source,
+            )
         return object()
 
 
@@ -107,7 +114,9 @@ def test_every_kind_is_listed_with_subfolder_names(our_models):
     root = our_models
     assert found == {
         ("checkpoint", "my-sd15"): str(root / "my-sd15"),
-        ("checkpoint", "checkpoints/diffusers-in-checkpoints"): str(root / "checkpoints" / "diffusers-in-checkpoints"),
+        ("checkpoint", "checkpoints/diffusers-in-checkpoints"): str(
+            root / "checkpoints" / "diffusers-in-checkpoints"
+        ),
         ("checkpoint", "v1-5"): str(root / "checkpoints" / "v1-5.safetensors"),
         ("checkpoint", "anime/flat"): str(root / "checkpoints" / "anime" / "flat.safetensors"),
         ("checkpoint", "old"): str(root / "checkpoints" / "old.ckpt"),
@@ -139,8 +148,10 @@ def test_same_name_in_two_formats_keeps_the_extension_of_the_second(tmp_path):
     touch(root / "checkpoints" / "model.ckpt")
     touch(root / "checkpoints" / "model.safetensors")
     found = listing(make_engine(root), "checkpoint")
-    assert found == {("checkpoint", "model"): str(root / "checkpoints" / "model.safetensors"),
-                     ("checkpoint", "model.ckpt"): str(root / "checkpoints" / "model.ckpt")}
+    assert found == {
+        ("checkpoint", "model"): str(root / "checkpoints" / "model.safetensors"),
+        ("checkpoint", "model.ckpt"): str(root / "checkpoints" / "model.ckpt"),
+    }
 
 
 def test_listing_reads_no_weights(our_models, monkeypatch):
@@ -213,11 +224,15 @@ def test_a1111_models_folder_as_models_dir(a1111, given):
 def test_a1111_names_with_extensions_find_the_same_files(a1111):
     models = make_engine(a1111, allow_paths=False).models
     checkpoints = a1111 / "models" / "Stable-diffusion"
-    assert models.source_of("SDXL/juggernaut.safetensors") == str(checkpoints / "SDXL" / "juggernaut.safetensors")
+    assert models.source_of("SDXL/juggernaut.safetensors") == str(
+        checkpoints / "SDXL" / "juggernaut.safetensors"
+    )
     assert models.source_of("v1-5-pruned-emaonly.vae.safetensors", "vae") == str(
-        checkpoints / "v1-5-pruned-emaonly.vae.safetensors")
+        checkpoints / "v1-5-pruned-emaonly.vae.safetensors"
+    )
     assert models.source_of("sub/badhandv4.pt", "embedding") == str(
-        a1111 / "embeddings" / "sub" / "badhandv4.pt")
+        a1111 / "embeddings" / "sub" / "badhandv4.pt"
+    )
     with pytest.raises(ModelNotFoundError):
         models.source_of("v1-5-pruned-emaonly.vae.safetensors")  # a VAE is not a checkpoint
     with pytest.raises(ModelNotFoundError):
@@ -252,8 +267,10 @@ def test_cli_flags_set_the_roots(tmp_path, a1111, monkeypatch):
 
     parser = cli.build_parser()
     ours = tmp_path / "ours"
-    for argv in (["--models-dir", str(ours), "--extra-models-dir", str(a1111 / "models"), "models"],
-                 ["models", "--models-dir", str(ours), "--extra-models-dir", str(a1111 / "models")]):
+    for argv in (
+        ["--models-dir", str(ours), "--extra-models-dir", str(a1111 / "models"), "models"],
+        ["models", "--models-dir", str(ours), "--extra-models-dir", str(a1111 / "models")],
+    ):
         engine = cli._engine(parser.parse_args(argv))
         assert engine.models.folders.roots == (ours, a1111 / "models")
         assert engine.models.allow_paths  # the command line may name paths
@@ -304,9 +321,13 @@ def test_unsafe_names_are_refused_from_the_web(tmp_path, our_models, outside, fo
     name = name.format(outside=outside)
     recorder = Recorder()
     engine = make_engine(our_models, recorder, allow_paths=False)
-    for call in (engine.models.get, engine.models.get_controlnet,
-                 lambda n: engine.models.source_of(n, "lora"), lambda n: engine.models.source_of(n, "vae"),
-                 lambda n: engine.generate(GenerationRequest(model=n, steps=1))):
+    for call in (
+        engine.models.get,
+        engine.models.get_controlnet,
+        lambda n: engine.models.source_of(n, "lora"),
+        lambda n: engine.models.source_of(n, "vae"),
+        lambda n: engine.generate(GenerationRequest(model=n, steps=1)),
+    ):
         with pytest.raises(InvalidRequestError, match="not allowed") as info:
             call(name)
         assert reason in str(info.value)
@@ -345,10 +366,14 @@ def test_web_names_resolve_inside_the_folders(our_models):
     engine.models.get("anime/flat")
     engine.models.get("anime/flat.safetensors")  # with its extension: the same file, not listed by that name
     engine.models.get_controlnet("sd-controlnet-seg")
-    assert [c[0] for c in recorder.calls] == [str(our_models / "checkpoints" / "anime" / "flat.safetensors"),
-                                              str(our_models / "controlnet" / "sd-controlnet-seg")]
+    assert [c[0] for c in recorder.calls] == [
+        str(our_models / "checkpoints" / "anime" / "flat.safetensors"),
+        str(our_models / "controlnet" / "sd-controlnet-seg"),
+    ]
     assert engine.models.source_of("styles/ink", "lora") == str(our_models / "lora" / "styles" / "ink.pt")
-    assert engine.models.source_of("bad-hands", "embedding") == str(our_models / "embeddings" / "bad-hands.safetensors")
+    assert engine.models.source_of("bad-hands", "embedding") == str(
+        our_models / "embeddings" / "bad-hands.safetensors"
+    )
     with pytest.raises(ModelNotFoundError, match="no lora named 'missing'"):
         engine.models.source_of("missing", "lora")
     with pytest.raises(ModelNotFoundError):
@@ -377,14 +402,20 @@ def test_builtin_loader_never_tries_web_names_as_paths(tmp_path, our_models, mon
 
     diffusers_folder(tmp_path / "work" / "org" / "name")
     monkeypatch.chdir(tmp_path / "work")
-    web = LoadContext(models_dir=str(our_models), device=torch.device("cpu"), dtype=torch.float32,
-                      allow_download=False, allow_paths=False)
+    web = LoadContext(
+        models_dir=str(our_models),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        allow_download=False,
+        allow_paths=False,
+    )
     with pytest.raises(ModelNotFoundError, match="downloads are not allowed|downloading it is not allowed"):
         loaders.load_model(source="org/name", kind="checkpoint", context=web)
     with pytest.raises(InvalidRequestError, match="not allowed"):
         loaders.load_model(source="../work/org/name", kind="checkpoint", context=web)
-    cli = LoadContext(models_dir=str(our_models), device=torch.device("cpu"), dtype=torch.float32,
-                      allow_download=False)
+    cli = LoadContext(
+        models_dir=str(our_models), device=torch.device("cpu"), dtype=torch.float32, allow_download=False
+    )
     assert loaders._local_path("org/name", cli) == (tmp_path / "work" / "org" / "name").resolve()
 
 
@@ -403,8 +434,11 @@ def test_command_line_paths_stay_allowed(tmp_path, our_models, outside, monkeypa
     monkeypatch.chdir(tmp_path)
     names = (str(outside / "secret.safetensors"), "outside/secret", "~/outside/secret", "models/my-sd15")
     assert [library.models.source_of(name) for name in names] == [
-        str(outside / "secret.safetensors"), str(outside / "secret"), str(outside / "secret"),
-        str(our_models / "my-sd15")]
+        str(outside / "secret.safetensors"),
+        str(outside / "secret"),
+        str(outside / "secret"),
+        str(our_models / "my-sd15"),
+    ]
     library.models.get("~/outside/secret.safetensors")
     assert recorder.calls == [(str(outside / "secret.safetensors"), "checkpoint", True)]
 
@@ -424,7 +458,9 @@ def test_check_name_and_resolve_in_root(tmp_path):
     (root / "away.pt").symlink_to(tmp_path / "elsewhere.pt")
     # the file wins over a folder of the same name when an extension is given
     assert resolve_in_root(root, "style", suffixes=(".safetensors", ".pt")) == root / "style.safetensors"
-    assert resolve_in_root(root, "style.safetensors", suffixes=(".safetensors",)) == root / "style.safetensors"
+    assert (
+        resolve_in_root(root, "style.safetensors", suffixes=(".safetensors",)) == root / "style.safetensors"
+    )
     assert resolve_in_root(root, "style") == root / "style"
     with pytest.raises(InvalidRequestError, match="leads outside"):
         resolve_in_root(root, "away", suffixes=(".pt",))
@@ -479,7 +515,10 @@ def test_hash_cache_survives_damage_and_forgets_deleted_files(tmp_path):
     a.unlink()
     touch(tmp_path / "c.safetensors", b"c")
     model_hash(tmp_path / "c.safetensors", cache=cache)
-    assert set(json.loads(cache.read_text())["files"]) == {str(b.resolve()), str((tmp_path / "c.safetensors").resolve())}
+    assert set(json.loads(cache.read_text())["files"]) == {
+        str(b.resolve()),
+        str((tmp_path / "c.safetensors").resolve()),
+    }
     with pytest.raises(ModelNotFoundError, match="cannot hash"):
         model_hash(a, cache=cache)
 
@@ -504,13 +543,20 @@ def test_single_file_checkpoint_gets_the_hash_in_its_infotext(tmp_path):
             return built if source == str(weights) else None
 
     engine = make_engine(tmp_path / "models", SingleFile(), allow_paths=False)
-    result = engine.generate(GenerationRequest(model="tiny-single", prompt="a red circle", steps=1, seed=1,
-                                               width=64, height=64, sampler="Euler"))
+    result = engine.generate(
+        GenerationRequest(
+            model="tiny-single", prompt="a red circle", steps=1, seed=1, width=64, height=64, sampler="Euler"
+        )
+    )
     expected = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
     assert built.model_hash == expected
     assert f"Model hash: {expected}," in result.infotexts[0]
-    assert expected == json.loads((tmp_path / "cache" / HASH_CACHE_NAME).read_text())["files"][
-        str(weights.resolve())]["sha256"][:10]
+    assert (
+        expected
+        == json.loads((tmp_path / "cache" / HASH_CACHE_NAME).read_text())["files"][str(weights.resolve())][
+            "sha256"
+        ][:10]
+    )
 
 
 # -- the web UI's model picker ----------------------------------------------------------------------

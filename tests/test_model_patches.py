@@ -26,8 +26,11 @@ BASE = dict(prompt="a blue square", steps=3, seed=4, width=64, height=64, sample
 
 def weights(bundle) -> dict[str, torch.Tensor]:
     modules = {"unet": bundle.unet, **{f"te{k}": m for k, m in enumerate(bundle.text_encoders)}}
-    return {f"{name}.{key}": value.detach().clone() for name, module in modules.items()
-            for key, value in module.state_dict().items()}
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
 
 
 def assert_same(before: dict[str, torch.Tensor], bundle) -> None:
@@ -79,7 +82,8 @@ def test_patches_change_the_image_apply_in_order_and_undo_in_reverse(bundle) -> 
 
     # pluggy calls the last registered plugin first: "b" is collected, so applied, before "a"
     result = engine_with(Shift("a", 0.25, log), Shift("b", 0.5, log), Probe()).generate(
-        GenerationRequest(**BASE), bundle=bundle)
+        GenerationRequest(**BASE), bundle=bundle
+    )
     assert log == ["apply b", "apply a", "undo a", "undo b"]
     assert seen and all(abs(v - (float(before["unet.conv_in.bias"][0]) + 0.75)) < 1e-6 for v in seen)
     assert float((pixels(result) - base).abs().max()) > 1e-3
@@ -119,7 +123,8 @@ def test_patches_are_undone_after_an_interrupt(bundle) -> None:
     control = GenerationControl()
     request = GenerationRequest(**{**BASE, "batch_count": 3})
     result = engine_with(Shift("shift", 0.5, log)).generate(
-        request, bundle=bundle, control=control, callback=lambda step: control.interrupt())
+        request, bundle=bundle, control=control, callback=lambda step: control.interrupt()
+    )
     assert result.interrupted and len(result.images) == 1  # the first batch, stopped after one step
     assert log == ["apply shift", "undo shift"]
     assert_same(before, bundle)

@@ -32,8 +32,18 @@ from webui.ui.service import Finished, GenerationFailed, StudioService
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # two batches of two images; no guidance (one UNet pass a step) keeps it quick on a CPU
-REQUEST = GenerationRequest(model="tiny", prompt="a red square", steps=2, seed=40, width=64, height=64,
-                            sampler="Euler", cfg_scale=1.0, batch_size=2, batch_count=2)
+REQUEST = GenerationRequest(
+    model="tiny",
+    prompt="a red square",
+    steps=2,
+    seed=40,
+    width=64,
+    height=64,
+    sampler="Euler",
+    cfg_scale=1.0,
+    batch_size=2,
+    batch_count=2,
+)
 SEEDS = [40, 41, 42, 43]
 
 
@@ -112,10 +122,13 @@ def today(root: Path, task: str = "txt2img") -> Path:
 # -- the web app's service ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error, shown", [
-    (RuntimeError("the device fell over"), "generation failed: RuntimeError: the device fell over"),
-    (GenerationError("the VAE decoded to NaN"), "the VAE decoded to NaN"),
-])
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (RuntimeError("the device fell over"), "generation failed: RuntimeError: the device fell over"),
+        (GenerationError("the VAE decoded to NaN"), "the VAE decoded to NaN"),
+    ],
+)
 def test_a_failing_later_batch_keeps_the_finished_ones(engine, expected, trouble, tmp_path, error, shown):
     service = StudioService(engine, tmp_path / "outputs")
     trouble.arm(1, raise_(error))
@@ -124,8 +137,9 @@ def test_a_failing_later_batch_keeps_the_finished_ones(engine, expected, trouble
         for _ in events:
             pass
     folder = today(tmp_path / "outputs")
-    assert str(failure.value) == (f"{shown} (2 images of the finished batches were saved to "
-                                  f"outputs/txt2img/{folder.name})")
+    assert str(failure.value) == (
+        f"{shown} (2 images of the finished batches were saved to outputs/txt2img/{folder.name})"
+    )
     assert failure.value.__cause__ is error
     assert_saved_as_expected(folder, expected, 2)
     assert not service.busy("alice")
@@ -141,8 +155,9 @@ def test_a_failure_before_any_batch_finished_is_reported_as_it_was(engine, troub
     assert not today(tmp_path / "outputs").exists()
 
 
-def test_each_batch_is_on_disk_before_the_next_starts_and_when_the_client_leaves(engine, expected, trouble,
-                                                                                 tmp_path):
+def test_each_batch_is_on_disk_before_the_next_starts_and_when_the_client_leaves(
+    engine, expected, trouble, tmp_path
+):
     service = StudioService(engine, tmp_path / "outputs")
     folder = today(tmp_path / "outputs")
     gate = threading.Event()
@@ -161,7 +176,10 @@ def test_each_batch_is_on_disk_before_the_next_starts_and_when_the_client_leaves
     assert not service.busy("carol")
     names = sorted(p.name for p in folder.iterdir())
     # batch 2 stopped early (its partly denoised images are kept, as A1111 does); batch 3 never ran
-    assert names[:2] == ["00000-40.png", "00001-41.png"] and set(names[2:]) <= {"00002-42.png", "00003-43.png"}
+    assert names[:2] == ["00000-40.png", "00001-41.png"] and set(names[2:]) <= {
+        "00002-42.png",
+        "00003-43.png",
+    }
 
 
 def test_an_interrupt_after_the_first_batch_keeps_its_files(engine, expected, trouble, tmp_path):
@@ -178,6 +196,7 @@ def test_an_interrupt_after_the_first_batch_keeps_its_files(engine, expected, tr
         assert np.array_equal(pixels(path), pixels(expected.images[k].image))
     assert [path for path, _ in finished.files] == [str(p) for p in files]
     assert finished.seeds == SEEDS
+
 
 def test_names_stay_contiguous_across_batches(engine, expected, tmp_path):
     folder = today(tmp_path / "outputs")
@@ -212,8 +231,9 @@ def test_an_unwritable_outputs_folder_still_returns_the_images(engine, expected,
     assert blocker.read_text().startswith("a file")
 
 
-def test_a_disk_that_fills_up_midway_keeps_what_was_saved_and_returns_the_rest(engine, expected, tmp_path,
-                                                                                monkeypatch):
+def test_a_disk_that_fills_up_midway_keeps_what_was_saved_and_returns_the_rest(
+    engine, expected, tmp_path, monkeypatch
+):
     real_save = output.save_png
     calls = []
 
@@ -227,8 +247,9 @@ def test_a_disk_that_fills_up_midway_keeps_what_was_saved_and_returns_the_rest(e
     service = StudioService(engine, tmp_path / "outputs")
     finished = list(service.run(REQUEST, "grace"))[-1]
     folder = today(tmp_path / "outputs")
-    assert finished.warning == (f"1 of 4 images could not be saved to outputs/txt2img/{folder.name}: "
-                                "No space left on device")
+    assert finished.warning == (
+        f"1 of 4 images could not be saved to outputs/txt2img/{folder.name}: No space left on device"
+    )
     assert calls == SEEDS  # every image was tried
     assert_saved_as_expected(folder, expected, 3)
     assert [type(entry) for entry, _ in finished.files] == [str] * 3 + [Image.Image]
@@ -259,15 +280,19 @@ def test_the_savers_messages(tmp_path):
     broken = BatchSaver(tmp_path / "file" / "out", shown_as="file/out")
     broken([Item(3), Item(4)])
     assert broken.warning() == "2 images could not be saved to file/out: Not a directory"
-    assert broken.summary() == "the finished batches' 2 images could not be saved to file/out: Not a directory"
+    assert (
+        broken.summary() == "the finished batches' 2 images could not be saved to file/out: Not a directory"
+    )
     printed: list[Path] = []
     mixed = BatchSaver(tmp_path / "out", report=printed.append)
     mixed([Item(5)])
     mixed.directory = tmp_path / "file" / "out"
     mixed([Item(6)])
     assert printed == [tmp_path / "out" / "00002-5.png"]
-    assert mixed.summary() == (f"1 of the finished batches' 2 images saved to {tmp_path / 'out'}; "
-                               "1 could not be saved: Not a directory")
+    assert mixed.summary() == (
+        f"1 of the finished batches' 2 images saved to {tmp_path / 'out'}; "
+        "1 could not be saved: Not a directory"
+    )
 
 
 def test_check_writable(tmp_path):
@@ -276,7 +301,10 @@ def test_check_writable(tmp_path):
     file = tmp_path / "file.png"
     file.write_bytes(b"")
     assert check_writable(file) == f"{file} is not a writable folder (it is a file)"
-    assert check_writable(file / "out" / "x") == f"{file / 'out' / 'x'} is not a writable folder ({file} is a file)"
+    assert (
+        check_writable(file / "out" / "x")
+        == f"{file / 'out' / 'x'} is not a writable folder ({file} is a file)"
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
@@ -285,8 +313,9 @@ def test_check_writable_sees_a_read_only_folder(tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        assert check_writable(locked / "out") == (f"{locked / 'out'} is not a writable folder "
-                                                  f"(no permission to write in {locked})")
+        assert check_writable(locked / "out") == (
+            f"{locked / 'out'} is not a writable folder (no permission to write in {locked})"
+        )
     finally:
         locked.chmod(0o755)
 
@@ -294,8 +323,27 @@ def test_check_writable_sees_a_read_only_folder(tmp_path):
 # -- the command line ---------------------------------------------------------------------------
 
 
-CLI_ARGS = ["generate", "--prompt", "a red circle", "--seed", "40", "--steps", "2", "--width", "64",
-            "--height", "64", "--batch-size", "1", "--batch-count", "2", "--sampler", "Euler", "--cfg-scale", "1"]
+CLI_ARGS = [
+    "generate",
+    "--prompt",
+    "a red circle",
+    "--seed",
+    "40",
+    "--steps",
+    "2",
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--batch-size",
+    "1",
+    "--batch-count",
+    "2",
+    "--sampler",
+    "Euler",
+    "--cfg-scale",
+    "1",
+]
 
 
 @pytest.fixture
@@ -319,15 +367,18 @@ def run_cli(capsys, *args: Any) -> tuple[int, list[str], list[str]]:
 
 
 def test_cli_keeps_the_finished_batches_when_a_later_one_fails(tiny_model_dir, tmp_path, capsys, cli_trouble):
-    code, printed, _ = run_cli(capsys, *CLI_ARGS, "--batch-count", "1", "--model", tiny_model_dir,
-                               "--out", tmp_path / "whole")
+    code, printed, _ = run_cli(
+        capsys, *CLI_ARGS, "--batch-count", "1", "--model", tiny_model_dir, "--out", tmp_path / "whole"
+    )
     assert code == 0 and len(printed) == 1
     cli_trouble.arm(1, raise_(GenerationError("the VAE decoded to NaN")))
     out = tmp_path / "out"
     code, printed, errors = run_cli(capsys, *CLI_ARGS, "--model", tiny_model_dir, "--out", out)
     folder = today(out)
     assert code == 2
-    assert errors == [f"error: the VAE decoded to NaN (1 image of the finished batches was saved to {folder})"]
+    assert errors == [
+        f"error: the VAE decoded to NaN (1 image of the finished batches was saved to {folder})"
+    ]
     assert printed == [str(folder / "00000-40.png")]
     assert [p.name for p in folder.iterdir()] == ["00000-40.png"]
     whole = today(tmp_path / "whole") / "00000-40.png"  # the same first batch, undisturbed
@@ -352,8 +403,9 @@ def test_cli_reports_images_it_could_not_save(tiny_model_dir, tmp_path, capsys, 
 
     monkeypatch.setattr(output, "save_png", full_disk)
     out = tmp_path / "out"
-    code, printed, errors = run_cli(capsys, *CLI_ARGS, "--batch-count", "1", "--batch-size", "2",
-                                    "--model", tiny_model_dir, "--out", out)
+    code, printed, errors = run_cli(
+        capsys, *CLI_ARGS, "--batch-count", "1", "--batch-size", "2", "--model", tiny_model_dir, "--out", out
+    )
     assert code == 2 and printed == []
     assert errors == [f"error: 2 images could not be saved to {today(out)}: No space left on device"]
 
@@ -377,7 +429,8 @@ def test_cli_refuses_an_out_that_is_a_file_before_loading_a_model(tmp_path, caps
 @pytest.mark.slow
 def test_a_process_that_dies_in_batch_2_leaves_batch_1_on_disk(tiny_model_dir, tmp_path):
     script = tmp_path / "dies.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os
         import sys
 
@@ -400,12 +453,19 @@ def test_a_process_that_dies_in_batch_2_leaves_batch_1_on_disk(tiny_model_dir, t
 
         cli._engine = engine
         sys.exit(cli.main(sys.argv[1:]))
-    """))
+    """)
+    )
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.run([sys.executable, str(script), *CLI_ARGS, "--model", str(tiny_model_dir),
-                              "--out", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                             timeout=300, check=False)
+    process = subprocess.run(
+        [sys.executable, str(script), *CLI_ARGS, "--model", str(tiny_model_dir), "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert process.returncode == 3, process.stderr
     folder = today(out)
     assert process.stdout.splitlines() == [str(folder / "00000-40.png")]

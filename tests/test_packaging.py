@@ -72,7 +72,9 @@ def test_the_installed_versions_are_in_the_declared_ranges():
                 version = importlib.metadata.version(name)
             except importlib.metadata.PackageNotFoundError:
                 pytest.fail(f"{name} is declared but not installed")
-            assert requirement.specifier.contains(version, prereleases=True), f"{name} {version} vs {requirement}"
+            assert requirement.specifier.contains(version, prereleases=True), (
+                f"{name} {version} vs {requirement}"
+            )
     gradio = requirements()["gradio"].specifier
     assert not gradio.contains("5.50") and gradio.contains("6.31.0")  # the UI is written for gradio 6
 
@@ -110,9 +112,14 @@ def test_every_import_of_the_package_is_declared():
     assert "gradio" in imported and "torch" in imported  # the scan sees the imports at all
     if (ROOT / "training").is_dir():
         allowed = set(requirements()) | set(requirements("train"))
-        missing = {dist: files for dist, files in _imported_distributions(ROOT / "training").items()
-                   if dist not in allowed}
-        assert not missing, f"training/ imports what neither the dependencies nor the train extra list: {missing}"
+        missing = {
+            dist: files
+            for dist, files in _imported_distributions(ROOT / "training").items()
+            if dist not in allowed
+        }
+        assert not missing, (
+            f"training/ imports what neither the dependencies nor the train extra list: {missing}"
+        )
 
 
 # -- the wheel ------------------------------------------------------------------------------------
@@ -123,8 +130,11 @@ SOURCE = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "webui", "models
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` with its size and modification time (bytecode caches aside:
     those are Python's, written by pip at install time)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 @pytest.mark.slow
@@ -142,8 +152,13 @@ def test_the_wheel_installs_and_generates_from_any_folder(tmp_path):
     (source / "models" / "someone-elses-model").mkdir()
     (source / "models" / "someone-elses-model" / "model_index.json").write_text("{}")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-                            str(source)], capture_output=True, text=True, timeout=600, check=False)
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp_path / "dist").glob("latent_studio-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -154,34 +169,68 @@ def test_the_wheel_installs_and_generates_from_any_folder(tmp_path):
 
     # 2. a fresh virtual environment; torch and the other dependencies come from this system's
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+        timeout=300,
+    )
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     # this system's pip, run by the venv's python, installs into the venv (even when this system has
     # the checkout installed in editable mode: --force-reinstall puts the wheel's copy in the venv)
-    installed = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "install", "--no-deps",
-                                "--no-index", "--force-reinstall", str(wheel)],
-                               capture_output=True, text=True, timeout=600, check=False)
+    installed = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     assert site.is_relative_to(venv) and site != Path(sysconfig.get_path("purelib"))
     before = _snapshot(site)
 
     # 3. from another folder, a home of its own, no checkout in sight
     elsewhere, home = tmp_path / "elsewhere", tmp_path / "home"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LATENT_STUDIO_", "XDG_")) and k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HOME=str(home), XDG_DATA_HOME=str(tmp_path / "xdg-data"), XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LATENT_STUDIO_", "XDG_")) and k not in ("PYTHONPATH", "PYTHONHOME")
+    }
+    env.update(
+        HOME=str(home),
+        XDG_DATA_HOME=str(tmp_path / "xdg-data"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     data = tmp_path / "xdg-data" / "latent-studio"
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*argv], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
-                              check=False)
+        return subprocess.run(
+            [*argv], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
 
-    where = run(str(python), "-c", "import webui, webui.paths as p; print(webui.__file__); print(p.data_dir())")
+    where = run(
+        str(python), "-c", "import webui, webui.paths as p; print(webui.__file__); print(p.data_dir())"
+    )
     assert where.returncode == 0, where.stderr
     module, folder = where.stdout.split("\n")[:2]
     assert Path(module) == site / "webui" / "__init__.py"  # the wheel's copy, not the checkout

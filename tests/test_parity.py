@@ -46,10 +46,31 @@ def test_txt2img_matches_stable_diffusion_pipeline(engine, tmp_path, sampler):
     components = sd_components(tmp_path)
     pipe = StableDiffusionPipeline(**components)
     seeds = [11, 12]
-    ref = reference(pipe, sampler, engine, seeds, prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4,
-                    guidance_scale=7.5, height=64, width=64)
-    got = ours(engine, bundle_from(components), prompt=PROMPT, negative_prompt=NEGATIVE, sampler=sampler, steps=4,
-               cfg_scale=7.5, seed=11, batch_size=2, width=64, height=64)
+    ref = reference(
+        pipe,
+        sampler,
+        engine,
+        seeds,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+    )
+    got = ours(
+        engine,
+        bundle_from(components),
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        sampler=sampler,
+        steps=4,
+        cfg_scale=7.5,
+        seed=11,
+        batch_size=2,
+        width=64,
+        height=64,
+    )
     assert_close(got, ref)
 
 
@@ -59,10 +80,32 @@ def test_img2img_matches_img2img_pipeline(engine, tmp_path, sampler):
     pipe = StableDiffusionImg2ImgPipeline(**components)
     init = random_image(3)
     seeds = [5, 6]
-    ref = reference(pipe, sampler, engine, seeds, prompt=PROMPT, image=init, strength=0.6, num_inference_steps=5,
-                    guidance_scale=6.0)
-    got = ours(engine, bundle_from(components), task="img2img", prompt=PROMPT, init_image=init, strength=0.6,
-               sampler=sampler, steps=5, cfg_scale=6.0, seed=5, batch_size=2, width=64, height=64)
+    ref = reference(
+        pipe,
+        sampler,
+        engine,
+        seeds,
+        prompt=PROMPT,
+        image=init,
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+    )
+    got = ours(
+        engine,
+        bundle_from(components),
+        task="img2img",
+        prompt=PROMPT,
+        init_image=init,
+        strength=0.6,
+        sampler=sampler,
+        steps=5,
+        cfg_scale=6.0,
+        seed=5,
+        batch_size=2,
+        width=64,
+        height=64,
+    )
     assert_close(got, ref)
 
 
@@ -72,11 +115,37 @@ def test_inpaint_matches_inpaint_pipeline(engine, tmp_path, in_channels, strengt
     components = sd_components(tmp_path, in_channels=in_channels)
     pipe = StableDiffusionInpaintPipeline(**components)
     init, mask = random_image(4), rect_mask()
-    ref = reference(pipe, "DDIM", engine, [21], prompt=PROMPT, image=init, mask_image=mask, strength=strength,
-                    num_inference_steps=4, guidance_scale=7.0, height=64, width=64)
-    got = ours(engine, bundle_from(components), task="inpaint", prompt=PROMPT, init_image=init, mask=mask,
-               strength=strength, mask_blur=0, keep_unmasked=False, sampler="DDIM", steps=4, cfg_scale=7.0,
-               seed=21, width=64, height=64)
+    ref = reference(
+        pipe,
+        "DDIM",
+        engine,
+        [21],
+        prompt=PROMPT,
+        image=init,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=4,
+        guidance_scale=7.0,
+        height=64,
+        width=64,
+    )
+    got = ours(
+        engine,
+        bundle_from(components),
+        task="inpaint",
+        prompt=PROMPT,
+        init_image=init,
+        mask=mask,
+        strength=strength,
+        mask_blur=0,
+        keep_unmasked=False,
+        sampler="DDIM",
+        steps=4,
+        cfg_scale=7.0,
+        seed=21,
+        width=64,
+        height=64,
+    )
     assert_close(got, ref)
 
 
@@ -85,16 +154,50 @@ def test_controlnet_matches_controlnet_pipeline(engine, tmp_path):
     controlnet = make_controlnet(components["unet"])
     pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
     seg = seg_map()
-    ref = reference(pipe, "Euler", engine, [7], prompt=PROMPT, image=seg, num_inference_steps=4, guidance_scale=7.0,
-                    controlnet_conditioning_scale=0.8, control_guidance_start=0.0, control_guidance_end=0.75,
-                    height=64, width=64)
-    got = ours(engine, bundle_from(components, controlnet=controlnet), task="seg2img", prompt=PROMPT, seg_map=seg,
-               control_scale=0.8, control_start=0.0, control_end=0.75, sampler="Euler", steps=4, cfg_scale=7.0,
-               seed=7, width=64, height=64)
+    ref = reference(
+        pipe,
+        "Euler",
+        engine,
+        [7],
+        prompt=PROMPT,
+        image=seg,
+        num_inference_steps=4,
+        guidance_scale=7.0,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.0,
+        control_guidance_end=0.75,
+        height=64,
+        width=64,
+    )
+    got = ours(
+        engine,
+        bundle_from(components, controlnet=controlnet),
+        task="seg2img",
+        prompt=PROMPT,
+        seg_map=seg,
+        control_scale=0.8,
+        control_start=0.0,
+        control_end=0.75,
+        sampler="Euler",
+        steps=4,
+        cfg_scale=7.0,
+        seed=7,
+        width=64,
+        height=64,
+    )
     assert_close(got, ref)
     # and the map really steers the image
-    without = ours(engine, bundle_from(components, controlnet=controlnet), prompt=PROMPT, sampler="Euler", steps=4,
-                   cfg_scale=7.0, seed=7, width=64, height=64)
+    without = ours(
+        engine,
+        bundle_from(components, controlnet=controlnet),
+        prompt=PROMPT,
+        sampler="Euler",
+        steps=4,
+        cfg_scale=7.0,
+        seed=7,
+        width=64,
+        height=64,
+    )
     assert float(np.abs(without - got).max()) > 0.01
 
 
@@ -102,8 +205,28 @@ def test_controlnet_matches_controlnet_pipeline(engine, tmp_path):
 def test_sdxl_matches_sdxl_pipeline(engine, tmp_path, negative):
     components = sdxl_components(tmp_path)
     pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    ref = reference(pipe, "Euler", engine, [3], prompt=PROMPT, negative_prompt=negative or None,
-                    num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
-    got = ours(engine, bundle_from(components), prompt=PROMPT, negative_prompt=negative, sampler="Euler", steps=4,
-               cfg_scale=5.0, seed=3, width=64, height=64)
+    ref = reference(
+        pipe,
+        "Euler",
+        engine,
+        [3],
+        prompt=PROMPT,
+        negative_prompt=negative or None,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+    )
+    got = ours(
+        engine,
+        bundle_from(components),
+        prompt=PROMPT,
+        negative_prompt=negative,
+        sampler="Euler",
+        steps=4,
+        cfg_scale=5.0,
+        seed=3,
+        width=64,
+        height=64,
+    )
     assert_close(got, ref)

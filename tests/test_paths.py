@@ -15,8 +15,14 @@ import pytest
 from webui import paths
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVIRONMENT = (paths.DATA_DIR_ENV, paths.HOME_ENV, paths.CACHE_ENV, "XDG_DATA_HOME", "XDG_CACHE_HOME",
-               "LATENT_STUDIO_PLUGIN_DIRS")
+ENVIRONMENT = (
+    paths.DATA_DIR_ENV,
+    paths.HOME_ENV,
+    paths.CACHE_ENV,
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "LATENT_STUDIO_PLUGIN_DIRS",
+)
 
 
 @pytest.fixture
@@ -47,7 +53,10 @@ def test_a_checkout_is_its_own_data_folder_but_settings_stay_the_users(clean_env
     assert paths.checkout() == ROOT
     assert paths.data_dir() == ROOT
     assert (paths.models_dir(), paths.outputs_dir(), paths.plugins_dir()) == (
-        ROOT / "models", ROOT / "outputs", ROOT / "plugins")
+        ROOT / "models",
+        ROOT / "outputs",
+        ROOT / "plugins",
+    )
     user = clean_env / "home" / ".local" / "share" / "latent-studio"
     assert paths.settings_dir() == paths.user_dir() == user
     assert paths.cache_dir() == clean_env / "home" / ".cache" / "latent-studio"
@@ -77,7 +86,10 @@ def test_an_installed_package_uses_the_users_folder(clean_env, installed, monkey
 def test_the_data_folder_given_holds_everything(data, monkeypatch):
     assert paths.data_dir() == data
     assert (paths.models_dir(), paths.outputs_dir(), paths.plugins_dir()) == (
-        data / "models", data / "outputs", data / "plugins")
+        data / "models",
+        data / "outputs",
+        data / "plugins",
+    )
     assert paths.settings_dir() == data  # plugins.json and kept wheels too
     assert paths.cache_dir() == data / "cache"
     monkeypatch.setenv(paths.CACHE_ENV, str(data.parent / "elsewhere"))
@@ -173,7 +185,10 @@ def test_given_folders_win_over_the_data_folder(data, tmp_path, monkeypatch):
     served = []
     monkeypatch.setattr("webui.ui.server.serve", lambda args, engine: served.append(args))
     own = tmp_path / "own-models"
-    assert cli.main(["--models-dir", str(own), "--outputs-dir", str(tmp_path / "pics"), "--data-dir", str(data)]) == 0
+    assert (
+        cli.main(["--models-dir", str(own), "--outputs-dir", str(tmp_path / "pics"), "--data-dir", str(data)])
+        == 0
+    )
     assert (served[0].models_dir, served[0].outputs_dir) == (own, tmp_path / "pics")
     assert not own.exists() and not (data / "models").exists()  # nothing copied into a folder given
 
@@ -197,12 +212,33 @@ def test_generate_saves_into_the_data_folder(clean_env):
     data = clean_env / "data"
     env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
     env.update(HOME=str(clean_env / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    run = subprocess.run([sys.executable, str(ROOT / "launch.py"), "generate", "--data-dir", str(data),
-                          "--prompt", "a red circle", "--steps", "2", "--seed", "3"],
-                         cwd=clean_env, env=env, capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "generate",
+            "--data-dir",
+            str(data),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+        ],
+        cwd=clean_env,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     printed = [Path(line) for line in run.stdout.splitlines() if line.strip()]
-    days = {datetime.date.today().isoformat(), (datetime.date.today() - datetime.timedelta(days=1)).isoformat()}
+    days = {
+        datetime.date.today().isoformat(),
+        (datetime.date.today() - datetime.timedelta(days=1)).isoformat(),
+    }
     assert len(printed) == 1 and printed[0].is_file() and printed[0].suffix == ".png"
     assert printed[0].parent.parent == data / "outputs" / "txt2img" and printed[0].parent.name in days
     assert (data / "models" / "latent-studio-shapes" / "unet" / ".model_hash").is_file()  # its stamp, there

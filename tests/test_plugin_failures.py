@@ -100,8 +100,9 @@ def errors(pm) -> dict[str, str | None]:
 
 
 def test_exit_or_error_at_import_is_recorded_with_the_plugin_name(tmp_path, caplog):
-    folder = dropins(tmp_path / "plugins", exits=EXITS, raises=RAISES, odd="raise BaseException('odd')\n",
-                     good=GOOD)
+    folder = dropins(
+        tmp_path / "plugins", exits=EXITS, raises=RAISES, odd="raise BaseException('odd')\n", good=GOOD
+    )
     with caplog.at_level(logging.WARNING, logger="webui.plugins"):
         pm = manager(folder)
     found = errors(pm)
@@ -128,8 +129,14 @@ def test_failing_startup_hooks_are_recorded_and_the_engine_and_app_still_build(t
     from webui.ui.app import build_app
     from webui.ui.service import StudioService
 
-    folder = dropins(tmp_path / "plugins", startup=FAILS_AT_STARTUP, registries=FAILS_IN_REGISTRIES,
-                     tabs=FAILS_IN_TABS, exits=EXITS, good=GOOD)
+    folder = dropins(
+        tmp_path / "plugins",
+        startup=FAILS_AT_STARTUP,
+        registries=FAILS_IN_REGISTRIES,
+        tabs=FAILS_IN_TABS,
+        exits=EXITS,
+        good=GOOD,
+    )
     with caplog.at_level(logging.WARNING, logger="webui.plugins"):
         pm = manager(folder)
         engine = Engine(plugins=pm, models_dir=str(ROOT / "models"))
@@ -140,33 +147,53 @@ def test_failing_startup_hooks_are_recorded_and_the_engine_and_app_still_build(t
     assert models  # the shipped model is still listed by the built-in lister
     found = errors(pm)
     assert found["plugins/startup.py"] == "RuntimeError: no licence file (in startup, startup.py:6)"
-    assert found["plugins/registries.py"] == ("SystemExit: schedulers: giving up (in register_schedulers, "
-                                              "registries.py:7); OSError: cannot list models (in "
-                                              "register_models, registries.py:11)")
+    assert found["plugins/registries.py"] == (
+        "SystemExit: schedulers: giving up (in register_schedulers, "
+        "registries.py:7); OSError: cannot list models (in "
+        "register_models, registries.py:11)"
+    )
     assert found["plugins/tabs.py"] == "KeyError: 'tab' (in register_ui_tabs, tabs.py:6)"
     assert found["plugins/good.py"] is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert ("plugin 'plugins/startup.py' failed in startup and was skipped: "
-            "RuntimeError: no licence file (in startup, startup.py:6)") in warnings
+    assert (
+        "plugin 'plugins/startup.py' failed in startup and was skipped: "
+        "RuntimeError: no licence file (in startup, startup.py:6)"
+    ) in warnings
     assert len(warnings) == 5  # exits.py at import, then one per failed hook
 
     labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels == ["Text to image", "Image to image", "Inpainting", "Segmentation to image", "PNG Info",
-                      "Plugins"]
+    assert labels == [
+        "Text to image",
+        "Image to image",
+        "Inpainting",
+        "Segmentation to image",
+        "PNG Info",
+        "Plugins",
+    ]
     blocks = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     notice = blocks["plugin-notice"].value
     assert notice.startswith("⚠️ **4 plugins failed to load:** plugins\\/exits\\.py — SystemExit\\: 3 ")
     assert unescape(notice).endswith(
-        "plugins/tabs.py — KeyError: 'tab' (in register_ui_tabs, tabs.py:6) — see the Plugins tab.")
+        "plugins/tabs.py — KeyError: 'tab' (in register_ui_tabs, tabs.py:6) — see the Plugins tab."
+    )
     table = blocks["plugins-table"].value
     assert table["headers"][:5] == ["Name", "Source", "Version", "Hooks", "Status"]
     by_name = {row[0]: row for row in table["data"]}
-    assert by_name["plugins/startup.py"][:5] == ["plugins/startup.py", "dropin", "", "startup",
-                                                 "failed: RuntimeError: no licence file (in startup, startup.py:6)"]
+    assert by_name["plugins/startup.py"][:5] == [
+        "plugins/startup.py",
+        "dropin",
+        "",
+        "startup",
+        "failed: RuntimeError: no licence file (in startup, startup.py:6)",
+    ]
     assert by_name["plugins/exits.py"][3:5] == ["", "failed: SystemExit: 3 (at import, exits.py:2)"]
     assert by_name["plugins/good.py"][3:5] == ["register_schedulers", "loaded"]
-    assert by_name["webui.builtin.ui_tabs"][1:5] == ["builtin", by_name["webui.builtin.ui_tabs"][2],
-                                                     "register_ui_tabs", "loaded"]
+    assert by_name["webui.builtin.ui_tabs"][1:5] == [
+        "builtin",
+        by_name["webui.builtin.ui_tabs"][2],
+        "register_ui_tabs",
+        "loaded",
+    ]
 
 
 def unescape(markdown: str) -> str:
@@ -176,13 +203,19 @@ def unescape(markdown: str) -> str:
 def test_the_notice_is_plain_text_even_when_an_error_holds_markup(tmp_path):
     from webui.ui.tabs.plugins import notice
 
-    folder = dropins(tmp_path / "plugins", inject="raise RuntimeError('<img src=x onerror=alert(1)> *b* [l](j:x)')\n")
+    folder = dropins(
+        tmp_path / "plugins", inject="raise RuntimeError('<img src=x onerror=alert(1)> *b* [l](j:x)')\n"
+    )
     pm = manager(folder)
     text = notice(pm)
     assert text is not None
-    assert re.search(r"(?<!\\)[<>\[\]()`*_]", text.replace("**", "", 2)) is None  # every markup character escaped
-    assert unescape(text) == ("⚠️ 1 plugin failed to load: plugins/inject.py — RuntimeError: <img src=x "
-                              "onerror=alert(1)> *b* [l](j:x) (at import, inject.py:1) — see the Plugins tab.")
+    assert (
+        re.search(r"(?<!\\)[<>\[\]()`*_]", text.replace("**", "", 2)) is None
+    )  # every markup character escaped
+    assert unescape(text) == (
+        "⚠️ 1 plugin failed to load: plugins/inject.py — RuntimeError: <img src=x "
+        "onerror=alert(1)> *b* [l](j:x) (at import, inject.py:1) — see the Plugins tab."
+    )
     assert notice(make_plugin_manager(entry_points=False, plugin_dirs=[])) is None
 
 
@@ -200,12 +233,15 @@ def test_request_hook_errors_name_the_plugin_and_the_engine_goes_on(tmp_path, bu
         engine.generate(GenerationRequest(**{**BASE, "prompt": "invalid"}), bundle=bundle)
     result = engine.generate(GenerationRequest(**BASE), bundle=bundle)
     reference = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[])).generate(
-        GenerationRequest(**BASE), bundle=bundle)
+        GenerationRequest(**BASE), bundle=bundle
+    )
     assert np.array_equal(np.asarray(result.images[0].image), np.asarray(reference.images[0].image))
 
 
 def test_functions_a_plugin_returns_name_the_plugin_when_they_fail(tmp_path, bundle):
-    folder = dropins(tmp_path / "plugins", wraps="""
+    folder = dropins(
+        tmp_path / "plugins",
+        wraps="""
         from webui.api import hookimpl, InvalidRequestError
 
         @hookimpl
@@ -229,14 +265,15 @@ def test_functions_a_plugin_returns_name_the_plugin_when_they_fail(tmp_path, bun
         def wrap_guidance(request, context):
             if request.prompt == "bad guidance":
                 return lambda combine: lambda *args: 1 / 0
-    """)
+    """,
+    )
     engine = Engine(plugins=manager(folder))
     expected = {
         "bad wrap": "plugin 'plugins/wraps.py' failed in the function its wrap_denoiser returned: KeyError: 'wrap'",
         "bad call": "plugin 'plugins/wraps.py' failed in the function its wrap_denoiser returned: "
-                    "ValueError: boom at step 2",
+        "ValueError: boom at step 2",
         "bad guidance": "plugin 'plugins/wraps.py' failed in the function its wrap_guidance returned: "
-                        "ZeroDivisionError: division by zero",
+        "ZeroDivisionError: division by zero",
     }
     for prompt, message in expected.items():
         with pytest.raises(PluginError) as failed:
@@ -248,7 +285,9 @@ def test_functions_a_plugin_returns_name_the_plugin_when_they_fail(tmp_path, bun
 
 
 def test_interrupts_and_out_of_memory_from_a_plugin_keep_their_meaning(tmp_path, bundle):
-    folder = dropins(tmp_path / "plugins", signals="""
+    folder = dropins(
+        tmp_path / "plugins",
+        signals="""
         import torch
         from webui.api import hookimpl
 
@@ -265,7 +304,8 @@ def test_interrupts_and_out_of_memory_from_a_plugin_keep_their_meaning(tmp_path,
             if step.context.request.prompt == "oom" and step.step == 2 and failures:
                 failures.pop()
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    """)
+    """,
+    )
     engine = Engine(plugins=manager(folder))
     stopped = engine.generate(GenerationRequest(**{**BASE, "prompt": "stop"}), bundle=bundle)
     assert stopped.interrupted and stopped.images == []
@@ -274,7 +314,9 @@ def test_interrupts_and_out_of_memory_from_a_plugin_keep_their_meaning(tmp_path,
 
 
 def test_wrappers_and_partial_arguments_still_work(tmp_path, bundle):
-    folder = dropins(tmp_path / "plugins", wrappers="""
+    folder = dropins(
+        tmp_path / "plugins",
+        wrappers="""
         from webui.api import hookimpl
 
         calls = []
@@ -295,18 +337,30 @@ def test_wrappers_and_partial_arguments_still_work(tmp_path, bundle):
         @hookimpl
         def prepare_request(request):  # only the argument it uses
             calls.append(request.prompt)
-    """)
+    """,
+    )
     engine = Engine(plugins=manager(folder))
     text = engine.generate(GenerationRequest(**BASE), bundle=bundle).infotexts[0]
     assert text.splitlines()[-1].endswith(", Wrapped: old")
-    assert sys.modules["latent_studio_dropin_wrappers"].calls == ["a blue square", "new-style before", 1,
-                                                                  "old-style before"]
+    assert sys.modules["latent_studio_dropin_wrappers"].calls == [
+        "a blue square",
+        "new-style before",
+        1,
+        "old-style before",
+    ]
 
 
 def launch(*args: str, plugin_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", PLUGIN_DIRS_ENV: str(plugin_dir)}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.mark.slow
@@ -315,23 +369,46 @@ def test_cli_plugins_prints_json_and_exits_0_when_a_plugin_exits_at_import(tmp_p
     process = launch("plugins", plugin_dir=folder)
     assert process.returncode == 0, process.stderr
     rows = {row["name"]: row for row in json.loads(process.stdout)}
-    assert rows["plugins/exits.py"] == {"name": "plugins/exits.py", "source": "dropin", "version": None,
-                                        "hooks": [], "error": "SystemExit: 3 (at import, exits.py:2)",
-                                        "enabled": True, "status": "failed", "distribution": None,
-                                        "api_versions": None, "sha256": rows["plugins/exits.py"]["sha256"],
-                                        "hashed": "file"}
+    assert rows["plugins/exits.py"] == {
+        "name": "plugins/exits.py",
+        "source": "dropin",
+        "version": None,
+        "hooks": [],
+        "error": "SystemExit: 3 (at import, exits.py:2)",
+        "enabled": True,
+        "status": "failed",
+        "distribution": None,
+        "api_versions": None,
+        "sha256": rows["plugins/exits.py"]["sha256"],
+        "hashed": "file",
+    }
     assert rows["plugins/good.py"]["error"] is None
     assert rows["webui.builtin.text"]["error"] is None
-    assert process.stderr.strip() == ("plugin 'plugins/exits.py' failed to load: "
-                                      "SystemExit: 3 (at import, exits.py:2)")
+    assert process.stderr.strip() == (
+        "plugin 'plugins/exits.py' failed to load: SystemExit: 3 (at import, exits.py:2)"
+    )
 
 
 @pytest.mark.slow
 def test_cli_generate_names_the_plugin_that_failed(tmp_path, tiny_model_dir):
     folder = dropins(tmp_path / "plugins", exits=EXITS, bad=FAILS_ON_REQUEST)
     out = tmp_path / "out"
-    process = launch("generate", "--prompt", "boom", "--steps", "2", "--width", "64", "--height", "64",
-                     "--out", str(out), "--model", str(tiny_model_dir), plugin_dir=folder)
+    process = launch(
+        "generate",
+        "--prompt",
+        "boom",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        plugin_dir=folder,
+    )
     assert process.returncode == 2, process.stderr
     assert "Traceback" not in process.stderr
     assert process.stderr.strip().splitlines() == [
@@ -347,8 +424,13 @@ def test_a_real_server_shows_the_failures_and_still_generates(tmp_path):
     from gradio_client.exceptions import AppError
     from ui_server import Server, call
 
-    folder = dropins(tmp_path / "plugins", exits=EXITS, tabs=FAILS_IN_TABS, bad=FAILS_ON_REQUEST,
-                     inject="raise RuntimeError('<script>alert(1)</script>')\n")
+    folder = dropins(
+        tmp_path / "plugins",
+        exits=EXITS,
+        tabs=FAILS_IN_TABS,
+        bad=FAILS_ON_REQUEST,
+        inject="raise RuntimeError('<script>alert(1)</script>')\n",
+    )
     server = Server(tmp_path / "outputs", plugin_dirs=[folder])
     try:
         response = httpx.get(server.url + "config", timeout=60)
@@ -359,7 +441,8 @@ def test_a_real_server_shows_the_failures_and_still_generates(tmp_path):
         assert unescape(notice) == (
             "⚠️ 3 plugins failed to load: plugins/exits.py — SystemExit: 3 (at import, exits.py:2); "
             "plugins/inject.py — RuntimeError: <script>alert(1)</script> (at import, inject.py:1); "
-            "plugins/tabs.py — KeyError: 'tab' (in register_ui_tabs, tabs.py:6) — see the Plugins tab.")
+            "plugins/tabs.py — KeyError: 'tab' (in register_ui_tabs, tabs.py:6) — see the Plugins tab."
+        )
         tabs = [c["props"]["label"] for c in response.json()["components"] if c["type"] == "tabitem"]
         assert tabs[-2:] == ["PNG Info", "Plugins"]
         table = components["plugins-table"]["props"]["value"]
@@ -371,8 +454,11 @@ def test_a_real_server_shows_the_failures_and_still_generates(tmp_path):
         client = server.client()
         progress = call(client, "txt2img", Prompt="a red circle", Steps=2, **{"Seed (-1 = random)": 1})[0]
         assert progress.startswith("1 image(s)")
-        with pytest.raises(AppError, match=r"plugin 'plugins/bad\.py' failed in provide_conditioning: "
-                                           r"ValueError: boom"):
+        with pytest.raises(
+            AppError,
+            match=r"plugin 'plugins/bad\.py' failed in provide_conditioning: "
+            r"ValueError: boom",
+        ):
             call(client, "txt2img", Prompt="boom", Steps=2)
         assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith("1 image(s)")
     finally:

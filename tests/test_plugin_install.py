@@ -72,7 +72,9 @@ def test_install_list_use_disable_enable_and_uninstall_the_example_plugin(venv, 
     assert installed.returncode == 0, installed.stderr
     assert f"installed {EXAMPLE} 0.3.0 (sha256 {sha})" in installed.stdout
     assert venv.version(EXAMPLE) == "0.3.0"
-    assert (venv.home / "wheels" / wheel.name).read_bytes() == wheel.read_bytes()  # what was installed is kept
+    assert (
+        venv.home / "wheels" / wheel.name
+    ).read_bytes() == wheel.read_bytes()  # what was installed is kept
 
     row = rows(venv)[f"{EXAMPLE}:example"]
     assert row["source"] == "entrypoint" and row["version"] == "0.3.0" and row["distribution"] == EXAMPLE
@@ -83,8 +85,19 @@ def test_install_list_use_disable_enable_and_uninstall_the_example_plugin(venv, 
 
     # a real request uses it: its sampler generates and is recorded
     out = tmp_path / "out"
-    generated = venv.launch("generate", "--prompt", "a red circle", "--sampler", "Euler Trailing", "--steps", "2",
-                            "--seed", "3", "--out", str(out))
+    generated = venv.launch(
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--sampler",
+        "Euler Trailing",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    )
     assert generated.returncode == 0, generated.stderr
     image = Image.open(next(out.rglob("*.png")))
     assert "Sampler: Euler Trailing" in image.text["parameters"]
@@ -107,8 +120,9 @@ def test_install_list_use_disable_enable_and_uninstall_the_example_plugin(venv, 
     assert "Euler Trailing" not in samplers(venv, "--safe-mode")
     wrong = venv.launch("--plugins", "no-such-plugin", "samplers")
     assert wrong.returncode == 2
-    assert error_line(wrong) == (f"error: --plugins: no installed or drop-in plugin is called 'no-such-plugin' "
-                                 f"(installed: {EXAMPLE})")
+    assert error_line(wrong) == (
+        f"error: --plugins: no installed or drop-in plugin is called 'no-such-plugin' (installed: {EXAMPLE})"
+    )
 
     removed = venv.launch("plugins", "uninstall", EXAMPLE, "--yes")
     assert removed.returncode == 0, removed.stderr
@@ -119,7 +133,9 @@ def test_install_list_use_disable_enable_and_uninstall_the_example_plugin(venv, 
 
 def test_every_other_example_plugin_installs_and_loads(venv, tmp_path):
     """The example packages besides the one above (built here, installed with ``plugins install``)."""
-    examples = sorted(p.parent for p in (ROOT / "examples").glob("*/pyproject.toml") if p.parent.name != EXAMPLE)
+    examples = sorted(
+        p.parent for p in (ROOT / "examples").glob("*/pyproject.toml") if p.parent.name != EXAMPLE
+    )
     installed = {}
     try:
         for example in examples:
@@ -131,7 +147,12 @@ def test_every_other_example_plugin_installs_and_loads(venv, tmp_path):
         listed = {row["distribution"]: row for row in rows(venv).values() if row["distribution"]}
         for name, sha in installed.items():
             row = listed[name]
-            assert (row["status"], row["error"], row["sha256"], row["hashed"]) == ("loaded", None, sha, "wheel"), row
+            assert (row["status"], row["error"], row["sha256"], row["hashed"]) == (
+                "loaded",
+                None,
+                sha,
+                "wheel",
+            ), row
             assert row["api_versions"] == [1] and row["hooks"]
     finally:
         for name in installed:
@@ -143,12 +164,18 @@ def test_a_wheel_for_another_api_version_is_refused_before_any_of_it_runs(venv, 
     venv.env["LS_IMPORT_MARKER"] = str(marker)
     try:
         for api, needs in (("2", "2"), ("range(2, 4)", "2 to 3")):
-            wheel = plugin_wheel(tmp_path / api.replace(" ", ""), "ls-future-plugin", api=api,
-                                 body=IMPORT_MARKER.format(name="ls-future-plugin"))
+            wheel = plugin_wheel(
+                tmp_path / api.replace(" ", ""),
+                "ls-future-plugin",
+                api=api,
+                body=IMPORT_MARKER.format(name="ls-future-plugin"),
+            )
             process = venv.launch("plugins", "install", str(wheel), "--yes")
             assert process.returncode == 2
-            assert error_line(process) == (f"error: ls-future-plugin 1.0: its plugin 'ls_future_plugin' needs plugin "
-                                           f"API {needs}; this Latent Studio provides API 1: not installed")
+            assert error_line(process) == (
+                f"error: ls-future-plugin 1.0: its plugin 'ls_future_plugin' needs plugin "
+                f"API {needs}; this Latent Studio provides API 1: not installed"
+            )
             assert "About to install" not in process.stdout
     finally:
         venv.env.pop("LS_IMPORT_MARKER")
@@ -160,8 +187,10 @@ def test_a_wheel_without_an_entry_point_is_refused(venv, tmp_path):
     wheel = write_wheel(tmp_path, "ls-not-a-plugin", "2.1", {"ls_not_a_plugin/__init__.py": "X = 1\n"})
     process = venv.launch("plugins", "install", str(wheel), "--yes")
     assert process.returncode == 2
-    assert error_line(process) == ("error: ls-not-a-plugin 2.1 declares no latent_studio entry point, so it is not a "
-                                   "Latent Studio plugin: not installed")
+    assert error_line(process) == (
+        "error: ls-not-a-plugin 2.1 declares no latent_studio entry point, so it is not a "
+        "Latent Studio plugin: not installed"
+    )
     assert venv.version("ls-not-a-plugin") is None
 
 
@@ -170,8 +199,9 @@ def test_a_failing_pip_check_rolls_everything_back(venv, wheels, tmp_path):
     brings the new ls-extra) installs, ``pip check`` then fails: ls-extra is uninstalled and
     ls-base 1.0 is back, file for file."""
     old = write_wheel(tmp_path / "old", "ls-base", "1.0", {"ls_base/__init__.py": 'VERSION = "1.0"\n'})
-    dependent = write_wheel(tmp_path / "old", "ls-dependent", "1.0", {"ls_dependent/__init__.py": ""},
-                            requires=["ls-base==1.0"])
+    dependent = write_wheel(
+        tmp_path / "old", "ls-dependent", "1.0", {"ls_dependent/__init__.py": ""}, requires=["ls-base==1.0"]
+    )
     write_wheel(wheels, "ls-extra", "1.0", {"ls_extra/__init__.py": ""})  # found through --find-links
     new = plugin_wheel(tmp_path / "new", "ls-base", "2.0", module="ls_base", requires=["ls-extra"])
     setup = venv.run("-m", "pip", "install", "--quiet", "--no-deps", str(old), str(dependent))
@@ -182,9 +212,11 @@ def test_a_failing_pip_check_rolls_everything_back(venv, wheels, tmp_path):
         assert "    ls-base 2.0 (replaces 1.0)" in process.stdout
         assert "    ls-extra 1.0 (new)" in process.stdout
         assert process.returncode == 2
-        assert error_line(process) == ("error: pip check failed after installing ls-base 2.0: ls-dependent 1.0 has "
-                                       "requirement ls-base==1.0, but you have ls-base 2.0.; rolled back, nothing "
-                                       "was changed")
+        assert error_line(process) == (
+            "error: pip check failed after installing ls-base 2.0: ls-dependent 1.0 has "
+            "requirement ls-base==1.0, but you have ls-base 2.0.; rolled back, nothing "
+            "was changed"
+        )
         assert venv.version("ls-base") == "1.0"
         assert venv.version("ls-extra") is None
         assert original.read_text() == 'VERSION = "1.0"\n'
@@ -200,9 +232,18 @@ def test_new_writes_a_package_that_installs_and_passes_its_own_test(venv, tmp_pa
     assert made.returncode == 0, made.stderr
     package = tmp_path / "ls-hello"
     assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == [
-        ".gitignore", "README.md", "ls_hello/__init__.py", "ls_hello/plugin.py", "pyproject.toml",
-        "tests/conftest.py", "tests/test_plugin.py"]
-    assert '[project.entry-points.latent_studio]\nls_hello = "ls_hello.plugin"' in (package / "pyproject.toml").read_text()
+        ".gitignore",
+        "README.md",
+        "ls_hello/__init__.py",
+        "ls_hello/plugin.py",
+        "pyproject.toml",
+        "tests/conftest.py",
+        "tests/test_plugin.py",
+    ]
+    assert (
+        '[project.entry-points.latent_studio]\nls_hello = "ls_hello.plugin"'
+        in (package / "pyproject.toml").read_text()
+    )
 
     installed = venv.launch("plugins", "install", str(package), "--yes", "--no-build-isolation")
     assert installed.returncode == 0, installed.stderr
@@ -210,7 +251,11 @@ def test_new_writes_a_package_that_installs_and_passes_its_own_test(venv, tmp_pa
     try:
         row = rows(venv)["ls-hello:ls_hello"]
         assert (row["status"], row["hooks"], row["api_versions"], row["hashed"]) == (
-            "loaded", ["write_metadata"], [1], "wheel")
+            "loaded",
+            ["write_metadata"],
+            [1],
+            "wheel",
+        )
         tested = venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests"), timeout=600)
         assert tested.returncode == 0, tested.stdout + tested.stderr
         assert "2 passed" in tested.stdout

@@ -38,7 +38,12 @@ class LaunchedServer:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process = subprocess.Popen(
             [str(venv.python), "launch.py", "--port", str(self.port), "--outputs-dir", str(outputs), *flags],
-            cwd=ROOT, env=venv.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT,
+            env=venv.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -116,7 +121,9 @@ def test_install_disable_and_apply_and_restart_from_the_web(venv, tmp_path):
         client = Client(server.url, verbose=False)
         message, table = client.predict("plugins/drop.py", api_name="/plugins_disable")
         assert message.startswith("disabled plugins/drop.py: it is not loaded from the next start")
-        assert {row[0]: row[4] for row in table["data"]}["plugins/drop.py"] == "loaded; disabled from the next start"
+        assert {row[0]: row[4] for row in table["data"]}[
+            "plugins/drop.py"
+        ] == "loaded; disabled from the next start"
 
         plan = client.predict("", handle_file(str(wheel)), api_name="/plugins_check")[0]
         assert plan.startswith("About to install the Latent Studio plugin latent-studio-example-plugin 0.3.0")
@@ -128,11 +135,17 @@ def test_install_disable_and_apply_and_restart_from_the_web(venv, tmp_path):
         assert venv.version("latent-studio-example-plugin") == "0.3.0"
         table = next(update for update in updates if isinstance(update, dict) and "data" in update)
         assert {row[0]: row[4] for row in table["data"]}["latent-studio-example-plugin:example"] == (
-            "installed: loads after a restart")
+            "installed: loads after a restart"
+        )
 
-        assert client.predict(api_name="/plugins_restart") == "Restarting: the page reloads when the server is back."
+        assert (
+            client.predict(api_name="/plugins_restart")
+            == "Restarting: the page reloads when the server is back."
+        )
         server.wait_for("Restarting Latent Studio...")
-        assert server.wait_for("running at") == f"Latent Studio is running at {server.url}"  # same port, same flags
+        assert (
+            server.wait_for("running at") == f"Latent Studio is running at {server.url}"
+        )  # same port, same flags
         assert server.process.poll() is None and server.process.pid == pid  # the same process, re-executed
         after = statuses(server.url)
         assert after["plugins/drop.py"] == "disabled"
@@ -152,9 +165,19 @@ def test_a_server_others_can_reach_has_no_route_that_changes_plugins(tmp_path):
         assert server.demo.server_name != LOCALHOST
         api_names = {fn.api_name for fn in server.demo.fns.values()}
         assert not api_names & set(MANAGING)
-        ids = {block.elem_id: block for block in server.demo.blocks.values() if getattr(block, "elem_id", None)}
-        for control in ("plugins-enable", "plugins-disable", "plugins-check", "plugins-install", "plugins-restart",
-                        "plugins-spec", "plugins-wheel", "plugins-choice"):
+        ids = {
+            block.elem_id: block for block in server.demo.blocks.values() if getattr(block, "elem_id", None)
+        }
+        for control in (
+            "plugins-enable",
+            "plugins-disable",
+            "plugins-check",
+            "plugins-install",
+            "plugins-restart",
+            "plugins-spec",
+            "plugins-wheel",
+            "plugins-choice",
+        ):
             assert ids[control].interactive is False, control
         assert "this server was started with --listen" in ids["plugins-locked"].value
         assert "--enable-plugin-install" in ids["plugins-locked"].value
@@ -184,7 +207,9 @@ def test_enable_plugin_install_opens_the_routes_and_an_embedded_server_cannot_re
         assert {fn.api_name for fn in demo.fns.values()} & set(MANAGING) == expected
     ids = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert ids["plugins-restart"].interactive is False
-    assert ids["plugins-locked"].value.startswith("This server runs inside another program and cannot restart")
+    assert ids["plugins-locked"].value.startswith(
+        "This server runs inside another program and cannot restart"
+    )
     assert "plugins-mode" not in ids
     assert os.environ.get("LATENT_STUDIO_SAFE_MODE") is None
 
@@ -192,5 +217,7 @@ def test_enable_plugin_install_opens_the_routes_and_an_embedded_server_cannot_re
     demo = build_app(StudioService(safe, tmp_path / "outputs"))
     ids = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert ids["plugins-mode"].value.startswith("**Safe mode:** only the built-in plugins are loaded")
-    assert ids["plugins-locked"].value == "🔒 Plugins can be managed here only in a server started by launch.py."
+    assert (
+        ids["plugins-locked"].value == "🔒 Plugins can be managed here only in a server started by launch.py."
+    )
     assert not {fn.api_name for fn in demo.fns.values()} & set(MANAGING)

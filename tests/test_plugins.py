@@ -30,8 +30,11 @@ def test_builtins_are_plugins_with_their_hooks():
     assert all(rows[name]["error"] is None and rows[name]["source"] == "builtin" for name in BUILTIN_PLUGINS)
     assert "register_schedulers" in rows["webui.builtin.schedulers"]["hooks"]
     assert "load_model" in rows["webui.builtin.loaders"]["hooks"]
-    assert rows["webui.builtin.masked_image"]["hooks"] == ["postprocess_images", "prepare_request",
-                                                           "provide_conditioning"]
+    assert rows["webui.builtin.masked_image"]["hooks"] == [
+        "postprocess_images",
+        "prepare_request",
+        "provide_conditioning",
+    ]
 
 
 def test_no_global_manager_each_call_is_fresh():
@@ -43,7 +46,8 @@ def test_no_global_manager_each_call_is_fresh():
 
 
 def test_dropin_modules_load_and_a_broken_one_is_reported(tmp_path):
-    (tmp_path / "good.py").write_text(textwrap.dedent("""
+    (tmp_path / "good.py").write_text(
+        textwrap.dedent("""
         from diffusers import DDIMScheduler
         from webui.api import hookimpl
         __version__ = "1.2"
@@ -51,15 +55,18 @@ def test_dropin_modules_load_and_a_broken_one_is_reported(tmp_path):
         @hookimpl
         def register_schedulers(register):
             register("DDIM Trailing", DDIMScheduler, timestep_spacing="trailing")
-    """))
+    """)
+    )
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom at import')\n")
-    (tmp_path / "badhook.py").write_text(textwrap.dedent("""
+    (tmp_path / "badhook.py").write_text(
+        textwrap.dedent("""
         from webui.api import hookimpl
 
         @hookimpl
         def provide_conditioning(request, context, conditioning, not_an_argument):
             pass
-    """))
+    """)
+    )
     (tmp_path / "_private.py").write_text("raise RuntimeError('never imported')\n")
     pm = make_plugin_manager(entry_points=False, plugin_dirs=[tmp_path])
     rows = {row["name"]: row for row in pm.describe()}
@@ -94,9 +101,23 @@ def installed_example(tmp_path_factory):
     source = tmp_path_factory.mktemp("src") / EXAMPLE.name
     shutil.copytree(EXAMPLE, source)  # the build leaves files beside the sources: keep them out of the repo
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(source)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return target
 
@@ -104,18 +125,41 @@ def installed_example(tmp_path_factory):
 @pytest.mark.slow
 def test_pip_installed_plugin_is_listed_by_the_cli(installed_example):
     env = {**os.environ, "PYTHONPATH": str(installed_example), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "launch.py", "plugins"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "launch.py", "plugins"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = {row["name"]: row for row in json.loads(out)}
     row = rows["latent-studio-example-plugin:example"]
-    assert row == {"name": "latent-studio-example-plugin:example", "source": "entrypoint", "version": "0.3.0",
-                   "hooks": ["prepare_request", "register_schedulers", "write_metadata"], "error": None,
-                   "enabled": True, "status": "loaded", "distribution": "latent-studio-example-plugin",
-                   "api_versions": [1], "sha256": row["sha256"], "hashed": "RECORD"}
+    assert row == {
+        "name": "latent-studio-example-plugin:example",
+        "source": "entrypoint",
+        "version": "0.3.0",
+        "hooks": ["prepare_request", "register_schedulers", "write_metadata"],
+        "error": None,
+        "enabled": True,
+        "status": "loaded",
+        "distribution": "latent-studio-example-plugin",
+        "api_versions": [1],
+        "sha256": row["sha256"],
+        "hashed": "RECORD",
+    }
     record = next(installed_example.glob("latent_studio_example_plugin-*.dist-info")) / "RECORD"
     assert row["sha256"] == hashlib.sha256(record.read_bytes()).hexdigest()  # installed by pip, not by us
-    samplers = subprocess.run([sys.executable, "launch.py", "samplers"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300, check=True).stdout.splitlines()
+    samplers = subprocess.run(
+        [sys.executable, "launch.py", "samplers"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
     assert "Euler Trailing" in samplers
 
 
@@ -170,9 +214,11 @@ def test_a_plugin_for_another_api_version_is_not_loaded_and_says_why(tmp_path):
     assert rows["plugins/future.py"]["error"] == "needs plugin API 2; this Latent Studio provides API 1"
     assert rows["plugins/future.py"]["hooks"] == []
     assert pm.get_plugin("plugins/future.py") is None
-    assert rows["plugins/wrong.py"]["error"] == ("declares LATENT_STUDIO_API = '1', which is neither a whole "
-                                                 "number nor a collection of them; this Latent Studio provides "
-                                                 "API 1")
+    assert rows["plugins/wrong.py"]["error"] == (
+        "declares LATENT_STUDIO_API = '1', which is neither a whole "
+        "number nor a collection of them; this Latent Studio provides "
+        "API 1"
+    )
     assert pm.get_plugin("plugins/wrong.py") is None
     for name in ("plugins/both.py", "plugins/legacy.py"):
         assert rows[name]["error"] is None
@@ -186,22 +232,37 @@ def test_a_plugin_for_another_api_version_is_not_loaded_and_says_why(tmp_path):
 def test_the_cli_names_both_api_versions(tmp_path):
     write_api_plugins(tmp_path)
     env = {**os.environ, "LATENT_STUDIO_PLUGIN_DIRS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "launch.py", "plugins"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "launch.py", "plugins"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = {row["name"]: row for row in json.loads(out)}
-    assert rows["plugins/future.py"] == {"name": "plugins/future.py", "source": "dropin", "version": None,
-                                         "hooks": [], "error": "needs plugin API 2; this Latent Studio "
-                                                               "provides API 1",
-                                         "enabled": True, "status": "failed", "distribution": None,
-                                         "api_versions": [2], "hashed": "file",
-                                         "sha256": hashlib.sha256((tmp_path / "future.py").read_bytes()).hexdigest()}
+    assert rows["plugins/future.py"] == {
+        "name": "plugins/future.py",
+        "source": "dropin",
+        "version": None,
+        "hooks": [],
+        "error": "needs plugin API 2; this Latent Studio provides API 1",
+        "enabled": True,
+        "status": "failed",
+        "distribution": None,
+        "api_versions": [2],
+        "hashed": "file",
+        "sha256": hashlib.sha256((tmp_path / "future.py").read_bytes()).hexdigest(),
+    }
     assert rows["plugins/legacy.py"]["error"] is None
     assert all(rows[name]["error"] is None for name in BUILTIN_PLUGINS)
 
 
 def test_an_installed_plugin_for_other_api_versions_is_not_loaded(tmp_path, monkeypatch):
-    (tmp_path / "future_plugin_xyz.py").write_text(API_PLUGIN_BODY.format(
-        declaration="LATENT_STUDIO_API = range(2, 4)", stem="future"))
+    (tmp_path / "future_plugin_xyz.py").write_text(
+        API_PLUGIN_BODY.format(declaration="LATENT_STUDIO_API = range(2, 4)", stem="future")
+    )
     dist = tmp_path / "future_plugin-3.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: future-plugin\nVersion: 3.0\n")
@@ -210,10 +271,19 @@ def test_an_installed_plugin_for_other_api_versions_is_not_loaded(tmp_path, monk
     monkeypatch.delitem(sys.modules, "future_plugin_xyz", raising=False)
     pm = make_plugin_manager(plugin_dirs=[])
     row = {row["name"]: row for row in pm.describe()}["future-plugin:future"]
-    assert row == {"name": "future-plugin:future", "source": "entrypoint", "version": "3.0", "hooks": [],
-                   "error": "needs plugin API 2 to 3; this Latent Studio provides API 1", "enabled": True,
-                   "status": "failed", "distribution": "future-plugin", "api_versions": [2, 3], "sha256": None,
-                   "hashed": None}  # no RECORD in this hand-made .dist-info
+    assert row == {
+        "name": "future-plugin:future",
+        "source": "entrypoint",
+        "version": "3.0",
+        "hooks": [],
+        "error": "needs plugin API 2 to 3; this Latent Studio provides API 1",
+        "enabled": True,
+        "status": "failed",
+        "distribution": "future-plugin",
+        "api_versions": [2, 3],
+        "sha256": None,
+        "hashed": None,
+    }  # no RECORD in this hand-made .dist-info
     assert "DDIM future" not in Engine(plugins=pm).schedulers
 
 

@@ -34,13 +34,18 @@ def shapes_bundle(shapes_engine: Engine) -> ModelBundle:
     return shapes_engine.models.get(None)
 
 
-def scene_batch(bundle: ModelBundle, seeds: range) -> tuple[list[shapes.Scene], list[tuple[Image.Image, np.ndarray]],
-                                                            torch.Tensor]:
+def scene_batch(
+    bundle: ModelBundle, seeds: range
+) -> tuple[list[shapes.Scene], list[tuple[Image.Image, np.ndarray]], torch.Tensor]:
     """Rendered scenes and their scaled latents (the VAE's mean, as the loop holds latents)."""
     scenes = [shapes.random_scene(random.Random(k)) for k in seeds]
     rendered = [scene.render() for scene in scenes]
-    pixels = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                          for img, _ in rendered])
+    pixels = torch.stack(
+        [
+            torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for img, _ in rendered
+        ]
+    )
     with torch.no_grad():
         latents = bundle.vae.encode(pixels).latent_dist.mean * bundle.vae.config.scaling_factor
     return scenes, rendered, latents
@@ -72,13 +77,20 @@ def test_preview_is_close_to_the_downscaled_image(shapes_bundle):
 def test_scaling_matches_the_engines_own_encoding(shapes_engine, shapes_bundle):
     """Latents as img2img puts them into the loop (``Engine.encode_images``, sampled, not the mean)."""
     rendered = [shapes.random_scene(random.Random(k)).render()[0] for k in range(100, 108)]
-    pixels = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                          for img in rendered])
-    latents = shapes_engine.encode_images(shapes_bundle, pixels, [torch.Generator().manual_seed(k) for k in range(8)])
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for img in rendered]
+    )
+    latents = shapes_engine.encode_images(
+        shapes_bundle, pixels, [torch.Generator().manual_seed(k) for k in range(8)]
+    )
     previews = preview.preview_images(shapes_bundle, latents, max_images=8)
-    errors = [np.abs(np.asarray(shown.resize((16, 16), BOX), dtype=np.float32)
-                     - np.asarray(image.resize((16, 16), BOX), dtype=np.float32)).mean()
-              for image, shown in zip(rendered, previews, strict=True)]
+    errors = [
+        np.abs(
+            np.asarray(shown.resize((16, 16), BOX), dtype=np.float32)
+            - np.asarray(image.resize((16, 16), BOX), dtype=np.float32)
+        ).mean()
+        for image, shown in zip(rendered, previews, strict=True)
+    ]
     assert np.mean(errors) < 38, errors
 
 
@@ -98,8 +110,9 @@ def test_preview_shows_the_object_and_background_colours(shapes_bundle):
         true_obj = np.asarray(shapes.COLORS[scene.color], dtype=np.float32)
         true_bg = np.asarray(shapes.COLORS[scene.background], dtype=np.float32)
         # each region looks more like its own colour than like the other region's
-        separated += (np.linalg.norm(obj - true_obj) < np.linalg.norm(obj - true_bg)) \
-            and (np.linalg.norm(bg - true_bg) < np.linalg.norm(bg - true_obj))
+        separated += (np.linalg.norm(obj - true_obj) < np.linalg.norm(obj - true_bg)) and (
+            np.linalg.norm(bg - true_bg) < np.linalg.norm(bg - true_obj)
+        )
         # the background (most of the image) is its named colour or the next nearest one; the
         # linear preview renders red a little orange and purple a little blue on this VAE
         assert scene.background in nearest(bg)[:2], (scene, bg)
@@ -111,14 +124,22 @@ def test_preview_shows_the_object_and_background_colours(shapes_bundle):
 def test_previews_during_generation_converge_on_the_decoded_result(shapes_engine):
     """The loop's own latents, through the step callback: the image forms over the steps."""
     shown: list[list[Image.Image]] = []
-    request = GenerationRequest(prompt="a large red circle in the center on a white background", steps=6,
-                                seed=1, sampler="DPM++ 2M Karras", cfg_scale=5.0)
-    result = shapes_engine.generate(request, callback=lambda info: shown.append(
-        preview.preview_images(info.context.bundle, info.latents)))
+    request = GenerationRequest(
+        prompt="a large red circle in the center on a white background",
+        steps=6,
+        seed=1,
+        sampler="DPM++ 2M Karras",
+        cfg_scale=5.0,
+    )
+    result = shapes_engine.generate(
+        request, callback=lambda info: shown.append(preview.preview_images(info.context.bundle, info.latents))
+    )
     assert len(shown) == 6 and all(len(images) == 1 and images[0].size == (64, 64) for images in shown)
     final = np.asarray(result.images[0].image.resize((16, 16), BOX), dtype=np.float32)
-    errors = [np.abs(np.asarray(images[0].resize((16, 16), BOX), dtype=np.float32) - final).mean()
-              for images in shown]
+    errors = [
+        np.abs(np.asarray(images[0].resize((16, 16), BOX), dtype=np.float32) - final).mean()
+        for images in shown
+    ]
     # measured 74.7 at the first step down to 39.2 at the last; generated latents are noisier than
     # encoded ones, which the VAE's decoder smooths over and a per-pixel map cannot
     assert errors[-1] < 50 and errors[-1] < errors[0] - 20, errors
@@ -228,8 +249,13 @@ def test_preview_leaves_latents_alone_and_handles_odd_sizes_and_graphs():
 
 def test_other_latent_channel_counts():
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=16, norm_num_groups=32).eval()
+    vae = AutoencoderKL(
+        block_out_channels=[32, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=16,
+        norm_num_groups=32,
+    ).eval()
     bundle = vae_bundle(vae)
     weights, bias = preview.latent_rgb_map(bundle)
     assert weights.shape == (16, 3) and bias.shape == (3,)

@@ -25,7 +25,9 @@ def webui_imports(path: Path) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "webui"]
+            found += [
+                (node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "webui"
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 found.append((node.lineno, "." * node.level + (node.module or "")))
@@ -43,8 +45,13 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
         "import webui.engine.text\nfrom webui import hookspecs\nfrom webui.api import hookimpl\n"
         "from . import sibling\nimport numpy\n\ndef later():\n    from webui.images import image_to_tensor\n"
     )
-    assert webui_imports(path) == [(1, "webui.engine.text"), (2, "webui.hookspecs"), (3, "webui.api"),
-                                   (4, "."), (8, "webui.images")]
+    assert webui_imports(path) == [
+        (1, "webui.engine.text"),
+        (2, "webui.hookspecs"),
+        (3, "webui.api"),
+        (4, "."),
+        (8, "webui.images"),
+    ]
 
 
 def test_the_builtin_folder_is_checked():
@@ -75,8 +82,12 @@ def test_every_exported_name_resolves_and_every_import_is_exported():
     missing = [name for name in exported if not hasattr(webui.api, name)]
     assert not missing, f"webui.api.__all__ lists names it does not define: {missing}"
     tree = ast.parse(Path(webui.api.__file__).read_text(encoding="utf-8"))
-    imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
-                and node.module != "__future__" for alias in node.names}
+    imported = {
+        alias.asname or alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__"
+        for alias in node.names
+    }
     assert imported - set(exported) == set(), "webui.api imports names it does not export in __all__"
     for name in exported:
         assert getattr(webui.api, name) is not None, name

@@ -35,9 +35,19 @@ def test_the_tutorial_plugin_and_its_test_pass(tmp_path):
     # as a drop-in plugin, it loads without errors and declares its field
     pm = make_plugin_manager(entry_points=False, plugin_dirs=[tmp_path / "plugins"])
     assert [record.error for record in pm.records.values() if record.source == "dropin"] == [None]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), str(ROOT)]),
-           "HF_HUB_OFFLINE": "1"}
-    process = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_grain.py"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), str(ROOT)]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    process = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_grain.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert process.returncode == 0, process.stdout + process.stderr
     assert "2 passed" in process.stdout

@@ -249,7 +249,9 @@ def test_init_image_of_another_size_uses_the_requested_size(engine, bundle):
 
 def test_init_image_size_is_the_default_size(engine, bundle):
     init = random_image(5, size=48)
-    result = run(engine, bundle, task="img2img", init_image=init, width=None, height=None, strength=0.75, steps=4)
+    result = run(
+        engine, bundle, task="img2img", init_image=init, width=None, height=None, strength=0.75, steps=4
+    )
     assert result.images[0].image.size == (48, 48)
     assert result.images[0].parameters["Size"] == "48x48"
 

@@ -40,15 +40,31 @@ from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
 
 KINDS = ("sd1", "sd1-inpainting", "sd2-v", "sdxl", "sdxl-refiner")
-RUN = dict(prompt="a photo of a cat", negative_prompt="blurry", sampler="Euler", steps=3, cfg_scale=7.0,
-           seed=7, width=32, height=32)
+RUN = dict(
+    prompt="a photo of a cat",
+    negative_prompt="blurry",
+    sampler="Euler",
+    steps=3,
+    cfg_scale=7.0,
+    seed=7,
+    width=32,
+    height=32,
+)
 # The families' published scheduler settings (SD 1.5, SD 2.1-v, SDXL base), written out here
-SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                     steps_offset=1, set_alpha_to_one=False)
+SCALED_LINEAR = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    set_alpha_to_one=False,
+)
 SCHEDULERS = {
     "sd1": dict(SCALED_LINEAR, prediction_type="epsilon", skip_prk_steps=True),
     "sd2-v": dict(SCALED_LINEAR, prediction_type="v_prediction", clip_sample=False),
-    "sdxl": dict(SCALED_LINEAR, prediction_type="epsilon", timestep_spacing="leading", interpolation_type="linear"),
+    "sdxl": dict(
+        SCALED_LINEAR, prediction_type="epsilon", timestep_spacing="leading", interpolation_type="linear"
+    ),
 }
 
 
@@ -63,7 +79,10 @@ def models(tmp_path_factory):
     out = {}
     for kind in KINDS:
         components = tiny_components(kind)
-        out[kind] = (write_single_file(folder / f"tiny-{kind}.safetensors", to_ldm(kind, components)), components)
+        out[kind] = (
+            write_single_file(folder / f"tiny-{kind}.safetensors", to_ldm(kind, components)),
+            components,
+        )
     return out
 
 
@@ -72,9 +91,13 @@ def reference_bundle(kind: str, components: dict) -> ModelBundle:
     family = kind.split("-")[0]
     pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[family]
     return ModelBundle(
-        name="reference", unet=components["unet"], vae=components["vae"],
-        text_encoders=components["text_encoders"], tokenizers=[clip_tokenizer(pad_token=p) for p in pads],
-        scheduler_config=SCHEDULERS["sd2-v" if family == "sd2" else family], family=family,
+        name="reference",
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoders=components["text_encoders"],
+        tokenizers=[clip_tokenizer(pad_token=p) for p in pads],
+        scheduler_config=SCHEDULERS["sd2-v" if family == "sd2" else family],
+        family=family,
         config={"force_zeros_for_empty_prompt": True} if family == "sdxl" else {},
     )
 
@@ -105,21 +128,31 @@ def test_clip_tokenizer_matches_clip_ids():
 # -- detection ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "family", "variant", "prediction", "size"), [
-    ("sd1", "sd1", "base", "epsilon", 512),
-    ("sd1-inpainting", "sd1", "inpainting", "epsilon", 512),
-    ("sd2-v", "sd2", "base", "v_prediction", 768),
-    ("sdxl", "sdxl", "base", "epsilon", 1024),
-    ("sdxl-refiner", "sdxl", "refiner", "epsilon", 1024),
-])
-def test_family_is_detected_from_the_header_alone(models, monkeypatch, kind, family, variant, prediction, size):
+@pytest.mark.parametrize(
+    ("kind", "family", "variant", "prediction", "size"),
+    [
+        ("sd1", "sd1", "base", "epsilon", 512),
+        ("sd1-inpainting", "sd1", "inpainting", "epsilon", 512),
+        ("sd2-v", "sd2", "base", "v_prediction", 768),
+        ("sdxl", "sdxl", "base", "epsilon", 1024),
+        ("sdxl-refiner", "sdxl", "refiner", "epsilon", 1024),
+    ],
+)
+def test_family_is_detected_from_the_header_alone(
+    models, monkeypatch, kind, family, variant, prediction, size
+):
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("detection read tensor data")
 
     monkeypatch.setattr(safetensors, "safe_open", no_tensor_reads)
     monkeypatch.setattr(torch, "load", no_tensor_reads)
     info = inspect_file(models[kind][0])
-    assert (info.family, info.variant, info.prediction_type, info.default_size) == (family, variant, prediction, size)
+    assert (info.family, info.variant, info.prediction_type, info.default_size) == (
+        family,
+        variant,
+        prediction,
+        size,
+    )
     assert info.prediction_source == "default"
     assert info.in_channels == (9 if variant == "inpainting" else 4)
 
@@ -132,7 +165,11 @@ def test_inpainting_variants_of_sd2_and_sdxl(models):
         info = detect_checkpoint({**shapes, conv_in: (out_channels, 9, k, k)})
         # SD 2.x inpainting (512-inpainting-ema) predicts noise, whatever the base rule is
         assert (info.family, info.variant, info.prediction_type, info.label) == (
-            family, "inpainting", prediction, f"{family}-inpainting")
+            family,
+            "inpainting",
+            prediction,
+            f"{family}-inpainting",
+        )
 
 
 def test_prediction_type_from_metadata_then_sidecar_then_default(models, tmp_path):
@@ -151,7 +188,10 @@ def test_prediction_type_from_metadata_then_sidecar_then_default(models, tmp_pat
     assert detect(sidecar=eps_yaml) == ("epsilon", "sidecar", 512)  # A1111's v2-inference.yaml
     assert detect({"modelspec.prediction_type": "epsilon"}, v_yaml) == ("epsilon", "metadata", 512)
     assert detect({"modelspec.prediction_type": "v", "modelspec.resolution": "640x640"}) == (
-        "v_prediction", "metadata", 640)
+        "v_prediction",
+        "metadata",
+        640,
+    )
     sd1 = read_safetensors_header(models["sd1"][0]).shapes
     assert detect_checkpoint(sd1).prediction_type == "epsilon"
     assert detect_checkpoint(sd1, sidecar=v_yaml).prediction_type == "v_prediction"
@@ -170,8 +210,9 @@ def test_sidecar_yaml_next_to_the_file_is_used(models, tmp_path):
 
 def test_metadata_prediction_type_is_read_from_the_file(tmp_path):
     components = tiny_components("sd1")
-    path = write_single_file(tmp_path / "vpred.safetensors", to_ldm("sd1", components),
-                             metadata={"modelspec.prediction_type": "v"})
+    path = write_single_file(
+        tmp_path / "vpred.safetensors", to_ldm("sd1", components), metadata={"modelspec.prediction_type": "v"}
+    )
     info = inspect_file(path)
     assert (info.prediction_type, info.prediction_source, info.label) == ("v_prediction", "metadata", "sd1-v")
 
@@ -194,36 +235,70 @@ def test_unknown_layouts_say_what_was_found(models):
     lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}
     with pytest.raises(ModelLoadError, match=r"not a Stable Diffusion checkpoint: found lora_\*.*LoRA"):
         detect_checkpoint(lora)
-    vae = {k.removeprefix("first_stage_model."): v for k, v in sd1.items() if k.startswith("first_stage_model.")}
+    vae = {
+        k.removeprefix("first_stage_model."): v for k, v in sd1.items() if k.startswith("first_stage_model.")
+    }
     with pytest.raises(ModelLoadError, match="standalone VAE"):
         detect_checkpoint(vae)
     cross = {k: ((v[0], 96) if k.endswith("attn2.to_k.weight") else v) for k, v in sd1.items()}
-    with pytest.raises(ModelLoadError, match="cross-attention takes 96 features but its text encoder gives 64"):
+    with pytest.raises(
+        ModelLoadError, match="cross-attention takes 96 features but its text encoder gives 64"
+    ):
         detect_checkpoint(cross)
 
 
 # The published sizes of the real models (SD 1.5, SD 2.1-v, SDXL base 1.0, SDXL refiner 1.0)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-OPEN_CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                   hidden_act="gelu")
-OPEN_CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                      hidden_act="gelu", projection_dim=1280)
-SDXL_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+OPEN_CLIP_H = dict(
+    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, hidden_act="gelu"
+)
+OPEN_CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+SDXL_BLOCKS = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
 FULL_SIZE = {
     "sd1": (dict(cross_attention_dim=768), [CLIP_L]),
-    "sd2-v": (dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-              [OPEN_CLIP_H]),
-    "sdxl": (dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                  transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
-                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, **SDXL_BLOCKS),
-             [CLIP_L, OPEN_CLIP_BIGG]),
-    "sdxl-refiner": (dict(block_out_channels=(384, 768, 1536, 1536), attention_head_dim=(6, 12, 24, 24),
-                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                          cross_attention_dim=1280, transformer_layers_per_block=4, use_linear_projection=True,
-                          addition_embed_type="text_time", addition_time_embed_dim=256,
-                          projection_class_embeddings_input_dim=2560), [OPEN_CLIP_BIGG]),
+    "sd2-v": (
+        dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+        [OPEN_CLIP_H],
+    ),
+    "sdxl": (
+        dict(
+            block_out_channels=(320, 640, 1280),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            **SDXL_BLOCKS,
+        ),
+        [CLIP_L, OPEN_CLIP_BIGG],
+    ),
+    "sdxl-refiner": (
+        dict(
+            block_out_channels=(384, 768, 1536, 1536),
+            attention_head_dim=(6, 12, 24, 24),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=1280,
+            transformer_layers_per_block=4,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2560,
+        ),
+        [OPEN_CLIP_BIGG],
+    ),
 }
 
 
@@ -237,22 +312,43 @@ def test_full_size_configs_are_read_from_the_shapes(kind):
     unet_kwargs, text_kwargs = FULL_SIZE[kind]
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_kwargs)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(
-            CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **t)) for t in text_kwargs]
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        encoders = [
+            (CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(
+                CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **t)
+            )
+            for t in text_kwargs
+        ]
     shapes = _shapes_of(to_ldm(kind, {"unet": unet, "vae": vae, "text_encoders": encoders}))
     configs = component_configs(shapes, detect_checkpoint(shapes))
     for key, value in unet.config.items():
-        if key in unet_kwargs or key in ("block_out_channels", "layers_per_block", "in_channels", "out_channels"):
+        if key in unet_kwargs or key in (
+            "block_out_channels",
+            "layers_per_block",
+            "in_channels",
+            "out_channels",
+        ):
             got = configs["unet"][key]
             assert (list(got) if isinstance(got, (list, tuple)) else got) == (
-                list(value) if isinstance(value, (list, tuple)) else value), key
+                list(value) if isinstance(value, (list, tuple)) else value
+            ), key
     for key in ("block_out_channels", "layers_per_block", "latent_channels"):
         assert list(np.atleast_1d(configs["vae"][key])) == list(np.atleast_1d(vae.config[key])), key
     for config, encoder in zip(configs["text_encoders"], encoders, strict=True):
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "hidden_act",
-                    "vocab_size"):
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "hidden_act",
+            "vocab_size",
+        ):
             assert config[key] == getattr(encoder.config, key), key
         if isinstance(encoder, CLIPTextModelWithProjection):
             assert config["projection_dim"] == encoder.config.projection_dim
@@ -274,12 +370,21 @@ def test_every_converted_tensor_equals_the_original(models, kind):
         for key in ("num_attention_heads", "hidden_act", "num_hidden_layers", "intermediate_size"):
             assert getattr(loaded.config, key) == getattr(original.config, key), key
     # (transformer depths are checked by the equal key sets above)
-    for key in ("attention_head_dim", "use_linear_projection", "in_channels",
-                "cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                "down_block_types", "up_block_types", "block_out_channels"):
+    for key in (
+        "attention_head_dim",
+        "use_linear_projection",
+        "in_channels",
+        "cross_attention_dim",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+    ):
         expected, got = components["unet"].config[key], bundle.unet.config[key]
         assert (list(got) if isinstance(got, (list, tuple)) else got) == (
-            list(expected) if isinstance(expected, (list, tuple)) else expected), key
+            list(expected) if isinstance(expected, (list, tuple)) else expected
+        ), key
     assert bundle.vae.config.scaling_factor == components["vae"].config.scaling_factor
 
 
@@ -301,27 +406,57 @@ def test_the_refiner_loads_and_matches_the_refiner_pipeline(models):
 
     engine = make_engine()
     init = random_image(4)
-    got = engine.generate(GenerationRequest(**{**RUN, "model": str(path), "task": "img2img", "init_image": init,
-                                               "strength": 0.5, "seed": 8, "width": 64, "height": 64}))
+    got = engine.generate(
+        GenerationRequest(
+            **{
+                **RUN,
+                "model": str(path),
+                "task": "img2img",
+                "init_image": init,
+                "strength": 0.5,
+                "seed": 8,
+                "width": 64,
+                "height": 64,
+            }
+        )
+    )
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=components["vae"], text_encoder=None, text_encoder_2=components["text_encoders"][0],
-        tokenizer=None, tokenizer_2=clip_tokenizer(pad_token="!", model_max_length=77),
-        unet=components["unet"], scheduler=engine.schedulers.build("Euler", bundle.scheduler_config),
-        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+        vae=components["vae"],
+        text_encoder=None,
+        text_encoder_2=components["text_encoders"][0],
+        tokenizer=None,
+        tokenizer_2=clip_tokenizer(pad_token="!", model_max_length=77),
+        unet=components["unet"],
+        scheduler=engine.schedulers.build("Euler", bundle.scheduler_config),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
-    want = pipe(prompt=RUN["prompt"], negative_prompt=RUN["negative_prompt"], image=init, strength=0.5,
-                num_inference_steps=RUN["steps"], guidance_scale=RUN["cfg_scale"], output_type="np",
-                generator=torch.Generator().manual_seed(8)).images[0]
+    want = pipe(
+        prompt=RUN["prompt"],
+        negative_prompt=RUN["negative_prompt"],
+        image=init,
+        strength=0.5,
+        num_inference_steps=RUN["steps"],
+        guidance_scale=RUN["cfg_scale"],
+        output_type="np",
+        generator=torch.Generator().manual_seed(8),
+    ).images[0]
     ours = got.images[0].pixels.permute(1, 2, 0).numpy()
     assert float(np.abs(ours - want).max()) < 1e-3
     assert float(ours.std()) > 0.01
 
 
-@pytest.mark.parametrize(("kind", "task"), [("sd1", "txt2img"), ("sd1-inpainting", "inpaint"),
-                                            ("sd2-v", "txt2img"), ("sdxl", "txt2img")])
+@pytest.mark.parametrize(
+    ("kind", "task"),
+    [("sd1", "txt2img"), ("sd1-inpainting", "inpaint"), ("sd2-v", "txt2img"), ("sdxl", "txt2img")],
+)
 def test_generated_images_equal_the_original_components(models, kind, task):
     path, components = models[kind]
-    extra = dict(init_image=random_image(3, 32), mask=rect_mask(32), strength=1.0) if task == "inpaint" else {}
+    extra = (
+        dict(init_image=random_image(3, 32), mask=rect_mask(32), strength=1.0) if task == "inpaint" else {}
+    )
     request = dict(RUN, task=task, batch_size=2, **extra)
     engine = make_engine()
     engine.models.add("reference", reference_bundle(kind, components))
@@ -348,7 +483,9 @@ def test_the_bundle_describes_the_file(models, kind):
     assert bundle.config.get("force_zeros_for_empty_prompt", False) == (family == "sdxl")
     assert bundle.model_hash == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert not any(p.requires_grad for module in bundle.modules() for p in module.parameters())
-    assert [t.pad_token_id for t in bundle.tokenizers] == {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[family]
+    assert [t.pad_token_id for t in bundle.tokenizers] == {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[
+        family
+    ]
 
 
 def test_half_precision_loading_casts_every_weight(models):
@@ -409,7 +546,11 @@ def test_a_pickle_with_code_is_refused_even_with_the_opt_in(tmp_path):
 def test_allow_pickle_flag_reaches_the_engine():
     from webui.cli import _engine, build_parser
 
-    for argv, expected in ((["models"], False), (["--allow-pickle", "models"], True), (["models", "--allow-pickle"], True)):
+    for argv, expected in (
+        (["models"], False),
+        (["--allow-pickle", "models"], True),
+        (["models", "--allow-pickle"], True),
+    ):
         args = build_parser().parse_args(argv)
         assert args.allow_pickle is expected
         args.device = "cpu"
@@ -427,23 +568,26 @@ def _small_file(path: Path) -> bytes:
 def _with_header(data: bytes, header: dict) -> bytes:
     old_len = struct.unpack("<Q", data[:8])[0]
     raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + data[8 + old_len:]
+    return struct.pack("<Q", len(raw)) + raw + data[8 + old_len :]
 
 
 def _header(data: bytes) -> dict:
-    return json.loads(data[8: 8 + struct.unpack("<Q", data[:8])[0]])
+    return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    ("tiny", "only 5 bytes long"),
-    ("huge_header", "header claims 1099511627776 bytes"),
-    ("not_json", "header is not JSON"),
-    ("not_object", "header is not a JSON object"),
-    ("outside", "tensor 'b' ends at byte 4096"),
-    ("truncated", "is truncated or damaged"),
-    ("wrong_size", "needs 24 bytes but its data_offsets span 20"),
-    ("bad_dtype", "unknown dtype 'F128'"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("tiny", "only 5 bytes long"),
+        ("huge_header", "header claims 1099511627776 bytes"),
+        ("not_json", "header is not JSON"),
+        ("not_object", "header is not a JSON object"),
+        ("outside", "tensor 'b' ends at byte 4096"),
+        ("truncated", "is truncated or damaged"),
+        ("wrong_size", "needs 24 bytes but its data_offsets span 20"),
+        ("bad_dtype", "unknown dtype 'F128'"),
+    ],
+)
 def test_malformed_safetensors_files_are_refused(tmp_path, damage, message):
     path = tmp_path / f"{damage}.safetensors"
     data = _small_file(path)
@@ -480,7 +624,9 @@ def test_a_valid_small_file_passes_the_checks(tmp_path):
     _small_file(path)
     header = read_safetensors_header(path)
     assert header.shapes == {"a": (2, 3), "b": (4,)}
-    with pytest.raises(ModelLoadError, match=r"not a Stable Diffusion checkpoint: found a\.\* \(1\), b\.\* \(1\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"not a Stable Diffusion checkpoint: found a\.\* \(1\), b\.\* \(1\)"
+    ):
         make_engine().models.get(str(path))
 
 
@@ -505,7 +651,9 @@ def test_single_file_controlnet_round_trip(models, seg_controlnet):
     engine.models.add("reference", reference_bundle("sd1", models["sd1"][1]))
     engine.models.add("reference-seg", original, kind="controlnet")
     reference = engine.generate(GenerationRequest(**request, model="reference", controlnet="reference-seg"))
-    from_files = engine.generate(GenerationRequest(**request, model=str(models["sd1"][0]), controlnet=str(path)))
+    from_files = engine.generate(
+        GenerationRequest(**request, model=str(models["sd1"][0]), controlnet=str(path))
+    )
     without = engine.generate(GenerationRequest(**RUN, model=str(models["sd1"][0])))
     assert torch.equal(pixels(from_files), pixels(reference))
     assert not torch.equal(pixels(from_files), pixels(without))  # the ControlNet acted
@@ -513,7 +661,9 @@ def test_single_file_controlnet_round_trip(models, seg_controlnet):
 
 def test_controlnet_without_prefix_and_of_sd2(models, seg_controlnet, tmp_path):
     _, original = seg_controlnet
-    bare = write_single_file(tmp_path / "bare.safetensors", controlnet_to_ldm(original.state_dict(), prefix=""))
+    bare = write_single_file(
+        tmp_path / "bare.safetensors", controlnet_to_ldm(original.state_dict(), prefix="")
+    )
     assert_same_tensors(original, make_engine().models.get_controlnet(str(bare)))
     sd2 = make_controlnet(models["sd2-v"][1]["unet"], seed=6)  # linear projections: the SD 2.x rule
     converted = convert_controlnet(controlnet_to_ldm(sd2.state_dict()))
@@ -531,7 +681,8 @@ def test_controlnet_and_checkpoint_files_are_not_mixed_up(models, seg_controlnet
 
 def test_controlnet_palette_sidecar_wins(seg_controlnet, tmp_path):
     link = Path(shutil.copy(seg_controlnet[0], tmp_path / "my_seg.safetensors"))
-    (tmp_path / "my_seg.palette.json").write_text(json.dumps({"name": "two", "classes": ["sky", "sea"],
-                                                              "colors": [[0, 0, 255], [0, 128, 255]]}))
+    (tmp_path / "my_seg.palette.json").write_text(
+        json.dumps({"name": "two", "classes": ["sky", "sea"], "colors": [[0, 0, 255], [0, 128, 255]]})
+    )
     palette = make_engine().models.get_controlnet(str(link)).seg_palette
     assert palette.classes == ("sky", "sea")

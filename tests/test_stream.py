@@ -19,8 +19,9 @@ def engine(tmp_path):
     return engine
 
 
-REQUEST = GenerationRequest(model="tiny", prompt="a red square", steps=6, seed=3, width=64, height=64,
-                            sampler="Euler", batch_count=2)
+REQUEST = GenerationRequest(
+    model="tiny", prompt="a red square", steps=6, seed=3, width=64, height=64, sampler="Euler", batch_count=2
+)
 
 
 def test_progress_counts_every_step_then_gives_the_same_images(engine):
@@ -36,8 +37,9 @@ def test_progress_counts_every_step_then_gives_the_same_images(engine):
     assert [(e.batch, e.step) for e in previews] == [(1, 2), (1, 4), (2, 2), (2, 4)]
     assert previews[0].preview[0].size == (64, 64)
     direct = engine.generate(REQUEST)
-    assert [np.asarray(i.image).tolist() for i in result.images] == [np.asarray(i.image).tolist()
-                                                                     for i in direct.images]
+    assert [np.asarray(i.image).tolist() for i in result.images] == [
+        np.asarray(i.image).tolist() for i in direct.images
+    ]
 
 
 def test_closing_the_stream_interrupts_the_generation(engine):
@@ -51,10 +53,13 @@ def test_closing_the_stream_interrupts_the_generation(engine):
 
 def test_errors_come_out_of_the_stream(engine):
     with pytest.raises(InvalidRequestError, match="strength"):
-        list(stream(engine, REQUEST.replace(task="img2img", init_image=np.zeros((64, 64, 3), np.uint8),
-                                            strength=0.0)))
+        list(
+            stream(
+                engine,
+                REQUEST.replace(task="img2img", init_image=np.zeros((64, 64, 3), np.uint8), strength=0.0),
+            )
+        )
     assert len(list(stream(engine, REQUEST.replace(batch_count=1)))) == 7  # and the engine still works
-
 
 
 def test_on_batch_gets_each_batch_on_the_worker_thread(engine):

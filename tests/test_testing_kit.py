@@ -101,8 +101,9 @@ def test_a_misspelled_hook_or_argument_is_named_with_the_fix():
     ]
     with pytest.raises(PluginCheckError) as caught:
         check_hooks(Misspelled())
-    assert str(caught.value) == ("plugin Misspelled does not fit the Latent Studio plugin API 1:\n  "
-                                 + "\n  ".join(problems))
+    assert str(caught.value) == (
+        "plugin Misspelled does not fit the Latent Studio plugin API 1:\n  " + "\n  ".join(problems)
+    )
     assert isinstance(caught.value, AssertionError)  # pytest shows it as a failed check
 
 
@@ -115,7 +116,8 @@ def test_an_other_api_version_and_what_only_pluggy_checks_are_reported():
             pass
 
     assert hook_problems(Future()) == [
-        "LATENT_STUDIO_API: needs plugin API 2 or 3; this Latent Studio provides API 1"]
+        "LATENT_STUDIO_API: needs plugin API 2 or 3; this Latent Studio provides API 1"
+    ]
 
     class NotAGenerator:
         @hookimpl(hookwrapper=True)
@@ -139,7 +141,9 @@ def test_helpers_imported_into_a_plugin_module_are_not_its_hooks(tmp_path, monke
 # --- make_engine ------------------------------------------------------------------------------
 
 
-def test_make_engine_has_the_builtins_the_plugin_and_nothing_installed(engine, recorder, tmp_path, monkeypatch):
+def test_make_engine_has_the_builtins_the_plugin_and_nothing_installed(
+    engine, recorder, tmp_path, monkeypatch
+):
     sources = {record.source for record in engine.plugins.records.values()}
     assert sources == {"builtin", "extra"}
     assert set(BUILTIN_PLUGINS) <= set(engine.plugins.records)
@@ -252,7 +256,11 @@ def test_tiny_controlnet_is_the_tiny_models_kind_random_per_seed_and_leaves_the_
     assert _same(_weights(tiny_controlnet(seed=3)), _weights(first))
     # for a VAE that downscales 8 times, the control image is halved three times
     assert tuple(tiny_controlnet(bundle.unet, downscale=8).config.conditioning_embedding_out_channels) == (
-        16, 32, 64, 128)
+        16,
+        32,
+        64,
+        128,
+    )
     with pytest.raises(ValueError, match="downscale must be a power of 2, got 3"):
         tiny_controlnet(bundle.unet, downscale=3)
 

@@ -37,8 +37,18 @@ class Detail:
 
     @hookimpl
     def register_fields(self, register):
-        register("detail", "float", default=0.0, minimum=0.0, maximum=2.0, step=0.1, tasks=("txt2img", "img2img"),
-                 label="Detail", help="how much detail to add", infotext="Detail")
+        register(
+            "detail",
+            "float",
+            default=0.0,
+            minimum=0.0,
+            maximum=2.0,
+            step=0.1,
+            tasks=("txt2img", "img2img"),
+            label="Detail",
+            help="how much detail to add",
+            infotext="Detail",
+        )
 
     @hookimpl
     def prepare_request(self, request, context):
@@ -140,8 +150,11 @@ def inside(config: dict, container: str) -> set[str]:
 
 def test_a_plugin_field_shows_on_exactly_the_tabs_of_its_tasks(config):
     ids = set(elem_ids(config))
-    assert {tab for tab in ("txt2img", "img2img", "inpaint", "seg2img", "sketch", "mytab")
-            if f"{tab}-detail" in ids} == {"txt2img", "img2img", "mytab"}
+    assert {
+        tab
+        for tab in ("txt2img", "img2img", "inpaint", "seg2img", "sketch", "mytab")
+        if f"{tab}-detail" in ids
+    } == {"txt2img", "img2img", "mytab"}
     # in the closed "More options" accordion (plugin fields' default group), with its help text
     assert "txt2img-detail" in inside(config, "txt2img-more")
     detail = next(c for c in config["components"] if c["props"].get("elem_id") == "txt2img-detail")
@@ -169,9 +182,11 @@ def test_a_plugin_field_reaches_the_request_the_infotext_and_png_info(server, cl
 
 
 def test_a_bad_value_gives_one_line_and_the_server_keeps_serving(client):
-    cases = [({"Detail": 5}, "Detail must be between 0 and 2, got 5"),
-             ({"Steps": 2.5}, "steps must be a whole number, got 2.5"),
-             ({"Steps": 10_000}, "Steps 10000 is over this server's limit of 150 (--max-steps)")]
+    cases = [
+        ({"Detail": 5}, "Detail must be between 0 and 2, got 5"),
+        ({"Steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"Steps": 10_000}, "Steps 10000 is over this server's limit of 150 (--max-steps)"),
+    ]
     for values, message in cases:
         with pytest.raises(AppError) as error:
             call(client, "txt2img", **{"Prompt": "x", **FAST, **values})
@@ -184,7 +199,9 @@ def test_a_tab_reusing_a_task_has_its_own_ids_endpoints_and_send_to(server, clie
     assert not [name for name, count in Counter(ids).items() if count > 1]  # every element id once
     assert {"mytab-prompt", "mytab-generate", "mytab-seed"} <= set(ids)
     # PNG Info has a button for it although the tab comes after PNG Info
-    assert {"pnginfo-send-txt2img", "pnginfo-send-mytab", "pnginfo-send-sketch"} <= inside(config, "tab-pnginfo")
+    assert {"pnginfo-send-txt2img", "pnginfo-send-mytab", "pnginfo-send-sketch"} <= inside(
+        config, "tab-pnginfo"
+    )
     names = {d.get("api_name") for d in config["dependencies"]}
     assert {"txt2img", "mytab", "mytab_interrupt", "mytab_skip", "pnginfo_to_mytab"} <= names
     assert not {name for name in names if name and name.startswith(("txt2img_1", "mytab_1"))}
@@ -207,8 +224,12 @@ def test_a_plugin_task_gets_a_tab_and_runs(server, client, config, plugins, tmp_
     drawing = Image.new("RGB", (64, 64), "white")
     drawing.paste((0, 0, 0), (16, 16, 48, 48))
     drawing.save(tmp_path / "drawing.png")
-    editor = {"background": handle_file(str(tmp_path / "drawing.png")), "layers": [],
-              "composite": handle_file(str(tmp_path / "drawing.png")), "id": None}
+    editor = {
+        "background": handle_file(str(tmp_path / "drawing.png")),
+        "layers": [],
+        "composite": handle_file(str(tmp_path / "drawing.png")),
+        "id": None,
+    }
     progress = call(client, "sketch", Prompt="a red circle", Sketch=editor, **FAST)[0]
     assert progress.startswith("1 image(s)")
     got = np.asarray(plugins["sketch"].sketches[-1].convert("RGB"))
@@ -232,10 +253,28 @@ def test_build_request_checks_each_value_through_its_field():
 
     registry = FieldRegistry.builtin()
     registry.add("detail", "float", default=0.0, minimum=0.0, maximum=2.0, tasks=("txt2img",))
-    request = build_request("txt2img", {"prompt": "a cat", "steps": 12.0, "vae": "Automatic", "model": "",
-                                        "seed": None, "cfg_scale": 6.5, "detail": 1.5, "widget": "ignored",
-                                        "strength": 0.3}, fields=registry)
-    assert (request.prompt, request.steps, request.vae, request.model, request.seed) == ("a cat", 12, None, None, -1)
+    request = build_request(
+        "txt2img",
+        {
+            "prompt": "a cat",
+            "steps": 12.0,
+            "vae": "Automatic",
+            "model": "",
+            "seed": None,
+            "cfg_scale": 6.5,
+            "detail": 1.5,
+            "widget": "ignored",
+            "strength": 0.3,
+        },
+        fields=registry,
+    )
+    assert (request.prompt, request.steps, request.vae, request.model, request.seed) == (
+        "a cat",
+        12,
+        None,
+        None,
+        -1,
+    )
     assert isinstance(request.steps, int) and request.cfg_scale == 6.5
     assert request.extra == {"detail": 1.5}  # "widget" is no field; strength is not a txt2img field
     assert request.strength == 0.75
@@ -246,6 +285,7 @@ def test_build_request_checks_each_value_through_its_field():
     with pytest.raises(InvalidRequestError, match="^unknown task 'sketch2img'"):
         build_request("sketch2img", {}, fields=registry)
     # a tab's own widgets become fields through its extras
-    request = build_request("img2img", {"picture": "x"}, lambda values: {"init_image": Image.new("RGB", (8, 8))},
-                            fields=registry)
+    request = build_request(
+        "img2img", {"picture": "x"}, lambda values: {"init_image": Image.new("RGB", (8, 8))}, fields=registry
+    )
     assert request.init_image.size == (8, 8)

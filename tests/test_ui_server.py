@@ -44,7 +44,6 @@ def client(server):
     return server.client()
 
 
-
 def saved(path: str) -> Image.Image:
     image = Image.open(path)
     image.load()
@@ -53,7 +52,8 @@ def saved(path: str) -> Image.Image:
 
 def test_txt2img_generates_saves_and_describes(server, client):
     progress, preview, gallery, infotext = call(
-        client, "txt2img", Prompt="a large red circle in the center on a blue background", **FAST)[:4]
+        client, "txt2img", Prompt="a large red circle in the center on a blue background", **FAST
+    )[:4]
     assert progress.startswith("1 image(s) in")
     assert len(gallery) == 1
     image = saved(gallery[0]["image"])
@@ -71,8 +71,12 @@ def test_txt2img_generates_saves_and_describes(server, client):
 
 
 def test_batches_give_consecutive_seeds(client):
-    gallery = call(client, "txt2img", Prompt="a small green square", **{"Batch count": 2, "Batch size": 2,
-                                                                      "Steps": 4, "Seed (-1 = random)": 40})[2]
+    gallery = call(
+        client,
+        "txt2img",
+        Prompt="a small green square",
+        **{"Batch count": 2, "Batch size": 2, "Steps": 4, "Seed (-1 = random)": 40},
+    )[2]
     assert [item["caption"] for item in gallery] == ["seed 40", "seed 41", "seed 42", "seed 43"]
 
 
@@ -80,16 +84,28 @@ def test_img2img_keeps_the_init_image_at_low_strength(client, tmp_path):
     scene = shapes.Scene("square", "yellow", "large", "center", "purple")
     init, _ = scene.render()
     init.save(tmp_path / "init.png")
-    gallery = call(client, "img2img", Prompt=scene.caption(), **{"Init image": handle_file(str(tmp_path / "init.png")),
-                                                                   "Denoising strength": 0.3, "Steps": 10,
-                                                                   "Seed (-1 = random)": 1})[2]
+    gallery = call(
+        client,
+        "img2img",
+        Prompt=scene.caption(),
+        **{
+            "Init image": handle_file(str(tmp_path / "init.png")),
+            "Denoising strength": 0.3,
+            "Steps": 10,
+            "Seed (-1 = random)": 1,
+        },
+    )[2]
     out = np.asarray(saved(gallery[0]["image"]).convert("RGB"), dtype=np.float32)
     assert np.abs(out - np.asarray(init, dtype=np.float32)).mean() < 20
 
 
 def _editor(background: str, layer: str | None) -> dict:
-    return {"background": handle_file(background), "layers": [handle_file(layer)] if layer else [],
-            "composite": handle_file(background), "id": None}
+    return {
+        "background": handle_file(background),
+        "layers": [handle_file(layer)] if layer else [],
+        "composite": handle_file(background),
+        "id": None,
+    }
 
 
 def test_inpaint_with_a_painted_mask_keeps_the_rest(client, tmp_path):
@@ -99,10 +115,19 @@ def test_inpaint_with_a_painted_mask_keeps_the_rest(client, tmp_path):
     stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # a painted layer: white, opaque where painted
     stroke.paste((255, 255, 255, 255), (32, 32, 60, 60))
     stroke.save(tmp_path / "stroke.png")
-    gallery = call(client, "inpaint", Prompt="a large orange circle at the bottom right on a gray background",
-                   **{"Image and mask: upload, then paint over what should change":
-                      _editor(str(tmp_path / "init.png"), str(tmp_path / "stroke.png")),
-                      "Mask blur": 0, "Steps": 10, "Seed (-1 = random)": 3})[2]
+    gallery = call(
+        client,
+        "inpaint",
+        Prompt="a large orange circle at the bottom right on a gray background",
+        **{
+            "Image and mask: upload, then paint over what should change": _editor(
+                str(tmp_path / "init.png"), str(tmp_path / "stroke.png")
+            ),
+            "Mask blur": 0,
+            "Steps": 10,
+            "Seed (-1 = random)": 3,
+        },
+    )[2]
     out = np.asarray(saved(gallery[0]["image"]).convert("RGB"))
     keep = np.ones((64, 64), dtype=bool)
     keep[32:60, 32:60] = False
@@ -116,10 +141,20 @@ def test_inpaint_with_an_uploaded_mask(client, tmp_path):
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[8:40, 30:62] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    gallery = call(client, "inpaint", Prompt="a large red square at the top right on a white background",
-                   **{"Image and mask: upload, then paint over what should change":
-                      _editor(str(tmp_path / "init.png"), None), "Mask": handle_file(str(tmp_path / "mask.png")),
-                      "Mask blur": 0, "Steps": 10, "Seed (-1 = random)": 2})[2]
+    gallery = call(
+        client,
+        "inpaint",
+        Prompt="a large red square at the top right on a white background",
+        **{
+            "Image and mask: upload, then paint over what should change": _editor(
+                str(tmp_path / "init.png"), None
+            ),
+            "Mask": handle_file(str(tmp_path / "mask.png")),
+            "Mask blur": 0,
+            "Steps": 10,
+            "Seed (-1 = random)": 2,
+        },
+    )[2]
     out = np.asarray(saved(gallery[0]["image"]).convert("RGB"))
     assert np.array_equal(out[mask == 0], np.asarray(init)[mask == 0])
 
@@ -128,18 +163,30 @@ def test_seg2img_follows_a_painted_map(client, tmp_path):
     scene = shapes.Scene("square", "blue", "large", "top left", "yellow")
     _, labels = scene.render()
     shapes.class_map_image(labels).save(tmp_path / "map.png")
-    gallery = call(client, "seg2img", Prompt="a blue square on a yellow background",
-                   **{"Segmentation map: paint classes with the palette's colours": _editor(str(tmp_path / "map.png"),
-                                                                                           None),
-                      "Steps": 12, "Seed (-1 = random)": 2})[2]
+    gallery = call(
+        client,
+        "seg2img",
+        Prompt="a blue square on a yellow background",
+        **{
+            "Segmentation map: paint classes with the palette's colours": _editor(
+                str(tmp_path / "map.png"), None
+            ),
+            "Steps": 12,
+            "Seed (-1 = random)": 2,
+        },
+    )[2]
     image = saved(gallery[0]["image"])
     assert colour_share(image, labels > 0, "blue") > 0.6
     assert colour_share(image, labels == 0, "yellow") > 0.6
 
 
 def test_pnginfo_reads_ours_and_sends_to_a_tab(client, server):
-    gallery = call(client, "txt2img", Prompt="a small white triangle", **{"Steps": 3, "Seed (-1 = random)": 77,
-                                                                         "CFG scale": 6.5})[2]
+    gallery = call(
+        client,
+        "txt2img",
+        Prompt="a small white triangle",
+        **{"Steps": 3, "Seed (-1 = random)": 77, "CFG scale": 6.5},
+    )[2]
     text, parsed, notes = call(client, "pnginfo", **{"Drop an image": handle_file(gallery[0]["image"])})
     assert notes == ""
     assert text.startswith("a small white triangle\n")
@@ -153,9 +200,11 @@ def test_pnginfo_reads_ours_and_sends_to_a_tab(client, server):
 def test_pnginfo_reads_an_a1111_png(client, tmp_path):
     from PIL.PngImagePlugin import PngInfo
 
-    text = ("masterpiece, a castle\nNegative prompt: blurry\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, "
-            "CFG scale: 6, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
-            "Version: v1.10.1")
+    text = (
+        "masterpiece, a castle\nNegative prompt: blurry\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, "
+        "CFG scale: 6, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+        "Version: v1.10.1"
+    )
     info = PngInfo()
     info.add_text("parameters", text)
     Image.new("RGB", (16, 16)).save(tmp_path / "a1111.png", pnginfo=info)
@@ -173,11 +222,25 @@ def test_bad_input_gives_a_message_and_the_server_keeps_serving(client, tmp_path
     with pytest.raises(AppError, match="paint a mask"):
         init, _ = shapes.Scene("circle", "red", "small", "left", "blue").render()
         init.save(tmp_path / "init.png")
-        call(client, "inpaint", Prompt="x", Steps=2, **{
-            "Image and mask: upload, then paint over what should change": _editor(str(tmp_path / "init.png"), None)})
+        call(
+            client,
+            "inpaint",
+            Prompt="x",
+            Steps=2,
+            **{
+                "Image and mask: upload, then paint over what should change": _editor(
+                    str(tmp_path / "init.png"), None
+                )
+            },
+        )
     with pytest.raises(AppError, match="leaves no step to run"):  # the engine's own message
-        call(client, "img2img", Prompt="x", Steps=2, **{"Init image": handle_file(str(tmp_path / "init.png")),
-                                                        "Denoising strength": 0.0})
+        call(
+            client,
+            "img2img",
+            Prompt="x",
+            Steps=2,
+            **{"Init image": handle_file(str(tmp_path / "init.png")), "Denoising strength": 0.0},
+        )
     progress = call(client, "txt2img", Prompt="a red circle", Steps=2, **{"Seed (-1 = random)": 1})[0]
     assert progress.startswith("1 image(s)")
 
@@ -188,7 +251,9 @@ def test_oversized_upload_is_refused_with_a_message(client, tmp_path):
     side = int(MAX_PIXELS**0.5) + 64  # just over the cap; a 1-bit PNG of it is a few hundred KB
     Image.new("1", (side, side)).save(tmp_path / "bomb.png", optimize=True)
     with pytest.raises(AppError, match="too large|decompression bomb"):
-        call(client, "img2img", Prompt="x", Steps=2, **{"Init image": handle_file(str(tmp_path / "bomb.png"))})
+        call(
+            client, "img2img", Prompt="x", Steps=2, **{"Init image": handle_file(str(tmp_path / "bomb.png"))}
+        )
     assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith("1 image(s)")
 
 
@@ -207,9 +272,17 @@ def test_rgba_palette_16bit_and_rotated_uploads(client, tmp_path):
         kwargs = {"exif": exif} if name.endswith(".jpg") else {}
         image.save(tmp_path / name, **kwargs)
     for name in variants:
-        gallery = call(client, "img2img", Prompt=scene.caption(), **{
-            "Init image": handle_file(str(tmp_path / name)), "Denoising strength": 0.1, "Steps": 10,
-            "Seed (-1 = random)": 1})[2]
+        gallery = call(
+            client,
+            "img2img",
+            Prompt=scene.caption(),
+            **{
+                "Init image": handle_file(str(tmp_path / name)),
+                "Denoising strength": 0.1,
+                "Steps": 10,
+                "Seed (-1 = random)": 1,
+            },
+        )[2]
         out = saved(gallery[0]["image"])
         assert out.size == (64, 64), name
         if name in ("rgba.png", "palette.png", "rotated.jpg"):  # colour kept, upright
@@ -219,7 +292,9 @@ def test_rgba_palette_16bit_and_rotated_uploads(client, tmp_path):
 
 def test_interrupt_stops_within_a_step_and_keeps_finished_images(server):
     client = server.client()
-    job = submit(client, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 4, "Seed (-1 = random)": 9})
+    job = submit(
+        client, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 4, "Seed (-1 = random)": 9}
+    )
     wait_until_running(job)
     started = time.time()
     client.predict(api_name="/txt2img_interrupt")
@@ -231,8 +306,11 @@ def test_interrupt_stops_within_a_step_and_keeps_finished_images(server):
 
 def wait_until_running(job, timeout: float = 60) -> None:
     """Until the job has streamed its first progress update (it is in the denoising loop)."""
-    wait_until(lambda: any("Step" in str(output[0]) for output in job.outputs()), timeout=timeout,
-               what="the job's first progress update")
+    wait_until(
+        lambda: any("Step" in str(output[0]) for output in job.outputs()),
+        timeout=timeout,
+        what="the job's first progress update",
+    )
 
 
 def test_a_full_queue_says_busy(tmp_path):
@@ -242,15 +320,24 @@ def test_a_full_queue_says_busy(tmp_path):
         running = submit(first, "txt2img", Prompt="a red circle", Steps=150, **{"Batch count": 8})
         wait_until_running(running)  # running now: the queue is empty again
         waiting = submit(second, "txt2img", Prompt="a red circle", Steps=2)
-        wait_until(lambda: len(server.demo._queue) == 1, timeout=60, what="the second generation joining the queue")
+        wait_until(
+            lambda: len(server.demo._queue) == 1, timeout=60, what="the second generation joining the queue"
+        )
         # gradio_client words it itself ...
         with pytest.raises(QueueError, match="(?i)try again"):
             call(third, "txt2img", Prompt="a blue square", Steps=2)
         # ... what the server answers (and the browser shows) is ours
         fn_index = next(d["id"] for d in third.config["dependencies"] if d.get("api_name") == "txt2img")
-        reply = httpx.post(f"{server.url}gradio_api/queue/join", json={
-            "data": arguments(third, "txt2img", Prompt="x"), "fn_index": fn_index, "session_hash": "busy-test",
-            "event_data": None, "trigger_id": None})
+        reply = httpx.post(
+            f"{server.url}gradio_api/queue/join",
+            json={
+                "data": arguments(third, "txt2img", Prompt="x"),
+                "fn_index": fn_index,
+                "session_hash": "busy-test",
+                "event_data": None,
+                "trigger_id": None,
+            },
+        )
         assert reply.status_code == 503
         assert reply.json()["detail"] == BUSY_MESSAGE.format(size=1)
         first.predict(api_name="/txt2img_interrupt")
@@ -268,9 +355,11 @@ def test_each_user_keeps_their_own_model(tmp_path, tiny_model_dir):
     server = Server(tmp_path / "outputs", "--models-dir", str(models))
     try:
         alice, bob = server.client(), server.client()
-        jobs = [submit(alice, "txt2img", Model="tiny-sd", Prompt="a cat", Steps=3, **{"Seed (-1 = random)": 1}),
-                submit(bob, "txt2img", Model="latent-studio-shapes", Prompt="a red circle", Steps=3),
-                submit(alice, "txt2img", Model="tiny-sd", Prompt="a dog", Steps=3)]
+        jobs = [
+            submit(alice, "txt2img", Model="tiny-sd", Prompt="a cat", Steps=3, **{"Seed (-1 = random)": 1}),
+            submit(bob, "txt2img", Model="latent-studio-shapes", Prompt="a red circle", Steps=3),
+            submit(alice, "txt2img", Model="tiny-sd", Prompt="a dog", Steps=3),
+        ]
         models_used = [parse_infotext(job.result(timeout=120)[3])["Model"] for job in jobs]
         assert models_used == ["tiny-sd", "latent-studio-shapes", "tiny-sd"]
         # a folder added while serving shows up on refresh (the list is rescanned) and can be used
@@ -299,8 +388,11 @@ def test_the_default_model_offers_its_vocabulary_and_palette(server):
         words = set(sample.replace("at the", "").replace("in the", "").split())
         known = {w for group in shapes.vocabulary().values() for phrase in group for w in phrase.split()}
         assert words <= known | {"a", "on", "background"}, sample
-    legends = [block.value for block in server.demo.blocks.values()
-               if isinstance(block, gr.HTML) and "ls-legend" in str(block.value)]
+    legends = [
+        block.value
+        for block in server.demo.blocks.values()
+        if isinstance(block, gr.HTML) and "ls-legend" in str(block.value)
+    ]
     assert legends and all(name in legends[0] for name in shapes.CLASSES)
     info = server.demo.studio_service.model_info("latent-studio-shapes")
     assert legends[0] == legend_html(info.palette) and info.palette.classes == shapes.CLASSES
@@ -308,7 +400,9 @@ def test_the_default_model_offers_its_vocabulary_and_palette(server):
 
 def test_skip_drops_the_current_batch_only(server):
     client = server.client()
-    job = submit(client, "txt2img", Prompt="a red circle", Steps=60, **{"Batch count": 2, "Seed (-1 = random)": 20})
+    job = submit(
+        client, "txt2img", Prompt="a red circle", Steps=60, **{"Batch count": 2, "Seed (-1 = random)": 20}
+    )
     wait_until_running(job)
     client.predict(api_name="/txt2img_skip")
     progress, _, gallery = job.result(timeout=120)[:3]
@@ -343,13 +437,21 @@ def test_vae_lora_embedding_and_controlnet_pickers(tmp_path, tiny_model_dir):
         assert "seg-net" in service.names("controlnet")
         assert service.controlnet_palette("seg-net") is ADE20K  # no palette.json: the public seg palette
         client = server.client()
-        small = {"Steps": 2, "Seed (-1 = random)": 3, "Width": 64, "Height": 64}  # the tiny model's own size, kept small
+        small = {
+            "Steps": 2,
+            "Seed (-1 = random)": 3,
+            "Width": 64,
+            "Height": 64,
+        }  # the tiny model's own size, kept small
         plain = call(client, "txt2img", Prompt="a cat", **small)
         swapped = call(client, "txt2img", Prompt="a cat", VAE="crisp", **small)
         assert "VAE: crisp" in swapped[3] and "VAE" not in parse_infotext(plain[3])
-        assert call_named(client, "pnginfo_to_img2img", swapped[3])["VAE"] == "crisp"  # PNG Info sends it back
-        assert call_named(client, "pnginfo_to_img2img", swapped[3].replace("VAE: crisp", "VAE: gone"))["VAE"] == {
-            "__type__": "update"}  # not installed: the VAE choice is left as it is
+        assert (
+            call_named(client, "pnginfo_to_img2img", swapped[3])["VAE"] == "crisp"
+        )  # PNG Info sends it back
+        assert call_named(client, "pnginfo_to_img2img", swapped[3].replace("VAE: crisp", "VAE: gone"))[
+            "VAE"
+        ] == {"__type__": "update"}  # not installed: the VAE choice is left as it is
         a, b = (np.asarray(saved(result[2][0]["image"]), dtype=np.float32) for result in (plain, swapped))
         assert np.abs(a - b).mean() > 1.0  # another VAE decoded it
         with pytest.raises(AppError, match="not allowed"):
@@ -404,17 +506,27 @@ def test_a_request_failing_in_batch_2_keeps_and_names_batch_1(server, client):
     server.engine.plugins.register(FailInBatch2(), name="fail-in-batch-2")
     try:
         with pytest.raises(AppError) as failure:
-            call(client, "txt2img", Prompt="a red circle", Steps=3, **{"Batch count": 2, "Seed (-1 = random)": 70})
+            call(
+                client,
+                "txt2img",
+                Prompt="a red circle",
+                Steps=3,
+                **{"Batch count": 2, "Seed (-1 = random)": 70},
+            )
     finally:
         server.engine.plugins.unregister(name="fail-in-batch-2")
     day = server.outputs / "txt2img" / datetime.date.today().isoformat()
     message = str(failure.value)
-    assert message.endswith(f"(1 image of the finished batches was saved to {server.outputs.name}/txt2img/{day.name})")
+    assert message.endswith(
+        f"(1 image of the finished batches was saved to {server.outputs.name}/txt2img/{day.name})"
+    )
     assert "RuntimeError: the device fell over" in message and "\n" not in message
     saved_files = sorted(day.glob("*-70.png"))
     assert saved_files and "Seed: 70," in read_png_parameters(saved_files[-1])
     assert not list(day.glob("*-71.png"))
-    assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith("1 image(s)")  # still serving
+    assert call(client, "txt2img", Prompt="a red circle", Steps=2)[0].startswith(
+        "1 image(s)"
+    )  # still serving
 
 
 def test_an_unwritable_outputs_folder_still_shows_the_images(tmp_path):
@@ -422,8 +534,13 @@ def test_an_unwritable_outputs_folder_still_shows_the_images(tmp_path):
     blocker.write_text("a file where the outputs folder's parent should be")
     server = Server(blocker / "outputs")
     try:
-        progress, _, gallery, infotext = call(server.client(), "txt2img", Prompt="a red circle", Steps=3,
-                                              **{"Batch count": 2, "Seed (-1 = random)": 5})[:4]
+        progress, _, gallery, infotext = call(
+            server.client(),
+            "txt2img",
+            Prompt="a red circle",
+            Steps=3,
+            **{"Batch count": 2, "Seed (-1 = random)": 5},
+        )[:4]
     finally:
         server.close()
     day = datetime.date.today().isoformat()

@@ -107,7 +107,9 @@ def test_a_swapped_vae_decodes_with_the_models_latent_scaling(engine, sd_bundle)
     same.register_to_config(scaling_factor=0.5)
     engine.models.add("same-weights", same, kind="vae")
     plain = pixels(engine.generate(GenerationRequest(model="tiny", **RUN)).images[0].image)
-    swapped = pixels(engine.generate(GenerationRequest(model="tiny", vae="same-weights", **RUN)).images[0].image)
+    swapped = pixels(
+        engine.generate(GenerationRequest(model="tiny", vae="same-weights", **RUN)).images[0].image
+    )
     np.testing.assert_array_equal(swapped, plain)
 
 
@@ -115,9 +117,16 @@ def test_a_vae_with_other_latent_channels_is_refused(engine, sd_bundle):
     from diffusers import AutoencoderKL
 
     engine.models.add("tiny", sd_bundle)
-    engine.models.add("sixteen", AutoencoderKL(block_out_channels=[32, 64], latent_channels=16,
-                                               down_block_types=["DownEncoderBlock2D"] * 2,
-                                               up_block_types=["UpDecoderBlock2D"] * 2), kind="vae")
+    engine.models.add(
+        "sixteen",
+        AutoencoderKL(
+            block_out_channels=[32, 64],
+            latent_channels=16,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+        ),
+        kind="vae",
+    )
     with pytest.raises(InvalidRequestError, match="16 latent channels"):
         engine.generate(GenerationRequest(model="tiny", vae="sixteen", **RUN))
 
@@ -128,7 +137,9 @@ def test_vae_must_be_a_name():
 
 
 def test_not_a_vae_file_is_refused(tmp_path):
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "x.safetensors")
+    save_file(
+        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "x.safetensors"
+    )
     from webui.engine.vae import load_vae
 
     with pytest.raises(ModelLoadError, match="not a VAE"):
@@ -171,8 +182,11 @@ def test_a_vae_from_models_vae_is_chosen_by_name(tmp_path, sd_bundle):
 
     models = tmp_path / "models"
     path = write_vae_file(models / "vae", "sharp", make_vae(9))
-    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]), models_dir=str(models),
-                    allow_paths=False)
+    engine = Engine(
+        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
+        models_dir=str(models),
+        allow_paths=False,
+    )
     assert "sharp" in [entry.name for entry in engine.models.list("vae")]
     engine.models.add("tiny", sd_bundle)
     reference = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))

@@ -61,8 +61,15 @@ def server(tmp_path_factory):
     logging.getLogger("webui").addHandler(records)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        server = Server(folder / "a-file" / "outputs", "--auth", f" {USER} : {PASSWORD} ",
-                        "--max-upload-mb", str(MAX_UPLOAD_MB), "--cors-allow-origins", f"{FRIEND}/")
+        server = Server(
+            folder / "a-file" / "outputs",
+            "--auth",
+            f" {USER} : {PASSWORD} ",
+            "--max-upload-mb",
+            str(MAX_UPLOAD_MB),
+            "--cors-allow-origins",
+            f"{FRIEND}/",
+        )
     server.printed = printed.getvalue()
     server.records = records
     yield server
@@ -98,8 +105,9 @@ def one_line_without_paths(message: str) -> None:
 @pytest.mark.slow
 def test_an_oversized_body_is_refused_on_every_route_and_the_server_keeps_serving(server, web):
     inline = "data:image/png;base64," + "A" * (12 * 2**20)  # an image sent inline, past the limit
-    body = json.dumps({"data": [{"url": inline, "meta": {"_type": "gradio.FileData"}}], "fn_index": 0,
-                       "session_hash": "x"})
+    body = json.dumps(
+        {"data": [{"url": inline, "meta": {"_type": "gradio.FileData"}}], "fn_index": 0, "session_hash": "x"}
+    )
     for route in ("/gradio_api/queue/join", "/login", "/gradio_api/upload", "/no-such-route"):
         response = web.post(route, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 413, route
@@ -114,12 +122,15 @@ def test_an_oversized_body_is_refused_on_every_route_and_the_server_keeps_servin
         for _ in range(14):
             yield b"x" * 2**20
 
-    response = web.post("/gradio_api/queue/join", content=chunks(), headers={"content-type": "application/json"})
+    response = web.post(
+        "/gradio_api/queue/join", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and "--max-upload-mb" in response.json()["detail"]
     assert serving(web)
     # under the limit, a chunked body still goes through to the app (which answers it as usual)
-    response = web.post("/gradio_api/queue/join", content=iter([b"{", b"}"]),
-                        headers={"content-type": "application/json"})
+    response = web.post(
+        "/gradio_api/queue/join", content=iter([b"{", b"}"]), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
 
 
@@ -133,11 +144,17 @@ def cors_headers(response: httpx.Response) -> dict[str, str]:
 @pytest.mark.slow
 def test_cors_allows_only_the_servers_own_origin_and_the_listed_ones(server, web):
     own = server.url.rstrip("/")
-    for origin in ("https://evil.example", "null", f"http://localhost:{server.port + 1}", own.replace("http", "https")):
+    for origin in (
+        "https://evil.example",
+        "null",
+        f"http://localhost:{server.port + 1}",
+        own.replace("http", "https"),
+    ):
         response = web.get("/config", headers={"origin": origin})
         assert response.status_code == 200 and cors_headers(response) == {}, origin
-        preflight = web.options("/gradio_api/queue/join", headers={
-            "origin": origin, "access-control-request-method": "POST"})
+        preflight = web.options(
+            "/gradio_api/queue/join", headers={"origin": origin, "access-control-request-method": "POST"}
+        )
         assert preflight.status_code == 400 and cors_headers(preflight) == {}, origin
         assert "\n" not in preflight.json()["detail"]
     for origin in (own, FRIEND):
@@ -145,8 +162,14 @@ def test_cors_allows_only_the_servers_own_origin_and_the_listed_ones(server, web
         assert response.headers["access-control-allow-origin"] == origin
         assert response.headers["access-control-allow-credentials"] == "true"
         assert "origin" in response.headers["vary"].lower()
-        preflight = web.options("/gradio_api/queue/join", headers={
-            "origin": origin, "access-control-request-method": "POST", "access-control-request-headers": "x-a"})
+        preflight = web.options(
+            "/gradio_api/queue/join",
+            headers={
+                "origin": origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "x-a",
+            },
+        )
         assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
         assert preflight.headers["access-control-allow-headers"] == "x-a"
     # reached by a network name (as with --listen), a foreign origin is still not reflected
@@ -167,8 +190,17 @@ def test_origin_rules():
     assert not same_origin("null", "box.lan:7860")
     assert not same_origin("http://box.lan:7860", None)
     assert parse_origins(" https://a.example/, http://b.example:8080 ,*") == (
-        "https://a.example", "http://b.example:8080", "*")
-    for bad in ("a.example", "ftp://a.example", "https://a.example/path", "http://a.example:99999", "http://[x"):
+        "https://a.example",
+        "http://b.example:8080",
+        "*",
+    )
+    for bad in (
+        "a.example",
+        "ftp://a.example",
+        "https://a.example/path",
+        "http://a.example:99999",
+        "http://[x",
+    ):
         with pytest.raises(ValueError, match="is not an origin like"):
             parse_origins(bad)
 
@@ -179,30 +211,41 @@ def test_origin_rules():
 @pytest.mark.slow
 def test_failed_logins_are_slowed_per_address_and_logged(server):
     def login(password: str, address: str) -> httpx.Response:
-        return httpx.post(server.url + "login", data={"username": USER, "password": password},
-                          headers={"x-forwarded-for": address})
+        return httpx.post(
+            server.url + "login",
+            data={"username": USER, "password": password},
+            headers={"x-forwarded-for": address},
+        )
 
     start = len(server.records.lines)
     for _ in range(5):
         assert login("wrong", "10.0.0.1").status_code == 400
     refused = login(PASSWORD, "10.0.0.1")  # even the right password waits now
     assert refused.status_code == 429
-    assert refused.json()["detail"] == f"too many failed logins, try again in {refused.headers['retry-after']} s"
+    assert (
+        refused.json()["detail"] == f"too many failed logins, try again in {refused.headers['retry-after']} s"
+    )
     assert login(PASSWORD, "10.0.0.2").status_code == 200  # another address is not affected
     lines = server.records.lines[start:]
     assert [line for line in lines if line.startswith("failed login")] == [
-        f"failed login for user '{USER}' from 10.0.0.1"] * 5
+        f"failed login for user '{USER}' from 10.0.0.1"
+    ] * 5
     assert not any("wrong" in line or PASSWORD in line for line in lines)
     # after the wait the right password works (attempts during the wait are refused, not counted)
-    wait_until(lambda: login(PASSWORD, "10.0.0.1").status_code == 200,
-               timeout=int(refused.headers["retry-after"]) + 30, what="a login after the wait", interval=0.2)
+    wait_until(
+        lambda: login(PASSWORD, "10.0.0.1").status_code == 200,
+        timeout=int(refused.headers["retry-after"]) + 30,
+        what="a login after the wait",
+        interval=0.2,
+    )
     assert login("wrong", "10.0.0.1").status_code == 400  # and the count started afresh
 
 
 def test_the_login_throttle():
     now = [1000.0]
-    throttle = LoginThrottle(free=5, delay=2.0, max_delay=10.0, forget_after=300.0, max_addresses=3,
-                             clock=lambda: now[0])
+    throttle = LoginThrottle(
+        free=5, delay=2.0, max_delay=10.0, forget_after=300.0, max_addresses=3, clock=lambda: now[0]
+    )
     assert [throttle.begin("a") for _ in range(5)] == [0.0] * 5  # five attempts, all failed
     assert throttle.begin("a") == 2.0 and throttle.begin("b") == 0.0
     now[0] += 2.0
@@ -227,13 +270,20 @@ def test_the_login_throttle():
 def test_auth_parsing(tmp_path):
     assert read_auth(" alice : s3cret , bob:pa:ss ", None) == [("alice", "s3cret"), ("bob", "pa:ss")]
     text = "# logins\n carol : one two \n\ndave:x\n"
-    for name, data in {"utf8.txt": text.encode("utf-8"), "bom.txt": b"\xef\xbb\xbf" + text.encode("utf-8"),
-                       "utf16le.txt": text.encode("utf-16"), "utf16be.txt": b"\xfe\xff" + text.encode("utf-16-be")}.items():
+    for name, data in {
+        "utf8.txt": text.encode("utf-8"),
+        "bom.txt": b"\xef\xbb\xbf" + text.encode("utf-8"),
+        "utf16le.txt": text.encode("utf-16"),
+        "utf16be.txt": b"\xfe\xff" + text.encode("utf-16-be"),
+    }.items():
         (tmp_path / name).write_bytes(data)
         assert read_auth(None, tmp_path / name) == [("carol", "one two"), ("dave", "x")], name
     # malformed entries are named by position; nothing of them is repeated (it may be a password)
-    for auth, where in (("alice:ok,hunter2", "--auth login 2"), ("alice: ", "--auth login 1"),
-                        (":hunter2", "--auth login 1")):
+    for auth, where in (
+        ("alice:ok,hunter2", "--auth login 2"),
+        ("alice: ", "--auth login 1"),
+        (":hunter2", "--auth login 1"),
+    ):
         with pytest.raises(LaunchRefused) as refused:
             read_auth(auth, None)
         assert str(refused.value).startswith(where) and "hunter2" not in str(refused.value)
@@ -267,7 +317,8 @@ def test_numeric_flags_are_range_checked():
     assert problem("--queue-size", "0") == "--queue-size must be at least 1, got 0"
     assert problem("--port", "70000") == "--port must be between 1 and 65535, got 70000"
     assert problem("--cors-allow-origins", "example.com") == (
-        "--cors-allow-origins: 'example.com' is not an origin like https://example.com")
+        "--cors-allow-origins: 'example.com' is not an origin like https://example.com"
+    )
 
 
 @pytest.mark.slow
@@ -289,7 +340,9 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
     """A 1-bit PNG whose header says side x side pixels, in a few hundred bytes."""
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     pixels = zlib.compress(b"\x00" * (side // 8 + 1) * 16, 9)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -302,7 +355,10 @@ def bad_files(tmp_path_factory):
     (folder / "text.png").write_text("this is not an image\n")
     (folder / "empty.png").write_bytes(b"")
     return {
-        "bomb": (bomb_png(folder / "bomb.png"), "is too large: 20000x20000 is 400000000 pixels, the limit is"),
+        "bomb": (
+            bomb_png(folder / "bomb.png"),
+            "is too large: 20000x20000 is 400000000 pixels, the limit is",
+        ),
         "truncated": (folder / "truncated.png", "is not a readable image"),
         "text": (folder / "text.png", "is not a readable image"),
         "empty": (folder / "empty.png", "is an empty file"),
@@ -318,8 +374,13 @@ def test_upload_problems_give_one_line_without_paths(client, web, bad_files, cas
     assert str(refused.value).startswith(f"init image {expected}")
     one_line_without_paths(str(refused.value))
     with pytest.raises(AppError) as refused:
-        call(client, "inpaint", Prompt="x", Steps=2, **{EDITOR: {
-            "background": handle_file(str(path)), "layers": [], "composite": None}})
+        call(
+            client,
+            "inpaint",
+            Prompt="x",
+            Steps=2,
+            **{EDITOR: {"background": handle_file(str(path)), "layers": [], "composite": None}},
+        )
     assert str(refused.value).startswith(f"image {expected}")
     one_line_without_paths(str(refused.value))
     with pytest.raises(AppError) as refused:
@@ -371,8 +432,11 @@ def test_pnginfo_refuses_a_huge_parameters_text_and_the_server_stays_responsive(
 
     idle = min(config_seconds() for _ in range(5))
     result: dict[str, object] = {}
-    job = threading.Thread(target=lambda: result.update(
-        out=call(client, "pnginfo", **{"Drop an image": handle_file(str(tmp_path / "huge.png"))})))
+    job = threading.Thread(
+        target=lambda: result.update(
+            out=call(client, "pnginfo", **{"Drop an image": handle_file(str(tmp_path / "huge.png"))})
+        )
+    )
     job.start()
     during = [config_seconds()]
     while job.is_alive() or len(during) < 3:
@@ -380,8 +444,10 @@ def test_pnginfo_refuses_a_huge_parameters_text_and_the_server_stays_responsive(
     job.join()
     text, parsed, note = result["out"]
     assert (text, parsed) == ("", None)
-    assert note == ("the parameters text has 5400019 characters; the limit is 262144 (--max-infotext-chars), "
-                    "so it is not read")
+    assert note == (
+        "the parameters text has 5400019 characters; the limit is 262144 (--max-infotext-chars), "
+        "so it is not read"
+    )
     assert statistics.median(during) < 50 * idle, (idle, during)  # answered meanwhile, not after
     with pytest.raises(AppError, match=r"^the parameters text has 300000 characters; the limit is 262144"):
         call_named(client, "pnginfo_to_txt2img", "x" * 300_000)  # "Send to" checks too
@@ -390,34 +456,53 @@ def test_pnginfo_refuses_a_huge_parameters_text_and_the_server_stays_responsive(
 
 @pytest.mark.slow
 def test_send_to_clamps_every_value_to_its_control(client, web):
-    text = ("a castle\nNegative prompt: fog\nSteps: 99999999999999999999, Sampler: Euler a, CFG scale: 1e400, "
-            "Seed: 99999999999, Size: 513x99999, Denoising strength: -2")
+    text = (
+        "a castle\nNegative prompt: fog\nSteps: 99999999999999999999, Sampler: Euler a, CFG scale: 1e400, "
+        "Seed: 99999999999, Size: 513x99999, Denoising strength: -2"
+    )
     sent = call_named(client, "pnginfo_to_img2img", text)
     assert sent["Steps"] == 150 and sent["Seed (-1 = random)"] == 2**32 - 1
     assert (sent["Width"], sent["Height"]) == (512, 2048) and sent["Denoising strength"] == 0
     assert sent["CFG scale"] == {"__type__": "update"}  # not a number: left as it was
     assert sent["Prompt"] == "a castle" and sent["Sampler"] == "Euler a"
     notes = [value for value in sent.values() if isinstance(value, str) and "out of range" in value]
-    assert notes == ["CFG scale '1e400' is not a number; not sent; Steps 99999999999999999999 is out of range; "
-                     "kept 150; Width 513 is not a multiple of 8; kept 512; Height 99999 is out of range; kept 2048; "
-                     "Seed 99999999999 is out of range; kept 4294967295; Denoising strength -2 is out of range; kept 0"]
+    assert notes == [
+        "CFG scale '1e400' is not a number; not sent; Steps 99999999999999999999 is out of range; "
+        "kept 150; Width 513 is not a multiple of 8; kept 512; Height 99999 is out of range; kept 2048; "
+        "Seed 99999999999 is out of range; kept 4294967295; Denoising strength -2 is out of range; kept 0"
+    ]
     assert serving(web)
 
 
 def test_clamp_fields():
     limits = Limits()
-    ranges = {"steps": Range("Steps", 1, limits.max_steps, 1), "width": Range("Width", 64, 2048, 8),
-              "cfg_scale": Range("CFG scale", 1.0, 30.0, 0.5), "prompt": Range("Prompt", max_chars=5)}
-    kept, notes = clamp_fields({"steps": 0, "width": 67, "cfg_scale": 6.3, "prompt": "abcdefg", "model": "m"}, ranges)
+    ranges = {
+        "steps": Range("Steps", 1, limits.max_steps, 1),
+        "width": Range("Width", 64, 2048, 8),
+        "cfg_scale": Range("CFG scale", 1.0, 30.0, 0.5),
+        "prompt": Range("Prompt", max_chars=5),
+    }
+    kept, notes = clamp_fields(
+        {"steps": 0, "width": 67, "cfg_scale": 6.3, "prompt": "abcdefg", "model": "m"}, ranges
+    )
     assert kept == {"steps": 1, "width": 64, "cfg_scale": 6.3, "prompt": "abcde", "model": "m"}
-    assert notes == ["Steps 0 is out of range; kept 1", "Width 67 is not a multiple of 8; kept 64",
-                     "Prompt has 7 characters, over the limit of 5; kept the first 5"]
+    assert notes == [
+        "Steps 0 is out of range; kept 1",
+        "Width 67 is not a multiple of 8; kept 64",
+        "Prompt has 7 characters, over the limit of 5; kept the first 5",
+    ]
     assert clamp_fields({"width": 2047, "cfg_scale": float("nan")}, ranges) == (
-        {"width": 2048}, ["Width 2047 is not a multiple of 8; kept 2048", "CFG scale nan is not a number; not sent"])
+        {"width": 2048},
+        ["Width 2047 is not a multiple of 8; kept 2048", "CFG scale nan is not a number; not sent"],
+    )
     # exact integers (no float rounding of huge values), and nothing unreadable gets through
-    values, notes = fields_from_infotext(FieldRegistry.builtin(), {
-        "Steps": "99999999999999999999", "Seed": "inf", "CFG scale": "1e400", "Clip skip": "9" * 200})
+    values, notes = fields_from_infotext(
+        FieldRegistry.builtin(),
+        {"Steps": "99999999999999999999", "Seed": "inf", "CFG scale": "1e400", "Clip skip": "9" * 200},
+    )
     assert values == {"steps": 99999999999999999999}
-    assert notes == ["CFG scale '1e400' is not a number; not sent", "Seed 'inf' is not a number; not sent",
-                     "Clip skip '999999999999999999999999999999999999... is not a number; not sent"]
-
+    assert notes == [
+        "CFG scale '1e400' is not a number; not sent",
+        "Seed 'inf' is not a number; not sent",
+        "Clip skip '999999999999999999999999999999999999... is not a number; not sent",
+    ]

@@ -25,8 +25,13 @@ class Server:
     ``LATENT_STUDIO_PLUGIN_DIRS`` does for ``launch.py``). ``plugins``: plugin objects registered
     in code (then only the built-ins and these load)."""
 
-    def __init__(self, outputs: Path, *flags: str, plugin_dirs: Sequence[Path] | None = None,
-                 plugins: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        outputs: Path,
+        *flags: str,
+        plugin_dirs: Sequence[Path] | None = None,
+        plugins: Sequence[Any] | None = None,
+    ) -> None:
         from webui.cli import _engine, build_parser
         from webui.plugins import PLUGIN_DIRS_ENV
         from webui.ui.server import serve
@@ -45,7 +50,9 @@ class Server:
                 from webui.plugins import make_plugin_manager
 
                 manager = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins)
-            self.engine = _engine(args, allow_paths=False, allow_download=args.allow_download, plugins=manager)
+            self.engine = _engine(
+                args, allow_paths=False, allow_download=args.allow_download, plugins=manager
+            )
         finally:
             if plugin_dirs is not None:
                 if saved is None:

@@ -89,8 +89,15 @@ def analyse(image: Image.Image) -> Analysis:
     reference = np.median(border, axis=0)
     background = nearest_color(reference)
     scale = math.sqrt(height * width) / SIZE
-    empty = Analysis(background, None, None, None, None, np.zeros((height, width), dtype=bool),
-                     np.zeros((height, width), dtype=np.uint8))
+    empty = Analysis(
+        background,
+        None,
+        None,
+        None,
+        None,
+        np.zeros((height, width), dtype=bool),
+        np.zeros((height, width), dtype=np.uint8),
+    )
 
     # first pass, on a median-filtered copy (speckle removed): far enough from the background
     named = np.asarray(COLORS[background], dtype=np.float32)
@@ -183,8 +190,9 @@ def class_iou(truth: np.ndarray, predicted: np.ndarray) -> float:
 def _shifted(mask: np.ndarray, dy: int, dx: int, fill: bool) -> np.ndarray:
     out = np.full_like(mask, fill)
     h, w = mask.shape
-    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
-        mask[max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 

@@ -92,16 +92,31 @@ def evaluate(
     started = time.perf_counter()
     if cfg_scale is None:  # the model's recommended guidance, as a user gets it
         cfg_scale = engine.models.get(model).default_cfg_scale
-    base = GenerationRequest(model=model, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                             width=EVAL_SIZE, height=EVAL_SIZE)
+    base = GenerationRequest(
+        model=model,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        width=EVAL_SIZE,
+        height=EVAL_SIZE,
+    )
     run = _Runner(engine, base, batch_size, progress)
     master = random.Random(seed)
     # one stream of scenes per task, drawn in a fixed order, so a task's scenes do not depend on n
     streams = {task: random.Random(master.getrandbits(64)) for task in TASK_ORDER}
-    scores: dict[str, Any] = {"config": {
-        "model": model, "seed": seed, "n": n, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
-        "batch_size": batch_size, "size": EVAL_SIZE,
-    }}
+    scores: dict[str, Any] = {
+        "config": {
+            "model": model,
+            "seed": seed,
+            "n": n,
+            "steps": steps,
+            "sampler": sampler,
+            "cfg_scale": cfg_scale,
+            "batch_size": batch_size,
+            "size": EVAL_SIZE,
+        }
+    }
     jobs = {"txt2img": _txt2img, "seg2img": _seg2img, "inpaint": _inpaint, "img2img": _img2img}
     for task in TASK_ORDER:
         if task in tasks:
@@ -115,8 +130,9 @@ def evaluate(
 
 
 class _Runner:
-    def __init__(self, engine: Any, base: GenerationRequest, batch_size: int,
-                 progress: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, engine: Any, base: GenerationRequest, batch_size: int, progress: Callable[[str], None] | None
+    ) -> None:
         self.engine, self.base, self.batch_size, self.progress = engine, base, batch_size, progress
 
     def groups(self, count: int) -> Iterator[tuple[int, int]]:
@@ -190,8 +206,10 @@ def _box_mask(region: np.ndarray, grow: int) -> np.ndarray:
     ys, xs = np.nonzero(region)
     height, width = region.shape
     mask = np.zeros_like(region, dtype=bool)
-    mask[max(ys.min() - grow, 0) : min(ys.max() + 1 + grow, height),
-         max(xs.min() - grow, 0) : min(xs.max() + 1 + grow, width)] = True
+    mask[
+        max(ys.min() - grow, 0) : min(ys.max() + 1 + grow, height),
+        max(xs.min() - grow, 0) : min(xs.max() + 1 + grow, width),
+    ] = True
     return mask
 
 
@@ -217,8 +235,17 @@ def _inpaint(run: _Runner, rng: random.Random, n: int) -> dict[str, Any]:
         b_pixels = b_labels > 0
         init_pixels = np.asarray(init)
         mask_image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
-        images = run(first, count, task="inpaint", prompt=b.caption(), init_image=init, mask=mask_image,
-                     mask_blur=0, strength=1.0, keep_unmasked=True)
+        images = run(
+            first,
+            count,
+            task="inpaint",
+            prompt=b.caption(),
+            init_image=init,
+            mask=mask_image,
+            mask_blur=0,
+            strength=1.0,
+            keep_unmasked=True,
+        )
         background = np.asarray(COLORS[b.background], dtype=np.uint8)
         for image in images:
             out = np.asarray(image)
@@ -234,9 +261,14 @@ def _inpaint(run: _Runner, rng: random.Random, n: int) -> dict[str, Any]:
             colors.append(found.color == b.color)
             adherent.append(cover >= 0.5 and found.shape == b.shape)
     return {
-        "images": n, "psnr_unmasked": _share(psnrs), "psnr_unmasked_min": float(min(psnrs)),
-        "unmasked_identical": all(identical), "adherence": _share(adherent), "coverage": _share(coverage),
-        "shape": _share(shapes), "color": _share(colors),
+        "images": n,
+        "psnr_unmasked": _share(psnrs),
+        "psnr_unmasked_min": float(min(psnrs)),
+        "unmasked_identical": all(identical),
+        "adherence": _share(adherent),
+        "coverage": _share(coverage),
+        "shape": _share(shapes),
+        "color": _share(colors),
     }
 
 
@@ -259,14 +291,20 @@ def _img2img(run: _Runner, rng: random.Random, n: int) -> dict[str, Any]:
         init_pixels = np.asarray(init, dtype=np.float64)
         prompt = dataclasses.replace(scene, color=target).caption()
         for strength in STRENGTHS:
-            for image in run(first, count, task="img2img", prompt=prompt, init_image=init, strength=strength,
-                             steps=steps):
-                diffs[strength].append(float(np.abs(np.asarray(image, dtype=np.float64) - init_pixels).mean()))
+            for image in run(
+                first, count, task="img2img", prompt=prompt, init_image=init, strength=strength, steps=steps
+            ):
+                diffs[strength].append(
+                    float(np.abs(np.asarray(image, dtype=np.float64) - init_pixels).mean())
+                )
                 recoloured[strength].append(analyse(image).color == target)
     means = [_share(diffs[s]) for s in STRENGTHS]
     return {
-        "images": per_strength * len(STRENGTHS), "steps": steps, "strengths": list(STRENGTHS),
-        "mean_abs_diff": means, "recoloured": [_share(recoloured[s]) for s in STRENGTHS],
+        "images": per_strength * len(STRENGTHS),
+        "steps": steps,
+        "strengths": list(STRENGTHS),
+        "mean_abs_diff": means,
+        "recoloured": [_share(recoloured[s]) for s in STRENGTHS],
         "monotonic": all(later > earlier for earlier, later in zip(means, means[1:], strict=False)),
     }
 
@@ -278,13 +316,21 @@ def _targets(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if "txt2img" in scores:
         value = scores["txt2img"]["adherence"]
-        out["txt2img adherence"] = {"value": value, "target": TARGETS["adherence"], "met": value >= TARGETS["adherence"]}
+        out["txt2img adherence"] = {
+            "value": value,
+            "target": TARGETS["adherence"],
+            "met": value >= TARGETS["adherence"],
+        }
     if "seg2img" in scores:
         value = scores["seg2img"]["miou"]
         out["seg2img miou"] = {"value": value, "target": TARGETS["miou"], "met": value >= TARGETS["miou"]}
     if "inpaint" in scores:
         value = scores["inpaint"]["psnr_unmasked"]
-        out["inpaint psnr_unmasked"] = {"value": value, "target": TARGETS["psnr"], "met": value >= TARGETS["psnr"]}
+        out["inpaint psnr_unmasked"] = {
+            "value": value,
+            "target": TARGETS["psnr"],
+            "met": value >= TARGETS["psnr"],
+        }
     if "img2img" in scores:
         value = scores["img2img"]["monotonic"]
         out["img2img monotonic"] = {"value": value, "target": True, "met": bool(value)}
@@ -300,14 +346,26 @@ def format_table(scores: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
     t2i = scores.get("txt2img")
     if t2i:
-        rows.append(("txt2img", "adherence (colour, shape, position, background)", _pct(t2i["adherence"]),
-                     f"≥ {TARGETS['adherence'] * 100:.0f} %"))
+        rows.append(
+            (
+                "txt2img",
+                "adherence (colour, shape, position, background)",
+                _pct(t2i["adherence"]),
+                f"≥ {TARGETS['adherence'] * 100:.0f} %",
+            )
+        )
         for name in ATTRIBUTES:
             rows.append(("txt2img", f"{name} correct", _pct(t2i[name]), ""))
     seg = scores.get("seg2img")
     if seg:
-        rows.append(("seg2img", "mean IoU (given vs recovered class map)", f"{seg['miou']:.3f}",
-                     f"≥ {TARGETS['miou']:.2f}"))
+        rows.append(
+            (
+                "seg2img",
+                "mean IoU (given vs recovered class map)",
+                f"{seg['miou']:.3f}",
+                f"≥ {TARGETS['miou']:.2f}",
+            )
+        )
         rows.append(("seg2img", "shape correct", _pct(seg["shape"]), ""))
         rows.append(("seg2img", "colour correct", _pct(seg["color"]), ""))
     inp = scores.get("inpaint")
@@ -316,8 +374,14 @@ def format_table(scores: dict[str, Any]) -> str:
         if inp["unmasked_identical"]:
             value = f"{PSNR_CAP:.0f} dB (identical)"
         rows.append(("inpaint", "PSNR of the unmasked region", value, f"≥ {TARGETS['psnr']:.0f} dB"))
-        rows.append(("inpaint", "adherence (colour on ≥ 50 % of the shape, shape recognised)",
-                     _pct(inp["adherence"]), ""))
+        rows.append(
+            (
+                "inpaint",
+                "adherence (colour on ≥ 50 % of the shape, shape recognised)",
+                _pct(inp["adherence"]),
+                "",
+            )
+        )
         rows.append(("inpaint", "colour coverage of the new shape", _pct(inp["coverage"]), ""))
     i2i = scores.get("img2img")
     if i2i:

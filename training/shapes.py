@@ -29,9 +29,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, int] = {"small": 9, "large": 15}  # half the side, in pixels at 64x64
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.25, 0.25), "top": (0.5, 0.25), "top right": (0.75, 0.25),
-    "left": (0.25, 0.5), "center": (0.5, 0.5), "right": (0.75, 0.5),
-    "bottom left": (0.25, 0.75), "bottom": (0.5, 0.75), "bottom right": (0.75, 0.75),
+    "top left": (0.25, 0.25),
+    "top": (0.5, 0.25),
+    "top right": (0.75, 0.25),
+    "left": (0.25, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.75, 0.5),
+    "bottom left": (0.25, 0.75),
+    "bottom": (0.5, 0.75),
+    "bottom right": (0.75, 0.75),
 }
 # segmentation classes and the colours they are painted in on a class map
 CLASSES: tuple[str, ...] = ("background", *SHAPES)
@@ -48,7 +54,9 @@ class Scene:
     jitter: tuple[int, int] = (0, 0)
     size_jitter: int = 0
 
-    def caption(self, *, with_size: bool = True, with_position: bool = True, with_background: bool = True) -> str:
+    def caption(
+        self, *, with_size: bool = True, with_position: bool = True, with_background: bool = True
+    ) -> str:
         words = ["a"]
         if with_size:
             words.append(self.size)

@@ -104,9 +104,15 @@ def build_vae(config: TrainConfig) -> Any:
 
     levels = len(config.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=config.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1, norm_num_groups=16, sample_size=shapes.SIZE,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=config.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=shapes.SIZE,
     )
 
 
@@ -115,9 +121,12 @@ TEXT_FEATURES = 384  # MiniLM-L6's hidden size
 
 def _unet_kwargs(config: TrainConfig, text_states: tuple[int, ...] | None) -> dict[str, Any]:
     return dict(
-        block_out_channels=config.unet_channels, layers_per_block=1,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=TEXT_FEATURES * len(text_states or (-1,)), attention_head_dim=4, norm_num_groups=16,
+        cross_attention_dim=TEXT_FEATURES * len(text_states or (-1,)),
+        attention_head_dim=4,
+        norm_num_groups=16,
     )
 
 
@@ -127,7 +136,9 @@ def build_unet(config: TrainConfig, text_states: tuple[int, ...] | None = None) 
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=shapes.SIZE // 4, in_channels=9, out_channels=4,
+        sample_size=shapes.SIZE // 4,
+        in_channels=9,
+        out_channels=4,
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         **_unet_kwargs(config, text_states),
     )
@@ -136,8 +147,9 @@ def build_unet(config: TrainConfig, text_states: tuple[int, ...] | None = None) 
 def build_controlnet(config: TrainConfig, text_states: tuple[int, ...] | None = None) -> Any:
     from diffusers import ControlNetModel
 
-    return ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32, 64),
-                           **_unet_kwargs(config, text_states))
+    return ControlNetModel(
+        in_channels=4, conditioning_embedding_out_channels=(16, 32, 64), **_unet_kwargs(config, text_states)
+    )
 
 
 def text_conditioning(text_states: tuple[int, ...] | None) -> dict[str, Any]:
@@ -163,9 +175,14 @@ def widen_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[
 
 def scheduler_config(prediction: str = "epsilon") -> dict[str, Any]:
     return {
-        "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-        "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": prediction,
-        "timestep_spacing": "leading", "steps_offset": 1,
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
     }
 
 
@@ -230,7 +247,9 @@ class CaptionCache:
 
         missing = sorted({c for c in captions if c not in self.cache})
         if missing:
-            embeds, _ = encode_prompts(self.bundle, missing, [""] * len(missing), device="cpu", dtype=torch.float32)
+            embeds, _ = encode_prompts(
+                self.bundle, missing, [""] * len(missing), device="cpu", dtype=torch.float32
+            )
             for caption, embed in zip(missing, embeds.embeds, strict=True):
                 self.cache[caption] = embed
         return torch.stack([self.cache[c] for c in captions]).to(self.device)
@@ -254,9 +273,18 @@ def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str =
     vae = train_vae(pool, config, checkpoint_dir, dev, log)
     unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
     refined = config.refine_steps > 0
-    export(out, vae, unet, controlnet, prediction=config.refine_prediction if refined else "epsilon",
-           text_states=config.refine_text_states if refined else None, cfg_scale=config.cfg_scale)
-    log.write(json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n")
+    export(
+        out,
+        vae,
+        unet,
+        controlnet,
+        prediction=config.refine_prediction if refined else "epsilon",
+        text_states=config.refine_text_states if refined else None,
+        cfg_scale=config.cfg_scale,
+    )
+    log.write(
+        json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
+    )
     log.close()
     return out
 
@@ -330,35 +358,67 @@ class _Phase:
     weighting: str = "min_snr"  # loss weight per timestep: "min_snr", or "v_mse" (v-prediction only)
 
 
-def train_diffusion(pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device,
-                    log: Any) -> tuple[Any, Any]:
+def train_diffusion(
+    pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device, log: Any
+) -> tuple[Any, Any]:
     """The diffusion phase, then the refinement and the polish, each from the last one's EMA weights."""
-    first = _Phase("diffusion", ckpt / "diffusion.pt", config.steps, config.lr, config.warmup, config.control_share)
+    first = _Phase(
+        "diffusion", ckpt / "diffusion.pt", config.steps, config.lr, config.warmup, config.control_share
+    )
     unet, controlnet = _diffusion_loop(pool, vae, config, first, dev, log)
     if config.refine_steps <= 0:
         return unet, controlnet
     init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-    second = _Phase("refine", ckpt / "refine.pt", config.refine_steps, config.refine_lr, min(100, config.warmup),
-                    config.refine_control_share, config.refine_high_noise_share, config.refine_prediction, init,
-                    tuple(config.refine_text_states), weighting="v_mse")
+    second = _Phase(
+        "refine",
+        ckpt / "refine.pt",
+        config.refine_steps,
+        config.refine_lr,
+        min(100, config.warmup),
+        config.refine_control_share,
+        config.refine_high_noise_share,
+        config.refine_prediction,
+        init,
+        tuple(config.refine_text_states),
+        weighting="v_mse",
+    )
     unet, controlnet = _diffusion_loop(pool, vae, config, second, dev, log)
     if config.polish_steps <= 0:
         return unet, controlnet
     init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-    third = _Phase("polish", ckpt / "polish.pt", config.polish_steps, config.polish_lr, min(100, config.warmup),
-                   config.refine_control_share, 0.0, config.refine_prediction, init, tuple(config.refine_text_states))
+    third = _Phase(
+        "polish",
+        ckpt / "polish.pt",
+        config.polish_steps,
+        config.polish_lr,
+        min(100, config.warmup),
+        config.refine_control_share,
+        0.0,
+        config.refine_prediction,
+        init,
+        tuple(config.refine_text_states),
+    )
     return _diffusion_loop(pool, vae, config, third, dev, log)
 
 
-def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phase, dev: torch.device,
-                    log: Any) -> tuple[Any, Any]:
+def _diffusion_loop(
+    pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phase, dev: torch.device, log: Any
+) -> tuple[Any, Any]:
     from diffusers import DDPMScheduler
 
     from webui.engine.bundle import ModelBundle
 
     tokenizer, encoder = text_components()
-    text_bundle = ModelBundle(name="text", unet=None, vae=None, text_encoders=[encoder], tokenizers=[tokenizer],
-                              scheduler_config={}, family="shapes", config=text_conditioning(phase.text_states))
+    text_bundle = ModelBundle(
+        name="text",
+        unet=None,
+        vae=None,
+        text_encoders=[encoder],
+        tokenizers=[tokenizer],
+        scheduler_config={},
+        family="shapes",
+        config=text_conditioning(phase.text_states),
+    )
     captions = CaptionCache(text_bundle, dev)
     unet = build_unet(config, phase.text_states).to(dev)
     controlnet = build_controlnet(config, phase.text_states).to(dev)
@@ -368,7 +428,10 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
     params = list(unet.parameters()) + list(controlnet.parameters())
     optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.warmup, phase.steps))
-    ema_unet, ema_control = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(controlnet).requires_grad_(False)
+    ema_unet, ema_control = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(controlnet).requires_grad_(False),
+    )
     start = 0
     if phase.path.exists():
         state = torch.load(phase.path, weights_only=True)
@@ -392,8 +455,10 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
     bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps)
     for step in bar:
         index = torch.randint(0, len(pool.scenes), (config.batch,), generator=gen)
-        latents = (pool.latent_mean[index] + pool.latent_std[index] * torch.randn(
-            pool.latent_mean[index].shape, generator=gen)) * scale
+        latents = (
+            pool.latent_mean[index]
+            + pool.latent_std[index] * torch.randn(pool.latent_mean[index].shape, generator=gen)
+        ) * scale
         latents = latents.to(dev)
         # masked-image conditioning: all-ones masks mean "repaint everything" (text-to-image)
         masks = random_masks(pool, index, rng).to(dev)
@@ -405,7 +470,10 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
             if len(partial):
                 masked_latents[partial] = vae.encode(masked_pixels[partial]).latent_dist.sample() * scale
             if full.any():
-                gray = vae.encode(torch.zeros(1, 3, shapes.SIZE, shapes.SIZE, device=dev)).latent_dist.mean * scale
+                gray = (
+                    vae.encode(torch.zeros(1, 3, shapes.SIZE, shapes.SIZE, device=dev)).latent_dist.mean
+                    * scale
+                )
                 masked_latents[full] = gray
         latent_masks = F.interpolate(masks, size=latents.shape[-2:])
         use_control = torch.from_numpy(rng.random(config.batch) < phase.control_share)
@@ -427,13 +495,23 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
         down = mid = None
         chosen = use_control.nonzero().flatten().to(dev)
         if len(chosen):
-            d, m = controlnet(noisy[chosen], t[chosen], encoder_hidden_states=embeds[chosen],
-                              controlnet_cond=pool.control(index[chosen.cpu()]).to(dev), return_dict=False)
+            d, m = controlnet(
+                noisy[chosen],
+                t[chosen],
+                encoder_hidden_states=embeds[chosen],
+                controlnet_cond=pool.control(index[chosen.cpu()]).to(dev),
+                return_dict=False,
+            )
             down = [torch.zeros((config.batch, *r.shape[1:]), device=dev).index_copy(0, chosen, r) for r in d]
             mid = torch.zeros((config.batch, *m.shape[1:]), device=dev).index_copy(0, chosen, m)
         model_input = torch.cat([noisy, latent_masks, masked_latents], dim=1)
-        pred = unet(model_input, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
+        pred = unet(
+            model_input,
+            t,
+            encoder_hidden_states=embeds,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
         if phase.prediction == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, t)
             if phase.weighting == "v_mse":
@@ -460,14 +538,31 @@ def _diffusion_loop(pool: ScenePool, vae: Any, config: TrainConfig, phase: _Phas
                     p_ema.lerp_(p, 1 - decay)
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(json.dumps({"phase": phase.name, "step": step, "loss": round(loss.item(), 5),
-                                  "lr": sched.get_last_lr()[0]}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "phase": phase.name,
+                        "step": step,
+                        "loss": round(loss.item(), 5),
+                        "lr": sched.get_last_lr()[0],
+                    }
+                )
+                + "\n"
+            )
             log.flush()
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == phase.steps:
-            _save(phase.path, {"unet": unet.state_dict(), "controlnet": controlnet.state_dict(),
-                               "ema_unet": ema_unet.state_dict(), "ema_controlnet": ema_control.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                               "step": step + 1})
+            _save(
+                phase.path,
+                {
+                    "unet": unet.state_dict(),
+                    "controlnet": controlnet.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_controlnet": ema_control.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step + 1,
+                },
+            )
     return ema_unet.eval(), ema_control.eval()
 
 
@@ -480,8 +575,16 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 # --- export ---------------------------------------------------------------------------------
 
 
-def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str = "epsilon",
-           text_states: tuple[int, ...] | None = None, cfg_scale: float | None = None) -> Path:
+def export(
+    out: Path,
+    vae: Any,
+    unet: Any,
+    controlnet: Any,
+    *,
+    prediction: str = "epsilon",
+    text_states: tuple[int, ...] | None = None,
+    cfg_scale: float | None = None,
+) -> Path:
     """Write the model as a diffusers folder: fp16 safetensors, configs, tokenizer, palette; with
     ``cfg_scale``, the guidance requests get when they name none (``defaults.cfg_scale``)."""
     from webui.builtin.loaders import PACKAGED_WEIGHTS
@@ -492,19 +595,25 @@ def export(out: Path, vae: Any, unet: Any, controlnet: Any, *, prediction: str =
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name, module in (("vae", vae), ("unet", unet), ("controlnet", controlnet)):
-        copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(staging / name, safe_serialization=True)
+        copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(
+            staging / name, safe_serialization=True
+        )
     # the frozen MiniLM is not copied: the folder names the package that ships it (fp16, as the rest)
     encoder.config.save_pretrained(staging / "text_encoder")
-    (staging / "text_encoder" / PACKAGED_WEIGHTS).write_text(json.dumps(
-        {"package": MINILM_PACKAGE, "folder": "model", "precision": "float16"}, indent=2) + "\n")
+    (staging / "text_encoder" / PACKAGED_WEIGHTS).write_text(
+        json.dumps({"package": MINILM_PACKAGE, "folder": "model", "precision": "float16"}, indent=2) + "\n"
+    )
     tokenizer.save_pretrained(staging / "tokenizer")
     # the WordPiece vocabulary is all a BERT tokenizer needs, at a third of tokenizer.json's size
     (staging / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     shutil.copy(minilm_path() / "vocab.txt", staging / "tokenizer" / "vocab.txt")
     (staging / "scheduler").mkdir()
-    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(prediction), indent=2) + "\n")
+    (staging / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config(prediction), indent=2) + "\n"
+    )
     Palette(name="shapes", classes=shapes.CLASSES, colors=np.asarray(shapes.PALETTE)).to_json(
-        staging / "controlnet" / "palette.json")
+        staging / "controlnet" / "palette.json"
+    )
     index = {
         "_class_name": "LatentStudioShapesPipeline",
         "family": "shapes",

@@ -27,48 +27,81 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     """The command line. ``fields`` (a :class:`~webui.fields.FieldRegistry`, default: the built-in
     fields) gives ``generate`` one flag per field."""
-    parser = argparse.ArgumentParser(prog="launch.py", allow_abbrev=False, description="Latent Studio: latent-diffusion image generation")
+    parser = argparse.ArgumentParser(
+        prog="launch.py", allow_abbrev=False, description="Latent Studio: latent-diffusion image generation"
+    )
     from webui.ui.server import add_server_options
 
     add_server_options(parser)
-    parser.add_argument("--model", default=None, help="model to start with: folder, name under --models-dir, or "
-                        "Hugging Face id (default: the shipped latent-studio-shapes)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to start with: folder, name under --models-dir, or "
+        "Hugging Face id (default: the shipped latent-studio-shapes)",
+    )
     _models_dir_options(parser)
     _allow_pickle_option(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="auto: fp16 on GPUs; on CPUs with native bf16, bf16 for big models; else fp32")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: fp16 on GPUs; on CPUs with native bf16, bf16 for big models; else fp32",
+    )
     _memory_options(parser)
     add_limit_options(parser)
-    parser.add_argument("--allow-download", action="store_true",
-                        help="let the web app and its API download models named by a Hugging Face id "
-                        "(off: only models on disk; `generate` may always download the model it is given)")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let the web app and its API download models named by a Hugging Face id "
+        "(off: only models on disk; `generate` may always download the model it is given)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate images without the web UI",
-                              description="Every request field has a flag (plugins' fields too, when installed); "
-                              "--set NAME=VALUE sets any field by its name.")
+    gen = commands.add_parser(
+        "generate",
+        help="generate images without the web UI",
+        description="Every request field has a flag (plugins' fields too, when installed); "
+        "--set NAME=VALUE sets any field by its name.",
+    )
     _model_options(gen)
     add_limit_options(gen, keep=True)
-    gen.add_argument("--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)")
+    gen.add_argument(
+        "--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)"
+    )
     add_field_options(gen, fields)  # after the fixed options: a plugin field never takes one of their names
 
     train = commands.add_parser("train", help="train the default shapes model (resumable)")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR / "latent-studio-shapes")
-    train.add_argument("--checkpoint-dir", type=Path,
-                       default=paths.data_dir() / "checkpoints" / "latent-studio-shapes",
-                       help="checkpoints and log.jsonl; an interrupted run resumes from here")
-    train.add_argument("--steps", type=at_least(0), default=None, help="diffusion steps (default: the recipe's)")
-    train.add_argument("--refine-steps", type=at_least(0), default=None,
-                       help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)")
-    train.add_argument("--polish-steps", type=at_least(0), default=None,
-                       help="polish steps after the refinement (default: the recipe's; 0 skips it)")
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=paths.data_dir() / "checkpoints" / "latent-studio-shapes",
+        help="checkpoints and log.jsonl; an interrupted run resumes from here",
+    )
+    train.add_argument(
+        "--steps", type=at_least(0), default=None, help="diffusion steps (default: the recipe's)"
+    )
+    train.add_argument(
+        "--refine-steps",
+        type=at_least(0),
+        default=None,
+        help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)",
+    )
+    train.add_argument(
+        "--polish-steps",
+        type=at_least(0),
+        default=None,
+        help="polish steps after the refinement (default: the recipe's; 0 skips it)",
+    )
     train.add_argument("--vae-steps", type=at_least(0), default=None)
     train.add_argument("--batch-size", type=at_least(1), default=None)
     train.add_argument("--scenes", type=at_least(1), default=None, help="size of the training pool")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for torch (default: all cores)")
+    train.add_argument(
+        "--threads", type=at_least(1), default=None, help="CPU threads for torch (default: all cores)"
+    )
 
     ev = commands.add_parser("evaluate", help="score a shapes model on txt2img, seg2img, inpainting, img2img")
     ev.add_argument("--n", type=at_least(1), default=100, help="images per task")
@@ -96,15 +129,29 @@ def add_field_options(parser: argparse.ArgumentParser, fields: Any = None) -> No
     from webui.fields import FieldRegistry
 
     fields = fields if fields is not None else FieldRegistry.builtin()
-    parser.add_argument("--task", default=None, help=f"one of {', '.join(fields.tasks)}; default: derived from the "
-                        "images given (inpaint with a mask, seg2img with only a segmentation map, img2img with an image)")
-    parser.add_argument("--set", dest="field_values", action="append", default=[], metavar="NAME=VALUE",
-                        help="set any request field by name, e.g. --set cfg_rescale=0.7 (repeatable; "
-                        "`launch.py generate --help` lists the fields as flags)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help=f"one of {', '.join(fields.tasks)}; default: derived from the "
+        "images given (inpaint with a mask, seg2img with only a segmentation map, img2img with an image)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="field_values",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set any request field by name, e.g. --set cfg_rescale=0.7 (repeatable; "
+        "`launch.py generate --help` lists the fields as flags)",
+    )
     for declared in fields:
         if not declared.cli:
             continue
-        options: dict[str, Any] = {"dest": f"field:{declared.name}", "default": None, "help": declared.describe()}
+        options: dict[str, Any] = {
+            "dest": f"field:{declared.name}",
+            "default": None,
+            "help": declared.describe(),
+        }
         if declared.kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -129,7 +176,9 @@ def field_values(args: argparse.Namespace, fields: Any) -> dict[str, Any]:
     for entry in getattr(args, "field_values", []) or []:
         name, equals, text = str(entry).partition("=")
         if not equals:
-            raise InvalidRequestError(f"--set {str(entry)[:100]!r}: write NAME=VALUE, e.g. --set cfg_rescale=0.7")
+            raise InvalidRequestError(
+                f"--set {str(entry)[:100]!r}: write NAME=VALUE, e.g. --set cfg_rescale=0.7"
+            )
         given[fields.field(name.strip()).name] = text
     values: dict[str, Any] = {}
     for name, value in given.items():
@@ -142,7 +191,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     """The model options again on a command, so they may follow it. Their defaults are the main
     parser's (SUPPRESS here), so ``launch.py --models-dir D models`` keeps ``D``."""
     keep = argparse.SUPPRESS
-    parser.add_argument("--model", default=keep, help="model folder, name under --models-dir, or Hugging Face id")
+    parser.add_argument(
+        "--model", default=keep, help="model folder, name under --models-dir, or Hugging Face id"
+    )
     _models_dir_options(parser, default=keep)
     _allow_pickle_option(parser, default=keep)
     parser.add_argument("--device", default=keep, help="auto, cpu, cuda, cuda:1, mps")
@@ -151,23 +202,44 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _models_dir_options(parser: argparse.ArgumentParser, *, default: Any = None) -> None:
-    parser.add_argument("--data-dir", type=Path, action=_DataDirAction, default=default, metavar="DIR",
-                        help="the data folder: models/, outputs/, plugins/ and the plugin settings (default: the "
-                        "checkout; installed: ~/.local/share/latent-studio, or $XDG_DATA_HOME/latent-studio)")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR if default is None else default,
-                        help="models root: diffusers folders anywhere in it, files in checkpoints/, vae/, "
-                        "controlnet/, lora/, embeddings/ (an A1111 or ComfyUI models folder works as it is)")
-    parser.add_argument("--extra-models-dir", type=Path, action="append", default=[] if default is None else default,
-                        metavar="DIR", help="another models root, searched after --models-dir (repeatable), e.g. "
-                        "~/stable-diffusion-webui/models or ~/ComfyUI/models")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        action=_DataDirAction,
+        default=default,
+        metavar="DIR",
+        help="the data folder: models/, outputs/, plugins/ and the plugin settings (default: the "
+        "checkout; installed: ~/.local/share/latent-studio, or $XDG_DATA_HOME/latent-studio)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=DEFAULT_MODELS_DIR if default is None else default,
+        help="models root: diffusers folders anywhere in it, files in checkpoints/, vae/, "
+        "controlnet/, lora/, embeddings/ (an A1111 or ComfyUI models folder works as it is)",
+    )
+    parser.add_argument(
+        "--extra-models-dir",
+        type=Path,
+        action="append",
+        default=[] if default is None else default,
+        metavar="DIR",
+        help="another models root, searched after --models-dir (repeatable), e.g. "
+        "~/stable-diffusion-webui/models or ~/ComfyUI/models",
+    )
 
 
 class _DataDirAction(argparse.Action):
     """``--data-dir``: checked, then set in ``$LATENT_STUDIO_DATA_DIR`` at once (see :mod:`webui.paths`),
     so the drop-in plugins found while parsing, a restarted server and child processes all use it."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         try:
             setattr(namespace, self.dest, paths.use_data_dir(values))
         except ValueError as error:  # one line and status 2, like every input error (no usage dump)
@@ -200,38 +272,85 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         return argparse.SUPPRESS if keep else value
 
     group = parser.add_argument_group("memory and speed")
-    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default=default("sdpa"),
-                       help="sdpa: PyTorch's scaled_dot_product_attention; xformers: GPU, needs the package "
-                       "(falls back to sdpa with a warning); sliced: one head at a time")
-    group.add_argument("--vae-slicing", choices=SWITCHES, default=default("auto"),
-                       help="decode a batch one image at a time (auto: when memory is short)")
-    group.add_argument("--vae-tiling", choices=SWITCHES, default=default("auto"),
-                       help="encode and decode in overlapping tiles (auto: when the size needs it)")
-    group.add_argument("--offload", choices=OFFLOAD_MODES, default=default("auto"),
-                       help="GPU only. model: each model on the GPU only while it runs (A1111's --medvram); "
-                       "sequential: layer by layer, slowest, least memory (--lowvram); auto: when memory is short")
-    group.add_argument("--medvram", dest="offload", action="store_const", const="model", default=default("auto"),
-                       help="the same as --offload model")
-    group.add_argument("--lowvram", dest="offload", action="store_const", const="sequential",
-                       default=default("auto"), help="the same as --offload sequential")
-    group.add_argument("--channels-last", action="store_true", default=default(False),
-                       help="convolution weights in channels-last layout")
-    group.add_argument("--no-oom-retry", dest="oom_retry", action="store_false", default=default(True),
-                       help="fail instead of retrying a batch that ran out of memory with a lower-memory plan")
+    group.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default=default("sdpa"),
+        help="sdpa: PyTorch's scaled_dot_product_attention; xformers: GPU, needs the package "
+        "(falls back to sdpa with a warning); sliced: one head at a time",
+    )
+    group.add_argument(
+        "--vae-slicing",
+        choices=SWITCHES,
+        default=default("auto"),
+        help="decode a batch one image at a time (auto: when memory is short)",
+    )
+    group.add_argument(
+        "--vae-tiling",
+        choices=SWITCHES,
+        default=default("auto"),
+        help="encode and decode in overlapping tiles (auto: when the size needs it)",
+    )
+    group.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default=default("auto"),
+        help="GPU only. model: each model on the GPU only while it runs (A1111's --medvram); "
+        "sequential: layer by layer, slowest, least memory (--lowvram); auto: when memory is short",
+    )
+    group.add_argument(
+        "--medvram",
+        dest="offload",
+        action="store_const",
+        const="model",
+        default=default("auto"),
+        help="the same as --offload model",
+    )
+    group.add_argument(
+        "--lowvram",
+        dest="offload",
+        action="store_const",
+        const="sequential",
+        default=default("auto"),
+        help="the same as --offload sequential",
+    )
+    group.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=default(False),
+        help="convolution weights in channels-last layout",
+    )
+    group.add_argument(
+        "--no-oom-retry",
+        dest="oom_retry",
+        action="store_false",
+        default=default(True),
+        help="fail instead of retrying a batch that ran out of memory with a lower-memory plan",
+    )
 
 
 def memory_settings(args: argparse.Namespace) -> Any:
     from webui.engine.memory import MemorySettings
 
-    return MemorySettings(attention=args.attention, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling,
-                          offload=args.offload, channels_last=args.channels_last, recover=args.oom_retry)
+    return MemorySettings(
+        attention=args.attention,
+        vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling,
+        offload=args.offload,
+        channels_last=args.channels_last,
+        recover=args.oom_retry,
+    )
 
 
 def _allow_pickle_option(parser: argparse.ArgumentParser, *, default: Any = False) -> None:
-    parser.add_argument("--allow-pickle", action="store_true", default=default,
-                        help="also load pickle checkpoints (.ckpt, .pt, .pth, .bin). Unpickling can run code "
-                        "hidden in a file, so only use this for files you trust; they are read with "
-                        "torch.load(weights_only=True)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=default,
+        help="also load pickle checkpoints (.ckpt, .pt, .pth, .bin). Unpickling can run code "
+        "hidden in a file, so only use this for files you trust; they are read with "
+        "torch.load(weights_only=True)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,18 +414,28 @@ def _samplers() -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace, *, allow_paths: bool = True, allow_download: bool = True,
-            plugins: Any = None) -> Any:
+def _engine(
+    args: argparse.Namespace, *, allow_paths: bool = True, allow_download: bool = True, plugins: Any = None
+) -> Any:
     from webui.engine.devices import pick_device, pick_dtype
     from webui.engine.pipeline import Engine
 
     _quiet_libraries()
     device = pick_device(args.device)
     dtype = "auto" if args.dtype == "auto" else pick_dtype(args.dtype, device)
-    return Engine(plugins=plugins, models_dir=str(args.models_dir), default_model=args.model, device=device,
-                  dtype=dtype, extra_models_dirs=args.extra_models_dir, memory=memory_settings(args),
-                  allow_paths=allow_paths, allow_pickle=getattr(args, "allow_pickle", False),
-                  allow_download=allow_download, limits=Limits.from_args(args))
+    return Engine(
+        plugins=plugins,
+        models_dir=str(args.models_dir),
+        default_model=args.model,
+        device=device,
+        dtype=dtype,
+        extra_models_dirs=args.extra_models_dir,
+        memory=memory_settings(args),
+        allow_paths=allow_paths,
+        allow_pickle=getattr(args, "allow_pickle", False),
+        allow_download=allow_download,
+        limits=Limits.from_args(args),
+    )
 
 
 def _quiet_libraries() -> None:
@@ -355,10 +484,14 @@ def _train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = TrainConfig(seed=args.seed)
-    for option, name in (("steps", "steps"), ("refine_steps", "refine_steps"), ("polish_steps", "polish_steps"),
-                         ("vae_steps", "vae_steps"),
-                         ("batch_size", "batch"),
-                         ("scenes", "scenes")):
+    for option, name in (
+        ("steps", "steps"),
+        ("refine_steps", "refine_steps"),
+        ("polish_steps", "polish_steps"),
+        ("vae_steps", "vae_steps"),
+        ("batch_size", "batch"),
+        ("scenes", "scenes"),
+    ):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))
     print(train(args.out, args.checkpoint_dir, config, device=args.device))
@@ -369,8 +502,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     evaluation = _training("evaluate", "evaluate")  # before a model is loaded
     evaluate, format_table = evaluation.evaluate, evaluation.format_table
 
-    scores = evaluate(_engine(args), args.model, seed=args.seed, n=args.n, steps=args.steps, cfg_scale=args.cfg_scale,
-                      batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))
+    scores = evaluate(
+        _engine(args),
+        args.model,
+        seed=args.seed,
+        n=args.n,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        batch_size=args.batch_size,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
     print(format_table(scores))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -405,11 +546,20 @@ def _generate(args: argparse.Namespace) -> int:
     for name, value in list(values.items()):
         if fields[name].kind == "image":
             values[name] = _open(Path(value), fields[name].label.lower())
-    task = args.task or ("inpaint" if values.get("mask") else "seg2img" if values.get("seg_map") and not
-                         values.get("init_image") else "img2img" if values.get("init_image") else "txt2img")
+    task = args.task or (
+        "inpaint"
+        if values.get("mask")
+        else "seg2img"
+        if values.get("seg_map") and not values.get("init_image")
+        else "img2img"
+        if values.get("init_image")
+        else "txt2img"
+    )
     values.setdefault("model", args.model)
     request = fields.new_request(task, values)
-    request = fields.validate(request.validate(tasks=fields))  # fail fast on bad input, before a model is loaded
+    request = fields.validate(
+        request.validate(tasks=fields)
+    )  # fail fast on bad input, before a model is loaded
     problem = check_writable(args.out)
     if problem:
         raise InvalidRequestError(f"--out {problem}")

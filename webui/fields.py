@@ -49,10 +49,25 @@ Kind = Literal["int", "float", "bool", "text", "choice", "image"]
 KINDS: tuple[str, ...] = ("int", "float", "bool", "text", "choice", "image")
 Record = Literal["changed", "always", "hook"]
 RECORDS: tuple[str, ...] = ("changed", "always", "hook")
-WIDGETS: tuple[str, ...] = ("slider", "number", "dropdown", "radio", "checkbox", "textbox", "upload", "sketch")
+WIDGETS: tuple[str, ...] = (
+    "slider",
+    "number",
+    "dropdown",
+    "radio",
+    "checkbox",
+    "textbox",
+    "upload",
+    "sketch",
+)
 # where a choice field's choices come from when they are not a fixed list
-CHOICE_SOURCES: tuple[str, ...] = ("samplers", "models:checkpoint", "models:vae", "models:controlnet",
-                                   "models:lora", "models:embedding")
+CHOICE_SOURCES: tuple[str, ...] = (
+    "samplers",
+    "models:checkpoint",
+    "models:vae",
+    "models:controlnet",
+    "models:lora",
+    "models:embedding",
+)
 NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 MAX_TEXT = 10_000  # characters of a plugin's text field, unless it declares max_chars
 MAX_NUMBER_TEXT = 100  # characters of a number written as text (int() of more is slow, and no value needs it)
@@ -152,8 +167,10 @@ class Field:
         """One line for ``--help`` and error messages: the help text, the range or the choices."""
         parts = [self.help] if self.help else []
         if self.kind in ("int", "float") and (self.minimum is not None or self.maximum is not None):
-            parts.append(f"{_shown(self.minimum) if self.minimum is not None else '-inf'}.."
-                         f"{_shown(self.maximum) if self.maximum is not None else 'inf'}")
+            parts.append(
+                f"{_shown(self.minimum) if self.minimum is not None else '-inf'}.."
+                f"{_shown(self.maximum) if self.maximum is not None else 'inf'}"
+            )
         if self.fixed_choices:
             parts.append("one of: " + ", ".join(self.fixed_choices))
         if self.default is not None and self.kind != "image":
@@ -186,17 +203,23 @@ class Field:
             if self.kind == "text":
                 limit = self.max_chars if self.max_chars is not None else MAX_TEXT
                 if limit and len(value) > limit:
-                    raise InvalidRequestError(f"{self.name} has {len(value)} characters; the limit is {limit}")
+                    raise InvalidRequestError(
+                        f"{self.name} has {len(value)} characters; the limit is {limit}"
+                    )
                 check_text(self.name, value)
                 return value
             check_text(self.name, value)
             choices = self.fixed_choices
             if choices is not None and value not in choices:
-                raise InvalidRequestError(f"unknown {self.name} {_shown(value)}; choose one of {', '.join(choices)}")
+                raise InvalidRequestError(
+                    f"unknown {self.name} {_shown(value)}; choose one of {', '.join(choices)}"
+                )
             return value
         if self.kind == "image":
             if isinstance(value, (str, bytes, os.PathLike)):  # never a file on the server by name
-                raise InvalidRequestError(f"{self.name} must be an image, not a file name: open the file first")
+                raise InvalidRequestError(
+                    f"{self.name} must be an image, not a file name: open the file first"
+                )
             from webui.images import normalize_image  # PIL and numpy: only when an image is given
 
             return normalize_image(value, self.name)
@@ -211,14 +234,18 @@ class Field:
         if self.kind in ("int", "float"):
             number = parse_number(text, self.kind)
             if number is None:
-                raise InvalidRequestError(f"{self.name} must be a {'whole ' if self.kind == 'int' else ''}number, "
-                                          f"got {_shown(text)}")
+                raise InvalidRequestError(
+                    f"{self.name} must be a {'whole ' if self.kind == 'int' else ''}number, "
+                    f"got {_shown(text)}"
+                )
             return self.check(number)
         if self.kind == "bool":
             word = text.lower()
             if word in _TRUE or word in _FALSE:
                 return word in _TRUE
-            raise InvalidRequestError(f"{self.name} must be true or false (yes/no, on/off, 1/0), got {_shown(text)}")
+            raise InvalidRequestError(
+                f"{self.name} must be true or false (yes/no, on/off, 1/0), got {_shown(text)}"
+            )
         if self.kind == "image":
             return text  # a path: the caller opens it (webui.cli)
         return self.check(text)
@@ -295,8 +322,9 @@ class FieldRegistry:
 
     # -- registering ------------------------------------------------------------------------
 
-    def add(self, declared: Field | str, kind: str | None = None, *, plugin: str | None = None,
-            **options: Any) -> Field:
+    def add(
+        self, declared: Field | str, kind: str | None = None, *, plugin: str | None = None, **options: Any
+    ) -> Field:
         """Register a field: a :class:`Field`, or its name, kind and options
         (``register("cfg_rescale", "float", default=0.0, minimum=0, maximum=1)``)."""
         if isinstance(declared, str):
@@ -309,8 +337,9 @@ class FieldRegistry:
         _check_declaration(declared, self._tasks)
         return _add_once(self._fields, declared, "field")
 
-    def add_task(self, declared: TaskSpec | str, label: str = "", *, plugin: str | None = None,
-                 **options: Any) -> TaskSpec:
+    def add_task(
+        self, declared: TaskSpec | str, label: str = "", *, plugin: str | None = None, **options: Any
+    ) -> TaskSpec:
         """Register a task: a :class:`TaskSpec`, or its name, label and options
         (``register("sketch2img", "Sketch to image", requires=("sketch",))``)."""
         if isinstance(declared, str):
@@ -319,8 +348,10 @@ class FieldRegistry:
             raise ValueError("register a TaskSpec, or a name, a label and options")
         declared = _owned(declared, plugin)
         if not isinstance(declared.name, str) or not NAME.match(declared.name):
-            raise ValueError(f"task name {declared.name!r}: use 1-40 lowercase letters, digits and '_', "
-                             "starting with a letter")
+            raise ValueError(
+                f"task name {declared.name!r}: use 1-40 lowercase letters, digits and '_', "
+                "starting with a letter"
+            )
         return _add_once(self._tasks, declared, "task")
 
     # -- reading ----------------------------------------------------------------------------
@@ -346,7 +377,11 @@ class FieldRegistry:
         found = self._fields.get(name)
         if found is None:
             close = difflib.get_close_matches(str(name)[:100], list(self._fields), n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known fields: {', '.join(self._fields)}"
+            hint = (
+                f"; did you mean {' or '.join(close)}?"
+                if close
+                else f"; known fields: {', '.join(self._fields)}"
+            )
             raise InvalidRequestError(f"unknown field {str(name)[:100]!r}{hint}")
         return found
 
@@ -430,20 +465,33 @@ class FieldRegistry:
         """Add the infotext entries the host writes (fields with ``record`` "changed" or "always"
         that apply to the request's task) to ``parameters``; entries already there are kept."""
         for declared in self._fields.values():
-            if declared.infotext is None or declared.record == "hook" or not declared.applies_to(request.task):
+            if (
+                declared.infotext is None
+                or declared.record == "hook"
+                or not declared.applies_to(request.task)
+            ):
                 continue
             if declared.infotext in parameters or declared.kind == "image":
                 continue
-            value = getattr(request, declared.name) if hasattr(request, declared.name) \
+            value = (
+                getattr(request, declared.name)
+                if hasattr(request, declared.name)
                 else request.extra.get(declared.name)
+            )
             if value is None:
                 continue
             if declared.record == "changed" and value == declared.default_for(request.task):
                 continue
             parameters[declared.infotext] = declared.format(value)
 
-    def from_infotext(self, parsed: Mapping[str, Any], *, task: str | None = None,
-                      names: Iterable[str] | None = None, bounded: bool = True) -> tuple[dict[str, Any], list[str]]:
+    def from_infotext(
+        self,
+        parsed: Mapping[str, Any],
+        *,
+        task: str | None = None,
+        names: Iterable[str] | None = None,
+        bounded: bool = True,
+    ) -> tuple[dict[str, Any], list[str]]:
         """The field values a parsed infotext sets (``webui.metadata.parse_infotext``'s dict), and one
         note per entry that could not be read (``"Steps x is not a number; not sent"``).
 
@@ -458,7 +506,9 @@ class FieldRegistry:
         for declared in self._fields.values():
             if not declared.send or (declared.infotext is None and declared.read is None):
                 continue
-            if (wanted is not None and declared.name not in wanted) or (task and not declared.applies_to(task)):
+            if (wanted is not None and declared.name not in wanted) or (
+                task and not declared.applies_to(task)
+            ):
                 continue
             if declared.read is not None:
                 try:
@@ -473,8 +523,11 @@ class FieldRegistry:
                 continue
             raw = parsed[declared.infotext]
             try:
-                reader = declared if bounded or declared.kind not in ("int", "float") \
+                reader = (
+                    declared
+                    if bounded or declared.kind not in ("int", "float")
                     else replace(declared, minimum=None, maximum=None)
+                )
                 values[declared.name] = reader.parse(raw)
             except InvalidRequestError:
                 kind = "a number" if declared.kind in ("int", "float") else "valid"
@@ -491,7 +544,10 @@ def _add_once(table: dict[str, Any], declared: Any, what: str) -> Any:
     """Put ``declared`` into ``table`` under its name; a name already there is refused, naming its owner."""
     first = table.get(declared.name)
     if first is not None:
-        raise ValueError(f"{what} {declared.name!r} is already registered" + (f" by {first.plugin}" if first.plugin else ""))
+        raise ValueError(
+            f"{what} {declared.name!r} is already registered"
+            + (f" by {first.plugin}" if first.plugin else "")
+        )
     table[declared.name] = declared
     return declared
 
@@ -530,9 +586,13 @@ def _check_declaration(declared: Field, tasks: Mapping[str, TaskSpec]) -> None:
     if declared.widget is not None and declared.widget not in WIDGETS:
         raise ValueError(f"{where}: widget must be one of {', '.join(WIDGETS)}")
     if declared.kind == "choice" and declared.choices is None:
-        raise ValueError(f"{where}: a choice field needs choices (a list or one of {', '.join(CHOICE_SOURCES)})")
+        raise ValueError(
+            f"{where}: a choice field needs choices (a list or one of {', '.join(CHOICE_SOURCES)})"
+        )
     if declared.source is not None and declared.source not in CHOICE_SOURCES:
-        raise ValueError(f"{where}: choices {declared.source!r} is neither a list nor one of {', '.join(CHOICE_SOURCES)}")
+        raise ValueError(
+            f"{where}: choices {declared.source!r} is neither a list nor one of {', '.join(CHOICE_SOURCES)}"
+        )
     if declared.fixed_choices is not None and not declared.fixed_choices:
         raise ValueError(f"{where}: the list of choices is empty")
     if declared.tasks is not None:
@@ -574,7 +634,9 @@ def check_int(name: str, value: Any, low: float | None, high: float | None) -> i
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be a whole number, got {_shown(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidRequestError(f"{name} must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}")
+        raise InvalidRequestError(
+            f"{name} must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}"
+        )
     return value
 
 
@@ -582,9 +644,11 @@ def check_float(name: str, value: Any, low: float | None, high: float | None) ->
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
         raise InvalidRequestError(f"{name} must be a number, got {_shown(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidRequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}"
-                                  if low is not None and high is not None and math.isfinite(value)
-                                  else f"{name} must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}")
+        raise InvalidRequestError(
+            f"{name} must be between {low:g} and {high:g}, got {value:g}"
+            if low is not None and high is not None and math.isfinite(value)
+            else f"{name} must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}"
+        )
     return value
 
 
@@ -657,74 +721,350 @@ def _read_text(key: str) -> Callable[[Mapping[str, Any]], str | None]:
 BUILTIN_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("txt2img", "Text to image"),
     TaskSpec("img2img", "Image to image", requires=("init_image",), message="img2img needs an init image"),
-    TaskSpec("inpaint", "Inpainting", requires=("init_image", "mask"), message="inpainting needs an image and a mask"),
-    TaskSpec("seg2img", "Segmentation to image", requires=("seg_map",), message="seg2img needs a segmentation map"),
+    TaskSpec(
+        "inpaint",
+        "Inpainting",
+        requires=("init_image", "mask"),
+        message="inpainting needs an image and a mask",
+    ),
+    TaskSpec(
+        "seg2img", "Segmentation to image", requires=("seg_map",), message="seg2img needs a segmentation map"
+    ),
 )
 
 # In the order the web UI shows them. Infotext keys are AUTOMATIC1111's.
 BUILTIN_FIELDS: tuple[Field, ...] = (
-    Field("model", "choice", choices="models:checkpoint", nullable=True, label="Model", group="model", cli=False,
-          help="model folder, name under --models-dir, or Hugging Face id", infotext="Model", record="hook"),
-    Field("vae", "choice", choices="models:vae", none_label="Automatic", nullable=True, label="VAE", group="model",
-          help="a separate VAE by name (default: the model's own)", infotext="VAE", record="hook", read=_read_vae),
-    Field("prompt", "text", default="", label="Prompt", group="prompt", lines=2, limit="max_prompt_chars",
-          max_chars=0, infotext="Prompt", record="hook", read=_read_text("Prompt")),
-    Field("negative_prompt", "text", default="", label="Negative prompt", group="prompt", limit="max_prompt_chars",
-          max_chars=0, infotext="Negative prompt", record="hook", read=_read_text("Negative prompt")),
-    Field("sampler", "choice", default=DEFAULT_SAMPLER, choices="samplers", label="Sampler", group="sampling",
-          help="see `launch.py samplers`", infotext="Sampler", record="hook", read=_read_sampler),
-    Field("steps", "int", default=20, minimum=1, maximum=1000, ui_maximum=150, step=1, limit="max_steps",
-          label="Steps", group="sampling", infotext="Steps", record="hook"),
-    Field("cfg_scale", "float", minimum=0.0, maximum=100.0, ui_minimum=1.0, ui_maximum=30.0, step=0.5,
-          nullable=True, label="CFG scale", group="sampling", help="default: the model's (7 unless it says)",
-          infotext="CFG scale", record="hook"),
-    Field("width", "int", minimum=8, maximum=8192, ui_minimum=64, ui_maximum=2048, step=8, limit="max_pixels",
-          nullable=True, label="Width", group="size", help="multiple of 8; default: the model's native size",
-          infotext="Size-1", record="hook"),
-    Field("height", "int", minimum=8, maximum=8192, ui_minimum=64, ui_maximum=2048, step=8, limit="max_pixels",
-          nullable=True, label="Height", group="size", help="multiple of 8; default: the model's native size",
-          infotext="Size-2", record="hook"),
-    Field("batch_count", "int", default=1, minimum=1, maximum=10_000, ui_maximum=100, step=1, limit="max_batch",
-          label="Batch count", group="size", help="batches, one after the other"),
-    Field("batch_size", "int", default=1, minimum=1, maximum=64, ui_maximum=8, step=1, limit="max_batch",
-          label="Batch size", group="size", help="images per batch", infotext="Batch size", record="hook"),
-    Field("seed", "int", default=-1, minimum=-1, maximum=2**32 - 1, widget="number", label="Seed (-1 = random)",
-          group="seed", help="-1 = random; image k of a batch uses seed + k", infotext="Seed", record="hook"),
-    Field("clip_skip", "int", default=1, minimum=1, maximum=12, step=1, label="Clip skip",
-          help="skip the text encoder's last layers", infotext="Clip skip", record="hook"),
-    Field("eta", "float", default=0.0, minimum=0.0, maximum=1.0, step=0.01, label="Eta",
-          help="noise of ancestral and DDIM samplers", infotext="Eta", record="hook"),
-    Field("init_image", "image", tasks=IMAGE_TASKS, label="Init image", group="init",
-          help="img2img / inpaint: the image to start from"),
-    Field("strength", "float", default=0.75, task_defaults={"inpaint": 1.0}, minimum=0.0, maximum=1.0, step=0.01,
-          tasks=IMAGE_TASKS, label="Denoising strength", group="init",
-          help="denoising strength (default 0.75; 1.0 for inpainting)", infotext="Denoising strength",
-          record="hook"),
-    Field("mask", "image", tasks=("inpaint",), label="Mask", group="mask",
-          help="inpaint: white = repaint; resized to the image if needed"),
-    Field("mask_blur", "int", default=4, minimum=0, maximum=256, ui_maximum=64, step=1, tasks=("inpaint",),
-          label="Mask blur", group="mask", infotext="Mask blur", record="hook"),
-    Field("masked_content", "choice", default="original", choices=MASKED_CONTENT, widget="radio",
-          tasks=("inpaint",), label="Masked content", group="masked"),
+    Field(
+        "model",
+        "choice",
+        choices="models:checkpoint",
+        nullable=True,
+        label="Model",
+        group="model",
+        cli=False,
+        help="model folder, name under --models-dir, or Hugging Face id",
+        infotext="Model",
+        record="hook",
+    ),
+    Field(
+        "vae",
+        "choice",
+        choices="models:vae",
+        none_label="Automatic",
+        nullable=True,
+        label="VAE",
+        group="model",
+        help="a separate VAE by name (default: the model's own)",
+        infotext="VAE",
+        record="hook",
+        read=_read_vae,
+    ),
+    Field(
+        "prompt",
+        "text",
+        default="",
+        label="Prompt",
+        group="prompt",
+        lines=2,
+        limit="max_prompt_chars",
+        max_chars=0,
+        infotext="Prompt",
+        record="hook",
+        read=_read_text("Prompt"),
+    ),
+    Field(
+        "negative_prompt",
+        "text",
+        default="",
+        label="Negative prompt",
+        group="prompt",
+        limit="max_prompt_chars",
+        max_chars=0,
+        infotext="Negative prompt",
+        record="hook",
+        read=_read_text("Negative prompt"),
+    ),
+    Field(
+        "sampler",
+        "choice",
+        default=DEFAULT_SAMPLER,
+        choices="samplers",
+        label="Sampler",
+        group="sampling",
+        help="see `launch.py samplers`",
+        infotext="Sampler",
+        record="hook",
+        read=_read_sampler,
+    ),
+    Field(
+        "steps",
+        "int",
+        default=20,
+        minimum=1,
+        maximum=1000,
+        ui_maximum=150,
+        step=1,
+        limit="max_steps",
+        label="Steps",
+        group="sampling",
+        infotext="Steps",
+        record="hook",
+    ),
+    Field(
+        "cfg_scale",
+        "float",
+        minimum=0.0,
+        maximum=100.0,
+        ui_minimum=1.0,
+        ui_maximum=30.0,
+        step=0.5,
+        nullable=True,
+        label="CFG scale",
+        group="sampling",
+        help="default: the model's (7 unless it says)",
+        infotext="CFG scale",
+        record="hook",
+    ),
+    Field(
+        "width",
+        "int",
+        minimum=8,
+        maximum=8192,
+        ui_minimum=64,
+        ui_maximum=2048,
+        step=8,
+        limit="max_pixels",
+        nullable=True,
+        label="Width",
+        group="size",
+        help="multiple of 8; default: the model's native size",
+        infotext="Size-1",
+        record="hook",
+    ),
+    Field(
+        "height",
+        "int",
+        minimum=8,
+        maximum=8192,
+        ui_minimum=64,
+        ui_maximum=2048,
+        step=8,
+        limit="max_pixels",
+        nullable=True,
+        label="Height",
+        group="size",
+        help="multiple of 8; default: the model's native size",
+        infotext="Size-2",
+        record="hook",
+    ),
+    Field(
+        "batch_count",
+        "int",
+        default=1,
+        minimum=1,
+        maximum=10_000,
+        ui_maximum=100,
+        step=1,
+        limit="max_batch",
+        label="Batch count",
+        group="size",
+        help="batches, one after the other",
+    ),
+    Field(
+        "batch_size",
+        "int",
+        default=1,
+        minimum=1,
+        maximum=64,
+        ui_maximum=8,
+        step=1,
+        limit="max_batch",
+        label="Batch size",
+        group="size",
+        help="images per batch",
+        infotext="Batch size",
+        record="hook",
+    ),
+    Field(
+        "seed",
+        "int",
+        default=-1,
+        minimum=-1,
+        maximum=2**32 - 1,
+        widget="number",
+        label="Seed (-1 = random)",
+        group="seed",
+        help="-1 = random; image k of a batch uses seed + k",
+        infotext="Seed",
+        record="hook",
+    ),
+    Field(
+        "clip_skip",
+        "int",
+        default=1,
+        minimum=1,
+        maximum=12,
+        step=1,
+        label="Clip skip",
+        help="skip the text encoder's last layers",
+        infotext="Clip skip",
+        record="hook",
+    ),
+    Field(
+        "eta",
+        "float",
+        default=0.0,
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        label="Eta",
+        help="noise of ancestral and DDIM samplers",
+        infotext="Eta",
+        record="hook",
+    ),
+    Field(
+        "init_image",
+        "image",
+        tasks=IMAGE_TASKS,
+        label="Init image",
+        group="init",
+        help="img2img / inpaint: the image to start from",
+    ),
+    Field(
+        "strength",
+        "float",
+        default=0.75,
+        task_defaults={"inpaint": 1.0},
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        tasks=IMAGE_TASKS,
+        label="Denoising strength",
+        group="init",
+        help="denoising strength (default 0.75; 1.0 for inpainting)",
+        infotext="Denoising strength",
+        record="hook",
+    ),
+    Field(
+        "mask",
+        "image",
+        tasks=("inpaint",),
+        label="Mask",
+        group="mask",
+        help="inpaint: white = repaint; resized to the image if needed",
+    ),
+    Field(
+        "mask_blur",
+        "int",
+        default=4,
+        minimum=0,
+        maximum=256,
+        ui_maximum=64,
+        step=1,
+        tasks=("inpaint",),
+        label="Mask blur",
+        group="mask",
+        infotext="Mask blur",
+        record="hook",
+    ),
+    Field(
+        "masked_content",
+        "choice",
+        default="original",
+        choices=MASKED_CONTENT,
+        widget="radio",
+        tasks=("inpaint",),
+        label="Masked content",
+        group="masked",
+    ),
     Field("invert_mask", "bool", default=False, tasks=("inpaint",), label="Invert mask", group="masked"),
-    Field("keep_unmasked", "bool", default=True, tasks=("inpaint",), label="Keep the unmasked area", group="masked",
-          help="paste the result over the original through the blurred mask, so only the masked area changes"),
-    Field("only_masked", "bool", default=False, tasks=("inpaint",), label="Only masked (inpaint at full resolution)",
-          group="only_masked", help="inpaint the masked region at full resolution"),
-    Field("only_masked_padding", "int", default=32, minimum=0, maximum=4096, ui_maximum=256, step=4,
-          tasks=("inpaint",), label="Only masked padding", group="only_masked"),
-    Field("seg_map", "image", tasks=("seg2img",), label="Segmentation map", group="seg_map",
-          help="seg2img: a colour-coded segmentation map"),
-    Field("controlnet", "choice", choices="models:controlnet", none_label="The model's own", nullable=True,
-          tasks=("seg2img",), label="ControlNet", group="control",
-          help="ControlNet folder or name for the segmentation map"),
-    Field("control_scale", "float", default=1.0, minimum=0.0, maximum=10.0, ui_maximum=2.0, step=0.05,
-          tasks=("seg2img",), label="ControlNet weight", group="control", infotext="ControlNet weight",
-          record="hook"),
-    Field("control_start", "float", default=0.0, minimum=0.0, maximum=1.0, step=0.01, tasks=("seg2img",),
-          label="Start", group="control", help="ControlNet from this fraction of the steps"),
-    Field("control_end", "float", default=1.0, minimum=0.0, maximum=1.0, step=0.01, tasks=("seg2img",),
-          label="End", group="control", help="ControlNet until this fraction of the steps"),
+    Field(
+        "keep_unmasked",
+        "bool",
+        default=True,
+        tasks=("inpaint",),
+        label="Keep the unmasked area",
+        group="masked",
+        help="paste the result over the original through the blurred mask, so only the masked area changes",
+    ),
+    Field(
+        "only_masked",
+        "bool",
+        default=False,
+        tasks=("inpaint",),
+        label="Only masked (inpaint at full resolution)",
+        group="only_masked",
+        help="inpaint the masked region at full resolution",
+    ),
+    Field(
+        "only_masked_padding",
+        "int",
+        default=32,
+        minimum=0,
+        maximum=4096,
+        ui_maximum=256,
+        step=4,
+        tasks=("inpaint",),
+        label="Only masked padding",
+        group="only_masked",
+    ),
+    Field(
+        "seg_map",
+        "image",
+        tasks=("seg2img",),
+        label="Segmentation map",
+        group="seg_map",
+        help="seg2img: a colour-coded segmentation map",
+    ),
+    Field(
+        "controlnet",
+        "choice",
+        choices="models:controlnet",
+        none_label="The model's own",
+        nullable=True,
+        tasks=("seg2img",),
+        label="ControlNet",
+        group="control",
+        help="ControlNet folder or name for the segmentation map",
+    ),
+    Field(
+        "control_scale",
+        "float",
+        default=1.0,
+        minimum=0.0,
+        maximum=10.0,
+        ui_maximum=2.0,
+        step=0.05,
+        tasks=("seg2img",),
+        label="ControlNet weight",
+        group="control",
+        infotext="ControlNet weight",
+        record="hook",
+    ),
+    Field(
+        "control_start",
+        "float",
+        default=0.0,
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        tasks=("seg2img",),
+        label="Start",
+        group="control",
+        help="ControlNet from this fraction of the steps",
+    ),
+    Field(
+        "control_end",
+        "float",
+        default=1.0,
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        tasks=("seg2img",),
+        label="End",
+        group="control",
+        help="ControlNet until this fraction of the steps",
+    ),
 )
 
 

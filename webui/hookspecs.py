@@ -79,8 +79,9 @@ def register_schedulers(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def register_models(register: Callable[[ModelEntry], None], models_dir: str | None,
-                    models_dirs: list[str]) -> None:
+def register_models(
+    register: Callable[[ModelEntry], None], models_dir: str | None, models_dirs: list[str]
+) -> None:
     """List the models this plugin can offer (for the model pickers and ``launch.py models``).
 
     Called on demand (each refresh), so keep it cheap: read directory entries, not weights.
@@ -203,8 +204,9 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
 
 
 @hookspec
-def wrap_denoiser(request: GenerationRequest,
-                  context: RunContext) -> Callable[[DenoiserCall], DenoiserCall] | None:
+def wrap_denoiser(
+    request: GenerationRequest, context: RunContext
+) -> Callable[[DenoiserCall], DenoiserCall] | None:
     """Wrap the denoiser call: return a function that takes the next ``call`` and returns a new
     one, or None to leave it alone.
 
@@ -227,8 +229,9 @@ def wrap_denoiser(request: GenerationRequest,
 
 
 @hookspec
-def wrap_guidance(request: GenerationRequest,
-                  context: RunContext) -> Callable[[GuidanceCombine], GuidanceCombine] | None:
+def wrap_guidance(
+    request: GenerationRequest, context: RunContext
+) -> Callable[[GuidanceCombine], GuidanceCombine] | None:
     """Wrap classifier-free guidance's combination step: return a function that takes the next
     ``combine`` and returns a new one, or None to leave it alone.
 
@@ -260,8 +263,9 @@ def postprocess_images(images: list[OutputImage], request: GenerationRequest, co
 
 
 @hookspec
-def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
-                   context: RunContext) -> None:
+def write_metadata(
+    parameters: dict[str, Any], image: OutputImage, request: GenerationRequest, context: RunContext
+) -> None:
     """Add or change ``parameters`` entries (A1111 infotext keys such as ``"Steps"``) in place.
     The built-in writer adds the standard keys first; entries with a ``None`` value are left out."""
 

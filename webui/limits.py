@@ -43,16 +43,34 @@ class Limits:
     max_infotext_chars: int = 262_144
     """Characters of a PNG ``parameters`` text that PNG Info reads and parses."""
 
-    def check(self, *, prompt: str, negative_prompt: str, steps: int, width: int | None, height: int | None,
-              batch_size: int, batch_count: int) -> None:
+    def check(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        width: int | None,
+        height: int | None,
+        batch_size: int,
+        batch_count: int,
+    ) -> None:
         """Raise :class:`LimitExceeded` for the first value over its limit."""
         for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            check_total(f"the {what} has {len(text)} characters", len(text), self.max_prompt_chars, "max_prompt_chars")
+            check_total(
+                f"the {what} has {len(text)} characters", len(text), self.max_prompt_chars, "max_prompt_chars"
+            )
         check_total(f"{steps} steps were asked for", steps, self.max_steps, "max_steps")
         if width and height:
-            check_total(f"{width}x{height} is {width * height} pixels", width * height, self.max_pixels, "max_pixels")
+            check_total(
+                f"{width}x{height} is {width * height} pixels", width * height, self.max_pixels, "max_pixels"
+            )
         images = batch_size * batch_count
-        check_total(f"{batch_size} x {batch_count} = {images} images were asked for", images, self.max_batch, "max_batch")
+        check_total(
+            f"{batch_size} x {batch_count} = {images} images were asked for",
+            images,
+            self.max_batch,
+            "max_batch",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Limits:
@@ -64,8 +82,9 @@ class Limits:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidRequestError(f"{flag_of(f.name)} must be a whole number >= 0 (0 = no limit), "
-                                          f"got {value!r}")
+                raise InvalidRequestError(
+                    f"{flag_of(f.name)} must be a whole number >= 0 (0 = no limit), got {value!r}"
+                )
         return self
 
 
@@ -114,5 +133,11 @@ def add_limit_options(parser: argparse.ArgumentParser, *, keep: bool = False) ->
     }
     for f in dataclasses.fields(Limits):
         default: Any = argparse.SUPPRESS if keep else getattr(defaults, f.name)
-        group.add_argument(LIMIT_FLAGS[f.name], dest=f.name, type=at_least(0, meaning="0 (no limit) or more"), default=default,
-                           metavar="N", help=f"{helps[f.name]} (default {getattr(defaults, f.name)})")
+        group.add_argument(
+            LIMIT_FLAGS[f.name],
+            dest=f.name,
+            type=at_least(0, meaning="0 (no limit) or more"),
+            default=default,
+            metavar="N",
+            help=f"{helps[f.name]} (default {getattr(defaults, f.name)})",
+        )

@@ -293,8 +293,13 @@ class BatchSaver:
     with each saved path; ``shown_as`` is how messages name the folder (default: its path).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, report: Callable[[Path], None] | None = None,
-                 shown_as: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        report: Callable[[Path], None] | None = None,
+        shown_as: str | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.shown_as = shown_as if shown_as is not None else str(self.directory)
         self.report = report
@@ -305,8 +310,9 @@ class BatchSaver:
         for item in images:
             path: Path | None = None
             try:
-                path = save_png(item.image, self.directory, seed=item.seed,
-                                infotext=item.parameters.get("infotext"))
+                path = save_png(
+                    item.image, self.directory, seed=item.seed, infotext=item.parameters.get("infotext")
+                )
             except OSError as error:
                 if self.error is None:
                     self.error = _reason(error)
@@ -348,5 +354,7 @@ class BatchSaver:
             return f"{_count(saved)} of the finished batches {verb} saved to {self.shown_as}"
         if not saved:
             return f"the finished batches' {_count(self.unsaved)} could not be saved to {self.shown_as}: {self.error}"
-        return (f"{saved} of the finished batches' {_count(len(self.items))} saved to {self.shown_as}; "
-                f"{self.unsaved} could not be saved: {self.error}")
+        return (
+            f"{saved} of the finished batches' {_count(len(self.items))} saved to {self.shown_as}; "
+            f"{self.unsaved} could not be saved: {self.error}"
+        )

@@ -113,7 +113,9 @@ def cache_dir() -> Path:
     """Where caches live: ``$LATENT_STUDIO_CACHE_DIR``, else ``cache/`` in the data folder given
     with ``--data-dir``, else ``$XDG_CACHE_HOME/latent-studio``, else ``~/.cache/latent-studio``."""
     given = _env_dir(DATA_DIR_ENV)
-    return _env_dir(CACHE_ENV) or (given / "cache" if given else _xdg("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return _env_dir(CACHE_ENV) or (
+        given / "cache" if given else _xdg("XDG_CACHE_HOME", Path.home() / ".cache")
+    )
 
 
 def use_data_dir(path: str | os.PathLike[str]) -> Path:
@@ -127,7 +129,9 @@ def use_data_dir(path: str | os.PathLike[str]) -> Path:
     try:
         not_a_folder = folder.exists() and not folder.is_dir()
     except (OSError, ValueError) as error:
-        raise ValueError(f"--data-dir {str(text)[:200]}: {getattr(error, 'strerror', None) or error}") from None
+        raise ValueError(
+            f"--data-dir {str(text)[:200]}: {getattr(error, 'strerror', None) or error}"
+        ) from None
     if not_a_folder:
         raise ValueError(f"--data-dir {str(text)[:200]} is a file, not a folder")
     os.environ[DATA_DIR_ENV] = str(folder)
@@ -164,8 +168,10 @@ def install_shipped_model(models: str | os.PathLike[str] | None = None) -> str |
     except OSError as error:
         if target.is_dir():  # another process finished the same copy first
             return None
-        return (f"cannot copy the default model into {target_root}: {error.strerror or error}; "
-                "give a writable --data-dir or --models-dir")
+        return (
+            f"cannot copy the default model into {target_root}: {error.strerror or error}; "
+            "give a writable --data-dir or --models-dir"
+        )
     finally:
         if partial is not None and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

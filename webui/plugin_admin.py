@@ -71,11 +71,26 @@ from webui.plugins import (
     split_names,
 )
 
-__all__ = ["TRUST", "PluginAdminError", "Prepared", "WheelInfo", "add_plugin_options", "add_plugins_parser",
-           "inspect_wheel", "install_prepared", "new_plugin", "prepare", "run_command", "set_enabled", "uninstall"]
+__all__ = [
+    "TRUST",
+    "PluginAdminError",
+    "Prepared",
+    "WheelInfo",
+    "add_plugin_options",
+    "add_plugins_parser",
+    "inspect_wheel",
+    "install_prepared",
+    "new_plugin",
+    "prepare",
+    "run_command",
+    "set_enabled",
+    "uninstall",
+]
 
-TRUST = ("A plugin runs inside Latent Studio with the app's rights: it can read and change your files, use the "
-         "network and start programs. Install only plugins you trust.")
+TRUST = (
+    "A plugin runs inside Latent Studio with the app's rights: it can read and change your files, use the "
+    "network and start programs. Install only plugins you trust."
+)
 MAX_SPEC = 2000  # characters of an install spec
 MAX_WHEEL_BYTES = 2 * 1024**3  # plugins may ship weights, but not more than this
 MAX_MEMBER_BYTES = 1024 * 1024  # METADATA, entry_points.txt, WHEEL
@@ -98,37 +113,63 @@ class PluginAdminError(LatentStudioError):
 def add_plugins_parser(commands: Any) -> argparse.ArgumentParser:
     """The ``plugins`` command and its actions, on the CLI's subparsers."""
     plugins = commands.add_parser(
-        "plugins", help="list, install, uninstall, enable, disable or create plugins (default: list)",
-        description="Manage Latent Studio plugins. " + TRUST)
+        "plugins",
+        help="list, install, uninstall, enable, disable or create plugins (default: list)",
+        description="Manage Latent Studio plugins. " + TRUST,
+    )
     actions = plugins.add_subparsers(dest="plugins_command", metavar="ACTION")
-    actions.add_parser("list", help="every plugin as JSON: source, version, API versions, hooks, status, "
-                       "error, enabled, SHA-256 of what was installed (the default action)")
+    actions.add_parser(
+        "list",
+        help="every plugin as JSON: source, version, API versions, hooks, status, "
+        "error, enabled, SHA-256 of what was installed (the default action)",
+    )
     install = actions.add_parser(
-        "install", help="install a plugin package into this app's Python environment with pip",
+        "install",
+        help="install a plugin package into this app's Python environment with pip",
         description="Install a plugin with pip into the Python that runs Latent Studio. The package is checked "
         "from its metadata before anything of it runs (a latent_studio entry point, the plugin API version), "
         "shown, and installed after you confirm; `pip check` runs after it, and a failure rolls everything "
-        "back. " + TRUST)
-    install.add_argument("spec", metavar="SPEC", help="a package name (NAME or NAME==1.2), a .whl file, a source "
-                         "archive, a project folder or a URL: anything pip installs")
+        "back. " + TRUST,
+    )
+    install.add_argument(
+        "spec",
+        metavar="SPEC",
+        help="a package name (NAME or NAME==1.2), a .whl file, a source "
+        "archive, a project folder or a URL: anything pip installs",
+    )
     install.add_argument("-y", "--yes", action="store_true", help="install without asking")
-    install.add_argument("--allow-build", action="store_true",
-                         help="let pip build packages from source (running their build scripts) when no wheel "
-                         "exists; without it, only ready-made wheels are downloaded")
-    install.add_argument("--no-build-isolation", action="store_true",
-                         help="build a project folder or source archive with the build tools already installed "
-                         "(pip's --no-build-isolation; works offline)")
+    install.add_argument(
+        "--allow-build",
+        action="store_true",
+        help="let pip build packages from source (running their build scripts) when no wheel "
+        "exists; without it, only ready-made wheels are downloaded",
+    )
+    install.add_argument(
+        "--no-build-isolation",
+        action="store_true",
+        help="build a project folder or source archive with the build tools already installed "
+        "(pip's --no-build-isolation; works offline)",
+    )
     uninstall_parser = actions.add_parser("uninstall", help="uninstall a plugin package with pip")
-    uninstall_parser.add_argument("name", metavar="NAME", help="the package (or plugin) name, see `plugins list`")
+    uninstall_parser.add_argument(
+        "name", metavar="NAME", help="the package (or plugin) name, see `plugins list`"
+    )
     uninstall_parser.add_argument("-y", "--yes", action="store_true", help="uninstall without asking")
-    for action, text in (("enable", "turn a plugin on again"),
-                         ("disable", "turn a plugin off: it is not even imported, from the next start")):
+    for action, text in (
+        ("enable", "turn a plugin on again"),
+        ("disable", "turn a plugin off: it is not even imported, from the next start"),
+    ):
         parser = actions.add_parser(action, help=text)
-        parser.add_argument("name", metavar="NAME", help="a package name (all its plugins), a plugin's full name "
-                            "or a drop-in file name")
+        parser.add_argument(
+            "name",
+            metavar="NAME",
+            help="a package name (all its plugins), a plugin's full name or a drop-in file name",
+        )
     new = actions.add_parser("new", help="write a ready plugin package to start from")
     new.add_argument("name", metavar="NAME", help="the package name, e.g. latent-studio-my-style")
-    new.add_argument("--dir", type=Path, default=Path("."), help="where to create the NAME folder (default: here)")
+    new.add_argument(
+        "--dir", type=Path, default=Path("."), help="where to create the NAME folder (default: here)"
+    )
     return plugins
 
 
@@ -141,8 +182,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(make_plugin_manager().describe(), indent=2))
         return 0
     if action == "install":
-        prepared = prepare(args.spec, allow_build=args.allow_build, build_isolation=not args.no_build_isolation,
-                           say=_say)
+        prepared = prepare(
+            args.spec, allow_build=args.allow_build, build_isolation=not args.no_build_isolation, say=_say
+        )
         with prepared:
             print(prepared.summary())
             if not args.yes and not _ask("Install it? [y/N] "):
@@ -157,7 +199,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if action == "new":
         folder = new_plugin(args.name, args.dir)
-        print(f"wrote {folder}: pyproject.toml, README.md, {_module_name(args.name)}/plugin.py, tests/test_plugin.py")
+        print(
+            f"wrote {folder}: pyproject.toml, README.md, {_module_name(args.name)}/plugin.py, tests/test_plugin.py"
+        )
         print(f"install it:  python launch.py plugins install {folder}")
         print(f"test it:     python -m pytest {folder / 'tests'}   (from the Latent Studio folder)")
         return 0
@@ -196,8 +240,13 @@ class _SafeModeAction(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         if getattr(namespace, "plugins", None):
             _refuse("--safe-mode loads no installed plugin and --plugins names some: give one of them")
         setattr(namespace, self.dest, True)
@@ -208,18 +257,27 @@ class _OnlyAction(argparse.Action):
     """``--plugins NAME,...``: checked against the plugins on disk (nothing is imported), then set
     in ``$LATENT_STUDIO_PLUGINS`` like ``--safe-mode``."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         names = split_names(str(values))
         if not names:
             _refuse("--plugins needs at least one plugin name (--safe-mode loads none)")
         if getattr(namespace, "safe_mode", False):
             _refuse("--safe-mode loads no installed plugin and --plugins names some: give one of them")
         candidates = discover()
-        unknown = [name for name in names if name not in BUILTIN_PLUGINS and not match_candidates(name, candidates)]
+        unknown = [
+            name for name in names if name not in BUILTIN_PLUGINS and not match_candidates(name, candidates)
+        ]
         if unknown:
-            _refuse(f"--plugins: no installed or drop-in plugin is called {unknown[0][:100]!r} "
-                    f"(installed: {_listing(candidates)})")
+            _refuse(
+                f"--plugins: no installed or drop-in plugin is called {unknown[0][:100]!r} "
+                f"(installed: {_listing(candidates)})"
+            )
         setattr(namespace, self.dest, names)
         os.environ[ONLY_ENV] = ",".join(names)
 
@@ -227,11 +285,19 @@ class _OnlyAction(argparse.Action):
 def add_plugin_options(parser: argparse.ArgumentParser) -> None:
     """``--safe-mode`` and ``--plugins``, for every command (give them before the command)."""
     group = parser.add_argument_group("plugins (any command; give them before the command)")
-    group.add_argument("--safe-mode", action=_SafeModeAction,
-                       help="start with the built-in plugins only: no installed or drop-in plugin is imported")
-    group.add_argument("--plugins", action=_OnlyAction, default=None, metavar="NAME[,NAME...]",
-                       help="load only these installed or drop-in plugins (and the built-ins), whether or not "
-                       "they are disabled")
+    group.add_argument(
+        "--safe-mode",
+        action=_SafeModeAction,
+        help="start with the built-in plugins only: no installed or drop-in plugin is imported",
+    )
+    group.add_argument(
+        "--plugins",
+        action=_OnlyAction,
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="load only these installed or drop-in plugins (and the built-ins), whether or not "
+        "they are disabled",
+    )
 
 
 # -- turning plugins on and off ---------------------------------------------------------------------
@@ -242,12 +308,16 @@ def set_enabled(name: str, enabled: bool, *, plugin_dirs: list[Path] | None = No
     Nothing is imported: the change applies from the next start."""
     name = _check_name(name)
     if name in BUILTIN_PLUGINS or name.startswith("webui.builtin."):
-        raise PluginAdminError(f"{name} is built in: it is part of Latent Studio and cannot be turned off "
-                               "(--safe-mode starts with the built-ins only)")
+        raise PluginAdminError(
+            f"{name} is built in: it is part of Latent Studio and cannot be turned off "
+            "(--safe-mode starts with the built-ins only)"
+        )
     candidates = discover(plugin_dirs=plugin_dirs)
     matches = match_candidates(name, candidates)
     if not matches:
-        raise PluginAdminError(f"no installed or drop-in plugin is called {name!r} (installed: {_listing(candidates)})")
+        raise PluginAdminError(
+            f"no installed or drop-in plugin is called {name!r} (installed: {_listing(candidates)})"
+        )
     settings = PluginSettings.load()
     dists = {normalize_name(c.distribution) for c in matches if c.distribution}
     whole_package = len(dists) == 1 and normalize_name(name) in dists or len(matches) > 1
@@ -265,8 +335,10 @@ def set_enabled(name: str, enabled: bool, *, plugin_dirs: list[Path] | None = No
         return f"{named} is already disabled"
     settings.disabled = sorted(set(settings.disabled) | set(keys))
     path = settings.save()
-    return f"disabled {named}: it is not loaded from the next start (restart a running server to apply it); " \
-           f"kept in {path}"
+    return (
+        f"disabled {named}: it is not loaded from the next start (restart a running server to apply it); "
+        f"kept in {path}"
+    )
 
 
 def _listing(candidates: list[Candidate]) -> str:
@@ -330,8 +402,10 @@ def inspect_wheel(path: Path) -> WheelInfo:
     except OSError as error:
         raise PluginAdminError(f"cannot read {label}: {error.strerror or type(error).__name__}") from None
     if size > MAX_WHEEL_BYTES:
-        raise PluginAdminError(f"{label} is {size / 2**30:.1f} GB, more than the {MAX_WHEEL_BYTES / 2**30:.0f} GB "
-                               "a plugin may be")
+        raise PluginAdminError(
+            f"{label} is {size / 2**30:.1f} GB, more than the {MAX_WHEEL_BYTES / 2**30:.0f} GB "
+            "a plugin may be"
+        )
     if not label.endswith(".whl"):
         raise PluginAdminError(f"{label} is not a wheel (its name does not end in .whl)")
     try:
@@ -340,8 +414,10 @@ def inspect_wheel(path: Path) -> WheelInfo:
     except zipfile.BadZipFile:
         raise PluginAdminError(f"{label} is not a wheel: it is not a zip archive") from None
     except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.LargeZipFile) as error:
-        raise PluginAdminError(f"{label} cannot be read as a wheel ({type(error).__name__}: "
-                               f"{' '.join(str(error).split())[:200]})") from None
+        raise PluginAdminError(
+            f"{label} cannot be read as a wheel ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]})"
+        ) from None
     info.path, info.size, info.sha256 = path, size, _sha256(path)
     return info
 
@@ -350,8 +426,9 @@ def _read_wheel(archive: zipfile.ZipFile, label: str) -> WheelInfo:
     names = archive.namelist()
     dist_infos = sorted({n.split("/", 1)[0] for n in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)})
     if len(dist_infos) != 1:
-        raise PluginAdminError(f"{label} is not a wheel: it has {len(dist_infos)} .dist-info/METADATA files, "
-                               "not one")
+        raise PluginAdminError(
+            f"{label} is not a wheel: it has {len(dist_infos)} .dist-info/METADATA files, not one"
+        )
     dist_info = dist_infos[0]
     meta = email.parser.BytesParser().parsebytes(_member(archive, f"{dist_info}/METADATA", label))
     name = str(meta.get("Name") or "").strip()
@@ -366,8 +443,10 @@ def _read_wheel(archive: zipfile.ZipFile, label: str) -> WheelInfo:
     requires = [" ".join(str(r).split())[:300] for r in (meta.get_all("Requires-Dist") or [])][:200]
     points = _entry_points(archive, f"{dist_info}/entry_points.txt", label, names)
     if not points:
-        raise PluginAdminError(f"{name} {version} declares no {ENTRY_POINT_GROUP} entry point, so it is not a "
-                               "Latent Studio plugin: not installed")
+        raise PluginAdminError(
+            f"{name} {version} declares no {ENTRY_POINT_GROUP} entry point, so it is not a "
+            "Latent Studio plugin: not installed"
+        )
     for point in points:
         mismatch = api_mismatch_of(point.api) if point.readable and point.api is not None else None
         if mismatch:
@@ -379,7 +458,9 @@ def _read_wheel(archive: zipfile.ZipFile, label: str) -> WheelInfo:
 def _member(archive: zipfile.ZipFile, member: str, label: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
     info = archive.getinfo(member)
     if info.file_size > limit:
-        raise PluginAdminError(f"{label}: {member} is {info.file_size} bytes, more than the {limit} it may be")
+        raise PluginAdminError(
+            f"{label}: {member} is {info.file_size} bytes, more than the {limit} it may be"
+        )
     with archive.open(info) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
@@ -387,7 +468,9 @@ def _member(archive: zipfile.ZipFile, member: str, label: str, limit: int = MAX_
     return data
 
 
-def _entry_points(archive: zipfile.ZipFile, member: str, label: str, names: list[str]) -> list[EntryPointInfo]:
+def _entry_points(
+    archive: zipfile.ZipFile, member: str, label: str, names: list[str]
+) -> list[EntryPointInfo]:
     if member not in names:
         return []
     try:
@@ -477,8 +560,10 @@ class Prepared:
     def summary(self) -> str:
         """What is about to be installed, for the user to confirm (plain text)."""
         wheel = self.wheel
-        lines = [f"About to install the Latent Studio plugin {wheel.name} {wheel.version}"
-                 + (f": {wheel.summary}" if wheel.summary else "")]
+        lines = [
+            f"About to install the Latent Studio plugin {wheel.name} {wheel.version}"
+            + (f": {wheel.summary}" if wheel.summary else "")
+        ]
         lines.append(f"  wheel: {wheel.path.name} ({_size(wheel.size)}), sha256 {wheel.sha256}")
         for point in wheel.entry_points:
             lines.append(f"  entry point: {point.describe()}")
@@ -505,8 +590,14 @@ class Prepared:
         self.close()
 
 
-def prepare(spec: str, *, allow_build: bool = False, build_isolation: bool = True, from_web: bool = False,
-            say: Callable[[str], None] | None = None) -> Prepared:
+def prepare(
+    spec: str,
+    *,
+    allow_build: bool = False,
+    build_isolation: bool = True,
+    from_web: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Prepared:
     """Turn ``spec`` into a checked wheel and ask pip what installing it would do (nothing is
     installed and none of the package's code runs, except a project's build script when ``spec``
     is a folder or source archive, or ``allow_build`` lets pip build from source).
@@ -516,8 +607,14 @@ def prepare(spec: str, *, allow_build: bool = False, build_isolation: bool = Tru
     spec = _check_spec(spec)
     workdir = Path(tempfile.mkdtemp(prefix="latent-studio-install-"))
     try:
-        wheel_path = _fetch_wheel(spec, workdir / "wheel", allow_build=allow_build and not from_web,
-                                  build_isolation=build_isolation, from_web=from_web, say=say)
+        wheel_path = _fetch_wheel(
+            spec,
+            workdir / "wheel",
+            allow_build=allow_build and not from_web,
+            build_isolation=build_isolation,
+            from_web=from_web,
+            say=say,
+        )
         wheel = inspect_wheel(wheel_path)
         only_binary = not allow_build or from_web
         plan = _dry_run(wheel, workdir, only_binary)
@@ -534,12 +631,21 @@ def _check_spec(spec: str) -> str:
     if len(spec) > MAX_SPEC or any(ord(c) < 32 for c in spec):
         raise PluginAdminError(f"the install spec must be one line of at most {MAX_SPEC} characters")
     if spec.startswith("-"):
-        raise PluginAdminError(f"{spec[:60]!r} looks like a pip option; give a package name, file, folder or URL")
+        raise PluginAdminError(
+            f"{spec[:60]!r} looks like a pip option; give a package name, file, folder or URL"
+        )
     return spec
 
 
-def _fetch_wheel(spec: str, folder: Path, *, allow_build: bool, build_isolation: bool, from_web: bool,
-                 say: Callable[[str], None] | None) -> Path:
+def _fetch_wheel(
+    spec: str,
+    folder: Path,
+    *,
+    allow_build: bool,
+    build_isolation: bool,
+    from_web: bool,
+    say: Callable[[str], None] | None,
+) -> Path:
     folder.mkdir(parents=True)
     url = "://" in spec
     path = Path(spec).expanduser()
@@ -551,19 +657,27 @@ def _fetch_wheel(spec: str, folder: Path, *, allow_build: bool, build_isolation:
         try:
             shutil.copyfile(path, target)
         except OSError as error:
-            raise PluginAdminError(f"cannot read {path.name}: {error.strerror or type(error).__name__}") from None
+            raise PluginAdminError(
+                f"cannot read {path.name}: {error.strerror or type(error).__name__}"
+            ) from None
         return target
     if local:
         if from_web:
-            raise PluginAdminError("the web app installs wheels only; build and install a project folder or source "
-                                   "archive from the command line (launch.py plugins install)")
+            raise PluginAdminError(
+                "the web app installs wheels only; build and install a project folder or source "
+                "archive from the command line (launch.py plugins install)"
+            )
         if not (path.is_dir() or path.name.endswith(SOURCE_SUFFIXES)):
-            raise PluginAdminError(f"{path.name} is neither a wheel (.whl), a source archive nor a project folder")
+            raise PluginAdminError(
+                f"{path.name} is neither a wheel (.whl), a source archive nor a project folder"
+            )
         if say:
             say(f"building a wheel from {spec} (this runs the project's build script)")
         options = ["--no-build-isolation"] if not build_isolation else []
-        _pip(["wheel", "--no-deps", "--quiet", "--wheel-dir", str(folder), *options, str(path)],
-             f"cannot build a wheel from {spec}")
+        _pip(
+            ["wheel", "--no-deps", "--quiet", "--wheel-dir", str(folder), *options, str(path)],
+            f"cannot build a wheel from {spec}",
+        )
     else:
         if say:
             say(f"fetching {spec} with pip")
@@ -571,8 +685,11 @@ def _fetch_wheel(spec: str, folder: Path, *, allow_build: bool, build_isolation:
         result = _pip(["wheel", "--no-deps", "--quiet", "--wheel-dir", str(folder), *options, spec], None)
         if result.returncode != 0:
             reason = _pip_error(result)
-            hint = ("" if allow_build or from_web else
-                    "; if it only exists as source, --allow-build lets pip build it (running its build script)")
+            hint = (
+                ""
+                if allow_build or from_web
+                else "; if it only exists as source, --allow-build lets pip build it (running its build script)"
+            )
             raise PluginAdminError(f"pip could not fetch a wheel of {spec}: {reason}{hint}")
     wheels = sorted(folder.glob("*.whl"))
     if len(wheels) != 1:
@@ -582,8 +699,18 @@ def _fetch_wheel(spec: str, folder: Path, *, allow_build: bool, build_isolation:
 
 def _dry_run(wheel: WheelInfo, workdir: Path, only_binary: bool) -> list[Planned]:
     report = workdir / "report.json"
-    _pip(["install", "--dry-run", "--quiet", "--report", str(report), *_binary(only_binary), _requirement(wheel)],
-         f"pip cannot install {wheel.name} {wheel.version}")
+    _pip(
+        [
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            *_binary(only_binary),
+            _requirement(wheel),
+        ],
+        f"pip cannot install {wheel.name} {wheel.version}",
+    )
     try:
         planned = json.loads(report.read_text(encoding="utf-8")).get("install") or []
     except (OSError, ValueError) as error:
@@ -596,8 +723,10 @@ def _dry_run(wheel: WheelInfo, workdir: Path, only_binary: bool) -> list[Planned
         before = installed.get(normalize_name(name))
         plan.append(Planned(name, version, before))
     if not any(normalize_name(p.name) == normalize_name(wheel.name) for p in plan):
-        raise PluginAdminError(f"{wheel.name} {wheel.version} is already installed; "
-                               f"uninstall it first to install it again (launch.py plugins uninstall {wheel.name})")
+        raise PluginAdminError(
+            f"{wheel.name} {wheel.version} is already installed; "
+            f"uninstall it first to install it again (launch.py plugins uninstall {wheel.name})"
+        )
     return plan
 
 
@@ -641,8 +770,9 @@ def install_prepared(prepared: Prepared, *, say: Callable[[str], None] | None = 
 
 def _install(prepared: Prepared, say: Callable[[str], None]) -> str:
     wheel = prepared.wheel
-    check_before = subprocess.Popen(_pip_command(["check"]), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    text=True)
+    check_before = subprocess.Popen(
+        _pip_command(["check"]), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     kept_dir = data_dir() / "wheels"
     kept = kept_dir / wheel.path.name
     kept_before = kept.exists()
@@ -650,8 +780,10 @@ def _install(prepared: Prepared, say: Callable[[str], None]) -> str:
         backups = _back_up([item for item in prepared.plan if item.replaces], prepared.workdir / "backup")
     except OSError as error:
         check_before.kill()
-        raise PluginAdminError(f"cannot save the installed packages {wheel.name} would replace, so it could not be "
-                               f"rolled back: {error.strerror or error}; nothing was changed") from None
+        raise PluginAdminError(
+            f"cannot save the installed packages {wheel.name} would replace, so it could not be "
+            f"rolled back: {error.strerror or error}; nothing was changed"
+        ) from None
     try:
         problems_before = set(_lines(check_before.communicate(timeout=PIP_TIMEOUT)[0]))
     except subprocess.TimeoutExpired:
@@ -660,8 +792,17 @@ def _install(prepared: Prepared, say: Callable[[str], None]) -> str:
     try:
         kept_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(wheel.path, kept)
-        wheel = WheelInfo(kept, wheel.name, wheel.version, wheel.summary, wheel.sha256, wheel.size,
-                          wheel.entry_points, wheel.requires, wheel.requires_python)
+        wheel = WheelInfo(
+            kept,
+            wheel.name,
+            wheel.version,
+            wheel.summary,
+            wheel.sha256,
+            wheel.size,
+            wheel.entry_points,
+            wheel.requires,
+            wheel.requires_python,
+        )
     except OSError:  # no data folder: install from the temporary copy
         kept = None  # type: ignore[assignment]
         wheel = prepared.wheel
@@ -677,8 +818,10 @@ def _install(prepared: Prepared, say: Callable[[str], None]) -> str:
             failure = f"pip check failed after installing {wheel.name} {wheel.version}: {new[0]}"
     if failure is None:
         _enable_after_install(wheel.name)
-        return (f"installed {wheel.name} {wheel.version} (sha256 {wheel.sha256}); it loads from the next start "
-                "(restart a running server to load it)")
+        return (
+            f"installed {wheel.name} {wheel.version} (sha256 {wheel.sha256}); it loads from the next start "
+            "(restart a running server to load it)"
+        )
     say(f"{failure}; rolling back")
     problems = _roll_back(prepared.plan, backups)
     if kept is not None and not kept_before:
@@ -746,8 +889,11 @@ def _back_up(replaced: list[Planned], folder: Path) -> list[Backup]:
 def _roll_back(plan: list[Planned], backups: list[Backup]) -> list[str]:
     """Uninstall what the failed install added or replaced, put the backups back; the problems left."""
     installed = _installed()
-    changed = [item.name for item in plan
-               if normalize_name(item.name) in installed and installed[normalize_name(item.name)] != item.replaces]
+    changed = [
+        item.name
+        for item in plan
+        if normalize_name(item.name) in installed and installed[normalize_name(item.name)] != item.replaces
+    ]
     problems = []
     if changed:
         result = _pip(["uninstall", "--yes", "--quiet", *changed], None)
@@ -756,7 +902,9 @@ def _roll_back(plan: list[Planned], backups: list[Backup]) -> list[str]:
     for backup in backups:
         try:
             for target, saved in backup.files:
-                if target.exists() and (os.path.samefile(target, saved) or filecmp.cmp(target, saved, shallow=False)):
+                if target.exists() and (
+                    os.path.samefile(target, saved) or filecmp.cmp(target, saved, shallow=False)
+                ):
                     continue  # untouched (pip left a copy outside its environment alone)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(saved, target)
@@ -774,8 +922,9 @@ def _roll_back(plan: list[Planned], backups: list[Backup]) -> list[str]:
 # -- uninstalling -----------------------------------------------------------------------------------
 
 
-def uninstall(name: str, *, confirm: Callable[[str], bool] | None = None,
-              say: Callable[[str], None] | None = None) -> bool:
+def uninstall(
+    name: str, *, confirm: Callable[[str], bool] | None = None, say: Callable[[str], None] | None = None
+) -> bool:
     """Uninstall the plugin package ``name`` with pip (``confirm`` asks first; None: do not ask).
     Returns False when the user said no."""
     say = say or (lambda line: None)
@@ -786,15 +935,20 @@ def uninstall(name: str, *, confirm: Callable[[str], bool] | None = None,
     matches = match_candidates(name, candidates)
     dropins = [c for c in matches if c.source == "dropin"]
     if dropins:
-        raise PluginAdminError(f"{dropins[0].name} is a drop-in file, not a package: delete {dropins[0].path} "
-                               "to remove it")
+        raise PluginAdminError(
+            f"{dropins[0].name} is a drop-in file, not a package: delete {dropins[0].path} to remove it"
+        )
     dists = sorted({c.distribution for c in matches if c.distribution})
     if not dists:
         if normalize_name(name) in _installed():
-            raise PluginAdminError(f"{name} is installed but is not a Latent Studio plugin (it has no "
-                                   f"{ENTRY_POINT_GROUP} entry point); use pip to remove it")
-        raise PluginAdminError(f"no installed plugin package is called {name!r} (installed: "
-                               f"{_listing([c for c in candidates if c.distribution])})")
+            raise PluginAdminError(
+                f"{name} is installed but is not a Latent Studio plugin (it has no "
+                f"{ENTRY_POINT_GROUP} entry point); use pip to remove it"
+            )
+        raise PluginAdminError(
+            f"no installed plugin package is called {name!r} (installed: "
+            f"{_listing([c for c in candidates if c.distribution])})"
+        )
     if len(dists) > 1:
         raise PluginAdminError(f"{name!r} names plugins of several packages ({', '.join(dists)}); give one")
     dist = dists[0]
@@ -819,7 +973,9 @@ def uninstall(name: str, *, confirm: Callable[[str], bool] | None = None,
     for kept in (data_dir() / "wheels").glob("*.whl"):
         if normalize_name(kept.name.split("-", 1)[0]) == normalize_name(dist):
             kept.unlink(missing_ok=True)
-    say(f"uninstalled {dist} {version} (its dependencies stay installed); restart a running server to unload it")
+    say(
+        f"uninstalled {dist} {version} (its dependencies stay installed); restart a running server to unload it"
+    )
     return True
 
 
@@ -833,10 +989,18 @@ def _pip_command(arguments: list[str]) -> list[str]:
 def _pip(arguments: list[str], failure: str | None) -> subprocess.CompletedProcess[str]:
     """Run pip in the app's own Python; with ``failure``, a non-zero exit raises it with pip's reason."""
     try:
-        result = subprocess.run(_pip_command(arguments), capture_output=True, text=True, timeout=PIP_TIMEOUT,
-                                check=False, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            _pip_command(arguments),
+            capture_output=True,
+            text=True,
+            timeout=PIP_TIMEOUT,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
-        raise PluginAdminError(f"pip {arguments[0]} took more than {PIP_TIMEOUT} seconds and was stopped") from None
+        raise PluginAdminError(
+            f"pip {arguments[0]} took more than {PIP_TIMEOUT} seconds and was stopped"
+        ) from None
     except OSError as error:
         raise PluginAdminError(f"cannot run pip: {error.strerror or error}") from None
     if failure is not None and result.returncode != 0:
@@ -848,7 +1012,7 @@ def _pip_error(result: subprocess.CompletedProcess[str]) -> str:
     """pip's reason, on one line: its first ``ERROR:`` line, else its last line."""
     lines = _lines(result.stderr) or _lines(result.stdout)
     errors = [line for line in lines if line.startswith("ERROR:")]
-    line = (errors[0] if errors else lines[-1] if lines else f"exit status {result.returncode}")
+    line = errors[0] if errors else lines[-1] if lines else f"exit status {result.returncode}"
     line = line.removeprefix("ERROR:").strip()
     return line if len(line) <= 300 else line[:299] + "…"
 
@@ -878,11 +1042,15 @@ def new_plugin(name: str, parent: Path) -> Path:
     own test as it is."""
     name = str(name).strip()
     if not _NEW_NAME.match(name) or not 2 <= len(name) <= 64:
-        raise PluginAdminError(f"{name[:80]!r} is not a package name: use letters, digits and single '-', '_' or "
-                               "'.' between them, starting with a letter (2 to 64 characters)")
+        raise PluginAdminError(
+            f"{name[:80]!r} is not a package name: use letters, digits and single '-', '_' or "
+            "'.' between them, starting with a letter (2 to 64 characters)"
+        )
     module = _module_name(name)
     if keyword.iskeyword(module) or module in ("webui", "tests", "test", "plugins"):
-        raise PluginAdminError(f"{name} would make a module called {module}, which is taken; choose another name")
+        raise PluginAdminError(
+            f"{name} would make a module called {module}, which is taken; choose another name"
+        )
     if importlib.util.find_spec(module) is not None:
         raise PluginAdminError(f"a module called {module} is already installed here; choose another name")
     folder = Path(parent).expanduser() / name
@@ -890,12 +1058,22 @@ def new_plugin(name: str, parent: Path) -> Path:
         raise PluginAdminError(f"{folder} already exists; choose another name or --dir")
     key = name.replace(".", "-")
     files = {
-        "pyproject.toml": _PYPROJECT, "README.md": _README, f"{module}/__init__.py": _INIT,
-        f"{module}/plugin.py": _PLUGIN, "tests/conftest.py": _CONFTEST, "tests/test_plugin.py": _TEST,
+        "pyproject.toml": _PYPROJECT,
+        "README.md": _README,
+        f"{module}/__init__.py": _INIT,
+        f"{module}/plugin.py": _PLUGIN,
+        "tests/conftest.py": _CONFTEST,
+        "tests/test_plugin.py": _TEST,
         ".gitignore": "build/\ndist/\n*.egg-info/\n__pycache__/\n",
     }
-    values = {"name": name, "module": module, "key": key, "api": str(API_VERSION), "attribute": API_ATTRIBUTE,
-              "group": ENTRY_POINT_GROUP}
+    values = {
+        "name": name,
+        "module": module,
+        "key": key,
+        "api": str(API_VERSION),
+        "attribute": API_ATTRIBUTE,
+        "group": ENTRY_POINT_GROUP,
+    }
     try:
         for relative, template in files.items():
             path = folder / relative
@@ -909,7 +1087,7 @@ def new_plugin(name: str, parent: Path) -> Path:
     return folder
 
 
-_PYPROJECT = '''
+_PYPROJECT = """
     [build-system]
     requires = ["setuptools>=68"]
     build-backend = "setuptools.build_meta"
@@ -934,7 +1112,7 @@ _PYPROJECT = '''
 
     [tool.pytest.ini_options]
     testpaths = ["tests"]
-'''
+"""
 
 _INIT = '''
     """{{name}}: a Latent Studio plugin (the hooks are in plugin.py)."""
@@ -966,7 +1144,7 @@ _PLUGIN = '''
         parameters["{{key}}"] = "on"
 '''
 
-_CONFTEST = '''
+_CONFTEST = """
     from __future__ import annotations
 
     import importlib.util
@@ -980,7 +1158,7 @@ _CONFTEST = '''
     if importlib.util.find_spec("webui") is None:
         raise RuntimeError("Latent Studio (webui) is not importable: run the tests from the Latent Studio "
                            "folder with `python -m pytest path/to/{{name}}/tests`")
-'''
+"""
 
 _TEST = '''
     """{{name}}'s tests, with Latent Studio's testing kit: offline, on the CPU, in seconds."""
@@ -1004,7 +1182,7 @@ _TEST = '''
             assert "{{key}}: on" in result.infotexts[0]
 '''
 
-_README = '''
+_README = """
     # {{name}}
 
     A Latent Studio plugin. It implements one hook, `write_metadata`, in
@@ -1037,4 +1215,4 @@ _README = '''
     Users then install it by name: `python launch.py plugins install {{name}}`.
     `{{attribute}}` in `plugin.py` says which plugin API versions it is written for; keep it a
     literal number (or tuple), so the installer can read it without running the plugin.
-'''
+"""

@@ -26,8 +26,15 @@ from webui import paths
 from webui.atomic import write_text_atomic
 from webui.errors import LatentStudioError
 
-__all__ = ["HOME_ENV", "MAX_BYTES", "PluginSettings", "PluginSettingsError", "data_dir", "normalize_name",
-           "settings_path"]
+__all__ = [
+    "HOME_ENV",
+    "MAX_BYTES",
+    "PluginSettings",
+    "PluginSettingsError",
+    "data_dir",
+    "normalize_name",
+    "settings_path",
+]
 
 HOME_ENV = paths.HOME_ENV  # the user data folder (settings, kept plugin wheels); tests point it elsewhere
 SETTINGS_FILE = "plugins.json"
@@ -82,13 +89,15 @@ class PluginSettings:
                 raise PluginSettingsError(f"the plugin settings {path} is not a file; remove it")
             size = path.stat().st_size
             if size > MAX_BYTES:
-                raise PluginSettingsError(f"the plugin settings file is {size} bytes, more than the {MAX_BYTES} "
-                                          f"it may have; {fix}")
+                raise PluginSettingsError(
+                    f"the plugin settings file is {size} bytes, more than the {MAX_BYTES} it may have; {fix}"
+                )
             with path.open("rb") as handle:
                 raw = handle.read(MAX_BYTES + 1)  # the file may grow between stat and read
         except OSError as error:
-            raise PluginSettingsError(f"cannot read the plugin settings {path}: "
-                                      f"{error.strerror or type(error).__name__}") from None
+            raise PluginSettingsError(
+                f"cannot read the plugin settings {path}: {error.strerror or type(error).__name__}"
+            ) from None
         if len(raw) > MAX_BYTES:
             raise PluginSettingsError(f"the plugin settings file is more than {MAX_BYTES} bytes; {fix}")
         try:
@@ -100,7 +109,11 @@ class PluginSettings:
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as error:
-            where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+            where = (
+                f" (line {error.lineno}, column {error.colno})"
+                if isinstance(error, json.JSONDecodeError)
+                else ""
+            )
             raise PluginSettingsError(f"the plugin settings file is not valid JSON{where}; {fix}") from None
         return cls(disabled=_disabled_list(data, fix), path=path)
 
@@ -111,8 +124,9 @@ class PluginSettings:
         try:
             write_text_atomic(path, body)
         except OSError as error:
-            raise PluginSettingsError(f"cannot write the plugin settings {path}: "
-                                      f"{error.strerror or type(error).__name__}") from None
+            raise PluginSettingsError(
+                f"cannot write the plugin settings {path}: {error.strerror or type(error).__name__}"
+            ) from None
         self.path = path
         return path
 
@@ -120,22 +134,31 @@ class PluginSettings:
 def _disabled_list(data: object, fix: str) -> list[str]:
     """The ``disabled`` entries of the parsed file, checked."""
     if not isinstance(data, dict):
-        raise PluginSettingsError(f"the plugin settings file must hold a JSON object like "
-                                  f'{{"disabled": ["name"]}}, not a {type(data).__name__}; {fix}')
+        raise PluginSettingsError(
+            f"the plugin settings file must hold a JSON object like "
+            f'{{"disabled": ["name"]}}, not a {type(data).__name__}; {fix}'
+        )
     disabled = data.get("disabled", [])
     if not isinstance(disabled, list):
-        raise PluginSettingsError(f'"disabled" in the plugin settings file must be a list of plugin names, '
-                                  f"not a {type(disabled).__name__}; {fix}")
+        raise PluginSettingsError(
+            f'"disabled" in the plugin settings file must be a list of plugin names, '
+            f"not a {type(disabled).__name__}; {fix}"
+        )
     if len(disabled) > MAX_ENTRIES:
-        raise PluginSettingsError(f'"disabled" in the plugin settings file has {len(disabled)} entries, more than '
-                                  f"the {MAX_ENTRIES} it may have; {fix}")
+        raise PluginSettingsError(
+            f'"disabled" in the plugin settings file has {len(disabled)} entries, more than '
+            f"the {MAX_ENTRIES} it may have; {fix}"
+        )
     names: list[str] = []
     for index, entry in enumerate(disabled):
         if not isinstance(entry, str) or not entry.strip():
-            raise PluginSettingsError(f'entry {index} of "disabled" in the plugin settings file is not a plugin '
-                                      f"name; {fix}")
+            raise PluginSettingsError(
+                f'entry {index} of "disabled" in the plugin settings file is not a plugin name; {fix}'
+            )
         if len(entry) > MAX_NAME or any(ord(c) < 32 for c in entry):
-            raise PluginSettingsError(f'entry {index} of "disabled" in the plugin settings file is not a plugin '
-                                      f"name (too long or with control characters); {fix}")
+            raise PluginSettingsError(
+                f'entry {index} of "disabled" in the plugin settings file is not a plugin '
+                f"name (too long or with control characters); {fix}"
+            )
         names.append(entry.strip())
     return names

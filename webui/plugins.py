@@ -74,8 +74,16 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT
 PLUGIN_DIRS_ENV = "LATENT_STUDIO_PLUGIN_DIRS"  # drop-in folders instead of plugins/ (os.pathsep-separated)
 # hooks called while an engine or the web app starts (or a model list is refreshed): a failure
 # there is recorded and skipped; every other hook runs during a request
-STARTUP_HOOKS = frozenset({"startup", "register_schedulers", "register_models", "register_fields", "register_tasks",
-                           "register_ui_tabs"})
+STARTUP_HOOKS = frozenset(
+    {
+        "startup",
+        "register_schedulers",
+        "register_models",
+        "register_fields",
+        "register_tasks",
+        "register_ui_tabs",
+    }
+)
 GUARDED_SOURCES = frozenset({"entrypoint", "dropin"})  # whose request-hook errors become PluginError
 MAX_MESSAGE = 300  # characters of a plugin's error message kept in a record or a PluginError
 API_VERSION = 1  # the plugin API this program provides (re-exported as webui.api.API_VERSION)
@@ -172,7 +180,9 @@ class PluginManager(pluggy.PluginManager):
         plugin written for other API versions (see :func:`api_mismatch`), which is not registered."""
         mismatch = api_mismatch(plugin)
         if mismatch is not None:
-            self.records[name] = PluginRecord(name, source, version, mismatch, plugin)  # imported, not registered
+            self.records[name] = PluginRecord(
+                name, source, version, mismatch, plugin
+            )  # imported, not registered
             log.warning("plugin %r was not loaded: %s", name, mismatch)
             return
         self._source = source
@@ -187,8 +197,16 @@ class PluginManager(pluggy.PluginManager):
         finally:
             self._source = "extra"
 
-    def record_failure(self, name: str, source: str, exc: BaseException, version: str | None = None, *,
-                       when: str = "at import", where: bool = True) -> None:
+    def record_failure(
+        self,
+        name: str,
+        source: str,
+        exc: BaseException,
+        version: str | None = None,
+        *,
+        when: str = "at import",
+        where: bool = True,
+    ) -> None:
         """Record (and log) that plugin ``name`` could not be loaded."""
         error = describe_error(exc, when, where=where)
         self.records[name] = PluginRecord(name, source, version, error)
@@ -303,7 +321,11 @@ def _guard_returned(function: Callable[..., Any], name: str, hook: str) -> Calla
     @functools.wraps(function)
     def guarding(*args: Any, **kwargs: Any) -> Any:
         result = guarded(*args, **kwargs)
-        return _guard_returned(result, name, hook) if callable(result) and not isinstance(result, type) else result
+        return (
+            _guard_returned(result, name, hook)
+            if callable(result) and not isinstance(result, type)
+            else result
+        )
 
     return guarding
 
@@ -350,8 +372,10 @@ def api_mismatch(plugin: Any) -> str | None:
             shown = " ".join(repr(declared).split())[:80]
         except Exception:
             shown = f"a {type(declared).__name__}"
-        return (f"declares {API_ATTRIBUTE} = {shown}, which is neither a whole number nor a collection of "
-                f"them; this Latent Studio provides API {API_VERSION}")
+        return (
+            f"declares {API_ATTRIBUTE} = {shown}, which is neither a whole number nor a collection of "
+            f"them; this Latent Studio provides API {API_VERSION}"
+        )
     if API_VERSION in versions:
         return None
     if isinstance(versions, range):
@@ -473,11 +497,21 @@ class Candidate:
         return (self.name,) + ((normalize_name(self.distribution),) if self.distribution else ())
 
     def record(self, **fields: Any) -> PluginRecord:
-        return PluginRecord(self.name, self.source, self.version, distribution=self.distribution, path=self.path,
-                            attribute=self.attribute, dist=self.dist, **fields)
+        return PluginRecord(
+            self.name,
+            self.source,
+            self.version,
+            distribution=self.distribution,
+            path=self.path,
+            attribute=self.attribute,
+            dist=self.dist,
+            **fields,
+        )
 
 
-def discover(*, entry_points: bool = True, plugin_dirs: Iterable[str | Path] | None = None) -> list[Candidate]:
+def discover(
+    *, entry_points: bool = True, plugin_dirs: Iterable[str | Path] | None = None
+) -> list[Candidate]:
     """Every installed plugin (the ``latent_studio`` entry points) and drop-in file, in loading order,
     found without importing any: the first of a name wins."""
     found: dict[str, Candidate] = {}
@@ -488,8 +522,16 @@ def discover(*, entry_points: bool = True, plugin_dirs: Iterable[str | Path] | N
             distribution = (dist.metadata["Name"] or None) if dist is not None else None
             name = f"{distribution}:{ep.name}" if distribution else ep.name
             if name not in found:
-                found[name] = Candidate(name, "entrypoint", version, distribution, _module_file(ep, dist),
-                                        getattr(ep, "attr", None), ep, dist)
+                found[name] = Candidate(
+                    name,
+                    "entrypoint",
+                    version,
+                    distribution,
+                    _module_file(ep, dist),
+                    getattr(ep, "attr", None),
+                    ep,
+                    dist,
+                )
     for directory in default_plugin_dirs() if plugin_dirs is None else plugin_dirs:
         directory = Path(directory)
         if not directory.is_dir():
@@ -517,8 +559,13 @@ def match_candidates(name: str, candidates: Iterable[Candidate]) -> list[Candida
         return by_dist
     dist, sep, entry = text.partition(":")
     if sep:
-        return [c for c in candidates if c.distribution and normalize_name(c.distribution) == normalize_name(dist)
-                and c.name.partition(":")[2] == entry.strip()]
+        return [
+            c
+            for c in candidates
+            if c.distribution
+            and normalize_name(c.distribution) == normalize_name(dist)
+            and c.name.partition(":")[2] == entry.strip()
+        ]
     file = text.removeprefix("plugins/")
     file = file if file.endswith(".py") else f"{file}.py"
     dropins = [c for c in candidates if c.source == "dropin" and c.path is not None and c.path.name == file]
@@ -595,7 +642,9 @@ def _load_dropin(pm: PluginManager, candidate: Candidate) -> None:
         sys.modules.pop(module_name, None)
         pm.record_failure(candidate.name, "dropin", exc)
     else:
-        pm.register_plugin(module, candidate.name, source="dropin", version=getattr(module, "__version__", None))
+        pm.register_plugin(
+            module, candidate.name, source="dropin", version=getattr(module, "__version__", None)
+        )
     _add_origin(pm.records.get(candidate.name), candidate)
 
 
@@ -632,8 +681,13 @@ def declared_api(source: str | bytes, attribute: str | None = None) -> Any:
     if value is None:
         return None
     try:
-        if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "range"
-                and not value.keywords and 1 <= len(value.args) <= 3):
+        if (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Name)
+            and value.func.id == "range"
+            and not value.keywords
+            and 1 <= len(value.args) <= 3
+        ):
             bounds = [ast.literal_eval(arg) for arg in value.args]
             if all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
                 return range(*bounds)
@@ -738,7 +792,7 @@ def installed_hash(record: PluginRecord) -> tuple[str | None, str | None]:
             archive = json.loads(direct).get("archive_info") or {}
             digest = (archive.get("hashes") or {}).get("sha256") or ""
             if not digest and str(archive.get("hash", "")).startswith("sha256="):
-                digest = str(archive["hash"])[len("sha256="):]
+                digest = str(archive["hash"])[len("sha256=") :]
             if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
                 return digest, "wheel"
         for file in dist.files or []:  # RECORD lists itself: hash its bytes as they are on disk

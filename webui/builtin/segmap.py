@@ -51,8 +51,14 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
     snapped, _, off_palette = snap_to_palette(request.seg_map, palette)
     image = control_image_tensor(snapped, context.width, context.height)
     conditioning.controls.append(
-        ControlInput(model=model, image=image, scale=request.control_scale, start=request.control_start,
-                     end=request.control_end, name="seg")
+        ControlInput(
+            model=model,
+            image=image,
+            scale=request.control_scale,
+            start=request.control_start,
+            end=request.control_end,
+            name="seg",
+        )
     )
     conditioning.metadata["ControlNet 0"] = (
         f"Module: seg, Model: {name}, Weight: {request.control_scale:g}, "

@@ -37,12 +37,16 @@ def provide_conditioning(request: GenerationRequest, context: RunContext, condit
         conditioning.pooled_prompt_embeds = positive.pooled
         conditioning.negative_pooled_prompt_embeds = negative.pooled
         size = [context.height, context.width]
-        if bundle.time_id_count == 5:  # the refiner: original size, crop, aesthetic score (diffusers' defaults)
+        if (
+            bundle.time_id_count == 5
+        ):  # the refiner: original size, crop, aesthetic score (diffusers' defaults)
             positive_ids = size + [0, 0, float(bundle.config.get("aesthetic_score", 6.0))]
             negative_ids = size + [0, 0, float(bundle.config.get("negative_aesthetic_score", 2.5))]
         else:  # the base model: original size, crop, target size
             positive_ids = negative_ids = size + [0, 0] + size
         conditioning.add_time_ids = torch.tensor([positive_ids], device=context.device, dtype=context.dtype)
-        conditioning.negative_add_time_ids = torch.tensor([negative_ids], device=context.device, dtype=context.dtype)
+        conditioning.negative_add_time_ids = torch.tensor(
+            [negative_ids], device=context.device, dtype=context.dtype
+        )
     if request.clip_skip > 1:
         conditioning.metadata["Clip skip"] = request.clip_skip

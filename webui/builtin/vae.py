@@ -17,8 +17,7 @@ def load_model(source: str, kind: str, context: LoadContext) -> Any:
     path = Path(source)
     if not path.exists():
         return None
-    vae = load_vae(path, device=context.device, dtype=context.dtype,
-                   allow_pickle=context.allow_pickle)
+    vae = load_vae(path, device=context.device, dtype=context.dtype, allow_pickle=context.allow_pickle)
     vae.model_hash = _hash(path)
     return vae
 

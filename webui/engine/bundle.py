@@ -80,7 +80,9 @@ class ModelBundle:
     def default_size(self) -> int:
         """The native output side in pixels (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL...),
         by the rules the web UI reads a model folder with (:func:`webui.engine.model_defaults.native_size`)."""
-        return native_size(self.config, sample_size=self.unet.config.sample_size, scale_factor=self.vae_scale_factor)
+        return native_size(
+            self.config, sample_size=self.unet.config.sample_size, scale_factor=self.vae_scale_factor
+        )
 
     @property
     def default_cfg_scale(self) -> float:

@@ -70,7 +70,9 @@ def clip_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
         with gzip.open(BPE_FILE, "rt", encoding="utf-8") as handle:
             lines = handle.read().split("\n")
     except OSError as exc:
-        raise ModelLoadError(f"the CLIP tokenizer's merges file {BPE_FILE} is missing or unreadable: {exc}") from exc
+        raise ModelLoadError(
+            f"the CLIP tokenizer's merges file {BPE_FILE} is missing or unreadable: {exc}"
+        ) from exc
     merges = tuple(tuple(line.split()) for line in lines[1 : N_MERGES + 1])  # line 0 is a version tag
     if len(merges) != N_MERGES or any(len(pair) != 2 for pair in merges):
         raise ModelLoadError(f"{BPE_FILE} is not CLIP's BPE merges file")

@@ -93,8 +93,9 @@ def encode(bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Gen
     images = images.to(device=bundle.device, dtype=vae.dtype)
     if images.shape[0] == 1 and len(generators) > 1:
         images = images.repeat(len(generators), 1, 1, 1)
-    raw = torch.cat([vae.encode(images[k : k + 1]).latent_dist.sample(generators[k])
-                     for k in range(images.shape[0])])
+    raw = torch.cat(
+        [vae.encode(images[k : k + 1]).latent_dist.sample(generators[k]) for k in range(images.shape[0])]
+    )
     return scale_latents(raw, model_scaling(bundle)).to(bundle.dtype)
 
 
@@ -118,8 +119,11 @@ def float32_vae(vae: Any, device: torch.device | str, *, encoder_only: bool = Fa
     first = next(vae.parameters())
     if first.dtype == torch.float32 and first.device == device:
         return vae
-    state = {key: value.detach().to(device=device, dtype=torch.float32) for key, value in vae.state_dict().items()
-             if not (encoder_only and key.startswith(_DECODER_KEYS))}
+    state = {
+        key: value.detach().to(device=device, dtype=torch.float32)
+        for key, value in vae.state_dict().items()
+        if not (encoder_only and key.startswith(_DECODER_KEYS))
+    }
     with torch.device("meta"):
         copy = type(vae).from_config(vae.config)
     copy.load_state_dict(state, strict=not encoder_only, assign=True)
@@ -131,7 +135,10 @@ def float32_vae(vae: Any, device: torch.device | str, *, encoder_only: bool = Fa
 
 
 def decode_checked(
-    decode: Callable[[Any, torch.Tensor], torch.Tensor], bundle: Any, latents: torch.Tensor, notes: dict[str, Any]
+    decode: Callable[[Any, torch.Tensor], torch.Tensor],
+    bundle: Any,
+    latents: torch.Tensor,
+    notes: dict[str, Any],
 ) -> torch.Tensor:
     """``decode(bundle, latents)``; if that gives NaN or inf in a half-precision VAE, decode again
     with a float32 copy of it and record ``"VAE decode": "float32 (NaN in float16)"`` in ``notes``.
@@ -156,6 +163,8 @@ def decode_checked(
     finally:
         del upcast
     if not bool(torch.isfinite(pixels).all()):
-        raise GenerationError("the VAE decoded to NaN/inf in float16 and again in float32: the latents are broken")
+        raise GenerationError(
+            "the VAE decoded to NaN/inf in float16 and again in float32: the latents are broken"
+        )
     notes["VAE decode"] = f"float32 (NaN in {str(dtype).removeprefix('torch.')})"
     return pixels

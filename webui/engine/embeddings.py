@@ -140,8 +140,12 @@ def _read_embedding_file(path: Path) -> TextualInversion:
     try:
         data = load_file(str(path), device="cpu")
     except (OSError, SafetensorError, ValueError) as exc:
-        raise ModelLoadError(f"embedding {path.stem!r}: {path.name} is not a readable .safetensors file ({exc})") from exc
-    return TextualInversion(name=path.stem, path=path, vectors=parse_embedding(data, path.stem), hash=_sha256_prefix(path))
+        raise ModelLoadError(
+            f"embedding {path.stem!r}: {path.name} is not a readable .safetensors file ({exc})"
+        ) from exc
+    return TextualInversion(
+        name=path.stem, path=path, vectors=parse_embedding(data, path.stem), hash=_sha256_prefix(path)
+    )
 
 
 def _is_safe_file(path: Path) -> bool:
@@ -251,7 +255,9 @@ class EmbeddingMatcher:
     _skipped: set[str] = field(default_factory=set)
     _found: dict[str, tuple[TextualInversion, torch.Tensor]] = field(default_factory=dict)
 
-    def match(self, tokens: Sequence[int], position: int) -> tuple[TextualInversion, torch.Tensor, int] | None:
+    def match(
+        self, tokens: Sequence[int], position: int
+    ) -> tuple[TextualInversion, torch.Tensor, int] | None:
         """``(embedding, vectors for this encoder, tokens of the name)`` when an embedding's name
         starts at ``position``, else ``None``.
 

@@ -36,10 +36,21 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 
 DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 
 
@@ -106,7 +117,9 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path.name} is not a valid safetensors file: its header is not JSON ({exc})") from exc
+        raise ModelLoadError(
+            f"{path.name} is not a valid safetensors file: its header is not JSON ({exc})"
+        ) from exc
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path.name} is not a valid safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -123,12 +136,16 @@ def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise ModelLoadError(f"{path.name}: tensor {name!r} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                              for n in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
         raise ModelLoadError(f"{path.name}: tensor {name!r} has a malformed shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in offsets)
-            or offsets[0] > offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in offsets)
+        or offsets[0] > offsets[1]
+    ):
         raise ModelLoadError(f"{path.name}: tensor {name!r} has malformed data_offsets {offsets!r}")
     numel = 1
     for n in shape:
@@ -152,8 +169,9 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorInfo], data_size: int)
             )
         if info.start != position:
             what = "overlaps the previous tensor" if info.start < position else "leaves a gap before it"
-            raise ModelLoadError(f"{path.name} is damaged: tensor {name!r} {what} (offset {info.start}, "
-                                 f"expected {position})")
+            raise ModelLoadError(
+                f"{path.name} is damaged: tensor {name!r} {what} (offset {info.start}, expected {position})"
+            )
         position = info.end
     if position != data_size:
         raise ModelLoadError(
@@ -162,7 +180,9 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorInfo], data_size: int)
         )
 
 
-def read_shapes(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def read_shapes(
+    path: str | Path, *, allow_pickle: bool = False
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The tensor shapes and metadata of a weight file: from the header alone for safetensors (no
     tensor is read); a pickle checkpoint has no header, so it is loaded (see :func:`load_state_dict`)."""
     path = Path(path)

@@ -335,8 +335,9 @@ class ModelFolders:
         places += [(r, "folders") for r in self.roots if r.is_dir()]
         for base, holds in places:
             try:
-                path = resolve_in_root(base, clean, suffixes=suffixes if holds != "folders" else (),
-                                       allowed=allowed, what=kind)
+                path = resolve_in_root(
+                    base, clean, suffixes=suffixes if holds != "folders" else (), allowed=allowed, what=kind
+                )
             except ModelNotFoundError:
                 continue
             if path.is_file() and holds != "folders" and path.suffix.lower() in suffixes:
@@ -357,7 +358,9 @@ def _kinds_to_scan(kind: str | None) -> tuple[str, ...]:
     return ("checkpoint", "vae") if kind == "vae" else (kind,)
 
 
-def _walk(top: Path, allowed: tuple[Path, ...]) -> Iterator[tuple[Path, list[os.DirEntry[str]], list[os.DirEntry[str]]]]:
+def _walk(
+    top: Path, allowed: tuple[Path, ...]
+) -> Iterator[tuple[Path, list[os.DirEntry[str]], list[os.DirEntry[str]]]]:
     """Like ``os.walk`` (top-down; the caller may prune ``dirs`` in place), with entries sorted by
     name, hidden entries (``.name``) skipped, each real folder visited once, and symbolic links
     followed only when they stay inside ``allowed``."""

@@ -52,7 +52,7 @@ def family_config(name: str) -> dict[str, Any]:
 
 def strip_prefix(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
     """The entries under ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
 def _indices(shapes: Shapes, pattern: str) -> list[int]:
@@ -77,9 +77,15 @@ def _down_levels(s: Shapes, what: str) -> dict[str, Any]:
     levels = len(downsamplers) + 1
     resnets = [i for i in indices if i != 0 and i not in downsamplers]
     per_level = len(resnets) // levels
-    if not indices or per_level == 0 or len(resnets) != per_level * levels \
-            or indices != list(range(levels * (per_level + 1))):
-        raise ModelLoadError(f"{what}: input_blocks {indices[:3]}...{indices[-3:]} do not form a UNet encoder")
+    if (
+        not indices
+        or per_level == 0
+        or len(resnets) != per_level * levels
+        or indices != list(range(levels * (per_level + 1)))
+    ):
+        raise ModelLoadError(
+            f"{what}: input_blocks {indices[:3]}...{indices[-3:]} do not form a UNet encoder"
+        )
     conv_in = _shape(s, "input_blocks.0.0.weight", what)
     channels, depths, attention = [], [], []
     for level in range(levels):
@@ -93,7 +99,9 @@ def _down_levels(s: Shapes, what: str) -> dict[str, Any]:
         raise ModelLoadError(f"{what}: no cross-attention layers found (not a text-conditioned UNet)")
     proj_in = next((k for k in sorted(s) if k.endswith(".proj_in.weight")), None)
     if proj_in is None:
-        raise ModelLoadError(f"{what}: attention layers without an input projection (proj_in); not understood")
+        raise ModelLoadError(
+            f"{what}: attention layers without an input projection (proj_in); not understood"
+        )
     mid_depth = len(_indices(s, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
     return {
         "in_channels": conv_in[1],
@@ -117,8 +125,10 @@ def _heads(levels: dict[str, Any], rule: Mapping[str, int], what: str) -> int | 
     width = int(rule["head_width"])
     for channels, has_attention in zip(levels["block_out_channels"], levels["attention"], strict=True):
         if has_attention and channels % width:
-            raise ModelLoadError(f"{what}: {channels} attention channels are not a multiple of the "
-                                 f"family's {width}-channel heads")
+            raise ModelLoadError(
+                f"{what}: {channels} attention channels are not a multiple of the "
+                f"family's {width}-channel heads"
+            )
     return [max(1, c // width) for c in levels["block_out_channels"]]
 
 
@@ -132,8 +142,10 @@ def _transformer_layers(levels: dict[str, Any], what: str) -> int | list[int]:
     depths = [d if a else 1 for d, a in zip(levels["depths"], levels["attention"], strict=True)]
     if mid != depths[-1]:
         if levels["attention"][-1]:
-            raise ModelLoadError(f"{what}: the middle block's transformer depth ({mid}) differs from the "
-                                 f"last level's ({depths[-1]}), which diffusers cannot express")
+            raise ModelLoadError(
+                f"{what}: the middle block's transformer depth ({mid}) differs from the "
+                f"last level's ({depths[-1]}), which diffusers cannot express"
+            )
         depths[-1] = mid
     return depths
 
@@ -155,21 +167,33 @@ def _down_config(levels: dict[str, Any], heads: Mapping[str, int], what: str) ->
     return config
 
 
-def _addition(levels: dict[str, Any], pooled_dim: int | None, time_ids: int | None, what: str) -> dict[str, Any]:
+def _addition(
+    levels: dict[str, Any], pooled_dim: int | None, time_ids: int | None, what: str
+) -> dict[str, Any]:
     """SDXL's ``text_time`` addition embedding (pooled text + time ids) from ``label_emb``."""
     label = levels["label_emb"]
     if label is None:
-        return {"addition_embed_type": None, "addition_time_embed_dim": None,
-                "projection_class_embeddings_input_dim": None}
+        return {
+            "addition_embed_type": None,
+            "addition_time_embed_dim": None,
+            "projection_class_embeddings_input_dim": None,
+        }
     if pooled_dim is None or not time_ids:
-        raise ModelLoadError(f"{what}: the UNet has a class/addition embedding (label_emb) but the family "
-                             "has no pooled text embedding; this kind of model is not supported")
+        raise ModelLoadError(
+            f"{what}: the UNet has a class/addition embedding (label_emb) but the family "
+            "has no pooled text embedding; this kind of model is not supported"
+        )
     extra = label[1] - pooled_dim
     if extra <= 0 or extra % time_ids:
-        raise ModelLoadError(f"{what}: the addition embedding takes {label[1]} features, which is not "
-                             f"{pooled_dim} pooled + {time_ids} time ids of equal width")
-    return {"addition_embed_type": "text_time", "addition_time_embed_dim": extra // time_ids,
-            "projection_class_embeddings_input_dim": label[1]}
+        raise ModelLoadError(
+            f"{what}: the addition embedding takes {label[1]} features, which is not "
+            f"{pooled_dim} pooled + {time_ids} time ids of equal width"
+        )
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": extra // time_ids,
+        "projection_class_embeddings_input_dim": label[1],
+    }
 
 
 def unet_config(
@@ -192,8 +216,10 @@ def unet_config(
     config = dict(base)
     config.update(_down_config(levels, heads, what))
     config.update(_addition(levels, pooled_dim, time_ids, what))
-    config["up_block_types"] = ["CrossAttnUpBlock2D" if t.startswith("CrossAttn") else "UpBlock2D"
-                                for t in reversed(config["down_block_types"])]
+    config["up_block_types"] = [
+        "CrossAttnUpBlock2D" if t.startswith("CrossAttn") else "UpBlock2D"
+        for t in reversed(config["down_block_types"])
+    ]
     config["out_channels"] = _shape(s, "out.2.weight", what)[0]
     config["sample_size"] = sample_size
     return config
@@ -216,22 +242,39 @@ def controlnet_config(
     what = "ControlNet"
     s = strip_prefix(shapes, prefix)
     levels = _down_levels(s, what)
-    config = {k: base[k] for k in ("act_fn", "flip_sin_to_cos", "freq_shift", "norm_eps", "norm_num_groups",
-                                   "downsample_padding", "mid_block_scale_factor", "upcast_attention")
-              if k in base}
+    config = {
+        k: base[k]
+        for k in (
+            "act_fn",
+            "flip_sin_to_cos",
+            "freq_shift",
+            "norm_eps",
+            "norm_num_groups",
+            "downsample_padding",
+            "mid_block_scale_factor",
+            "upcast_attention",
+        )
+        if k in base
+    }
     config.update(_down_config(levels, heads, what))
     label = levels["label_emb"]
     if label is not None:  # SDXL ControlNets: the family's time-id width, the rest from the weights
-        config.update({"addition_embed_type": "text_time",
-                       "addition_time_embed_dim": int(base.get("addition_time_embed_dim") or 256),
-                       "projection_class_embeddings_input_dim": label[1]})
+        config.update(
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": int(base.get("addition_time_embed_dim") or 256),
+                "projection_class_embeddings_input_dim": label[1],
+            }
+        )
     hint = hint_convs(s)
     outs = [s[f"input_hint_block.{i}.weight"][0] for i in hint[:-1]]
     config["conditioning_channels"] = s[f"input_hint_block.{hint[0]}.weight"][1]
     config["conditioning_embedding_out_channels"] = [outs[0], *outs[2::2]]
     if len(outs) % 2 == 0:
-        raise ModelLoadError(f"{what}: the hint block has {len(hint)} convolutions, not the "
-                             "conv / (conv, strided conv)... / zero conv pattern")
+        raise ModelLoadError(
+            f"{what}: the hint block has {len(hint)} convolutions, not the "
+            "conv / (conv, strided conv)... / zero conv pattern"
+        )
     return config
 
 
@@ -246,7 +289,9 @@ def hint_convs(s: Shapes) -> list[int]:
 # -- VAE ----------------------------------------------------------------------------------------
 
 
-def vae_config(shapes: Shapes, base: Mapping[str, Any], *, sample_size: int, prefix: str = VAE_PREFIX) -> dict[str, Any]:
+def vae_config(
+    shapes: Shapes, base: Mapping[str, Any], *, sample_size: int, prefix: str = VAE_PREFIX
+) -> dict[str, Any]:
     """An ``AutoencoderKL`` config: ``base`` with the checkpoint's channels, levels and latent size."""
     what = "VAE"
     s = strip_prefix(shapes, prefix)
@@ -260,17 +305,19 @@ def vae_config(shapes: Shapes, base: Mapping[str, Any], *, sample_size: int, pre
     if _shape(s, "encoder.conv_out.weight", what)[0] != 2 * latent:
         raise ModelLoadError(f"{what}: the encoder's output is not a mean and variance of {latent} channels")
     config = dict(base)
-    config.update({
-        "in_channels": conv_in[1],
-        "out_channels": _shape(s, "decoder.conv_out.weight", what)[0],
-        "block_out_channels": channels,
-        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
-        "layers_per_block": per_level,
-        "latent_channels": latent,
-        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
-        "sample_size": sample_size,
-    })
+    config.update(
+        {
+            "in_channels": conv_in[1],
+            "out_channels": _shape(s, "decoder.conv_out.weight", what)[0],
+            "block_out_channels": channels,
+            "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+            "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+            "layers_per_block": per_level,
+            "latent_channels": latent,
+            "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
+            "sample_size": sample_size,
+        }
+    )
     return config
 
 
@@ -303,12 +350,21 @@ def text_encoder_config(shapes: Shapes, spec: Mapping[str, Any]) -> dict[str, An
         projection = s.get("text_projection", (None, None))[1]
     head_width = int(spec["head_width"])
     if width % head_width or layers < 1:
-        raise ModelLoadError(f"{what}: width {width} with {layers} layers does not fit the family's "
-                             f"{head_width}-channel attention heads")
+        raise ModelLoadError(
+            f"{what}: width {width} with {layers} layers does not fit the family's "
+            f"{head_width}-channel attention heads"
+        )
     config = dict(spec["config"])
-    config.update({"vocab_size": vocab, "hidden_size": width, "intermediate_size": inner,
-                   "num_hidden_layers": layers, "num_attention_heads": width // head_width,
-                   "max_position_embeddings": positions})
+    config.update(
+        {
+            "vocab_size": vocab,
+            "hidden_size": width,
+            "intermediate_size": inner,
+            "num_hidden_layers": layers,
+            "num_attention_heads": width // head_width,
+            "max_position_embeddings": positions,
+        }
+    )
     if spec["class"] == "CLIPTextModelWithProjection":
         if projection is None:
             raise ModelLoadError(f"{what}: the text projection is missing")

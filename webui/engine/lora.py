@@ -127,7 +127,9 @@ def _lora_tag(args: str, tag: str) -> LoraTag:
     if not name:
         raise InvalidRequestError(f"{text}: a LoRA tag needs a name, as in <lora:name:0.8>")
     if len(positional) > 3 or "dyn" in named:
-        raise InvalidRequestError(f"{text}: A1111's dyn (rank truncation) is not supported; use <lora:name:weight>")
+        raise InvalidRequestError(
+            f"{text}: A1111's dyn (rank truncation) is not supported; use <lora:name:weight>"
+        )
     unknown = set(named) - {"te", "unet"}
     if unknown:
         raise InvalidRequestError(f"{text}: unknown option {min(unknown)!r}; the options are te= and unet=")
@@ -185,8 +187,11 @@ def strip_network_tags(prompt: str) -> str:
 
 def _listed(models: Any) -> list[tuple[str, Path]]:
     """``(name, path)`` of the LoRA files the model listing offers."""
-    return [(str(entry.name), Path(str(entry.source))) for entry in models.list("lora")
-            if Path(str(entry.source)).is_file()]
+    return [
+        (str(entry.name), Path(str(entry.source)))
+        for entry in models.list("lora")
+        if Path(str(entry.source)).is_file()
+    ]
 
 
 def available_loras(models: Any) -> list[str]:
@@ -216,7 +221,11 @@ def find_lora(name: str, models: Any) -> Path:
                 "(pickle files can run code when loaded)"
             )
     available = available_loras(models)
-    listing = ", ".join(available[:_LISTED_NAMES]) if available else "none (put .safetensors LoRA files into models/lora/)"
+    listing = (
+        ", ".join(available[:_LISTED_NAMES])
+        if available
+        else "none (put .safetensors LoRA files into models/lora/)"
+    )
     if len(available) > _LISTED_NAMES:
         listing += f" and {len(available) - _LISTED_NAMES} more"
     raise InvalidRequestError(f"unknown LoRA {name!r}; available LoRAs: {listing}")
@@ -307,7 +316,9 @@ def lora_metadata(loras: Sequence[LoraRequest]) -> dict[str, str]:
 def _refuse_unsupported(tensors: dict[str, torch.Tensor], name: str) -> None:
     for marker, kind in _UNSUPPORTED_MARKERS.items():
         if any(marker in key for key in tensors):
-            raise InvalidRequestError(f"LoRA {name!r} is a {kind} network; only plain LoRAs (lora_down/lora_up) are supported")
+            raise InvalidRequestError(
+                f"LoRA {name!r} is a {kind} network; only plain LoRAs (lora_down/lora_up) are supported"
+            )
 
 
 def _fold_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -366,7 +377,9 @@ def _diffusers_state_dict(lora: LoraFile, name: str, unet_config: Any) -> dict[s
             state, unet_config=unet_config if kohya else None
         )
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise InvalidRequestError(f"LoRA {name!r} is not in a LoRA format Latent Studio can read ({exc})") from exc
+        raise InvalidRequestError(
+            f"LoRA {name!r} is not in a LoRA format Latent Studio can read ({exc})"
+        ) from exc
     if alphas:
         raise InvalidRequestError(f"LoRA {name!r} carries alphas in a layout that is not supported")
     return converted
@@ -389,7 +402,9 @@ def _peft_keys(state: dict[str, torch.Tensor], component: str) -> dict[str, torc
     if component == "unet":
         return convert_unet_state_dict_to_peft(part)
     converted = convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS_OLD)
-    return {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in converted.items()}
+    return {
+        k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in converted.items()
+    }
 
 
 def _module_name(key: str) -> str:
@@ -459,7 +474,10 @@ def lora_layers(lora: LoraRequest, bundle: ModelBundle) -> dict[str, dict[str, t
     if total_missing:
         log.warning(
             "LoRA %r: %d of its layers are not in the model %r and are skipped (e.g. %s)",
-            lora.name, len(total_missing), bundle.name, sorted(total_missing)[0],
+            lora.name,
+            len(total_missing),
+            bundle.name,
+            sorted(total_missing)[0],
         )
     return layers
 

@@ -34,8 +34,18 @@ if TYPE_CHECKING:
     from webui.engine.bundle import ModelBundle
 
 __all__ = [
-    "ATTENTION_BACKENDS", "OFFLOAD_MODES", "MemoryPlan", "MemorySettings", "applied", "auto_dtype",
-    "choose_plan", "cpu_supports_bf16", "free_memory", "is_out_of_memory", "lower_plan", "release_memory",
+    "ATTENTION_BACKENDS",
+    "OFFLOAD_MODES",
+    "MemoryPlan",
+    "MemorySettings",
+    "applied",
+    "auto_dtype",
+    "choose_plan",
+    "cpu_supports_bf16",
+    "free_memory",
+    "is_out_of_memory",
+    "lower_plan",
+    "release_memory",
     "resolve_attention",
 ]
 
@@ -124,7 +134,9 @@ def resolve_attention(wanted: str, device: torch.device) -> str:
     """``wanted``, or ``sdpa`` with a warning when it cannot run here (xformers without the package
     or without a CUDA device)."""
     if wanted == "xformers" and (device.type != "cuda" or not xformers_available()):
-        why = "it runs on CUDA GPUs only" if device.type != "cuda" else "the xformers package is not installed"
+        why = (
+            "it runs on CUDA GPUs only" if device.type != "cuda" else "the xformers package is not installed"
+        )
         log.warning("xformers attention asked for, but %s: using PyTorch SDPA", why)
         return "sdpa"
     return wanted
@@ -185,8 +197,9 @@ def module_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def estimate(bundle: ModelBundle, width: int, height: int, batch: int, *, slicing: bool = False,
-             tiling: bool = False) -> dict[str, int]:
+def estimate(
+    bundle: ModelBundle, width: int, height: int, batch: int, *, slicing: bool = False, tiling: bool = False
+) -> dict[str, int]:
     """Rough working memory in bytes of one batch: the UNet's activations (CFG doubles the batch)
     and the VAE decoder's (at full resolution; one image when sliced, one tile when tiled). The
     factors are conservative round numbers; the out-of-memory retry backs them up."""
@@ -205,15 +218,26 @@ def estimate(bundle: ModelBundle, width: int, height: int, batch: int, *, slicin
     return {"unet": unet, "vae": vae}
 
 
-def choose_plan(settings: MemorySettings, bundle: ModelBundle, device: torch.device, *, width: int,
-                height: int, batch: int, free: int | None = None) -> MemoryPlan:
+def choose_plan(
+    settings: MemorySettings,
+    bundle: ModelBundle,
+    device: torch.device,
+    *,
+    width: int,
+    height: int,
+    batch: int,
+    free: int | None = None,
+) -> MemoryPlan:
     """The plan for one batch: the user's fixed choices, and for each ``auto`` one the least
     intrusive lever that makes the estimated working memory fit into ``free`` (default: what
     :func:`free_memory` reports; the loaded weights are already counted out of it on a GPU)."""
-    plan = MemoryPlan(attention=resolve_attention(settings.attention, device),
-                      channels_last=settings.channels_last,
-                      vae_slicing=settings.vae_slicing == "on", vae_tiling=settings.vae_tiling == "on",
-                      offload=settings.offload if settings.offload != "auto" else "none")
+    plan = MemoryPlan(
+        attention=resolve_attention(settings.attention, device),
+        channels_last=settings.channels_last,
+        vae_slicing=settings.vae_slicing == "on",
+        vae_tiling=settings.vae_tiling == "on",
+        offload=settings.offload if settings.offload != "auto" else "none",
+    )
     budget = (free_memory(device) if free is None else free) * _HEADROOM
 
     def need(p: MemoryPlan) -> int:
@@ -228,8 +252,9 @@ def choose_plan(settings: MemorySettings, bundle: ModelBundle, device: torch.dev
         weights = sum(module_bytes(m) for m in _components(bundle))
         largest = max((module_bytes(m) for m in _components(bundle)), default=0)
         # model offload frees all but the running model; sequential keeps only a layer
-        plan = dataclasses.replace(plan, offload="model" if need(plan) <= budget + weights - largest
-                                   else "sequential")
+        plan = dataclasses.replace(
+            plan, offload="model" if need(plan) <= budget + weights - largest else "sequential"
+        )
     return plan
 
 
@@ -328,7 +353,9 @@ def _attention(bundle: ModelBundle, backend: str) -> Iterator[None]:
         wanted = dict(processors)
         for name in standard:
             # sliced: one head at a time, the lowest peak of the three
-            wanted[name] = XFormersAttnProcessor() if backend == "xformers" else SlicedAttnProcessor(slice_size=1)
+            wanted[name] = (
+                XFormersAttnProcessor() if backend == "xformers" else SlicedAttnProcessor(slice_size=1)
+            )
         saved.append((module, processors))
         module.set_attn_processor(wanted)
     try:
@@ -390,6 +417,7 @@ def _offloaded(bundle: ModelBundle, device: torch.device, *, sequential: bool) -
                 component.to(device)
                 resident[0] = component
             return to_device(args), to_device(kwargs)
+
         return hook
 
     def load_layer(layer: torch.nn.Module, _args: Any) -> None:
@@ -404,8 +432,10 @@ def _offloaded(bundle: ModelBundle, device: torch.device, *, sequential: bool) -
             handles.append(part.register_forward_pre_hook(entering(component), with_kwargs=True))
         if sequential:
             for layer in component.modules():
-                if next(layer.parameters(recurse=False), None) is not None or \
-                        next(layer.buffers(recurse=False), None) is not None:
+                if (
+                    next(layer.parameters(recurse=False), None) is not None
+                    or next(layer.buffers(recurse=False), None) is not None
+                ):
                     handles.append(layer.register_forward_pre_hook(load_layer))
                     handles.append(layer.register_forward_hook(unload_layer))
     previous = bundle.execution_device

@@ -34,7 +34,10 @@ def vae_scale_factor(block_out_channels: Sequence[int]) -> int:
 
 
 def native_size(
-    settings: Mapping[str, Any], *, sample_size: Any = None, scale_factor: int | None = None,
+    settings: Mapping[str, Any],
+    *,
+    sample_size: Any = None,
+    scale_factor: int | None = None,
     two_text_encoders: bool = False,
 ) -> int:
     """A model's native output side in pixels, first match wins: a declared ``default_size``; the

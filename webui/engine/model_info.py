@@ -92,7 +92,8 @@ def _read_folder(folder: Path, info: ModelInfo) -> None:
     unet, vae = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
     levels = vae.get("block_out_channels")
     info.default_size = native_size(
-        index, sample_size=unet.get("sample_size"),
+        index,
+        sample_size=unet.get("sample_size"),
         scale_factor=vae_scale_factor(levels) if isinstance(levels, list) and levels else None,
         two_text_encoders="text_encoder_2" in index,
     )

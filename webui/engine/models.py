@@ -141,7 +141,9 @@ class ModelManager:
             entries.insert(len(self._pinned), default)
         return [e for e in entries if kind is None or e.kind == kind]
 
-    def _default_entry(self, entries: builtins.list[ModelEntry], seen: set[tuple[str, str]]) -> ModelEntry | None:
+    def _default_entry(
+        self, entries: builtins.list[ModelEntry], seen: set[tuple[str, str]]
+    ) -> ModelEntry | None:
         """The command line's ``--model`` path as an entry, unless a listed entry is that model."""
         if not self.default_model or ("checkpoint", self.default_model) in seen:
             return None
@@ -220,9 +222,13 @@ class ModelManager:
             )
             model = self.plugins.hook.load_model(source=source, kind=kind, context=context)
             if model is None:
-                raise ModelNotFoundError(f"no {kind} found for {source!r}: not a model folder, file or known name")
+                raise ModelNotFoundError(
+                    f"no {kind} found for {source!r}: not a model folder, file or known name"
+                )
             if kind == "checkpoint" and not isinstance(model, ModelBundle):
-                raise ModelLoadError(f"the loader for {source!r} returned {type(model).__name__}, not a ModelBundle")
+                raise ModelLoadError(
+                    f"the loader for {source!r} returned {type(model).__name__}, not a ModelBundle"
+                )
             if kind == "checkpoint" and self.auto_dtype:
                 _to_auto_dtype(model, self.device)
             if kind == "checkpoint" and model.model_hash is None and Path(source).is_file():
@@ -256,8 +262,14 @@ class ModelManager:
                 return name
         if HUB_ID.match(name) and self.allow_download and not Path(name).exists():
             return name  # downloaded by the loader into the Hugging Face cache
-        refused = (" (downloading it is not allowed here; the server owner can allow downloads with "
-                   "--allow-download)") if HUB_ID.match(name) and not self.allow_download else ""
+        refused = (
+            (
+                " (downloading it is not allowed here; the server owner can allow downloads with "
+                "--allow-download)"
+            )
+            if HUB_ID.match(name) and not self.allow_download
+            else ""
+        )
         raise ModelNotFoundError(f"no {kind} named {name!r} in the model folders{refused}")
 
     def lock(self, bundle: ModelBundle) -> Any:

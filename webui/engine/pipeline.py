@@ -186,8 +186,9 @@ class Engine:
         result = GenerationResult()
         per_batch = request.batch_size
         with self.models.lock(bundle), patches.applied():
-            plan = choose_plan(self.memory, bundle, self.device, width=context.width, height=context.height,
-                               batch=per_batch)
+            plan = choose_plan(
+                self.memory, bundle, self.device, width=context.width, height=context.height, batch=per_batch
+            )
             for batch in range(request.batch_count):
                 if control.interrupted:
                     result.interrupted = True
@@ -209,10 +210,18 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _check_limits(self, request: GenerationRequest, width: int | None = None, height: int | None = None) -> None:
-        self.limits.check(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-                          width=width or request.width, height=height or request.height,
-                          batch_size=request.batch_size, batch_count=request.batch_count)
+    def _check_limits(
+        self, request: GenerationRequest, width: int | None = None, height: int | None = None
+    ) -> None:
+        self.limits.check(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            width=width or request.width,
+            height=height or request.height,
+            batch_size=request.batch_size,
+            batch_count=request.batch_count,
+        )
 
     def _run_batch_planned(
         self, request: GenerationRequest, context: RunContext, callback: StepCallback | None, plan: MemoryPlan
@@ -254,8 +263,12 @@ class Engine:
                     "Try a smaller size or batch size, or close other programs using the "
                     f"{'GPU' if context.device.type == 'cuda' else 'memory'}"
                 )
-            log.warning("out of memory with plan %r (%s); retrying with %r", plan.describe(), failure,
-                        lower.describe())
+            log.warning(
+                "out of memory with plan %r (%s); retrying with %r",
+                plan.describe(),
+                failure,
+                lower.describe(),
+            )
             plan, retried = lower, True
 
     def _with_vae(self, bundle: ModelBundle, name: str) -> ModelBundle:
@@ -268,10 +281,11 @@ class Engine:
             )
         config = dict(bundle.config)
         config["vae_name"], config["vae_hash"] = name, getattr(vae, "model_hash", None)
-        return dataclasses.replace(bundle, vae=vae, config=config,
-                                   latent_scaling=codec.model_scaling(bundle))
+        return dataclasses.replace(bundle, vae=vae, config=config, latent_scaling=codec.model_scaling(bundle))
 
-    def _context(self, request: GenerationRequest, bundle: ModelBundle, control: GenerationControl) -> RunContext:
+    def _context(
+        self, request: GenerationRequest, bundle: ModelBundle, control: GenerationControl
+    ) -> RunContext:
         return RunContext(
             bundle=bundle,
             request=request,
@@ -355,7 +369,9 @@ class Engine:
         if bundle.is_inpainting_unet:
             if mask is None:  # no mask: an inpainting UNet repaints everything (txt2img, img2img)
                 mask = torch.ones(1, 1, context.height, context.width)
-            masked = cond.masked_image if cond.masked_image is not None else torch.zeros(1, 3, *mask.shape[-2:])
+            masked = (
+                cond.masked_image if cond.masked_image is not None else torch.zeros(1, 3, *mask.shape[-2:])
+            )
             masked_image_latents = self.encode_images(bundle, masked, generators)
         mask_latents = None
         if mask is not None:
@@ -372,15 +388,24 @@ class Engine:
         unet_extra = None
         if masked_image_latents is not None and mask_latents is not None:  # an inpainting UNet
             unet_extra = _doubled(torch.cat([mask_latents, masked_image_latents], dim=1), do_cfg)
-        controls = [(c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls]
+        controls = [
+            (c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls
+        ]
         step_kwargs = _step_kwargs(scheduler, generators, request.eta)
 
         def unet_call(model_input: torch.Tensor, step: DenoiseStep) -> torch.Tensor:
             down_residuals, mid_residual = _control_residuals(
-                controls, model_input, step.timestep, step.encoder_hidden_states, step.added_cond_kwargs,
-                step.index, step.total,
+                controls,
+                model_input,
+                step.timestep,
+                step.encoder_hidden_states,
+                step.added_cond_kwargs,
+                step.index,
+                step.total,
             )
-            unet_input = torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
+            unet_input = (
+                torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
+            )
             return unet(
                 unet_input,
                 step.timestep,
@@ -391,16 +416,28 @@ class Engine:
                 return_dict=False,
             )[0]
 
-        denoise: DenoiserCall = _wrapped(unet_call, self._wrappers("wrap_denoiser", request, context), "wrap_denoiser")
-        combine: GuidanceCombine = _wrapped(_guidance, self._wrappers("wrap_guidance", request, context),
-                                            "wrap_guidance")
+        denoise: DenoiserCall = _wrapped(
+            unet_call, self._wrappers("wrap_denoiser", request, context), "wrap_denoiser"
+        )
+        combine: GuidanceCombine = _wrapped(
+            _guidance, self._wrappers("wrap_guidance", request, context), "wrap_guidance"
+        )
         for i, t in enumerate(timesteps):
             if context.control.interrupted or context.control.skipped:
                 break
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            step = DenoiseStep(context, i, len(timesteps), t, embeds, added_cond, do_cfg, cond.guidance_scale,
-                               *_sigma_of(scheduler))
+            step = DenoiseStep(
+                context,
+                i,
+                len(timesteps),
+                t,
+                embeds,
+                added_cond,
+                do_cfg,
+                cond.guidance_scale,
+                *_sigma_of(scheduler),
+            )
             noise_pred = denoise(model_input, step)
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
@@ -412,7 +449,9 @@ class Engine:
                     known = scheduler.add_noise(known, noise, torch.tensor([timesteps[i + 1]]))
                 latents = (1 - repaint) * known + repaint * latents
             if (i + 1) % getattr(scheduler, "order", 1) == 0 or i == len(timesteps) - 1:
-                info = StepInfo(context, (i + 1) // getattr(scheduler, "order", 1) or 1, num_steps, t, latents)
+                info = StepInfo(
+                    context, (i + 1) // getattr(scheduler, "order", 1) or 1, num_steps, t, latents
+                )
                 if callback is not None:
                     callback(info)
                 self.plugins.hook.on_step(step=info)
@@ -423,8 +462,12 @@ class Engine:
         # 5. Decode, post-process, describe
         pixels = codec.decode_checked(self.decode_latents, bundle, latents, cond.metadata)
         outputs = [
-            OutputImage(image=img, seed=s, index=s - request.seed,  # the image's place in the request
-                        pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu())
+            OutputImage(
+                image=img,
+                seed=s,
+                index=s - request.seed,  # the image's place in the request
+                pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu(),
+            )
             for k, (img, s) in enumerate(zip(tensor_to_images(pixels), context.seeds, strict=True))
         ]
         self.plugins.hook.postprocess_images(images=outputs, request=request, context=context)
@@ -434,7 +477,8 @@ class Engine:
             params.update({k: v for k, v in cond.metadata.items() if k not in params})
             item.parameters = {k: v for k, v in params.items() if v is not None}
             item.parameters["infotext"] = format_infotext(
-                request.prompt, request.negative_prompt,
+                request.prompt,
+                request.negative_prompt,
                 {k: v for k, v in item.parameters.items() if k != "infotext"},
             )
         return outputs
@@ -450,7 +494,9 @@ class Engine:
     # -- VAE ---------------------------------------------------------------------------------
 
     @staticmethod
-    def encode_images(bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def encode_images(
+        bundle: ModelBundle, images: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
         """Encode (1 or B, 3, H, W) images in [-1, 1] to scaled latents, sampling each image of
         the batch with its own generator (so image k depends on seed k only): :func:`codec.encode
         <webui.engine.codec.encode>`."""
@@ -527,7 +573,9 @@ def _text_inputs(
     pooled, time_ids = per_image(cond.pooled_prompt_embeds), per_image(cond.add_time_ids)
     if do_cfg and negative_pooled is not None:
         pooled = torch.cat([per_image(negative_pooled), pooled])
-        negative_ids = cond.negative_add_time_ids if cond.negative_add_time_ids is not None else cond.add_time_ids
+        negative_ids = (
+            cond.negative_add_time_ids if cond.negative_add_time_ids is not None else cond.add_time_ids
+        )
         time_ids = torch.cat([per_image(negative_ids), time_ids])
     return embeds, {"text_embeds": pooled, "time_ids": time_ids}
 
@@ -563,8 +611,14 @@ def _control_residuals(
             inputs = tuple(x.to(kind) for x in inputs)
             extra = {k: {n: v.to(kind) for n, v in a.items()} for k, a in extra.items()}
         d, m = spec.model(
-            inputs[0], t, encoder_hidden_states=inputs[1], controlnet_cond=inputs[2],
-            conditioning_scale=scale, guess_mode=False, return_dict=False, **extra,
+            inputs[0],
+            t,
+            encoder_hidden_states=inputs[1],
+            controlnet_cond=inputs[2],
+            conditioning_scale=scale,
+            guess_mode=False,
+            return_dict=False,
+            **extra,
         )
         if kind != unet_dtype:
             d, m = [r.to(unet_dtype) for r in d], m.to(unet_dtype)

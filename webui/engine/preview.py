@@ -26,10 +26,20 @@ __all__ = ["latent_rgb_map", "preview_images"]
 
 # Fit colours, RGB in [0, 1]: greys, primaries, secondaries and a few in-between tones.
 _COLOURS: tuple[tuple[float, float, float], ...] = (
-    (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-    (0.9, 0.15, 0.15), (0.15, 0.7, 0.25), (0.15, 0.3, 0.9), (0.95, 0.85, 0.15),
-    (0.15, 0.8, 0.85), (0.85, 0.2, 0.8), (0.95, 0.55, 0.1), (0.55, 0.25, 0.75),
-    (0.45, 0.3, 0.15), (0.75, 0.9, 0.6),
+    (0.0, 0.0, 0.0),
+    (1.0, 1.0, 1.0),
+    (0.5, 0.5, 0.5),
+    (0.25, 0.25, 0.25),
+    (0.9, 0.15, 0.15),
+    (0.15, 0.7, 0.25),
+    (0.15, 0.3, 0.9),
+    (0.95, 0.85, 0.15),
+    (0.15, 0.8, 0.85),
+    (0.85, 0.2, 0.8),
+    (0.95, 0.55, 0.1),
+    (0.55, 0.25, 0.75),
+    (0.45, 0.3, 0.15),
+    (0.75, 0.9, 0.6),
 )
 _LATENT_SIDE = 8  # fit images are this many latent pixels wide (and at least 64 pixels)
 _RANDOM_IMAGES = 8  # plus this many random mosaics (fixed seed), which fit generated latents better
@@ -102,14 +112,20 @@ def _fit_images(side: int, factor: int) -> torch.Tensor:
 
     ramp = torch.linspace(0, 1, cells).repeat_interleave(factor)
     patterns = [
-        two(xx < cells // 2, 4, 8),                          # red | cyan
-        two(yy < cells // 2, 6, 7),                          # blue / yellow
-        two((xx // 2 + yy // 2) % 2 == 0, 1, 0),             # black and white checks
+        two(xx < cells // 2, 4, 8),  # red | cyan
+        two(yy < cells // 2, 6, 7),  # blue / yellow
+        two((xx // 2 + yy // 2) % 2 == 0, 1, 0),  # black and white checks
         two((xx - cells // 2) ** 2 + (yy - cells // 2) ** 2 < (cells // 3) ** 2, 10, 5),  # disc
-        torch.stack([ramp[None, :].expand(side, -1), ramp[:, None].expand(-1, side),
-                     torch.full((side, side), 0.5)]),        # red/green ramps
-        torch.stack([1 - ramp[:, None].expand(-1, side), torch.full((side, side), 0.3),
-                     ramp[None, :].expand(side, -1)]),       # red/blue ramps
+        torch.stack(
+            [ramp[None, :].expand(side, -1), ramp[:, None].expand(-1, side), torch.full((side, side), 0.5)]
+        ),  # red/green ramps
+        torch.stack(
+            [
+                1 - ramp[:, None].expand(-1, side),
+                torch.full((side, side), 0.3),
+                ramp[None, :].expand(side, -1),
+            ]
+        ),  # red/blue ramps
     ]
     tiles = torch.rand(_RANDOM_IMAGES, 3, cells // 2, cells // 2, generator=torch.Generator().manual_seed(0))
     mosaics = tiles.repeat_interleave(2 * factor, 2).repeat_interleave(2 * factor, 3)
@@ -123,7 +139,9 @@ def _fit_map(vae: Any, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = float32_vae(vae, "cpu", encoder_only=True).encode(images)  # the VAE's own copy is left alone
     dist = getattr(encoded, "latent_dist", None)
     raw = dist.mean if dist is not None else getattr(encoded, "latents", encoded[0])
-    z = scale_latents(raw.float().cpu(), latent_scaling(vae.config))  # as the engine encodes (webui.engine.codec)
+    z = scale_latents(
+        raw.float().cpu(), latent_scaling(vae.config)
+    )  # as the engine encodes (webui.engine.codec)
     target = F.avg_pool2d(images, factor)
     if target.shape[-2:] != z.shape[-2:]:  # a VAE that pads or crops: match the latent grid
         target = F.interpolate(target, size=z.shape[-2:], mode="area")

@@ -152,7 +152,9 @@ class _Builder:
         for parent in self.square_parent:
             square_total.append((square_total[parent] if parent >= 0 else 1.0) * SQUARE_MULTIPLIER)
         return [
-            BREAK_WEIGHT if brk else (round_total[r] if r >= 0 else 1.0) * (square_total[s] if s >= 0 else 1.0)
+            BREAK_WEIGHT
+            if brk
+            else (round_total[r] if r >= 0 else 1.0) * (square_total[s] if s >= 0 else 1.0)
             for brk, r, s in zip(self.breaks, self.in_round, self.in_square, strict=True)
         ]
 

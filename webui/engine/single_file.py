@@ -63,8 +63,13 @@ from webui.engine.ldm_layout import (
 )
 from webui.errors import ModelLoadError
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
-                    "v-prediction": "v_prediction"}
+PREDICTION_TYPES = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v": "v_prediction",
+    "v_prediction": "v_prediction",
+    "v-prediction": "v_prediction",
+}
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SDXL_TEXT_0_CLIP = "conditioner.embedders.0.transformer."
@@ -113,7 +118,10 @@ def inspect_file(path: str | Path, *, allow_pickle: bool = False) -> CheckpointI
 
 
 def detect_checkpoint(
-    shapes: Shapes, metadata: Mapping[str, str] | None = None, *, sidecar: Path | None = None,
+    shapes: Shapes,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    sidecar: Path | None = None,
     name: str = "the checkpoint",
 ) -> CheckpointInfo:
     """The family, variant and prediction type of an original-layout checkpoint, from tensor names and
@@ -150,7 +158,9 @@ def detect_checkpoint(
     config = family_config(config_name)
     prediction, source = _prediction_type(config, variant, metadata, sidecar, name)
     size = _native_size(config, prediction, metadata)
-    return CheckpointInfo(config["family"], variant, config_name, prediction, source, size, in_channels, cross)
+    return CheckpointInfo(
+        config["family"], variant, config_name, prediction, source, size, in_channels, cross
+    )
 
 
 def _text_layout(shapes: Shapes, name: str) -> tuple[str, list[int]]:
@@ -186,8 +196,9 @@ def _prediction_type(
     if declared:
         value = PREDICTION_TYPES.get(declared.strip().lower())
         if value is None:
-            raise ModelLoadError(f"{name}: its metadata names prediction type {declared!r}; "
-                                 "only epsilon and v are supported")
+            raise ModelLoadError(
+                f"{name}: its metadata names prediction type {declared!r}; only epsilon and v are supported"
+            )
         return value, "metadata"
     if sidecar is not None:
         return _sidecar_prediction(sidecar), "sidecar"
@@ -229,7 +240,7 @@ def describe_layout(shapes: Shapes) -> str:
         if parts[0].startswith("lora_"):
             groups["lora_*"] += 1
         elif parts[0] in {"model", "cond_stage_model", "conditioner", "control_model"} and len(parts) > 2:
-            groups[".".join(parts[:2 if parts[0] != "conditioner" else 3])] += 1
+            groups[".".join(parts[: 2 if parts[0] != "conditioner" else 3])] += 1
         else:
             groups[parts[0]] += 1
     found = ", ".join(f"{prefix}.* ({count})" for prefix, count in groups.most_common(6)) or "no tensors"
@@ -294,13 +305,26 @@ def component_configs(shapes: Shapes, info: CheckpointInfo) -> dict[str, Any]:
     vae_cfg = vae_config(shapes, config["vae"], sample_size=info.default_size)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     specs = config["text_encoders"]
-    unet_cfg = unet_config(shapes, base_unet, config["unet_heads"], sample_size=info.default_size // vae_factor,
-                           pooled_dim=pooled_width(shapes, specs[-1]), time_ids=config.get("time_ids"))
-    return {"unet": unet_cfg, "vae": vae_cfg, "text_encoders": [text_encoder_config(shapes, s) for s in specs]}
+    unet_cfg = unet_config(
+        shapes,
+        base_unet,
+        config["unet_heads"],
+        sample_size=info.default_size // vae_factor,
+        pooled_dim=pooled_width(shapes, specs[-1]),
+        time_ids=config.get("time_ids"),
+    )
+    return {
+        "unet": unet_cfg,
+        "vae": vae_cfg,
+        "text_encoders": [text_encoder_config(shapes, s) for s in specs],
+    }
 
 
 def convert_checkpoint(
-    state: Mapping[str, torch.Tensor], info: CheckpointInfo, *, name: str = "checkpoint",
+    state: Mapping[str, torch.Tensor],
+    info: CheckpointInfo,
+    *,
+    name: str = "checkpoint",
     dtype: torch.dtype = torch.float32,
 ) -> ModelBundle:
     """Build the diffusers components of an original-layout state dict described by ``info``."""
@@ -312,17 +336,32 @@ def convert_checkpoint(
     configs = component_configs(shapes, info)
     unet_cfg, vae_cfg, specs = configs["unet"], configs["vae"], config["text_encoders"]
     state = dict(state)
-    unet = _adopt(_empty(lambda: UNet2DConditionModel.from_config(unet_cfg)),
-                  convert_ldm_unet_checkpoint(state, unet_cfg), dtype, "UNet")
-    vae = _adopt(_empty(lambda: AutoencoderKL.from_config(vae_cfg)), convert_ldm_vae_checkpoint(state, vae_cfg),
-                 dtype, "VAE")
+    unet = _adopt(
+        _empty(lambda: UNet2DConditionModel.from_config(unet_cfg)),
+        convert_ldm_unet_checkpoint(state, unet_cfg),
+        dtype,
+        "UNet",
+    )
+    vae = _adopt(
+        _empty(lambda: AutoencoderKL.from_config(vae_cfg)),
+        convert_ldm_vae_checkpoint(state, vae_cfg),
+        dtype,
+        "VAE",
+    )
     encoders = [_text_encoder(state, shapes, spec, dtype) for spec in specs]
-    tokenizers = [clip_tokenizer(pad_token=tok["pad_token"],
-                                 model_max_length=int(enc.config.max_position_embeddings))
-                  for tok, enc in zip(config["tokenizers"], encoders, strict=True)]
+    tokenizers = [
+        clip_tokenizer(pad_token=tok["pad_token"], model_max_length=int(enc.config.max_position_embeddings))
+        for tok, enc in zip(config["tokenizers"], encoders, strict=True)
+    ]
     settings = {k: v for k, v in config.get("model_index", {}).items() if not k.startswith("_")}
-    settings.update({"default_size": info.default_size, "prediction_type": info.prediction_type,
-                     "checkpoint_type": info.label, "variant": info.variant})
+    settings.update(
+        {
+            "default_size": info.default_size,
+            "prediction_type": info.prediction_type,
+            "checkpoint_type": info.label,
+            "variant": info.variant,
+        }
+    )
     return ModelBundle(
         name=name,
         unet=unet,
@@ -335,7 +374,9 @@ def convert_checkpoint(
     )
 
 
-def _text_encoder(state: dict[str, torch.Tensor], shapes: Shapes, spec: Mapping[str, Any], dtype: torch.dtype) -> Any:
+def _text_encoder(
+    state: dict[str, torch.Tensor], shapes: Shapes, spec: Mapping[str, Any], dtype: torch.dtype
+) -> Any:
     import transformers
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
@@ -343,15 +384,21 @@ def _text_encoder(state: dict[str, torch.Tensor], shapes: Shapes, spec: Mapping[
     cls = getattr(transformers, spec["class"])
     config = transformers.CLIPTextConfig(**text_encoder_config(shapes, spec))
     if config.vocab_size != VOCAB_SIZE:
-        raise ModelLoadError(f"text encoder ({prefix}*): its vocabulary has {config.vocab_size} tokens, not the "
-                             f"{VOCAB_SIZE} of the CLIP tokenizer every Stable Diffusion family uses")
+        raise ModelLoadError(
+            f"text encoder ({prefix}*): its vocabulary has {config.vocab_size} tokens, not the "
+            f"{VOCAB_SIZE} of the CLIP tokenizer every Stable Diffusion family uses"
+        )
     model = _empty(lambda: cls(config))
     if spec["layout"] == "clip":
         part = {k: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("position_ids")}
         converted = convert_ldm_clip_checkpoint(part, remove_prefix=prefix)
     else:
         kept = config.num_hidden_layers
-        part = {k: v for k, v in state.items() if k.startswith(prefix) and _open_clip_kept(k[len(prefix):], kept, spec)}
+        part = {
+            k: v
+            for k, v in state.items()
+            if k.startswith(prefix) and _open_clip_kept(k[len(prefix) :], kept, spec)
+        }
         converted = convert_open_clip_checkpoint(model, part, prefix=prefix)
     return _adopt(model, _text_keys(model, converted), dtype, f"text encoder ({prefix}*)")
 
@@ -390,12 +437,18 @@ def _adopt(model: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype, wh
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     absent = sorted(k for k, v in state.items() if v is None)
     if missing or unexpected or absent:
-        detail = "; ".join(part for part in (
-            f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-            f"{len(absent)} not in the file (e.g. {', '.join(absent[:3])})" if absent else "",
-        ) if part)
-        raise ModelLoadError(f"{what}: the checkpoint does not match the configuration read from it: {detail}")
+        detail = "; ".join(
+            part
+            for part in (
+                f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                f"{len(absent)} not in the file (e.g. {', '.join(absent[:3])})" if absent else "",
+            )
+            if part
+        )
+        raise ModelLoadError(
+            f"{what}: the checkpoint does not match the configuration read from it: {detail}"
+        )
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -422,22 +475,27 @@ def load_single_file_controlnet(
     state, shapes, _ = _read(path, allow_pickle)
     prefix = controlnet_layout(shapes)
     if prefix is None:
-        raise ModelLoadError(f"{path.name} is not a ControlNet in the original layout "
-                             f"(control_model.input_hint_block...): {describe_layout(shapes)}")
+        raise ModelLoadError(
+            f"{path.name} is not a ControlNet in the original layout "
+            f"(control_model.input_hint_block...): {describe_layout(shapes)}"
+        )
     if state is None:
         state = load_state_dict(path, keys=[k for k in shapes if k.startswith(prefix)])
     return convert_controlnet(state, prefix=prefix, name=path.name, dtype=dtype).to(device)
 
 
 def convert_controlnet(
-    state: Mapping[str, torch.Tensor], *, prefix: str = "control_model.", name: str = "ControlNet",
+    state: Mapping[str, torch.Tensor],
+    *,
+    prefix: str = "control_model.",
+    name: str = "ControlNet",
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """Build a ``ControlNetModel`` from original-layout ControlNet tensors (under ``prefix``)."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    s = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    s = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     shapes = {k: tuple(v.shape) for k, v in s.items()}
     proj_in = next((v for k, v in sorted(shapes.items()) if k.endswith(".proj_in.weight")), None)
     if proj_in is None:

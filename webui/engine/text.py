@@ -304,7 +304,9 @@ def _embeddings_written(text_encoder: Any, fixes: list[tuple[int, int, torch.Ten
     def write(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
         for row, start, vectors in fixes:
-            output[row, start : start + vectors.shape[0]] = vectors.to(device=output.device, dtype=output.dtype)
+            output[row, start : start + vectors.shape[0]] = vectors.to(
+                device=output.device, dtype=output.dtype
+            )
         return output
 
     handle = input_embedding_layer(text_encoder).register_forward_hook(write)
@@ -347,7 +349,9 @@ def _encode_all(
             for offset, vectors in chunks[index].fixes
         ]
         with _embeddings_written(text_encoder, fixes):
-            hidden, pooled = _run_encoder(text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl, layers=layers)
+            hidden, pooled = _run_encoder(
+                text_encoder, ids, mask, clip_skip=clip_skip, sdxl=sdxl, layers=layers
+            )
         parts.append(_apply_weights(hidden, weights))
         if index == 0:
             pooled_first = pooled
@@ -422,8 +426,12 @@ def encode_prompts(
         for per_encoder in chunked:
             for index, chunks in enumerate(per_encoder):
                 what = "prompt" if index < len(prompts) else "negative prompt"
-                check_total(f"the {what} needs {len(chunks)} chunks of {layouts[0].chunk_size} tokens",
-                            len(chunks), max_chunks, "max_prompt_chunks")
+                check_total(
+                    f"the {what} needs {len(chunks)} chunks of {layouts[0].chunk_size} tokens",
+                    len(chunks),
+                    max_chunks,
+                    "max_prompt_chunks",
+                )
 
     out_device = torch.device(device) if device is not None else _module_device(encoders[-1])
     out_dtype = dtype if dtype is not None else _module_dtype(encoders[-1])
@@ -431,8 +439,16 @@ def encode_prompts(
     pooled: torch.Tensor | None = None
     with torch.no_grad(), model_lock(bundle):
         for enc, layout, per_prompt in zip(encoders, layouts, chunked, strict=True):
-            hidden, pooled = _encode_all(enc, layout, per_prompt, n_chunks, clip_skip=clip_skip, sdxl=sdxl,
-                                         layers=layers, should_stop=should_stop)
+            hidden, pooled = _encode_all(
+                enc,
+                layout,
+                per_prompt,
+                n_chunks,
+                clip_skip=clip_skip,
+                sdxl=sdxl,
+                layers=layers,
+                should_stop=should_stop,
+            )
             embeds_parts.append(hidden.to(device=out_device, dtype=out_dtype))
     embeds = torch.cat(embeds_parts, dim=-1)
     if sdxl and pooled is not None:

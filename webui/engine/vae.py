@@ -23,8 +23,16 @@ from webui.engine.codec import LATENT_KEYS, decode_checked, latent_scaling
 from webui.errors import ModelLoadError
 
 __all__ = [
-    "AUTOMATIC", "LATENT_KEYS", "config_from_ldm", "decode_checked", "is_automatic", "is_ldm_layout",
-    "latent_scaling", "load_vae", "strip_prefix", "vae_from_state_dict",
+    "AUTOMATIC",
+    "LATENT_KEYS",
+    "config_from_ldm",
+    "decode_checked",
+    "is_automatic",
+    "is_ldm_layout",
+    "latent_scaling",
+    "load_vae",
+    "strip_prefix",
+    "vae_from_state_dict",
 ]
 
 AUTOMATIC = ("", "automatic", "none")
@@ -44,7 +52,7 @@ def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     whole SD checkpoint's VAE part and a bare VAE file read alike."""
     for prefix in _LDM_PREFIXES:
         if any(key.startswith(prefix) for key in state):
-            return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     return state
 
 
@@ -61,7 +69,9 @@ def config_from_ldm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     from webui.engine.ldm_layout import family_config, vae_config
 
     if "encoder.conv_in.weight" not in state or "decoder.conv_out.weight" not in state:
-        raise ModelLoadError("these weights are not a VAE in the original layout (no encoder/decoder conv_in/out)")
+        raise ModelLoadError(
+            "these weights are not a VAE in the original layout (no encoder/decoder conv_in/out)"
+        )
     shapes = {key: tuple(value.shape) for key, value in state.items()}
     base = family_config("sd1")["vae"]
     config = vae_config(shapes, base, sample_size=base["sample_size"], prefix="")
@@ -108,7 +118,9 @@ def load_vae(path: Path, *, device: torch.device, dtype: torch.dtype, allow_pick
         try:
             vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the VAE folder {path.name}: {str(exc).splitlines()[0]}") from exc
+            raise ModelLoadError(
+                f"could not load the VAE folder {path.name}: {str(exc).splitlines()[0]}"
+            ) from exc
     else:
         state = load_state_dict(path, allow_pickle=allow_pickle)
         vae = vae_from_state_dict(state, name=path.name)

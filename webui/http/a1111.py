@@ -55,15 +55,43 @@ class ApiProblem(LatentStudioError):
 
 
 # A1111 keys mapped onto built-in fields (value converters below)
-_DIRECT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
-           "cfg_scale": "cfg_scale", "width": "width", "height": "height", "batch_size": "batch_size",
-           "n_iter": "batch_count", "eta": "eta", "mask_blur": "mask_blur",
-           "inpaint_full_res_padding": "only_masked_padding"}
+_DIRECT = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "seed": "seed",
+    "steps": "steps",
+    "cfg_scale": "cfg_scale",
+    "width": "width",
+    "height": "height",
+    "batch_size": "batch_size",
+    "n_iter": "batch_count",
+    "eta": "eta",
+    "mask_blur": "mask_blur",
+    "inpaint_full_res_padding": "only_masked_padding",
+}
 INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A1111's 0..3
-_HANDLED = {"sampler_name", "sampler_index", "scheduler", "denoising_strength", "init_images", "mask",
-            "inpainting_fill", "inpaint_full_res", "inpainting_mask_invert", "include_init_images",
-            "override_settings", "override_settings_restore_afterwards", "send_images", "save_images",
-            "do_not_save_samples", "do_not_save_grid", "alwayson_scripts", "task", "mask_blur_x", "mask_blur_y"}
+_HANDLED = {
+    "sampler_name",
+    "sampler_index",
+    "scheduler",
+    "denoising_strength",
+    "init_images",
+    "mask",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpainting_mask_invert",
+    "include_init_images",
+    "override_settings",
+    "override_settings_restore_afterwards",
+    "send_images",
+    "save_images",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "alwayson_scripts",
+    "task",
+    "mask_blur_x",
+    "mask_blur_y",
+}
 
 
 def _off(*values: Any) -> Any:
@@ -74,34 +102,93 @@ _ANY = lambda value: True  # noqa: E731 - a table of one-line checks reads best 
 
 # A1111 keys for features this engine lacks: accepted while "off" (as clients send them by default)
 _INERT: dict[str, Any] = {
-    "enable_hr": _off(False, None, 0), "restore_faces": _off(False, None, 0), "tiling": _off(False, None, 0),
-    "subseed": _ANY, "subseed_strength": _off(0, 0.0, None), "seed_resize_from_h": _off(-1, 0, None),
-    "seed_resize_from_w": _off(-1, 0, None), "styles": _off(None, [], ()), "script_name": _off(None, ""),
-    "script_args": _off(None, [], ()), "s_churn": _ANY, "s_tmax": _ANY, "s_tmin": _ANY, "s_noise": _ANY,
-    "s_min_uncond": _ANY, "refiner_checkpoint": _off(None, "", "None"), "refiner_switch_at": _ANY,
-    "disable_extra_networks": _off(False, None), "comments": _ANY, "infotext": _ANY, "force_task_id": _ANY,
-    "firstpass_image": _off(None, ""), "hr_scale": _ANY, "hr_upscaler": _ANY, "hr_second_pass_steps": _ANY,
-    "hr_resize_x": _ANY, "hr_resize_y": _ANY, "hr_checkpoint_name": _ANY, "hr_sampler_name": _ANY,
-    "hr_scheduler": _ANY, "hr_prompt": _ANY, "hr_negative_prompt": _ANY, "hr_additional_modules": _ANY,
-    "firstphase_width": _ANY, "firstphase_height": _ANY, "denoising_strength_hr": _ANY,
-    "resize_mode": _off(0, None), "image_cfg_scale": _ANY, "initial_noise_multiplier": _off(1, 1.0, None),
-    "latent_mask": _off(None, ""), "inpainting_mask_weight": _ANY, "use_async": _off(False, None),
-    "use_deprecated_controlnet": _off(False, None), "sampler_index_hr": _ANY, "extra_generation_params": _ANY,
+    "enable_hr": _off(False, None, 0),
+    "restore_faces": _off(False, None, 0),
+    "tiling": _off(False, None, 0),
+    "subseed": _ANY,
+    "subseed_strength": _off(0, 0.0, None),
+    "seed_resize_from_h": _off(-1, 0, None),
+    "seed_resize_from_w": _off(-1, 0, None),
+    "styles": _off(None, [], ()),
+    "script_name": _off(None, ""),
+    "script_args": _off(None, [], ()),
+    "s_churn": _ANY,
+    "s_tmax": _ANY,
+    "s_tmin": _ANY,
+    "s_noise": _ANY,
+    "s_min_uncond": _ANY,
+    "refiner_checkpoint": _off(None, "", "None"),
+    "refiner_switch_at": _ANY,
+    "disable_extra_networks": _off(False, None),
+    "comments": _ANY,
+    "infotext": _ANY,
+    "force_task_id": _ANY,
+    "firstpass_image": _off(None, ""),
+    "hr_scale": _ANY,
+    "hr_upscaler": _ANY,
+    "hr_second_pass_steps": _ANY,
+    "hr_resize_x": _ANY,
+    "hr_resize_y": _ANY,
+    "hr_checkpoint_name": _ANY,
+    "hr_sampler_name": _ANY,
+    "hr_scheduler": _ANY,
+    "hr_prompt": _ANY,
+    "hr_negative_prompt": _ANY,
+    "hr_additional_modules": _ANY,
+    "firstphase_width": _ANY,
+    "firstphase_height": _ANY,
+    "denoising_strength_hr": _ANY,
+    "resize_mode": _off(0, None),
+    "image_cfg_scale": _ANY,
+    "initial_noise_multiplier": _off(1, 1.0, None),
+    "latent_mask": _off(None, ""),
+    "inpainting_mask_weight": _ANY,
+    "use_async": _off(False, None),
+    "use_deprecated_controlnet": _off(False, None),
+    "sampler_index_hr": _ANY,
+    "extra_generation_params": _ANY,
 }
-_INERT_REASON = {"enable_hr": "hires fix", "restore_faces": "face restoration", "tiling": "tiling",
-                 "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
-                 "seed_resize_from_w": "seed resizing", "styles": "saved styles", "script_name": "scripts",
-                 "script_args": "scripts", "refiner_checkpoint": "a refiner", "firstpass_image": "hires fix",
-                 "resize_mode": "resize modes other than 0 (just resize)", "initial_noise_multiplier":
-                 "an initial noise multiplier", "latent_mask": "a separate latent mask", "use_async": "async calls",
-                 "disable_extra_networks": "turning extra networks off", "use_deprecated_controlnet":
-                 "the deprecated ControlNet route"}
+_INERT_REASON = {
+    "enable_hr": "hires fix",
+    "restore_faces": "face restoration",
+    "tiling": "tiling",
+    "subseed_strength": "variation seeds",
+    "seed_resize_from_h": "seed resizing",
+    "seed_resize_from_w": "seed resizing",
+    "styles": "saved styles",
+    "script_name": "scripts",
+    "script_args": "scripts",
+    "refiner_checkpoint": "a refiner",
+    "firstpass_image": "hires fix",
+    "resize_mode": "resize modes other than 0 (just resize)",
+    "initial_noise_multiplier": "an initial noise multiplier",
+    "latent_mask": "a separate latent mask",
+    "use_async": "async calls",
+    "disable_extra_networks": "turning extra networks off",
+    "use_deprecated_controlnet": "the deprecated ControlNet route",
+}
 
 OPTION_KEYS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "samples_save", "outdir_samples")
 _OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "samples_save")
-_CONTROLNET_INERT = {"resize_mode", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "lowvram",
-                     "low_vram", "guessmode", "control_mode", "input_mode", "batch_images", "save_detected_map",
-                     "hr_option", "is_ui", "advanced_weighting", "effective_region_mask", "inpaint_crop_input_image"}
+_CONTROLNET_INERT = {
+    "resize_mode",
+    "processor_res",
+    "threshold_a",
+    "threshold_b",
+    "pixel_perfect",
+    "lowvram",
+    "low_vram",
+    "guessmode",
+    "control_mode",
+    "input_mode",
+    "batch_images",
+    "save_detected_map",
+    "hr_option",
+    "is_ui",
+    "advanced_weighting",
+    "effective_region_mask",
+    "inpaint_crop_input_image",
+}
 _HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\Z")
 
 
@@ -145,7 +232,9 @@ def decode_image(value: Any, subject: str) -> Image.Image:
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequestError(f"{subject} is not valid base64 (send the image file's bytes in base64)") from None
+        raise InvalidRequestError(
+            f"{subject} is not valid base64 (send the image file's bytes in base64)"
+        ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -205,12 +294,18 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         elif key in _HANDLED:
             continue
         elif key in _INERT:
-            if not _INERT[key](value) and not (key.startswith(("hr_", "firstphase_")) and not body.get("enable_hr")):
+            if not _INERT[key](value) and not (
+                key.startswith(("hr_", "firstphase_")) and not body.get("enable_hr")
+            ):
                 what = _INERT_REASON.get(key, key)
-                raise InvalidRequestError(f"{key}: {what} is not supported by this server; leave it at its default")
+                raise InvalidRequestError(
+                    f"{key}: {what} is not supported by this server; leave it at its default"
+                )
         elif key in plugin_fields:
             declared = plugin_fields[key]
-            values[key] = decode_image(value, key) if declared.kind == "image" and value is not None else value
+            values[key] = (
+                decode_image(value, key) if declared.kind == "image" and value is not None else value
+            )
         else:
             raise InvalidRequestError(_unknown_key(key, route, list(plugin_fields)))
     overrides = dict(options)
@@ -219,8 +314,9 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         raise InvalidRequestError("override_settings must be a JSON object")
     for key, value in given.items():
         if key not in _OVERRIDES:
-            raise InvalidRequestError(f"override_settings: {str(key)[:60]!r} is not supported; "
-                                      f"use {', '.join(_OVERRIDES)}")
+            raise InvalidRequestError(
+                f"override_settings: {str(key)[:60]!r} is not supported; use {', '.join(_OVERRIDES)}"
+            )
         overrides[key] = value
     _apply_settings(values, overrides)
     values["sampler"] = _sampler(body, engine)
@@ -237,7 +333,9 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         if body.get("mask") is not None:
             task = "inpaint"
             values["mask"] = decode_image(body["mask"], "mask")
-            values["masked_content"] = _choice("inpainting_fill", body.get("inpainting_fill", 1), INPAINTING_FILL)
+            values["masked_content"] = _choice(
+                "inpainting_fill", body.get("inpainting_fill", 1), INPAINTING_FILL
+            )
             values["only_masked"] = _flag("inpaint_full_res", body.get("inpaint_full_res", False))
             values["invert_mask"] = _flag("inpainting_mask_invert", body.get("inpainting_mask_invert", 0))
             values.setdefault("strength", 0.75)  # A1111's default, also for inpainting
@@ -251,14 +349,21 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         task = "seg2img"
     request = fields.new_request(task, values)
     request = check_request(request, engine)
-    save = _flag("save_images", body.get("save_images", False)) and bool(overrides.get("samples_save", True)) \
+    save = (
+        _flag("save_images", body.get("save_images", False))
+        and bool(overrides.get("samples_save", True))
         and not _flag("do_not_save_samples", body.get("do_not_save_samples", False))
+    )
     echo = {key: value for key, value in body.items() if key not in ("init_images", "mask")}
     echo.update({"init_images": None, "mask": None} if route == "img2img" else {})
-    return Parsed(request=request, save=save, send_images=_flag("send_images", body.get("send_images", True)),
-                  init_images=[item for item in init_images if isinstance(item, str)],
-                  include_init_images=_flag("include_init_images", body.get("include_init_images", False)),
-                  echo=echo)
+    return Parsed(
+        request=request,
+        save=save,
+        send_images=_flag("send_images", body.get("send_images", True)),
+        init_images=[item for item in init_images if isinstance(item, str)],
+        include_init_images=_flag("include_init_images", body.get("include_init_images", False)),
+        echo=echo,
+    )
 
 
 def check_request(request: Any, engine: Any) -> Any:
@@ -266,9 +371,15 @@ def check_request(request: Any, engine: Any) -> Any:
     the task's inputs, the limits, the sampler and the model names (404 when not installed)."""
     fields = engine.fields
     request = fields.validate(request.validate(tasks=fields))
-    engine.limits.check(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-                        width=request.width, height=request.height, batch_size=request.batch_size,
-                        batch_count=request.batch_count)
+    engine.limits.check(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        width=request.width,
+        height=request.height,
+        batch_size=request.batch_size,
+        batch_count=request.batch_count,
+    )
     from webui.errors import UnknownSamplerError
 
     try:
@@ -277,15 +388,21 @@ def check_request(request: Any, engine: Any) -> Any:
         raise ApiProblem(404, f"sampler {request.sampler[:60]!r} not found; see /sdapi/v1/samplers") from None
     from webui.engine.vae import is_automatic
 
-    for name, kind, route in ((request.model, "checkpoint", "sd-models"), (request.vae, "vae", "sd-vae"),
-                              (request.controlnet, "controlnet", "../controlnet/model_list")):
+    for name, kind, route in (
+        (request.model, "checkpoint", "sd-models"),
+        (request.vae, "vae", "sd-vae"),
+        (request.controlnet, "controlnet", "../controlnet/model_list"),
+    ):
         if not name or (kind == "vae" and is_automatic(name)):
             continue
         try:
             engine.models.source_of(name, kind)
         except ModelNotFoundError:
-            raise ApiProblem(404, f"{'model' if kind == 'checkpoint' else kind} {name[:80]!r} not found; "
-                                  f"see /sdapi/v1/{route}".replace("/sdapi/v1/../", "/")) from None
+            raise ApiProblem(
+                404,
+                f"{'model' if kind == 'checkpoint' else kind} {name[:80]!r} not found; "
+                f"see /sdapi/v1/{route}".replace("/sdapi/v1/../", "/"),
+            ) from None
     return request
 
 
@@ -323,8 +440,11 @@ def _sampler(body: Mapping[str, Any], engine: Any) -> str:
     if not isinstance(name, str) or (schedule is not None and not isinstance(schedule, str)):
         raise InvalidRequestError("sampler_name and scheduler must be text")
     name = name.strip()
-    if schedule and schedule.strip().lower() not in ("automatic", "uniform") and \
-            not name.lower().endswith(" " + schedule.strip().lower()):
+    if (
+        schedule
+        and schedule.strip().lower() not in ("automatic", "uniform")
+        and not name.lower().endswith(" " + schedule.strip().lower())
+    ):
         name = f"{name} {schedule.strip()}"
     return name
 
@@ -344,7 +464,9 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
         return choices[value]
     if isinstance(value, str) and value in choices:
         return value
-    raise InvalidRequestError(f"{name} must be 0 to {len(choices) - 1} ({', '.join(choices)}), got {str(value)[:40]!r}")
+    raise InvalidRequestError(
+        f"{name} must be 0 to {len(choices) - 1} ({', '.join(choices)}), got {str(value)[:40]!r}"
+    )
 
 
 def _controlnet(scripts: Any, engine: Any) -> dict[str, Any]:
@@ -355,7 +477,9 @@ def _controlnet(scripts: Any, engine: Any) -> dict[str, Any]:
         raise InvalidRequestError("alwayson_scripts must be a JSON object")
     unknown = [name for name in scripts if str(name).lower() != "controlnet"]
     if unknown:
-        raise InvalidRequestError(f"alwayson_scripts: {str(unknown[0])[:60]!r} is not supported; only controlnet is")
+        raise InvalidRequestError(
+            f"alwayson_scripts: {str(unknown[0])[:60]!r} is not supported; only controlnet is"
+        )
     script = next(iter(scripts.values()))
     units = script.get("args") if isinstance(script, dict) else None
     if not isinstance(units, list):
@@ -368,15 +492,27 @@ def _controlnet(scripts: Any, engine: Any) -> dict[str, Any]:
     if len(enabled) > 1:
         raise InvalidRequestError("only one ControlNet unit can be used per request")
     unit = enabled[0]
-    allowed = {"enabled", "image", "input_image", "model", "module", "weight", "guidance_start", "guidance_end",
-               "mask", *_CONTROLNET_INERT}
+    allowed = {
+        "enabled",
+        "image",
+        "input_image",
+        "model",
+        "module",
+        "weight",
+        "guidance_start",
+        "guidance_end",
+        "mask",
+        *_CONTROLNET_INERT,
+    }
     extra = [key for key in unit if key not in allowed]
     if extra:
         raise InvalidRequestError(f"ControlNet unit: {str(extra[0])[:60]!r} is not supported")
     module = unit.get("module", "none")
     if not isinstance(module, str) or module.strip().lower() not in ("none", ""):
-        raise InvalidRequestError(f"ControlNet module {str(module)[:40]!r} is not supported: send a ready "
-                                  "segmentation map with module \"none\"")
+        raise InvalidRequestError(
+            f"ControlNet module {str(module)[:40]!r} is not supported: send a ready "
+            'segmentation map with module "none"'
+        )
     if unit.get("mask"):
         raise InvalidRequestError("ControlNet unit: a mask is not supported")
     image = unit.get("image", unit.get("input_image"))
@@ -390,8 +526,11 @@ def _controlnet(scripts: Any, engine: Any) -> dict[str, Any]:
         raise InvalidRequestError("ControlNet unit: model must be a ControlNet name")
     if model and model.strip().lower() not in ("none", ""):
         values["controlnet"] = split_hash(model.strip())
-    for key, name in (("weight", "control_scale"), ("guidance_start", "control_start"),
-                      ("guidance_end", "control_end")):
+    for key, name in (
+        ("weight", "control_scale"),
+        ("guidance_start", "control_start"),
+        ("guidance_end", "control_end"),
+    ):
         if key in unit:
             values[name] = unit[key]
     return values
@@ -421,29 +560,62 @@ def info_of(request: Any, finished: Any) -> dict[str, Any]:
 
     sampler = parsed.get("Sampler", request.sampler)
     return {
-        "prompt": request.prompt, "all_prompts": [request.prompt] * count,
-        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * count,
-        "seed": seeds[0] if seeds else request.seed, "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
-        "width": number("Size-1", request.width), "height": number("Size-2", request.height),
-        "sampler_name": sampler, "scheduler": parsed.get("Schedule type", "Automatic"),
-        "cfg_scale": number("CFG scale", request.cfg_scale), "steps": number("Steps", request.steps),
-        "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": parsed.get("Model"), "sd_model_hash": parsed.get("Model hash"),
-        "sd_vae_name": parsed.get("VAE"), "sd_vae_hash": parsed.get("VAE hash"),
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seeds[0] if seeds else request.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * count,
+        "subseed_strength": 0,
+        "width": number("Size-1", request.width),
+        "height": number("Size-2", request.height),
+        "sampler_name": sampler,
+        "scheduler": parsed.get("Schedule type", "Automatic"),
+        "cfg_scale": number("CFG scale", request.cfg_scale),
+        "steps": number("Steps", request.steps),
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": parsed.get("Model"),
+        "sd_model_hash": parsed.get("Model hash"),
+        "sd_vae_name": parsed.get("VAE"),
+        "sd_vae_hash": parsed.get("VAE hash"),
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
         "denoising_strength": number("Denoising strength", None),
         "extra_generation_params": {key: value for key, value in parsed.items() if key not in _INFO_KEYS},
-        "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
         "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
         "clip_skip": number("Clip skip", request.clip_skip),
-        "is_using_inpainting_conditioning": False, "version": _version(),
+        "is_using_inpainting_conditioning": False,
+        "version": _version(),
     }
 
 
-_INFO_KEYS = frozenset({"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed",
-                        "Size", "Size-1", "Size-2", "Model", "Model hash", "VAE", "VAE hash", "Clip skip",
-                        "Denoising strength"})
+_INFO_KEYS = frozenset(
+    {
+        "Prompt",
+        "Negative prompt",
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Size-1",
+        "Size-2",
+        "Model",
+        "Model hash",
+        "VAE",
+        "VAE hash",
+        "Clip skip",
+        "Denoising strength",
+    }
+)
 
 
 def _version() -> str:
@@ -458,7 +630,9 @@ def _version() -> str:
 def images_of(finished: Any) -> list[str]:
     """The finished request's images as base64 PNGs (saved files as on disk; unsaved ones with
     their infotext)."""
-    return [encode_png(image, text) for (image, _), text in zip(finished.files, finished.infotexts, strict=False)]
+    return [
+        encode_png(image, text) for (image, _), text in zip(finished.files, finished.infotexts, strict=False)
+    ]
 
 
 def answer(parsed: Parsed, finished: Any) -> dict[str, Any]:
@@ -466,7 +640,11 @@ def answer(parsed: Parsed, finished: Any) -> dict[str, Any]:
     images = images_of(finished) if parsed.send_images else []
     if parsed.include_init_images and parsed.send_images:
         images += [_bare_base64(item) for item in parsed.init_images]
-    return {"images": images, "parameters": parsed.echo, "info": json.dumps(info_of(parsed.request, finished))}
+    return {
+        "images": images,
+        "parameters": parsed.echo,
+        "info": json.dumps(info_of(parsed.request, finished)),
+    }
 
 
 def _bare_base64(text: str) -> str:

@@ -31,18 +31,39 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("HTTP API (AUTOMATIC1111's /sdapi/v1, jobs, OpenAI images)")
     group.add_argument("--api", action="store_true", help="also serve the HTTP API on the web app's port")
     group.add_argument("--nowebui", action="store_true", help="serve the HTTP API alone, without the web app")
-    group.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
-                       help="HTTP Basic logins for the API (default: the web app's --auth logins)")
-    group.add_argument("--api-auth-file", type=Path, default=None,
-                       help="file with one USER:PASS per line for the API (# starts a comment)")
-    group.add_argument("--api-key", default=None, metavar="KEY[,KEY...]",
-                       help="bearer tokens the API accepts (Authorization: Bearer KEY), as OpenAI's clients send")
+    group.add_argument(
+        "--api-auth",
+        default=None,
+        metavar="USER:PASS[,USER:PASS...]",
+        help="HTTP Basic logins for the API (default: the web app's --auth logins)",
+    )
+    group.add_argument(
+        "--api-auth-file",
+        type=Path,
+        default=None,
+        help="file with one USER:PASS per line for the API (# starts a comment)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY[,KEY...]",
+        help="bearer tokens the API accepts (Authorization: Bearer KEY), as OpenAI's clients send",
+    )
     group.add_argument("--api-key-file", type=Path, default=None, help="file with one API key per line")
-    group.add_argument("--job-keep-seconds", type=_positive, default=3600.0, metavar="SECONDS",
-                       help="how long a finished job (and its images, when not saved) is kept for its owner "
-                       "(default 3600)")
-    group.add_argument("--job-keep-count", type=at_least(1), default=100, metavar="N",
-                       help="at most this many finished jobs are kept; the oldest go first (default 100)")
+    group.add_argument(
+        "--job-keep-seconds",
+        type=_positive,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a finished job (and its images, when not saved) is kept for its owner (default 3600)",
+    )
+    group.add_argument(
+        "--job-keep-count",
+        type=at_least(1),
+        default=100,
+        metavar="N",
+        help="at most this many finished jobs are kept; the oldest go first (default 100)",
+    )
 
 
 def _positive(text: str) -> float:
@@ -82,8 +103,11 @@ def api_settings(args: argparse.Namespace, web_logins: list[tuple[str, str]]) ->
     nowebui = bool(getattr(args, "nowebui", False))
     enabled = nowebui or bool(getattr(args, "api", False))
     api_auth, api_auth_file = getattr(args, "api_auth", None), getattr(args, "api_auth_file", None)
-    logins = read_auth(api_auth, api_auth_file) if (api_auth is not None or api_auth_file is not None) \
+    logins = (
+        read_auth(api_auth, api_auth_file)
+        if (api_auth is not None or api_auth_file is not None)
         else list(web_logins)
+    )
     keys = _read_keys(getattr(args, "api_key", None), getattr(args, "api_key_file", None))
     settings = ApiSettings(enabled=enabled, web=not nowebui, logins=tuple(logins), keys=tuple(keys))
     if not enabled:
@@ -94,9 +118,11 @@ def api_settings(args: argparse.Namespace, web_logins: list[tuple[str, str]]) ->
         raise LaunchRefused("--share opens a link to the web app; it cannot be used with --nowebui")
     exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
     if exposed and not settings.protected and not args.insecure:
-        raise LaunchRefused(f"{' and '.join(exposed)} would let anyone who can reach this machine use the HTTP API. "
-                            "Add a login with --api-auth USER:PASS (or --auth), or a key with --api-key, "
-                            "or pass --insecure to start without one anyway.")
+        raise LaunchRefused(
+            f"{' and '.join(exposed)} would let anyone who can reach this machine use the HTTP API. "
+            "Add a login with --api-auth USER:PASS (or --auth), or a key with --api-key, "
+            "or pass --insecure to start without one anyway."
+        )
     return settings
 
 
@@ -108,9 +134,13 @@ def _read_keys(keys: str | None, key_file: Path | None) -> list[str]:
         try:
             text = key_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
-            raise LaunchRefused(f"cannot read --api-key-file {key_file}: "
-                                f"{getattr(error, 'strerror', None) or type(error).__name__}") from None
-        found += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            raise LaunchRefused(
+                f"cannot read --api-key-file {key_file}: "
+                f"{getattr(error, 'strerror', None) or type(error).__name__}"
+            ) from None
+        found += [
+            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
     for key in found:
         if len(key) < 8 or any(ch.isspace() or not ch.isprintable() for ch in key):
             raise LaunchRefused("an API key must be at least 8 printable characters without spaces")
@@ -166,6 +196,10 @@ class ApiAccess:
         if scheme.lower() != "basic":
             return "(a key)" if scheme.lower() == "bearer" else ""
         try:
-            return base64.b64decode(value.strip(), validate=True).decode("utf-8", "replace").partition(":")[0][:100]
+            return (
+                base64.b64decode(value.strip(), validate=True)
+                .decode("utf-8", "replace")
+                .partition(":")[0][:100]
+            )
         except (binascii.Error, ValueError):
             return ""

@@ -97,13 +97,20 @@ class JobManager:
     web app's waiting clicks); ``busy_message`` is :class:`QueueFull`'s text (``{size}`` is filled).
     """
 
-    def __init__(self, run: Callable[[Job], Iterator[Any]], *, stop: Callable[[Job], Any],
-                 skip: Callable[[Job], Any] | None = None, max_waiting: int = 16,
-                 others_waiting: Callable[[], int] = lambda: 0,
-                 turn: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-                 busy_message: str = "The server is busy: {size} generations are already waiting.",
-                 keep_seconds: float = 3600.0, keep_count: int = 100,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        run: Callable[[Job], Iterator[Any]],
+        *,
+        stop: Callable[[Job], Any],
+        skip: Callable[[Job], Any] | None = None,
+        max_waiting: int = 16,
+        others_waiting: Callable[[], int] = lambda: 0,
+        turn: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        busy_message: str = "The server is busy: {size} generations are already waiting.",
+        keep_seconds: float = 3600.0,
+        keep_count: int = 100,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._run = run
         self._stop = stop
         self._skip = skip
@@ -132,9 +139,17 @@ class JobManager:
             if self._closed:
                 raise QueueFull("the server is shutting down", retry_after=30)
             if len(self._queue) + self.others_waiting() >= self.max_waiting:
-                raise QueueFull(self.busy_message.format(size=self.max_waiting), retry_after=self._retry_after())
-            job = Job(id=f"{next(self._counter)}-{secrets.token_hex(8)}", owner=owner, task=task, request=request,
-                      options=dict(options or {}), created=self.clock())
+                raise QueueFull(
+                    self.busy_message.format(size=self.max_waiting), retry_after=self._retry_after()
+                )
+            job = Job(
+                id=f"{next(self._counter)}-{secrets.token_hex(8)}",
+                owner=owner,
+                task=task,
+                request=request,
+                options=dict(options or {}),
+                created=self.clock(),
+            )
             self._jobs[job.id] = job
             self._queue.append(job)
             self._forget_old()
@@ -203,7 +218,9 @@ class JobManager:
         """Wait until ``job`` changes after ``version`` (or ``timeout`` seconds pass, or it is
         finished); returns its version."""
         with self._changed:
-            self._changed.wait_for(lambda: job.version != version or job.finished or self._closed, timeout=timeout)
+            self._changed.wait_for(
+                lambda: job.version != version or job.finished or self._closed, timeout=timeout
+            )
             return job.version
 
     def wait_finished(self, job: Job, timeout: float | None = None) -> bool:
@@ -255,8 +272,10 @@ class JobManager:
                     if hasattr(event, "step") and hasattr(event, "total"):
                         job.step, job.total = event.step, event.total
                         job.batch, job.batches = getattr(event, "batch", 1), getattr(event, "batches", 1)
-                        job.done_steps, job.overall = getattr(event, "done", event.step), getattr(event, "overall",
-                                                                                                  event.total)
+                        job.done_steps, job.overall = (
+                            getattr(event, "done", event.step),
+                            getattr(event, "overall", event.total),
+                        )
                         job.eta = getattr(event, "eta", None)
                         preview = getattr(event, "preview", None)
                         if preview:
@@ -266,8 +285,11 @@ class JobManager:
                     self._touch(job)
         except Exception as error:
             with self._changed:
-                job.error = str(error) if isinstance(error, LatentStudioError) \
+                job.error = (
+                    str(error)
+                    if isinstance(error, LatentStudioError)
                     else f"generation failed: {type(error).__name__}: {error}"
+                )
                 job.error = job.error.splitlines()[0] if job.error else type(error).__name__
                 job.error_kind = type(error).__name__
                 if not isinstance(error, LatentStudioError):

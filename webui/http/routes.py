@@ -55,7 +55,9 @@ class ApiState:
     """What the routes share: the service (engine, outputs), the jobs, the logins, each caller's
     options (A1111's settings, kept per user: one user's model choice is not another's)."""
 
-    def __init__(self, service: Any, jobs: JobManager, access: ApiAccess, args: argparse.Namespace | None) -> None:
+    def __init__(
+        self, service: Any, jobs: JobManager, access: ApiAccess, args: argparse.Namespace | None
+    ) -> None:
         self.service = service
         self.engine = service.engine
         self.jobs = jobs
@@ -103,9 +105,15 @@ Owner = Depends(caller)
 # -- the application -------------------------------------------------------------------------
 
 
-def build_api(service: Any, settings: ApiSettings, *, max_waiting: int,
-              others_waiting: Callable[[], int] = lambda: 0, args: argparse.Namespace | None = None,
-              busy_message: str | None = None) -> FastAPI:
+def build_api(
+    service: Any,
+    settings: ApiSettings,
+    *,
+    max_waiting: int,
+    others_waiting: Callable[[], int] = lambda: 0,
+    args: argparse.Namespace | None = None,
+    busy_message: str | None = None,
+) -> FastAPI:
     """The API over ``service`` (a :class:`~webui.ui.service.StudioService`). Its job manager is
     ``app.state.api.jobs`` (close it with the app: :func:`close_api`)."""
 
@@ -114,14 +122,24 @@ def build_api(service: Any, settings: ApiSettings, *, max_waiting: int,
 
     from webui.ui.app import BUSY_MESSAGE
 
-    jobs = JobManager(run, stop=lambda job: service.interrupt(f"api-job:{job.id}"),
-                      skip=lambda job: service.skip(f"api-job:{job.id}"), max_waiting=max_waiting,
-                      others_waiting=others_waiting, turn=service.device_turn,
-                      busy_message=busy_message or BUSY_MESSAGE,
-                      keep_seconds=float(getattr(args, "job_keep_seconds", 3600.0)),
-                      keep_count=int(getattr(args, "job_keep_count", 100)))
-    app = FastAPI(title="Latent Studio API", docs_url=None, redoc_url=None, openapi_url=None,
-                  description="AUTOMATIC1111-compatible routes, jobs that can be followed, OpenAI images.")
+    jobs = JobManager(
+        run,
+        stop=lambda job: service.interrupt(f"api-job:{job.id}"),
+        skip=lambda job: service.skip(f"api-job:{job.id}"),
+        max_waiting=max_waiting,
+        others_waiting=others_waiting,
+        turn=service.device_turn,
+        busy_message=busy_message or BUSY_MESSAGE,
+        keep_seconds=float(getattr(args, "job_keep_seconds", 3600.0)),
+        keep_count=int(getattr(args, "job_keep_count", 100)),
+    )
+    app = FastAPI(
+        title="Latent Studio API",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        description="AUTOMATIC1111-compatible routes, jobs that can be followed, OpenAI images.",
+    )
     app.state.api = ApiState(service, jobs, ApiAccess(settings), args)
     _errors(app)
     _docs_routes(app)
@@ -135,12 +153,17 @@ def close_api(app: FastAPI) -> None:
     app.state.api.jobs.close()
 
 
-def _detail(status: int, detail: str, headers: dict[str, str] | None = None, *, openai: bool = False) -> JSONResponse:
+def _detail(
+    status: int, detail: str, headers: dict[str, str] | None = None, *, openai: bool = False
+) -> JSONResponse:
     detail = " ".join(str(detail).split())[:1000] or "error"
     content: dict[str, Any] = {"detail": detail}
     if openai:  # OpenAI's clients read error.message
-        content["error"] = {"message": detail, "type": "invalid_request_error" if status < 500 else "server_error",
-                            "code": status}
+        content["error"] = {
+            "message": detail,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": status,
+        }
     return JSONResponse(content, status_code=status, headers=headers)
 
 
@@ -159,8 +182,13 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(LatentStudioError)
     async def refused(request: Request, error: LatentStudioError) -> JSONResponse:
-        status = 404 if isinstance(error, (ModelNotFoundError, NoModelError)) else 422 \
-            if isinstance(error, InvalidRequestError) else 500
+        status = (
+            404
+            if isinstance(error, (ModelNotFoundError, NoModelError))
+            else 422
+            if isinstance(error, InvalidRequestError)
+            else 500
+        )
         return _detail(status, str(error), openai=is_openai(request))
 
     @app.exception_handler(RequestValidationError)
@@ -180,8 +208,11 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception) -> JSONResponse:
         log.error("API request %s failed", request.url.path, exc_info=error)
-        return _detail(500, f"internal error ({type(error).__name__}); the server log has the details",
-                       openai=is_openai(request))
+        return _detail(
+            500,
+            f"internal error ({type(error).__name__}); the server log has the details",
+            openai=is_openai(request),
+        )
 
 
 def _docs_routes(app: FastAPI) -> None:
@@ -209,7 +240,11 @@ def _generate(state: ApiState, owner: str, body: Any, route: str) -> dict[str, A
         raise ApiProblem(_failure_status(job), job.error or "generation failed")
     finished = job.result
     if finished is None:  # interrupted before it started
-        return {"images": [], "parameters": parsed.echo, "info": json.dumps({"infotexts": [], "all_seeds": []})}
+        return {
+            "images": [],
+            "parameters": parsed.echo,
+            "info": json.dumps({"infotexts": [], "all_seeds": []}),
+        }
     return a1111.answer(parsed, finished)
 
 
@@ -257,23 +292,47 @@ def _sdapi_routes(app: FastAPI) -> None:
         mine = [job for job in state.jobs.jobs(owner) if not job.finished]
         job = mine[0] if mine else None
         if job is None:
-            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
-                    "current_task": None, "queue_position": None,
-                    "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                              "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
-                              "sampling_steps": 0}}
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "current_image": None,
+                "textinfo": None,
+                "current_task": None,
+                "queue_position": None,
+                "state": {
+                    "skipped": False,
+                    "interrupted": False,
+                    "stopping_generation": False,
+                    "job": "",
+                    "job_count": 0,
+                    "job_timestamp": "0",
+                    "job_no": 0,
+                    "sampling_step": 0,
+                    "sampling_steps": 0,
+                },
+            }
         image = None
         if job.preview is not None and not skip_current_image:
             image = a1111.encode_png(job.preview)
-        return {"progress": round(job.fraction, 4), "eta_relative": round(job.eta or 0.0, 2),
-                "current_image": image, "textinfo": _textinfo(job, state.jobs.position(job)),
-                "current_task": job.id, "queue_position": state.jobs.position(job),
-                "state": {"skipped": False, "interrupted": job.interrupted, "stopping_generation": False,
-                          "job": f"Batch {job.batch} out of {job.batches}" if job.batches else "",
-                          "job_count": job.batches or job.request.batch_count,
-                          "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-                          "job_no": max(0, job.batch - 1), "sampling_step": job.step,
-                          "sampling_steps": job.total or job.request.steps}}
+        return {
+            "progress": round(job.fraction, 4),
+            "eta_relative": round(job.eta or 0.0, 2),
+            "current_image": image,
+            "textinfo": _textinfo(job, state.jobs.position(job)),
+            "current_task": job.id,
+            "queue_position": state.jobs.position(job),
+            "state": {
+                "skipped": False,
+                "interrupted": job.interrupted,
+                "stopping_generation": False,
+                "job": f"Batch {job.batch} out of {job.batches}" if job.batches else "",
+                "job_count": job.batches or job.request.batch_count,
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+                "job_no": max(0, job.batch - 1),
+                "sampling_step": job.step,
+                "sampling_steps": job.total or job.request.steps,
+            },
+        }
 
     @app.post("/sdapi/v1/interrupt", tags=[_A1111])
     def interrupt(request: Request, owner: str = Owner) -> None:
@@ -313,23 +372,43 @@ def _sdapi_routes(app: FastAPI) -> None:
     @app.get("/sdapi/v1/samplers", tags=[_A1111])
     def samplers(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
         registry = _state(request).engine.schedulers
-        return [{"name": name, "aliases": list(registry.get(name).aliases), "options": {}}
-                for name in registry.names()]
+        return [
+            {"name": name, "aliases": list(registry.get(name).aliases), "options": {}}
+            for name in registry.names()
+        ]
 
     @app.get("/sdapi/v1/schedulers", tags=[_A1111])
     def schedulers(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
         """A1111's schedule types: the suffixes of this server's sampler names, and Automatic."""
         names = _state(request).engine.schedulers.names()
-        found = ["Automatic"] + sorted({name.rsplit(" ", 1)[1] for name in names
-                                        if " " in name and name.rsplit(" ", 1)[1] in _SCHEDULES})
-        return [{"name": name.lower(), "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for name in found]
+        found = ["Automatic"] + sorted(
+            {name.rsplit(" ", 1)[1] for name in names if " " in name and name.rsplit(" ", 1)[1] in _SCHEDULES}
+        )
+        return [
+            {
+                "name": name.lower(),
+                "label": name,
+                "aliases": None,
+                "default_rho": -1,
+                "need_inner_model": False,
+            }
+            for name in found
+        ]
 
     @app.get("/sdapi/v1/sd-models", tags=[_A1111])
     def sd_models(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
         """Installed checkpoints by name (no server paths)."""
-        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-                for name in _state(request).service.names("checkpoint")]
+        return [
+            {
+                "title": name,
+                "model_name": name,
+                "hash": None,
+                "sha256": None,
+                "filename": name,
+                "config": None,
+            }
+            for name in _state(request).service.names("checkpoint")
+        ]
 
     @app.get("/sdapi/v1/sd-vae", tags=[_A1111])
     def sd_vae(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
@@ -338,14 +417,27 @@ def _sdapi_routes(app: FastAPI) -> None:
     @app.get("/sdapi/v1/loras", tags=[_A1111])
     def loras(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
         """Installed LoRAs; use one with ``<lora:NAME:WEIGHT>`` in the prompt."""
-        return [{"name": name, "alias": name, "path": name, "metadata": {}}
-                for name in _state(request).service.names("lora")]
+        return [
+            {"name": name, "alias": name, "path": name, "metadata": {}}
+            for name in _state(request).service.names("lora")
+        ]
 
     @app.get("/sdapi/v1/embeddings", tags=[_A1111])
     def embeddings(request: Request, owner: str = Owner) -> dict[str, Any]:
         names = _state(request).service.names("embedding")
-        return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                                  "vectors": None} for name in names}, "skipped": {}}
+        return {
+            "loaded": {
+                name: {
+                    "step": None,
+                    "sd_checkpoint": None,
+                    "sd_checkpoint_name": None,
+                    "shape": None,
+                    "vectors": None,
+                }
+                for name in names
+            },
+            "skipped": {},
+        }
 
     @app.post("/sdapi/v1/refresh-checkpoints", tags=[_A1111])
     def refresh_checkpoints(request: Request, owner: str = Owner) -> None:
@@ -387,11 +479,13 @@ def _textinfo(job: Job, position: int | None) -> str:
 
 def _options(state: ApiState, owner: str) -> dict[str, Any]:
     mine = state.options_of(owner)
-    return {"sd_model_checkpoint": mine.get("sd_model_checkpoint") or state.service.default_model_name(),
-            "sd_vae": mine.get("sd_vae") or "Automatic",
-            "CLIP_stop_at_last_layers": mine.get("CLIP_stop_at_last_layers", 1),
-            "samples_save": mine.get("samples_save", True),
-            "outdir_samples": str(state.service.outputs_dir)}
+    return {
+        "sd_model_checkpoint": mine.get("sd_model_checkpoint") or state.service.default_model_name(),
+        "sd_vae": mine.get("sd_vae") or "Automatic",
+        "CLIP_stop_at_last_layers": mine.get("CLIP_stop_at_last_layers", 1),
+        "samples_save": mine.get("samples_save", True),
+        "outdir_samples": str(state.service.outputs_dir),
+    }
 
 
 def _set_options(state: ApiState, owner: str, body: dict[str, Any]) -> None:
@@ -400,8 +494,9 @@ def _set_options(state: ApiState, owner: str, body: dict[str, Any]) -> None:
 
     unknown = [key for key in body if key not in a1111.OPTION_KEYS]
     if unknown:
-        raise InvalidRequestError(f"unknown option {str(unknown[0])[:60]!r}; this server has "
-                                  f"{', '.join(a1111.OPTION_KEYS)}")
+        raise InvalidRequestError(
+            f"unknown option {str(unknown[0])[:60]!r}; this server has {', '.join(a1111.OPTION_KEYS)}"
+        )
     changes: dict[str, Any] = {}
     for key, value in body.items():
         if key == "outdir_samples":
@@ -422,8 +517,11 @@ def _set_options(state: ApiState, owner: str, body: dict[str, Any]) -> None:
                 try:
                     state.engine.models.source_of(value, kind)
                 except ModelNotFoundError:
-                    raise ApiProblem(404, f"{'model' if kind == 'checkpoint' else 'VAE'} {value[:80]!r} not found; "
-                                          f"see /sdapi/v1/{'sd-models' if kind == 'checkpoint' else 'sd-vae'}") from None
+                    raise ApiProblem(
+                        404,
+                        f"{'model' if kind == 'checkpoint' else 'VAE'} {value[:80]!r} not found; "
+                        f"see /sdapi/v1/{'sd-models' if kind == 'checkpoint' else 'sd-vae'}",
+                    ) from None
         changes[key] = value
     with state.lock:
         state.options.setdefault(owner, {}).update(changes)
@@ -444,16 +542,26 @@ def _memory() -> dict[str, Any]:
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             stats = torch.cuda.memory_stats()
-            cuda = {"system": {"free": free, "used": total - free, "total": total},
-                    "active": {"current": stats.get("active_bytes.all.current", 0),
-                               "peak": stats.get("active_bytes.all.peak", 0)},
-                    "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
-                                  "peak": stats.get("allocated_bytes.all.peak", 0)},
-                    "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
-                                 "peak": stats.get("reserved_bytes.all.peak", 0)},
-                    "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0),
-                                 "peak": stats.get("inactive_split_bytes.all.peak", 0)},
-                    "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+            cuda = {
+                "system": {"free": free, "used": total - free, "total": total},
+                "active": {
+                    "current": stats.get("active_bytes.all.current", 0),
+                    "peak": stats.get("active_bytes.all.peak", 0),
+                },
+                "allocated": {
+                    "current": stats.get("allocated_bytes.all.current", 0),
+                    "peak": stats.get("allocated_bytes.all.peak", 0),
+                },
+                "reserved": {
+                    "current": stats.get("reserved_bytes.all.current", 0),
+                    "peak": stats.get("reserved_bytes.all.peak", 0),
+                },
+                "inactive": {
+                    "current": stats.get("inactive_split_bytes.all.current", 0),
+                    "peak": stats.get("inactive_split_bytes.all.peak", 0),
+                },
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+            }
     except Exception as error:  # a broken driver must not break the answer
         cuda = {"error": f"{type(error).__name__}: {error}"[:200]}
     return {"ram": ram, "cuda": cuda}
@@ -467,14 +575,25 @@ _JOBS = "Jobs"
 def _job_view(state: ApiState, job: Job) -> dict[str, Any]:
     finished = job.result
     count = len(finished.files) if finished is not None else 0
-    return {"id": job.id, "task": job.task, "state": job.state, "position": state.jobs.position(job),
-            "step": job.step, "steps": job.total or job.request.steps, "batch": job.batch,
-            "batches": job.batches or job.request.batch_count, "progress": round(job.fraction, 4),
-            "eta": None if job.eta is None else round(job.eta, 2), "error": job.error,
-            "images": [f"/api/v1/jobs/{job.id}/images/{n}" for n in range(count)],
-            "seeds": list(finished.seeds) if finished is not None else [],
-            "infotexts": list(finished.infotexts) if finished is not None else [],
-            "created": job.created, "started": job.started, "ended": job.ended}
+    return {
+        "id": job.id,
+        "task": job.task,
+        "state": job.state,
+        "position": state.jobs.position(job),
+        "step": job.step,
+        "steps": job.total or job.request.steps,
+        "batch": job.batch,
+        "batches": job.batches or job.request.batch_count,
+        "progress": round(job.fraction, 4),
+        "eta": None if job.eta is None else round(job.eta, 2),
+        "error": job.error,
+        "images": [f"/api/v1/jobs/{job.id}/images/{n}" for n in range(count)],
+        "seeds": list(finished.seeds) if finished is not None else [],
+        "infotexts": list(finished.infotexts) if finished is not None else [],
+        "created": job.created,
+        "started": job.started,
+        "ended": job.ended,
+    }
 
 
 def _own_job(state: ApiState, job_id: str, owner: str) -> Job:
@@ -493,7 +612,9 @@ def _job_routes(app: FastAPI) -> None:
         state = _state(request)
         task = body.get("task") or ("img2img" if body.get("init_images") else "txt2img")
         if task not in JOB_TASKS:
-            raise InvalidRequestError(f"unknown task {str(task)[:40]!r}; choose one of {', '.join(JOB_TASKS)}")
+            raise InvalidRequestError(
+                f"unknown task {str(task)[:40]!r}; choose one of {', '.join(JOB_TASKS)}"
+            )
         parsed = a1111.parse_body(body, JOB_TASKS[task], state.engine, _settings(state, owner))
         if parsed.request.task != task and task in ("inpaint", "seg2img"):
             need = "a mask" if task == "inpaint" else "a ControlNet unit (alwayson_scripts.controlnet)"
@@ -522,16 +643,20 @@ def _job_routes(app: FastAPI) -> None:
         assert job is not None
         return _job_view(state, job)
 
-    @app.get("/api/v1/jobs/{job_id}/images/{number}", tags=[_JOBS],
-             responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/api/v1/jobs/{job_id}/images/{number}", tags=[_JOBS], responses={200: {"content": {"image/png": {}}}}
+    )
     def job_image(request: Request, job_id: str, number: int, owner: str = Owner) -> Response:
         """Image ``number`` (from 0) of a finished job, as a PNG with its ``parameters`` chunk."""
         state = _state(request)
         job = _own_job(state, job_id, owner)
         finished = job.result
         if finished is None or not 0 <= number < len(finished.files):
-            raise ApiProblem(404, f"job {job_id[:80]!r} has no image {number}"
-                                  + ("" if job.finished else " yet (it has not finished)"))
+            raise ApiProblem(
+                404,
+                f"job {job_id[:80]!r} has no image {number}"
+                + ("" if job.finished else " yet (it has not finished)"),
+            )
         image, _ = finished.files[number]
         try:
             data = a1111.png_bytes(image, finished.infotexts[number])
@@ -539,15 +664,20 @@ def _job_routes(app: FastAPI) -> None:
             raise ApiProblem(404, f"image {number} of job {job_id[:80]!r} is no longer on disk") from None
         return Response(data, media_type="image/png")
 
-    @app.get("/api/v1/jobs/{job_id}/events", tags=[_JOBS], responses={200: {"content": {"text/event-stream": {}}}})
+    @app.get(
+        "/api/v1/jobs/{job_id}/events", tags=[_JOBS], responses={200: {"content": {"text/event-stream": {}}}}
+    )
     async def job_events(request: Request, job_id: str, owner: str = Owner) -> StreamingResponse:
         """Server-sent events: ``state`` on every change (the job as ``GET /jobs/{id}`` gives it),
         ``preview`` with a base64 PNG when a preview is made, and a last event named after the
         final state (``done``, ``failed``, ``cancelled``), after which the stream ends."""
         state = _state(request)
         job = _own_job(state, job_id, owner)
-        return StreamingResponse(_events(state, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _events(state, job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
 
 async def _events(state: ApiState, job: Job) -> AsyncIterator[bytes]:
@@ -592,18 +722,28 @@ def _openai_routes(app: FastAPI) -> None:
         if job.state == "failed":
             raise ApiProblem(_failure_status(job), job.error or "generation failed")
         finished = job.result
-        data = [] if finished is None else [{"b64_json": image, "revised_prompt": request_.prompt}
-                                            for image in a1111.images_of(finished)]
+        data = (
+            []
+            if finished is None
+            else [
+                {"b64_json": image, "revised_prompt": request_.prompt} for image in a1111.images_of(finished)
+            ]
+        )
         return {"created": int(time.time()), "data": data}
 
 
-_OPENAI_IGNORED = frozenset({"quality", "style", "user", "background", "moderation", "output_compression",
-                             "output_format"})
+_OPENAI_IGNORED = frozenset(
+    {"quality", "style", "user", "background", "moderation", "output_compression", "output_format"}
+)
 
 
 def _openai_values(state: ApiState, body: dict[str, Any]) -> dict[str, Any]:
-    unknown = [key for key in body if key not in ("prompt", "n", "size", "response_format", "model", "seed",
-                                                  "negative_prompt", "steps") and key not in _OPENAI_IGNORED]
+    unknown = [
+        key
+        for key in body
+        if key not in ("prompt", "n", "size", "response_format", "model", "seed", "negative_prompt", "steps")
+        and key not in _OPENAI_IGNORED
+    ]
     if unknown:
         raise InvalidRequestError(f"unknown field {str(unknown[0])[:60]!r}")
     prompt = body.get("prompt")
@@ -652,7 +792,9 @@ class ApiDispatch:
         await self.app(scope, receive, send)
 
 
-def mount_api(app: Any, demo: Any, service: Any, settings: ApiSettings, args: argparse.Namespace) -> FastAPI | None:
+def mount_api(
+    app: Any, demo: Any, service: Any, settings: ApiSettings, args: argparse.Namespace
+) -> FastAPI | None:
     """Serve the API on the web app's port (``--api``): its routes go in front of gradio's, behind
     the guards (body size, CORS) already installed. The API's waiting jobs and the web app's
     waiting clicks share ``--queue-size``. Returns the API app, or None when the flags ask for none."""
@@ -663,8 +805,13 @@ def mount_api(app: Any, demo: Any, service: Any, settings: ApiSettings, args: ar
     from webui.ui.security import BodyLimit, LoginGuard, OriginPolicy
 
     web_waiting = getattr(demo, "generations_waiting", None)
-    api = build_api(service, settings, max_waiting=args.queue_size, args=args,
-                    others_waiting=web_waiting if callable(web_waiting) else (lambda: 0))
+    api = build_api(
+        service,
+        settings,
+        max_waiting=args.queue_size,
+        args=args,
+        others_waiting=web_waiting if callable(web_waiting) else (lambda: 0),
+    )
     demo.other_generations_waiting = api.state.api.jobs.waiting
     guards = (OriginPolicy, BodyLimit, LoginGuard)
     position = sum(1 for layer in app.user_middleware if getattr(layer, "cls", None) in guards)
@@ -690,8 +837,9 @@ class ApiServer:
 
         self.app = app
         self.studio_service = app.state.api.service
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, name="latent-studio-api", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -716,18 +864,29 @@ class ApiServer:
         self.thread.join(timeout=10)
 
 
-def serve_api_alone(args: argparse.Namespace, service: Any, settings: ApiSettings, *, block: bool = True) -> ApiServer:
+def serve_api_alone(
+    args: argparse.Namespace, service: Any, settings: ApiSettings, *, block: bool = True
+) -> ApiServer:
     """``--nowebui``: the API alone on ``--port``, behind the same guards as the web app."""
     from webui.ui.security import body_limit_bytes, install_guards
     from webui.ui.server import EVERYWHERE, LOCALHOST, parse_origins
 
     api = build_api(service, settings, max_waiting=args.queue_size, args=args)
     max_body = body_limit_bytes(args.max_upload_mb)
-    install_guards(api, max_body=max_body, cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
-                   body_message=(f"the request body is over {max_body / 2**20:.1f} MB, the most this server "
-                                 f"accepts (set by --max-upload-mb {args.max_upload_mb:g})"))
+    install_guards(
+        api,
+        max_body=max_body,
+        cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
+        body_message=(
+            f"the request body is over {max_body / 2**20:.1f} MB, the most this server "
+            f"accepts (set by --max-upload-mb {args.max_upload_mb:g})"
+        ),
+    )
     server = ApiServer(api, EVERYWHERE if args.listen else LOCALHOST, args.port)
     if block:
-        print(f"Latent Studio's API is running at {server.local_url} (docs at {server.local_url}docs)", flush=True)
+        print(
+            f"Latent Studio's API is running at {server.local_url} (docs at {server.local_url}docs)",
+            flush=True,
+        )
         server.block_thread()
     return server

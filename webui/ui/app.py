@@ -45,11 +45,22 @@ def collect_tabs(plugins: Any) -> list[TabSpec]:
     """
     specs: dict[str, TabSpec] = {}
 
-    def register(id: str, label: str, build: Callable[[UIContext], Any] | None = None,  # noqa: A002
-                 order: int = 100, task: str | None = None) -> None:
-        if not id or not isinstance(id, str) or not (callable(build) or (build is None and isinstance(task, str))):
-            raise TypeError(f"register_ui_tabs: register(id, label, build=None, order=100, task=None) needs a "
-                            f"build function or a task, got {id!r}, {build!r}, task={task!r}")
+    def register(
+        id: str,
+        label: str,
+        build: Callable[[UIContext], Any] | None = None,  # noqa: A002
+        order: int = 100,
+        task: str | None = None,
+    ) -> None:
+        if (
+            not id
+            or not isinstance(id, str)
+            or not (callable(build) or (build is None and isinstance(task, str)))
+        ):
+            raise TypeError(
+                f"register_ui_tabs: register(id, label, build=None, order=100, task=None) needs a "
+                f"build function or a task, got {id!r}, {build!r}, task={task!r}"
+            )
         if build is None:
             build = _task_tab(str(task))
         specs.setdefault(id, TabSpec(id=id, label=str(label), build=build, order=int(order), task=task))
@@ -71,23 +82,35 @@ def build_app(service: StudioService, *, plugins: Any | None = None) -> gr.Block
     plugins = plugins if plugins is not None else engine.plugins
     specs = collect_tabs(plugins)  # start-up hooks are guarded: a failing plugin is recorded, not raised
     failed = plugin_notice(plugins)  # after collect_tabs, so a failed register_ui_tabs is listed too
-    ctx = UIContext(service=service, samplers=engine.schedulers.names(), default_model=service.default_model_name(),
-                    labels={spec.id: spec.label for spec in specs})
+    ctx = UIContext(
+        service=service,
+        samplers=engine.schedulers.names(),
+        default_model=service.default_model_name(),
+        labels={spec.id: spec.label for spec in specs},
+    )
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE}")
         if failed:
             gr.Markdown(failed, elem_id="plugin-notice", latex_delimiters=[])
         if ctx.default_model is None:
-            gr.Markdown("**No model found.** Put a diffusers model folder into the models folder and press ↻.")
+            gr.Markdown(
+                "**No model found.** Put a diffusers model folder into the models folder and press ↻."
+            )
         with gr.Tabs(elem_id="tabs") as selector:
             ctx.selector = selector
             for spec in specs:
                 if not TAB_ID.match(spec.id):  # ids make element ids and endpoint names: refused, shown
-                    log.error("tab %r (%s) refused: its id must be 1 to 64 lowercase letters, digits, '-' and '_', "
-                              "starting with a letter", spec.id[:80], spec.label)
+                    log.error(
+                        "tab %r (%s) refused: its id must be 1 to 64 lowercase letters, digits, '-' and '_', "
+                        "starting with a letter",
+                        spec.id[:80],
+                        spec.label,
+                    )
                     with gr.Tab(spec.label):
-                        gr.Markdown(f"**This tab was not loaded:** its id {escape_markdown(repr(spec.id)[:80])} "
-                                    "must be 1 to 64 lowercase letters, digits, \\- and \\_, starting with a letter.")
+                        gr.Markdown(
+                            f"**This tab was not loaded:** its id {escape_markdown(repr(spec.id)[:80])} "
+                            "must be 1 to 64 lowercase letters, digits, \\- and \\_, starting with a letter."
+                        )
                     continue
                 with gr.Tab(spec.label, id=spec.id, elem_id=f"tab-{spec.id}"):
                     ctx.current_tab = spec.id
@@ -145,8 +168,11 @@ def configure_queue(demo: gr.Blocks, max_size: int) -> gr.Blocks:
         fn_index = getattr(body, "fn_index", None)
         fns = getattr(demo, "fns", {})
         fn = fns.get(fn_index) if isinstance(fns, dict) else None
-        if (fn is not None and getattr(fn, "concurrency_id", None) == BUSY_CONCURRENCY_ID
-                and waiting() + others() >= max_size):
+        if (
+            fn is not None
+            and getattr(fn, "concurrency_id", None) == BUSY_CONCURRENCY_ID
+            and waiting() + others() >= max_size
+        ):
             return False, BUSY_MESSAGE.format(size=max_size), "queue_full"
         return await push(*args, **kwargs)
 

@@ -39,8 +39,15 @@ from webui.request import GenerationRequest
 from webui.ui.security import guard_image_input, open_upload
 from webui.ui.service import Finished, StudioService
 
-__all__ = ["GenerationTab", "UIContext", "build_request", "choices_of", "control_id", "generation_tab",
-           "make_control"]
+__all__ = [
+    "GenerationTab",
+    "UIContext",
+    "build_request",
+    "choices_of",
+    "control_id",
+    "generation_tab",
+    "make_control",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +137,15 @@ def choices_of(ctx: UIContext, declared: Field) -> list[str]:
     return [declared.none_label, *names] if declared.none_label is not None else names
 
 
-def make_control(ctx: UIContext, declared: Field, tab_id: str, *, task: str | None = None,
-                 value: Any = _DEFAULT, **props: Any) -> gr.components.Component:
+def make_control(
+    ctx: UIContext,
+    declared: Field,
+    tab_id: str,
+    *,
+    task: str | None = None,
+    value: Any = _DEFAULT,
+    **props: Any,
+) -> gr.components.Component:
     """The gradio control of ``declared`` in tab ``tab_id`` (element id :func:`control_id`).
 
     Numbers: a slider from ``ui_minimum``/``ui_maximum`` (else the valid range), its top lowered to
@@ -156,27 +170,63 @@ def make_control(ctx: UIContext, declared: Field, tab_id: str, *, task: str | No
     if declared.kind == "bool":
         return gr.Checkbox(value=bool(value), info=info, **common)
     if declared.kind == "text":
-        return gr.Textbox(value=value or "", lines=declared.lines, max_length=_max_chars(ctx.limits, declared),
-                          info=info, **common)
+        return gr.Textbox(
+            value=value or "",
+            lines=declared.lines,
+            max_length=_max_chars(ctx.limits, declared),
+            info=info,
+            **common,
+        )
     if declared.kind == "choice":
         choices = choices_of(ctx, declared)
         if value is None:
-            value = declared.none_label if declared.none_label is not None else (choices[0] if choices else None)
+            value = (
+                declared.none_label if declared.none_label is not None else (choices[0] if choices else None)
+            )
         if widget == "radio":
             return gr.Radio(choices, value=value, info=info, **common)
-        return gr.Dropdown(choices=choices, value=value, info=info, allow_custom_value=declared.source is not None,
-                           **common)
+        return gr.Dropdown(
+            choices=choices, value=value, info=info, allow_custom_value=declared.source is not None, **common
+        )
     if declared.kind == "image":
         subject = declared.label.lower()
         if widget == "sketch":
             size = ctx.default_size
-            return guard_image_input(gr.ImageEditor(**{
-                "value": {"background": Image.new("RGB", (size, size), "white"), "layers": [], "composite": None},
-                "type": "pil", "image_mode": "RGB", "sources": ["upload", "clipboard"],
-                "brush": gr.Brush(colors=["#000000"], color_mode="fixed", default_size=max(2, size // 64)),
-                "eraser": gr.Eraser(), "transforms": (), "layers": False, "height": 360, **common}), subject)
-        return guard_image_input(gr.Image(**{"type": "filepath", "image_mode": None, "sources": ["upload", "clipboard"],
-                                             "height": 300, **common}), subject)
+            return guard_image_input(
+                gr.ImageEditor(
+                    **{
+                        "value": {
+                            "background": Image.new("RGB", (size, size), "white"),
+                            "layers": [],
+                            "composite": None,
+                        },
+                        "type": "pil",
+                        "image_mode": "RGB",
+                        "sources": ["upload", "clipboard"],
+                        "brush": gr.Brush(
+                            colors=["#000000"], color_mode="fixed", default_size=max(2, size // 64)
+                        ),
+                        "eraser": gr.Eraser(),
+                        "transforms": (),
+                        "layers": False,
+                        "height": 360,
+                        **common,
+                    }
+                ),
+                subject,
+            )
+        return guard_image_input(
+            gr.Image(
+                **{
+                    "type": "filepath",
+                    "image_mode": None,
+                    "sources": ["upload", "clipboard"],
+                    "height": 300,
+                    **common,
+                }
+            ),
+            subject,
+        )
     raise ValueError(f"field {declared.name!r}: no control for kind {declared.kind!r}")  # pragma: no cover
 
 
@@ -184,19 +234,33 @@ def widget_of(declared: Field) -> str:
     """The widget a field shows as: its own choice, else its kind's usual one."""
     if declared.widget:
         return declared.widget
-    return {"int": "slider", "float": "slider", "bool": "checkbox", "text": "textbox", "choice": "dropdown",
-            "image": "upload"}[declared.kind]
+    return {
+        "int": "slider",
+        "float": "slider",
+        "bool": "checkbox",
+        "text": "textbox",
+        "choice": "dropdown",
+        "image": "upload",
+    }[declared.kind]
 
 
-def _number_control(ctx: UIContext, declared: Field, widget: str, value: Any, info: str | None,
-                    common: dict[str, Any]) -> gr.components.Component:
+def _number_control(
+    ctx: UIContext, declared: Field, widget: str, value: Any, info: str | None, common: dict[str, Any]
+) -> gr.components.Component:
     low = declared.ui_minimum if declared.ui_minimum is not None else declared.minimum
     high = declared.ui_maximum if declared.ui_maximum is not None else declared.maximum
     limit = limit_of(ctx.limits, declared.limit)
     whole = declared.kind == "int"
     if widget == "number" or low is None or high is None:
-        control = gr.Number(value=value, precision=0 if whole else None, minimum=declared.minimum,
-                            maximum=declared.maximum, step=declared.step or 1, info=info, **common)
+        control = gr.Number(
+            value=value,
+            precision=0 if whole else None,
+            minimum=declared.minimum,
+            maximum=declared.maximum,
+            step=declared.step or 1,
+            info=info,
+            **common,
+        )
     else:
         top = min(high, limit) if limit is not None else high
         step = declared.step or (1 if whole else (top - low) / 100)
@@ -221,12 +285,16 @@ def _checked(control: Any, declared: Field, limit: float | None) -> Any:
         if not isinstance(payload, (int, float)) or isinstance(payload, bool):
             return original(payload)
         if limit is not None and payload > limit:
-            raise gr.Error(f"{label} {payload:g} is over this server's limit of {limit:g} ({flag})",
-                           print_exception=False)
+            raise gr.Error(
+                f"{label} {payload:g} is over this server's limit of {limit:g} ({flag})",
+                print_exception=False,
+            )
         low, high = declared.minimum, declared.maximum
         if (low is not None and payload < low) or (high is not None and payload > high):
-            raise gr.Error(f"{label} must be between {_shown(low)} and {_shown(high)}, got {_shown(payload)}",
-                           print_exception=False)
+            raise gr.Error(
+                f"{label} must be between {_shown(low)} and {_shown(high)}, got {_shown(payload)}",
+                print_exception=False,
+            )
         return gr.Number.round_to_precision(payload, getattr(control, "precision", None))
 
     control.preprocess = preprocess
@@ -249,7 +317,9 @@ def keep_checks(demo: Any) -> None:
                     copy = state[block._id]
                     if copy is not block:
                         _checked(copy, *check)
-        except Exception:  # pragma: no cover - gradio's session state changed shape: the originals still check
+        except (
+            Exception
+        ):  # pragma: no cover - gradio's session state changed shape: the originals still check
             log.debug("cannot keep the checks on the session copies of controls", exc_info=True)
         return await original(block_fn, inputs, state, *args, **kwargs)
 
@@ -294,9 +364,15 @@ def add_to_prompt(prompt: str | None, text: str) -> str:
 # -- a generation tab -------------------------------------------------------------------------------
 
 
-def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = None,
-                   build_controls: Callable[[], dict[str, gr.components.Component]] | None = None, *,
-                   tab_id: str | None = None, own: Sequence[str] = ()) -> GenerationTab:
+def generation_tab(
+    ctx: UIContext,
+    task: str,
+    extras: RequestExtras | None = None,
+    build_controls: Callable[[], dict[str, gr.components.Component]] | None = None,
+    *,
+    tab_id: str | None = None,
+    own: Sequence[str] = (),
+) -> GenerationTab:
     """Lay out a generation tab for ``task`` and connect it to the engine.
 
     Every field of the task with ``ui=True`` gets its derived control (:func:`make_control`), laid
@@ -313,14 +389,18 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = Non
     """
     tab_id = tab_id or ctx.current_tab or task
     if not TAB_ID.match(tab_id):
-        raise ValueError(f"tab id {tab_id!r}: use lowercase letters, digits, '-' and '_', starting with a letter")
+        raise ValueError(
+            f"tab id {tab_id!r}: use lowercase letters, digits, '-' and '_', starting with a letter"
+        )
     if tab_id in ctx.tabs:
         raise ValueError(f"tab id {tab_id!r} already has a generation tab")
     registry = ctx.fields
     registry.task(task)  # an unknown task: the tab shows why
     info = ctx.service.model_info(ctx.default_model)
     skipped = set(own)
-    derived = [declared for declared in registry.for_task(task) if declared.ui and declared.name not in skipped]
+    derived = [
+        declared for declared in registry.for_task(task) if declared.ui and declared.name not in skipped
+    ]
     groups: dict[str, list[Field]] = {}
     for declared in derived:
         groups.setdefault(declared.group, []).append(declared)
@@ -354,17 +434,29 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = Non
                 interrupt = gr.Button("Interrupt", scale=1, elem_id=f"{tab_id}-interrupt")
                 skip = gr.Button("Skip", scale=1, elem_id=f"{tab_id}-skip")
             progress = gr.Markdown("", elem_id=f"{tab_id}-progress")
-            preview = gr.Image(label="Preview", interactive=False, height=160, visible=True, format="png",
-                               elem_id=f"{tab_id}-preview")
-            gallery = gr.Gallery(label="Results", columns=2, height=360, format="png", elem_id=f"{tab_id}-gallery")
-            infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"],
-                                  elem_id=f"{tab_id}-infotext")
+            preview = gr.Image(
+                label="Preview",
+                interactive=False,
+                height=160,
+                visible=True,
+                format="png",
+                elem_id=f"{tab_id}-preview",
+            )
+            gallery = gr.Gallery(
+                label="Results", columns=2, height=360, format="png", elem_id=f"{tab_id}-gallery"
+            )
+            infotext = gr.Textbox(
+                label="Parameters", lines=4, interactive=False, buttons=["copy"], elem_id=f"{tab_id}-infotext"
+            )
     last_seed = gr.State(-1)
     outputs = [progress, preview, gallery, infotext, last_seed]
     _wire_core(ctx, registry, controls, wiring, last_seed)
 
-    def run(data: dict[Any, Any], request: gr.Request,
-            bar: gr.Progress = gr.Progress()) -> Iterator[dict[Any, Any]]:  # noqa: B008 - gradio's idiom
+    def run(
+        data: dict[Any, Any],
+        request: gr.Request,
+        bar: gr.Progress = gr.Progress(),  # noqa: B008 - gradio's idiom
+    ) -> Iterator[dict[Any, Any]]:
         values = {name: data[component] for name, component in controls.items()}
         session = _session_of(request)
         try:
@@ -385,10 +477,18 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = Non
             raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:  # a bug or the device failing: say so, keep serving
             log.exception("generation failed")
-            raise gr.Error(f"generation failed: {type(error).__name__}: {error}", print_exception=False) from None
+            raise gr.Error(
+                f"generation failed: {type(error).__name__}: {error}", print_exception=False
+            ) from None
 
-    generate.click(run, inputs=set(controls.values()), outputs=outputs, api_name=tab_id,
-                   concurrency_id=BUSY_CONCURRENCY_ID, concurrency_limit=1)
+    generate.click(
+        run,
+        inputs=set(controls.values()),
+        outputs=outputs,
+        api_name=tab_id,
+        concurrency_id=BUSY_CONCURRENCY_ID,
+        concurrency_limit=1,
+    )
 
     def stop(request: gr.Request) -> None:
         ctx.service.interrupt(_session_of(request))
@@ -398,7 +498,9 @@ def generation_tab(ctx: UIContext, task: str, extras: RequestExtras | None = Non
 
     interrupt.click(stop, inputs=None, outputs=None, queue=False, api_name=f"{tab_id}_interrupt")
     skip.click(skip_batch, inputs=None, outputs=None, queue=False, api_name=f"{tab_id}_skip")
-    tab = GenerationTab(task=task, fields=controls, generate=generate, gallery=gallery, infotext=infotext, id=tab_id)
+    tab = GenerationTab(
+        task=task, fields=controls, generate=generate, gallery=gallery, infotext=infotext, id=tab_id
+    )
     ctx.tabs[tab_id] = tab
     return tab
 
@@ -413,9 +515,14 @@ class _Wiring:
     reuse_seed: gr.Button | None = None
 
 
-def _core_rows(ctx: UIContext, tab_id: str, groups: dict[str, list[Field]],
-               control: Callable[..., gr.components.Component], controls: dict[str, gr.components.Component],
-               examples: list[str]) -> _Wiring:
+def _core_rows(
+    ctx: UIContext,
+    tab_id: str,
+    groups: dict[str, list[Field]],
+    control: Callable[..., gr.components.Component],
+    controls: dict[str, gr.components.Component],
+    examples: list[str],
+) -> _Wiring:
     wiring = _Wiring()
     with gr.Row():
         for declared in groups.get("model", []):
@@ -429,8 +536,13 @@ def _core_rows(ctx: UIContext, tab_id: str, groups: dict[str, list[Field]],
         if declared.name == "prompt":
             with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
                 for kind, label in (("lora", "Add a LoRA"), ("embedding", "Add an embedding")):
-                    wiring.pickers[kind] = gr.Dropdown(choices=ctx.service.names(kind), value=None, label=label,
-                                                       scale=1, elem_id=f"{tab_id}-add-{kind}")
+                    wiring.pickers[kind] = gr.Dropdown(
+                        choices=ctx.service.names(kind),
+                        value=None,
+                        label=label,
+                        scale=1,
+                        elem_id=f"{tab_id}-add-{kind}",
+                    )
     if examples and "prompt" in controls:
         gr.Examples(examples=[[text] for text in examples], inputs=[controls["prompt"]], label="Try a prompt")
     for group in ("sampling", "size"):
@@ -441,13 +553,20 @@ def _core_rows(ctx: UIContext, tab_id: str, groups: dict[str, list[Field]],
             for declared in seed_group:
                 controls[declared.name] = control(declared, scale=4)
             if "seed" in controls:
-                wiring.random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{tab_id}-random-seed")
-                wiring.reuse_seed = gr.Button("Last seed", scale=0, min_width=80, elem_id=f"{tab_id}-reuse-seed")
+                wiring.random_seed = gr.Button(
+                    "Random", scale=0, min_width=70, elem_id=f"{tab_id}-random-seed"
+                )
+                wiring.reuse_seed = gr.Button(
+                    "Last seed", scale=0, min_width=80, elem_id=f"{tab_id}-reuse-seed"
+                )
     return wiring
 
 
-def _group_row(members: list[Field], control: Callable[..., gr.components.Component],
-               controls: dict[str, gr.components.Component]) -> None:
+def _group_row(
+    members: list[Field],
+    control: Callable[..., gr.components.Component],
+    controls: dict[str, gr.components.Component],
+) -> None:
     """One group: images and multi-line text one under the other, then the rest side by side."""
     tall = [m for m in members if m.kind == "image" or (m.kind == "text" and m.lines > 1)]
     for declared in tall:
@@ -459,46 +578,84 @@ def _group_row(members: list[Field], control: Callable[..., gr.components.Compon
                 controls[declared.name] = control(declared)
 
 
-def _wire_core(ctx: UIContext, registry: FieldRegistry, controls: dict[str, gr.components.Component],
-               wiring: _Wiring, last_seed: gr.State) -> None:
+def _wire_core(
+    ctx: UIContext,
+    registry: FieldRegistry,
+    controls: dict[str, gr.components.Component],
+    wiring: _Wiring,
+    last_seed: gr.State,
+) -> None:
     prompt = controls.get("prompt")
     for kind, picker in wiring.pickers.items():
         if prompt is None:
             continue
-        syntax = (lambda name: f"<lora:{name}:1>" if name else "") if kind == "lora" else (lambda name: name or "")
-        picker.input(lambda text, name, syntax=syntax: (add_to_prompt(text, syntax(name)), None),
-                     inputs=[prompt, picker], outputs=[prompt, picker], queue=False, api_visibility="private")
+        syntax = (
+            (lambda name: f"<lora:{name}:1>" if name else "") if kind == "lora" else (lambda name: name or "")
+        )
+        picker.input(
+            lambda text, name, syntax=syntax: (add_to_prompt(text, syntax(name)), None),
+            inputs=[prompt, picker],
+            outputs=[prompt, picker],
+            queue=False,
+            api_visibility="private",
+        )
     # ↻ Refresh: every list of installed models in the tab, rescanned
-    listed = [(registry[name], component) for name, component in controls.items()
-              if name in registry and (registry[name].source or "").startswith("models:")]
+    listed = [
+        (registry[name], component)
+        for name, component in controls.items()
+        if name in registry and (registry[name].source or "").startswith("models:")
+    ]
     if wiring.refresh is not None and (listed or wiring.pickers):
+
         def refresh() -> list[Any]:
             updates = [gr.update(choices=choices_of(ctx, declared)) for declared, _ in listed]
             return updates + [gr.update(choices=ctx.service.names(kind)) for kind in wiring.pickers]
 
-        wiring.refresh.click(refresh, outputs=[c for _, c in listed] + list(wiring.pickers.values()), queue=False,
-                             api_visibility="private")
+        wiring.refresh.click(
+            refresh,
+            outputs=[c for _, c in listed] + list(wiring.pickers.values()),
+            queue=False,
+            api_visibility="private",
+        )
     if wiring.random_seed is not None:
         wiring.random_seed.click(lambda: -1, outputs=controls["seed"], queue=False, api_visibility="private")
     if wiring.reuse_seed is not None:
-        wiring.reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=controls["seed"], queue=False,
-                                api_visibility="private")
+        wiring.reuse_seed.click(
+            lambda seed: seed,
+            inputs=last_seed,
+            outputs=controls["seed"],
+            queue=False,
+            api_visibility="private",
+        )
     followers = [name for name in MODEL_DEPENDENT if name in controls]
     if "model" in controls and followers:
+
         def follow_model(name: str | None) -> list[Any]:
             picked = ctx.service.model_info(name)  # its recommended guidance and native size
-            return [picked.cfg_scale if follower == "cfg_scale" else picked.default_size for follower in followers]
+            return [
+                picked.cfg_scale if follower == "cfg_scale" else picked.default_size for follower in followers
+            ]
 
         # only a pick by the user: PNG Info's "send to" sets the model and its own CFG and size
-        controls["model"].input(follow_model, inputs=controls["model"], outputs=[controls[n] for n in followers],
-                                queue=False, api_visibility="private")
+        controls["model"].input(
+            follow_model,
+            inputs=controls["model"],
+            outputs=[controls[n] for n in followers],
+            queue=False,
+            api_visibility="private",
+        )
 
 
 # -- from values to a request --------------------------------------------------------------------
 
 
-def build_request(task: str, values: Mapping[str, Any], extras: RequestExtras | None = None, *,
-                  fields: FieldRegistry | None = None) -> GenerationRequest:
+def build_request(
+    task: str,
+    values: Mapping[str, Any],
+    extras: RequestExtras | None = None,
+    *,
+    fields: FieldRegistry | None = None,
+) -> GenerationRequest:
     """The typed request for ``task`` from a tab's values by name.
 
     Each value of a field's control is checked against its declaration (:func:`ui_value`); built-in
@@ -518,8 +675,10 @@ def build_request(task: str, values: Mapping[str, Any], extras: RequestExtras | 
     for name in spec.requires:
         declared = registry.get(name)
         if found.get(name) is None and name in values and declared is not None and declared.kind == "image":
-            raise InvalidRequestError(f"{'draw or upload' if widget_of(declared) == 'sketch' else 'upload'} "
-                                      f"{_with_article(declared.label.lower())} first")
+            raise InvalidRequestError(
+                f"{'draw or upload' if widget_of(declared) == 'sketch' else 'upload'} "
+                f"{_with_article(declared.label.lower())} first"
+            )
     own, extra = registry.split(found)
     return GenerationRequest(task=task, **own, extra=extra)
 
@@ -580,8 +739,9 @@ def _builtin_fields() -> FieldRegistry:
     return _BUILTIN
 
 
-def _finished(event: Finished, progress: Any, preview: Any, gallery: Any, infotext: Any,
-              last_seed: Any) -> dict[Any, Any]:
+def _finished(
+    event: Finished, progress: Any, preview: Any, gallery: Any, infotext: Any, last_seed: Any
+) -> dict[Any, Any]:
     done = f"{len(event.files)} image(s) in {event.seconds:.1f}s"
     if event.interrupted:
         done += " (interrupted: finished images kept)"

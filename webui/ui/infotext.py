@@ -18,9 +18,14 @@ from webui.fields import FieldRegistry
 __all__ = ["Range", "clamp_fields", "fields_from_infotext"]
 
 
-def fields_from_infotext(registry: FieldRegistry, parsed: Mapping[str, Any], *, task: str | None = None,
-                         names: Iterable[str] | None = None,
-                         offered: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, Any], list[str]]:
+def fields_from_infotext(
+    registry: FieldRegistry,
+    parsed: Mapping[str, Any],
+    *,
+    task: str | None = None,
+    names: Iterable[str] | None = None,
+    offered: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
     """The field values (by field name) that ``parsed`` sets, and one note per entry left out.
 
     Entries are read through :meth:`FieldRegistry.from_infotext` (numbers as written, also out of
@@ -78,9 +83,11 @@ def clamp_fields(fields: Mapping[str, Any], ranges: Mapping[str, Range]) -> tupl
             continue
         if isinstance(value, str):
             if bounds.max_chars and len(value) > bounds.max_chars:
-                notes.append(f"{bounds.label} has {len(value)} characters, over the limit of {bounds.max_chars}; "
-                             f"kept the first {bounds.max_chars}")
-                value = value[:bounds.max_chars]
+                notes.append(
+                    f"{bounds.label} has {len(value)} characters, over the limit of {bounds.max_chars}; "
+                    f"kept the first {bounds.max_chars}"
+                )
+                value = value[: bounds.max_chars]
             kept[name] = value
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -91,8 +98,9 @@ def clamp_fields(fields: Mapping[str, Any], ranges: Mapping[str, Range]) -> tupl
             continue
         new = _clamp(value, bounds)
         if new != value:
-            out_of_range = ((bounds.minimum is not None and value < bounds.minimum)
-                            or (bounds.maximum is not None and value > bounds.maximum))
+            out_of_range = (bounds.minimum is not None and value < bounds.minimum) or (
+                bounds.maximum is not None and value > bounds.maximum
+            )
             why = "is out of range" if out_of_range else f"is not a multiple of {_shown(bounds.step)}"
             notes.append(f"{bounds.label} {_shown(value)} {why}; kept {_shown(new)}")
         kept[name] = new

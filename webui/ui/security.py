@@ -40,8 +40,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from webui.errors import InvalidRequestError
 
 __all__ = [
-    "BodyLimit", "LoginGuard", "LoginThrottle", "OriginPolicy", "body_limit_bytes", "guard_image_input",
-    "guard_uploads", "install_guards", "open_upload", "same_origin",
+    "BodyLimit",
+    "LoginGuard",
+    "LoginThrottle",
+    "OriginPolicy",
+    "body_limit_bytes",
+    "guard_image_input",
+    "guard_uploads",
+    "install_guards",
+    "open_upload",
+    "same_origin",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,8 +60,11 @@ log = logging.getLogger(__name__)
 async def _answer(send: Send, status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> None:
     """A one-line JSON answer (``{"detail": ...}``, FastAPI's error shape) that closes the connection."""
     body = json.dumps({"detail": detail}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-           (b"connection", b"close")]
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
@@ -138,17 +149,30 @@ class OriginPolicy:
     @staticmethod
     async def _preflight(send: Send, origin: str, allowed: bool, requested: str | None) -> None:
         if not allowed:
-            await _answer(send, 400, "cross-origin requests from this origin are not allowed "
-                                     "(the server owner can list it with --cors-allow-origins)")
+            await _answer(
+                send,
+                400,
+                "cross-origin requests from this origin are not allowed "
+                "(the server owner can list it with --cors-allow-origins)",
+            )
             return
-        headers = [("access-control-allow-origin", origin), ("access-control-allow-credentials", "true"),
-                   ("access-control-allow-methods", _ALLOW_METHODS), ("access-control-max-age", "600"),
-                   ("vary", "Origin")]
+        headers = [
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-allow-methods", _ALLOW_METHODS),
+            ("access-control-max-age", "600"),
+            ("vary", "Origin"),
+        ]
         if requested:
             headers.append(("access-control-allow-headers", requested))
         raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*raw, (b"content-length", b"2"), (b"content-type", b"text/plain")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*raw, (b"content-length", b"2"), (b"content-type", b"text/plain")],
+            }
+        )
         await send({"type": "http.response.body", "body": b"OK"})
 
 
@@ -239,8 +263,16 @@ class LoginThrottle:
     (:meth:`succeeded`), so parallel attempts cannot slip past the count.
     """
 
-    def __init__(self, *, free: int = 5, delay: float = 2.0, max_delay: float = 60.0, forget_after: float = 900.0,
-                 max_addresses: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        free: int = 5,
+        delay: float = 2.0,
+        max_delay: float = 60.0,
+        forget_after: float = 900.0,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.free = max(1, free)
         self.delay = delay
         self.max_delay = max_delay
@@ -290,7 +322,9 @@ def client_address(scope: Scope) -> str:
 class LoginGuard:
     """Throttle and log ``POST /login`` (gradio's login form) with ``throttle``."""
 
-    def __init__(self, app: ASGIApp, throttle: LoginThrottle, paths: Iterable[str] = ("/login", "/login/")) -> None:
+    def __init__(
+        self, app: ASGIApp, throttle: LoginThrottle, paths: Iterable[str] = ("/login", "/login/")
+    ) -> None:
         self.app = app
         self.throttle = throttle
         self.paths = frozenset(paths)
@@ -303,7 +337,9 @@ class LoginGuard:
         wait = self.throttle.begin(address)
         if wait > 0:
             log.debug("login from %s refused: waiting %.0f s after failed logins", address, wait)
-            await _answer(send, 429, LoginThrottle.message(wait), [("retry-after", str(max(1, math.ceil(wait))))])
+            await _answer(
+                send, 429, LoginThrottle.message(wait), [("retry-after", str(max(1, math.ceil(wait))))]
+            )
             return
         body = bytearray()  # the form is small, and BodyLimit bounds it anyway
         while True:
@@ -346,11 +382,17 @@ def _form_user(body: bytes, content_type: str) -> str:
         return ""
     try:
         if content_type.lower().startswith("multipart/"):
-            form = BytesParser().parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+            form = BytesParser().parsebytes(
+                b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+            )
             for part in form.walk():
                 if part.get_param("name", header="content-disposition") == "username":
                     payload = part.get_payload(decode=True)
-                    return payload.decode("utf-8", errors="replace").strip()[:100] if isinstance(payload, bytes) else ""
+                    return (
+                        payload.decode("utf-8", errors="replace").strip()[:100]
+                        if isinstance(payload, bytes)
+                        else ""
+                    )
             return ""
         values = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=20)
     except (ValueError, UnicodeEncodeError):
@@ -361,16 +403,24 @@ def _form_user(body: bytes, content_type: str) -> str:
 # -- installing ----------------------------------------------------------------------------------
 
 
-def install_guards(app: Any, *, max_body: int, body_message: str, cors_origins: Iterable[str] = (),
-                   throttle: LoginThrottle | None = None) -> None:
+def install_guards(
+    app: Any,
+    *,
+    max_body: int,
+    body_message: str,
+    cors_origins: Iterable[str] = (),
+    throttle: LoginThrottle | None = None,
+) -> None:
     """Put the guards in front of a running Starlette/FastAPI ``app`` (gradio's ``demo.app``).
 
     They go outermost, before gradio's own layers (its CORS layer reflects any origin for a server
     that is not on localhost), and the middleware stack is rebuilt in one assignment, so requests
     already under way finish as they started and every new one passes the guards.
     """
-    layers = [Middleware(OriginPolicy, allowed=tuple(cors_origins)),
-              Middleware(BodyLimit, max_bytes=max_body, message=body_message)]
+    layers = [
+        Middleware(OriginPolicy, allowed=tuple(cors_origins)),
+        Middleware(BodyLimit, max_bytes=max_body, message=body_message),
+    ]
     if throttle is not None:
         layers.append(Middleware(LoginGuard, throttle=throttle))
     app.user_middleware[0:0] = layers
@@ -438,7 +488,9 @@ def open_upload(path: str, subject: str) -> Image.Image:
     except Image.DecompressionBombError:
         raise InvalidRequestError(f"{subject} is too large (more than {_max_pixels()} pixels)") from None
     except (OSError, ValueError, SyntaxError, struct.error, EOFError):
-        raise InvalidRequestError(f"{subject} is not a readable image (the file is truncated or damaged)") from None
+        raise InvalidRequestError(
+            f"{subject} is not a readable image (the file is truncated or damaged)"
+        ) from None
     return image
 
 
@@ -483,8 +535,9 @@ def guard_image_input(component: Any, subject: str) -> Any:
         except gr.Error:
             raise
         except Image.DecompressionBombError:
-            raise gr.Error(f"{subject} is too large (more than {_max_pixels()} pixels)",
-                           print_exception=False) from None
+            raise gr.Error(
+                f"{subject} is too large (more than {_max_pixels()} pixels)", print_exception=False
+            ) from None
         except Exception as error:
             log.info("unreadable %s upload: %s: %s", subject, type(error).__name__, error)
             raise gr.Error(f"{subject} is not a readable image", print_exception=False) from None
@@ -508,7 +561,9 @@ def guard_uploads(demo: Any) -> None:
                     copy = state[block._id]
                     if copy is not block:
                         guard_image_input(copy, subject)
-        except Exception:  # pragma: no cover - gradio's session state changed shape: the originals stay guarded
+        except (
+            Exception
+        ):  # pragma: no cover - gradio's session state changed shape: the originals stay guarded
             log.debug("cannot guard the session copies of upload components", exc_info=True)
         return await original(block_fn, inputs, state, *args, **kwargs)
 

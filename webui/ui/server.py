@@ -19,8 +19,18 @@ from urllib.parse import urlsplit
 
 from webui.errors import InvalidRequestError
 
-__all__ = ["LaunchRefused", "PluginControl", "add_server_options", "exposure_problem", "outputs_problem",
-           "parse_origins", "plugin_control_problem", "read_auth", "restart_in_place", "serve"]
+__all__ = [
+    "LaunchRefused",
+    "PluginControl",
+    "add_server_options",
+    "exposure_problem",
+    "outputs_problem",
+    "parse_origins",
+    "plugin_control_problem",
+    "read_auth",
+    "restart_in_place",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +46,50 @@ class LaunchRefused(InvalidRequestError):
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("web app (when no command is given)")
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on (default 7860)")
-    server.add_argument("--listen", action="store_true",
-                        help="listen on all network interfaces (0.0.0.0) instead of 127.0.0.1; needs a login")
-    server.add_argument("--share", action="store_true", help="also open a public gradio share link; needs a login")
-    server.add_argument("--auth", default=None, metavar="USER:PASS[,USER:PASS...]", help="logins for the web app")
-    server.add_argument("--auth-file", type=Path, default=None,
-                        help="file with one USER:PASS per line (# starts a comment)")
-    server.add_argument("--insecure", action="store_true",
-                        help="allow --listen or --share without a login (anyone who can reach the port can use it)")
-    server.add_argument("--outputs-dir", type=Path, default=None, help="where images are saved (default: outputs/)")
-    server.add_argument("--queue-size", type=int, default=16,
-                        help="generations that may wait; more get a 'busy, try again' message (default 16)")
+    server.add_argument(
+        "--listen",
+        action="store_true",
+        help="listen on all network interfaces (0.0.0.0) instead of 127.0.0.1; needs a login",
+    )
+    server.add_argument(
+        "--share", action="store_true", help="also open a public gradio share link; needs a login"
+    )
+    server.add_argument(
+        "--auth", default=None, metavar="USER:PASS[,USER:PASS...]", help="logins for the web app"
+    )
+    server.add_argument(
+        "--auth-file", type=Path, default=None, help="file with one USER:PASS per line (# starts a comment)"
+    )
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --listen or --share without a login (anyone who can reach the port can use it)",
+    )
+    server.add_argument(
+        "--outputs-dir", type=Path, default=None, help="where images are saved (default: outputs/)"
+    )
+    server.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="generations that may wait; more get a 'busy, try again' message (default 16)",
+    )
     server.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload in MB (default 50)")
     server.add_argument("--preview-every", type=int, default=5, help="live preview every N steps; 0 = off")
-    server.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
-                        help="other sites whose pages may call this server from the browser, e.g. "
-                        "https://example.com (default: only the server's own address; * = any site)")
-    server.add_argument("--enable-plugin-install", action="store_true",
-                        help="let the web app install plugins, turn them on or off and restart the server even "
-                        "with --listen or --share (needs a login): whoever logs in can then run code on this "
-                        "machine. Without it, only a server on 127.0.0.1 without --share may")
+    server.add_argument(
+        "--cors-allow-origins",
+        default=None,
+        metavar="ORIGIN[,ORIGIN...]",
+        help="other sites whose pages may call this server from the browser, e.g. "
+        "https://example.com (default: only the server's own address; * = any site)",
+    )
+    server.add_argument(
+        "--enable-plugin-install",
+        action="store_true",
+        help="let the web app install plugins, turn them on or off and restart the server even "
+        "with --listen or --share (needs a login): whoever logs in can then run code on this "
+        "machine. Without it, only a server on 127.0.0.1 without --share may",
+    )
     from webui.plugin_admin import add_plugin_options
 
     add_plugin_options(parser)
@@ -77,8 +111,11 @@ def read_auth(auth: str | None, auth_file: Path | None) -> list[tuple[str, str]]
         sources += [(f"--auth login {n}", part) for n, part in enumerate(auth.split(","), 1) if part.strip()]
     if auth_file is not None:
         lines = _auth_file_text(auth_file).splitlines()
-        sources += [(f"{auth_file}:{n}", line) for n, line in enumerate(lines, 1)
-                    if line.strip() and not line.lstrip().startswith("#")]
+        sources += [
+            (f"{auth_file}:{n}", line)
+            for n, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     for where, item in sources:
         user, sep, password = item.partition(":")
         user, password = user.strip(), password.strip()
@@ -106,7 +143,9 @@ def _auth_file_text(path: Path) -> str:
     except UnicodeDecodeError:
         raise LaunchRefused(f"--auth-file {path} is not UTF-8 or UTF-16 text; save it as UTF-8") from None
     if "\x00" in text:
-        raise LaunchRefused(f"--auth-file {path} looks like UTF-16 without a byte order mark; save it as UTF-8")
+        raise LaunchRefused(
+            f"--auth-file {path} looks like UTF-16 without a byte order mark; save it as UTF-8"
+        )
     return text
 
 
@@ -114,13 +153,17 @@ def exposure_problem(args: argparse.Namespace, logins: list[tuple[str, str]]) ->
     """Why these flags must not start a server, or ``None`` when they may (one line)."""
     exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
     if exposed and not logins and not args.insecure:
-        return (f"{' and '.join(exposed)} would let anyone who can reach this machine"
-                f"{' (or the share link)' if args.share else ''} use it and read its outputs. "
-                "Add a login with --auth USER:PASS or --auth-file FILE, "
-                "or pass --insecure to start without one anyway.")
+        return (
+            f"{' and '.join(exposed)} would let anyone who can reach this machine"
+            f"{' (or the share link)' if args.share else ''} use it and read its outputs. "
+            "Add a login with --auth USER:PASS or --auth-file FILE, "
+            "or pass --insecure to start without one anyway."
+        )
     if exposed and not logins and getattr(args, "enable_plugin_install", False):
-        return (f"--enable-plugin-install with {' and '.join(exposed)} would let anyone who can reach this machine "
-                "install code that runs on it; it needs a login (--auth or --auth-file), even with --insecure")
+        return (
+            f"--enable-plugin-install with {' and '.join(exposed)} would let anyone who can reach this machine "
+            "install code that runs on it; it needs a login (--auth or --auth-file), even with --insecure"
+        )
     if not 0 < args.port < 65536:
         return f"--port must be between 1 and 65535, got {args.port}"
     if args.queue_size < 1:
@@ -194,10 +237,12 @@ def plugin_control_problem(args: argparse.Namespace) -> str | None:
         return None
     exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
     if exposed:
-        return (f"Installing plugins, turning them on or off and restarting are off here: this server was started "
-                f"with {' and '.join(exposed)}, so other people can reach it, and a plugin runs with the app's "
-                "rights. Use `python launch.py plugins` on the server's machine, or start the server with "
-                "--enable-plugin-install.")
+        return (
+            f"Installing plugins, turning them on or off and restarting are off here: this server was started "
+            f"with {' and '.join(exposed)}, so other people can reach it, and a plugin runs with the app's "
+            "rights. Use `python launch.py plugins` on the server's machine, or start the server with "
+            "--enable-plugin-install."
+        )
     return None
 
 
@@ -218,8 +263,9 @@ def restart_in_place(delay: float = 1.0) -> None:
     threading.Thread(target=restart, name="latent-studio-restart", daemon=True).start()
 
 
-def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
-          restart: Callable[[], None] | None = None) -> Any:
+def serve(
+    args: argparse.Namespace, engine: Any, *, block: bool = True, restart: Callable[[], None] | None = None
+) -> Any:
     """Check the flags, build the app over ``engine`` and start it. Returns the gradio app
     (still serving when ``block`` is false, as the tests use it).
 
@@ -258,8 +304,9 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
     engine.models.allow_paths = False
     service = StudioService(engine, outputs, preview_every=args.preview_every)
     # read by the Plugins tab: whether it may install, enable or disable plugins and restart
-    service.plugin_control = PluginControl(plugin_control_problem(args),
-                                           restart if restart is not None else restart_in_place if block else None)
+    service.plugin_control = PluginControl(
+        plugin_control_problem(args), restart if restart is not None else restart_in_place if block else None
+    )
     if not api.web:  # --nowebui: the HTTP API alone
         from webui.http.routes import serve_api_alone
 
@@ -282,16 +329,23 @@ def serve(args: argparse.Namespace, engine: Any, *, block: bool = True,
     )
     max_body = body_limit_bytes(args.max_upload_mb)
     install_guards(
-        app, max_body=max_body, cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
-        body_message=(f"the request body is over {max_body / 2**20:.1f} MB, the most this server accepts "
-                      f"(set by --max-upload-mb {args.max_upload_mb:g})"),
+        app,
+        max_body=max_body,
+        cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
+        body_message=(
+            f"the request body is over {max_body / 2**20:.1f} MB, the most this server accepts "
+            f"(set by --max-upload-mb {args.max_upload_mb:g})"
+        ),
         throttle=LoginThrottle() if logins else None,
     )
     from webui.http.routes import mount_api
 
     mount_api(app, demo, service, api, args)  # --api: on the same port, behind the same guards
     if block:
-        print(f"Latent Studio is running at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
+        print(
+            f"Latent Studio is running at {local_url}" + (f" and {share_url}" if share_url else ""),
+            flush=True,
+        )
         print(f"Images are saved under {outputs}. Press Ctrl+C to stop.", flush=True)
         demo.block_thread()
     return demo

@@ -132,8 +132,9 @@ class StudioService:
 
     # -- generations -------------------------------------------------------------------------
 
-    def run(self, request: GenerationRequest, session: str, *, save: bool = True,
-            turn: bool = True) -> Iterator[Progress | Finished]:
+    def run(
+        self, request: GenerationRequest, session: str, *, save: bool = True, turn: bool = True
+    ) -> Iterator[Progress | Finished]:
         """Run ``request`` for browser session ``session``: progress events, then :class:`Finished`.
 
         Each batch's images are saved to ``outputs/<task>/<date>/NNNNN-<seed>.png`` with their
@@ -156,8 +157,13 @@ class StudioService:
         try:
             with self.device_turn() if turn else nullcontext():
                 try:
-                    for event in stream(self.engine, request, control=control, preview_every=self.preview_every,
-                                        on_batch=saver):
+                    for event in stream(
+                        self.engine,
+                        request,
+                        control=control,
+                        preview_every=self.preview_every,
+                        on_batch=saver,
+                    ):
                         if isinstance(event, Progress):
                             yield event
                             continue
@@ -205,14 +211,20 @@ class StudioService:
 
     def _finished(self, result: Any, saver: BatchSaver) -> Finished:
         saver.finish(result.images)  # batches the engine did not hand over on the way, if any
-        files: list[tuple[Any, str]] = [(str(path) if path is not None else item.image, f"seed {item.seed}")
-                                        for item, path in saver.items]
+        files: list[tuple[Any, str]] = [
+            (str(path) if path is not None else item.image, f"seed {item.seed}") for item, path in saver.items
+        ]
         warning = saver.warning()
         if warning is not None:
             log.warning("%s (%s)", warning, saver.directory)
-        return Finished(files=files, infotexts=[item.parameters.get("infotext", "") for item, _ in saver.items],
-                        seeds=[item.seed for item, _ in saver.items], seconds=result.seconds,
-                        interrupted=result.interrupted, warning=warning)
+        return Finished(
+            files=files,
+            infotexts=[item.parameters.get("infotext", "") for item, _ in saver.items],
+            seeds=[item.seed for item, _ in saver.items],
+            seconds=result.seconds,
+            interrupted=result.interrupted,
+            warning=warning,
+        )
 
     def _failed(self, error: Exception, saver: BatchSaver) -> Exception:
         """``error`` itself when no batch had finished; else one naming what was kept and where."""
@@ -221,7 +233,9 @@ class StudioService:
             return error
         if isinstance(error, LatentStudioError):
             return GenerationFailed(f"{error} ({note})")
-        log.error("generation failed (%s)", saver.directory, exc_info=error)  # a bug or the device: keep the trace
+        log.error(
+            "generation failed (%s)", saver.directory, exc_info=error
+        )  # a bug or the device: keep the trace
         return GenerationFailed(f"generation failed: {type(error).__name__}: {error} ({note})")
 
 

@@ -40,7 +40,8 @@ def prepare_request(request: GenerationRequest, context: RunContext) -> None:
 
 
 @hookimpl
-def write_metadata(parameters: dict[str, Any], image: OutputImage, request: GenerationRequest,
-                   context: RunContext) -> None:
+def write_metadata(
+    parameters: dict[str, Any], image: OutputImage, request: GenerationRequest, context: RunContext
+) -> None:
     if request.extra.get("style"):
         parameters["Style"] = request.extra["style"]

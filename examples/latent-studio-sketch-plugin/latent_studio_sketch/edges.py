@@ -113,8 +113,16 @@ def hysteresis(weak: np.ndarray, strong: np.ndarray, max_sweeps: int = MAX_SWEEP
     return kept
 
 
-def edge_map(width: int, height: int, *, sketch: Image.Image | None = None, photo: Image.Image | None = None,
-             low: float = 100, high: float = 200, invert: str = "auto") -> Image.Image:
+def edge_map(
+    width: int,
+    height: int,
+    *,
+    sketch: Image.Image | None = None,
+    photo: Image.Image | None = None,
+    low: float = 100,
+    high: float = 200,
+    invert: str = "auto",
+) -> Image.Image:
     """The ControlNet's conditioning image, an "L" image of ``width``×``height``: the sketch's
     lines (:func:`line_map`) and the photo's edges (:func:`canny`) merged (the lighter of the two
     per pixel). Both images are stretched to the output size first, as ControlNet tools' "just

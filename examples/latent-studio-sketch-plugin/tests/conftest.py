@@ -18,4 +18,6 @@ if importlib.util.find_spec("webui") is None and (REPOSITORY / "webui" / "api.py
 
 def pytest_configure(config):
     """The marker Latent Studio's own test run uses (so the tests also run on their own without a warning)."""
-    config.addinivalue_line("markers", "slow: pip installs and subprocess runs; -m 'not slow' leaves them out")
+    config.addinivalue_line(
+        "markers", "slow: pip installs and subprocess runs; -m 'not slow' leaves them out"
+    )

@@ -52,8 +52,9 @@ def test_a_white_square_gives_one_pixel_edges_on_its_border_only():
     assert edges.dtype == np.uint8 and set(np.unique(edges)) == {0, 255}
     ys, xs = np.nonzero(edges)
     # every edge pixel touches the square's border (between 15|16 and 47|48)...
-    on_border = (np.isin(xs, (15, 16, 47, 48)) & (ys >= 15) & (ys <= 48)) | \
-                (np.isin(ys, (15, 16, 47, 48)) & (xs >= 15) & (xs <= 48))
+    on_border = (np.isin(xs, (15, 16, 47, 48)) & (ys >= 15) & (ys <= 48)) | (
+        np.isin(ys, (15, 16, 47, 48)) & (xs >= 15) & (xs <= 48)
+    )
     assert on_border.all()
     # ...one pixel wide, the same way on every side (away from the rounded corners)...
     for k in range(20, 45):

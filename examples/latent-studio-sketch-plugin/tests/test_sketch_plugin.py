@@ -85,8 +85,9 @@ def test_the_task_and_its_fields_are_registered(engine):
     assert all(record.error is None for record in engine.plugins.records.values())
     task = engine.fields.tasks["sketch2img"]
     assert task.label == "Sketch to image" and task.plugin is not None
-    declared = {item.name: item for item in engine.fields.for_task("sketch2img")
-                if item.plugin == task.plugin}
+    declared = {
+        item.name: item for item in engine.fields.for_task("sketch2img") if item.plugin == task.plugin
+    }
     assert list(declared) == list(plugin.FIELD_NAMES)
     assert (declared["sketch"].kind, declared["sketch"].widget) == ("image", "sketch")
     assert (declared["sketch_photo"].kind, declared["sketch_photo"].widget) == ("image", "upload")
@@ -128,9 +129,11 @@ def test_dark_on_light_and_light_on_dark_drawings_are_the_same_lines(engine, dra
     on_transparent.paste((0, 0, 0, 255), mask=drawing(background=0, ink=255))
     assert np.array_equal(pixels(sketched(engine, on_transparent)), dark_on_light)
     # told never to invert, black lines on white are no lines: a blank sketch
-    assert "sketch is blank" in error_of(engine, task="sketch2img",
-                                         extra={"sketch": drawing(), "sketch_controlnet": EDGES,
-                                                "sketch_invert": "never"})
+    assert "sketch is blank" in error_of(
+        engine,
+        task="sketch2img",
+        extra={"sketch": drawing(), "sketch_controlnet": EDGES, "sketch_invert": "never"},
+    )
 
 
 def test_a_photo_is_traced_and_merged_with_the_sketch(engine, plain, drawn):
@@ -146,13 +149,23 @@ def test_a_photo_is_traced_and_merged_with_the_sketch(engine, plain, drawn):
     both = pixels(sketched(engine, sketch_photo=photo))
     assert np.abs(both - traced).max() > 0 and np.abs(both - pixels(drawn)).max() > 0
     # the thresholds are the photo's: other thresholds, other edges
-    assert np.abs(pixels(sketched(engine, sketch=..., sketch_photo=photo, sketch_low_threshold=20,
-                                  sketch_high_threshold=40)) - traced).max() > 0
+    assert (
+        np.abs(
+            pixels(
+                sketched(
+                    engine, sketch=..., sketch_photo=photo, sketch_low_threshold=20, sketch_high_threshold=40
+                )
+            )
+            - traced
+        ).max()
+        > 0
+    )
 
 
 def test_every_batch_of_a_request_follows_the_lines(engine, drawn):
-    result = run_task(engine, "sketch2img", batch_count=2,
-                      extra={"sketch": drawing(), "sketch_controlnet": EDGES})
+    result = run_task(
+        engine, "sketch2img", batch_count=2, extra={"sketch": drawing(), "sketch_controlnet": EDGES}
+    )
     assert result.seeds == [1, 2]
     second = run_task(engine, "sketch2img", seed=2, extra={"sketch": drawing(), "sketch_controlnet": EDGES})
     assert np.array_equal(np.asarray(result.images[0].image), np.asarray(drawn.images[0].image))
@@ -163,13 +176,26 @@ def test_every_batch_of_a_request_follows_the_lines(engine, drawn):
 
 
 def test_the_settings_are_written_and_read_back(engine, plain, drawn):
-    values = {"sketch_controlnet": EDGES, "sketch_weight": 0.8, "sketch_start": 0.25, "sketch_end": 0.9,
-              "sketch_low_threshold": 60, "sketch_high_threshold": 150, "sketch_invert": "always"}
+    values = {
+        "sketch_controlnet": EDGES,
+        "sketch_weight": 0.8,
+        "sketch_start": 0.25,
+        "sketch_end": 0.9,
+        "sketch_low_threshold": 60,
+        "sketch_high_threshold": 150,
+        "sketch_invert": "always",
+    }
     first = run_task(engine, "sketch2img", extra={"sketch": drawing(), **values})
     text = first.infotexts[0]
-    for entry in ("Sketch ControlNet: tiny-edges", "Sketch weight: 0.8", "Sketch start: 0.25",
-                  "Sketch end: 0.9", "Sketch low threshold: 60", "Sketch high threshold: 150",
-                  "Sketch invert: always"):
+    for entry in (
+        "Sketch ControlNet: tiny-edges",
+        "Sketch weight: 0.8",
+        "Sketch start: 0.25",
+        "Sketch end: 0.9",
+        "Sketch low threshold: 60",
+        "Sketch high threshold: 150",
+        "Sketch invert: always",
+    ):
         assert entry in text
     parsed = parse_infotext(text)
     sent, notes = engine.fields.from_infotext(parsed, task="sketch2img")
@@ -188,8 +214,10 @@ def test_a_bad_value_in_an_infotext_is_a_note_not_a_failure(engine):
     parsed = {"Prompt": "a cat", "Sketch weight": "heavy", "Sketch invert": "sideways", "Sketch end": "0.5"}
     sent, notes = engine.fields.from_infotext(parsed, task="sketch2img")
     assert sent["sketch_end"] == 0.5 and "sketch_weight" not in sent and "sketch_invert" not in sent
-    assert notes == ["Sketch invert 'sideways' is not valid; not sent",
-                     "Sketch weight 'heavy' is not a number; not sent"]
+    assert notes == [
+        "Sketch invert 'sideways' is not valid; not sent",
+        "Sketch weight 'heavy' is not a number; not sent",
+    ]
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -197,49 +225,71 @@ def test_a_bad_value_in_an_infotext_is_a_note_not_a_failure(engine):
 
 def test_a_missing_controlnet_says_what_to_install_where(engine, models_dir):
     message = error_of(engine, task="sketch2img", extra={"sketch": drawing()})
-    assert message == (f"sketch2img needs an edges ControlNet: put one (e.g. control_v11p_sd15_canny) into "
-                       f"{models_dir / 'controlnet'} and choose it as the Edges ControlNet "
-                       "(--sketch-controlnet)")
+    assert message == (
+        f"sketch2img needs an edges ControlNet: put one (e.g. control_v11p_sd15_canny) into "
+        f"{models_dir / 'controlnet'} and choose it as the Edges ControlNet "
+        "(--sketch-controlnet)"
+    )
     message = error_of(engine, task="sketch2img", extra={"sketch": drawing(), "sketch_controlnet": "lineart"})
-    assert message == (f"no ControlNet named 'lineart': put an edges ControlNet folder or .safetensors "
-                       f"file of that name into {models_dir / 'controlnet'}")
+    assert message == (
+        f"no ControlNet named 'lineart': put an edges ControlNet folder or .safetensors "
+        f"file of that name into {models_dir / 'controlnet'}"
+    )
 
 
 def test_a_controlnet_for_another_kind_of_model_is_refused(engine, models_dir):
     # made for a VAE that shrinks 8 times, like Stable Diffusion's; the tiny model's shrinks 2 times
     folder = save_controlnet(tiny_controlnet(seed=1, downscale=8), models_dir, "for-sd15")
     try:
-        message = error_of(engine, task="sketch2img",
-                           extra={"sketch": drawing(), "sketch_controlnet": "for-sd15"})
+        message = error_of(
+            engine, task="sketch2img", extra={"sketch": drawing(), "sketch_controlnet": "for-sd15"}
+        )
     finally:
         shutil.rmtree(folder)
-    assert message == ("the ControlNet 'for-sd15' is for another kind of model than 'tiny' (it shrinks the "
-                       "control image 8 times, the model's latents are 2 times smaller); choose one made for "
-                       "this model's family")
+    assert message == (
+        "the ControlNet 'for-sd15' is for another kind of model than 'tiny' (it shrinks the "
+        "control image 8 times, the model's latents are 2 times smaller); choose one made for "
+        "this model's family"
+    )
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    ({"sketch_weight": 3}, "sketch_weight must be between 0 and 2, got 3"),
-    ({"sketch_weight": "strong"}, "sketch_weight must be a number, got 'strong'"),
-    ({"sketch_start": -0.5}, "sketch_start must be between 0 and 1, got -0.5"),
-    ({"sketch_low_threshold": 0}, "sketch_low_threshold must be between 1 and 255, got 0"),
-    ({"sketch_high_threshold": 2.5}, "sketch_high_threshold must be a whole number, got 2.5"),
-    ({"sketch_invert": "sideways"}, "unknown sketch_invert 'sideways'; choose one of auto, always, never"),
-    ({"sketch_controlnet": 7}, "sketch_controlnet must be text, got 7"),
-    ({"sketch_low_threshold": 150, "sketch_high_threshold": 100},
-     "sketch_low_threshold (150) must not be above sketch_high_threshold (100)"),
-    ({"sketch_start": 0.8, "sketch_end": 0.2}, "sketch_start (0.8) must not be after sketch_end (0.2)"),
-    # a file name is never opened on the server's side: whoever has the file opens it
-    ({"sketch": "/etc/passwd"}, "sketch must be an image, not a file name: open the file first"),
-    ({"sketch": b"\x89PNG\r\n\x1a\n broken"}, "sketch must be an image, not a file name: open the file first"),
-    ({"sketch_photo": 12}, "sketch_photo must be an image, got int"),
-    ({"sketch": ...}, "sketch2img needs lines: draw or upload a sketch, or give a photo to trace"),
-    ({"sketch": Image.new("L", (64, 64), 255)},
-     "the sketch is blank: draw some lines or upload a line drawing"),
-    ({"sketch": ..., "sketch_photo": Image.new("RGB", (64, 64), "grey")},
-     "no lines to follow: the sketch is blank or missing and no edges were found in the photo at thresholds "
-     "100/200; lower them or draw lines"),
-])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"sketch_weight": 3}, "sketch_weight must be between 0 and 2, got 3"),
+        ({"sketch_weight": "strong"}, "sketch_weight must be a number, got 'strong'"),
+        ({"sketch_start": -0.5}, "sketch_start must be between 0 and 1, got -0.5"),
+        ({"sketch_low_threshold": 0}, "sketch_low_threshold must be between 1 and 255, got 0"),
+        ({"sketch_high_threshold": 2.5}, "sketch_high_threshold must be a whole number, got 2.5"),
+        (
+            {"sketch_invert": "sideways"},
+            "unknown sketch_invert 'sideways'; choose one of auto, always, never",
+        ),
+        ({"sketch_controlnet": 7}, "sketch_controlnet must be text, got 7"),
+        (
+            {"sketch_low_threshold": 150, "sketch_high_threshold": 100},
+            "sketch_low_threshold (150) must not be above sketch_high_threshold (100)",
+        ),
+        ({"sketch_start": 0.8, "sketch_end": 0.2}, "sketch_start (0.8) must not be after sketch_end (0.2)"),
+        # a file name is never opened on the server's side: whoever has the file opens it
+        ({"sketch": "/etc/passwd"}, "sketch must be an image, not a file name: open the file first"),
+        (
+            {"sketch": b"\x89PNG\r\n\x1a\n broken"},
+            "sketch must be an image, not a file name: open the file first",
+        ),
+        ({"sketch_photo": 12}, "sketch_photo must be an image, got int"),
+        ({"sketch": ...}, "sketch2img needs lines: draw or upload a sketch, or give a photo to trace"),
+        (
+            {"sketch": Image.new("L", (64, 64), 255)},
+            "the sketch is blank: draw some lines or upload a line drawing",
+        ),
+        (
+            {"sketch": ..., "sketch_photo": Image.new("RGB", (64, 64), "grey")},
+            "no lines to follow: the sketch is blank or missing and no edges were found in the photo at thresholds "
+            "100/200; lower them or draw lines",
+        ),
+    ],
+)
 def test_bad_values_are_refused_with_one_line(engine, extra, expected):
     values = {"sketch": drawing(), "sketch_controlnet": EDGES, **extra}
     message = error_of(engine, task="sketch2img", extra={k: v for k, v in values.items() if v is not ...})
@@ -248,9 +298,11 @@ def test_bad_values_are_refused_with_one_line(engine, extra, expected):
 
 def test_a_sketch_on_another_task_is_refused_not_ignored(engine):
     assert error_of(engine, task="txt2img", extra={"sketch": drawing()}) == (
-        "sketch is used only by the sketch2img task; choose that task (--task sketch2img)")
+        "sketch is used only by the sketch2img task; choose that task (--task sketch2img)"
+    )
     assert error_of(engine, task="img2img", extra={"sketch_photo": sample_image()}) == (
-        "sketch_photo is used only by the sketch2img task; choose that task (--task sketch2img)")
+        "sketch_photo is used only by the sketch2img task; choose that task (--task sketch2img)"
+    )
 
 
 def test_the_plugin_imports_only_the_public_api_and_no_gradio():

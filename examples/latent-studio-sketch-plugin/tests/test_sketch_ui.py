@@ -64,14 +64,31 @@ def test_the_tab_has_a_control_for_every_field(demo):
 def test_a_drawing_on_the_canvas_makes_the_same_request_as_the_api(engine):
     canvas = np.full((64, 64, 3), 255, dtype=np.uint8)
     canvas[20:22, 10:54] = canvas[10:54, 30:32] = 0
-    values = {"prompt": "a red cat", "steps": 2, "seed": 1, "width": 64, "height": 64, "sampler": "Euler",
-              "sketch": {"background": Image.new("RGB", (64, 64), "white"), "layers": [],
-                         "composite": Image.fromarray(canvas)},
-              "sketch_photo": None, "sketch_controlnet": EDGES, "sketch_weight": 0.8, "sketch_invert": "auto"}
+    values = {
+        "prompt": "a red cat",
+        "steps": 2,
+        "seed": 1,
+        "width": 64,
+        "height": 64,
+        "sampler": "Euler",
+        "sketch": {
+            "background": Image.new("RGB", (64, 64), "white"),
+            "layers": [],
+            "composite": Image.fromarray(canvas),
+        },
+        "sketch_photo": None,
+        "sketch_controlnet": EDGES,
+        "sketch_weight": 0.8,
+        "sketch_invert": "auto",
+    }
     request = ui_request(engine, "sketch2img", values)
     assert request.task == "sketch2img" and request.extra["sketch_weight"] == 0.8
     from_ui = engine.generate(request)
-    from_api = run_task(engine, "sketch2img", prompt="a red cat", extra={
-        "sketch": Image.fromarray(canvas), "sketch_controlnet": EDGES, "sketch_weight": 0.8})
+    from_api = run_task(
+        engine,
+        "sketch2img",
+        prompt="a red cat",
+        extra={"sketch": Image.fromarray(canvas), "sketch_controlnet": EDGES, "sketch_weight": 0.8},
+    )
     assert np.array_equal(np.asarray(from_ui.images[0].image), np.asarray(from_api.images[0].image))
     assert from_ui.infotexts == from_api.infotexts

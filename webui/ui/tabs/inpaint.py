@@ -21,15 +21,33 @@ def build(ctx: UIContext) -> GenerationTab:
 
     def controls() -> dict[str, Any]:
         widgets: dict[str, Any] = {}
-        widgets["editor"] = guard_image_input(gr.ImageEditor(
-            label="Image and mask: upload, then paint over what should change", type="pil", image_mode="RGBA",
-            sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size),
-            eraser=gr.Eraser(), transforms=(), layers=False, height=360, elem_id=f"{tab_id}-editor",
-        ), "image")
+        widgets["editor"] = guard_image_input(
+            gr.ImageEditor(
+                label="Image and mask: upload, then paint over what should change",
+                type="pil",
+                image_mode="RGBA",
+                sources=["upload", "clipboard"],
+                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size),
+                eraser=gr.Eraser(),
+                transforms=(),
+                layers=False,
+                height=360,
+                elem_id=f"{tab_id}-editor",
+            ),
+            "image",
+        )
         with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
-            widgets["mask_upload"] = guard_image_input(gr.Image(
-                label="Mask", type="filepath", image_mode=None, sources=["upload"], height=200,
-                elem_id=f"{tab_id}-mask"), "mask")
+            widgets["mask_upload"] = guard_image_input(
+                gr.Image(
+                    label="Mask",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload"],
+                    height=200,
+                    elem_id=f"{tab_id}-mask",
+                ),
+                "mask",
+            )
         return widgets
 
     def extras(values: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +56,9 @@ def build(ctx: UIContext) -> GenerationTab:
             raise InvalidRequestError("upload an image to inpaint first")
         mask = open_upload(values["mask_upload"], "mask") if values.get("mask_upload") else painted
         if mask is None:
-            raise InvalidRequestError("paint a mask over the image (or upload one): nothing is marked to change")
+            raise InvalidRequestError(
+                "paint a mask over the image (or upload one): nothing is marked to change"
+            )
         return {"init_image": image, "mask": mask}
 
     return generation_tab(ctx, "inpaint", extras, controls, own=("init_image", "mask"))

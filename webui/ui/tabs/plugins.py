@@ -23,8 +23,10 @@ from webui.ui.controls import UIContext
 
 HEADERS = ["Name", "Source", "Version", "Hooks", "Status", "API", "SHA-256 of what was installed"]
 _MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
-NOT_EMBEDDED = ("This server runs inside another program and cannot restart itself: restart that program to "
-                "apply changes.")
+NOT_EMBEDDED = (
+    "This server runs inside another program and cannot restart itself: restart that program to "
+    "apply changes."
+)
 # after "Apply and restart": wait until the server has gone away and come back, then reload the page
 RELOAD_WHEN_BACK = """
 () => {
@@ -64,12 +66,28 @@ def _on_disk(plugins: Any, described: list[dict[str, Any]]) -> tuple[list[dict[s
     except Exception:  # a listing problem must not break the page
         return [], set()
     known = {row["name"] for row in described}
-    new = [{"name": c.name, "source": c.source, "version": c.version, "hooks": [], "error": None,
-            "enabled": not settings.is_disabled(*c.keys), "status": "new", "api_versions": None,
-            "sha256": None, "hashed": None} for c in found if c.name not in known]
+    new = [
+        {
+            "name": c.name,
+            "source": c.source,
+            "version": c.version,
+            "hooks": [],
+            "error": None,
+            "enabled": not settings.is_disabled(*c.keys),
+            "status": "new",
+            "api_versions": None,
+            "sha256": None,
+            "hashed": None,
+        }
+        for c in found
+        if c.name not in known
+    ]
     present = {c.name for c in found}
-    gone = {row["name"] for row in described if row["source"] in ("entrypoint", "dropin")
-            and row["name"] not in present}
+    gone = {
+        row["name"]
+        for row in described
+        if row["source"] in ("entrypoint", "dropin") and row["name"] not in present
+    }
     return new, gone
 
 
@@ -100,11 +118,17 @@ def rows(plugins: Any) -> list[list[str]]:
     for row in described + new:
         versions = row.get("api_versions")
         sha = row.get("sha256")
-        table.append([
-            row["name"], row["source"], row["version"] or "", ", ".join(row["hooks"]),
-            status_text(row, row["name"] in gone), ", ".join(str(v) for v in versions) if versions else "",
-            f"{sha} ({row.get('hashed')})" if sha else "",
-        ])
+        table.append(
+            [
+                row["name"],
+                row["source"],
+                row["version"] or "",
+                ", ".join(row["hooks"]),
+                status_text(row, row["name"] in gone),
+                ", ".join(str(v) for v in versions) if versions else "",
+                f"{sha} ({row.get('hashed')})" if sha else "",
+            ]
+        )
     return table
 
 
@@ -140,50 +164,87 @@ def _failed(error: Exception) -> gr.Error:
 def build(ctx: UIContext) -> None:
     plugins = ctx.service.engine.plugins
     control = getattr(ctx.service, "plugin_control", None)
-    problem = "Plugins can be managed here only in a server started by launch.py." if control is None \
+    problem = (
+        "Plugins can be managed here only in a server started by launch.py."
+        if control is None
         else control.problem
+    )
     allowed = problem is None
     restarts = allowed and control is not None and control.restart is not None
-    gr.Markdown("Every plugin, those that failed first, then the installed ones, then the built-ins. A plugin "
-                "that failed to load or failed at start-up "
-                "is skipped and the rest of the app works without it; fix it, disable it or uninstall it and "
-                "restart. `python launch.py plugins list` prints this list as JSON; `python launch.py --safe-mode` "
-                "starts with the built-ins only.")
-    gr.Markdown(f"**{TRUST}** Each installed plugin is listed with the SHA-256 of what was installed (a pip "
-                "package's wheel, or its RECORD when it was installed another way; a drop-in's file).",
-                elem_id="plugins-trust")
+    gr.Markdown(
+        "Every plugin, those that failed first, then the installed ones, then the built-ins. A plugin "
+        "that failed to load or failed at start-up "
+        "is skipped and the rest of the app works without it; fix it, disable it or uninstall it and "
+        "restart. `python launch.py plugins list` prints this list as JSON; `python launch.py --safe-mode` "
+        "starts with the built-ins only."
+    )
+    gr.Markdown(
+        f"**{TRUST}** Each installed plugin is listed with the SHA-256 of what was installed (a pip "
+        "package's wheel, or its RECORD when it was installed another way; a drop-in's file).",
+        elem_id="plugins-trust",
+    )
     mode = _mode(plugins)
     if mode:
         gr.Markdown(mode, elem_id="plugins-mode")
     # computed again on each page load: a model list refreshed since may have recorded a failure
-    table = gr.Dataframe(value=lambda: rows(plugins), headers=HEADERS, datatype="str", interactive=False, wrap=True,
-                         column_widths=["15%", "7%", "6%", "17%", "25%", "5%", "25%"], label="Plugins",
-                         show_label=False, elem_id="plugins-table")
+    table = gr.Dataframe(
+        value=lambda: rows(plugins),
+        headers=HEADERS,
+        datatype="str",
+        interactive=False,
+        wrap=True,
+        column_widths=["15%", "7%", "6%", "17%", "25%", "5%", "25%"],
+        label="Plugins",
+        show_label=False,
+        elem_id="plugins-table",
+    )
     if problem:
         gr.Markdown(f"🔒 {problem}", elem_id="plugins-locked")
     elif not restarts:
         gr.Markdown(NOT_EMBEDDED, elem_id="plugins-locked")
     with gr.Row():
-        choice = gr.Dropdown(choices=choices(plugins), value=None, label="Plugin", allow_custom_value=True,
-                             interactive=allowed, scale=4, elem_id="plugins-choice")
+        choice = gr.Dropdown(
+            choices=choices(plugins),
+            value=None,
+            label="Plugin",
+            allow_custom_value=True,
+            interactive=allowed,
+            scale=4,
+            elem_id="plugins-choice",
+        )
         enable = gr.Button("Enable", interactive=allowed, elem_id="plugins-enable")
         disable = gr.Button("Disable", interactive=allowed, elem_id="plugins-disable")
     with gr.Accordion("Install a plugin", open=True):
         with gr.Row():
-            spec = gr.Textbox(label="Package name or URL (PyPI wheels; build from source on the command line)",
-                              placeholder="latent-studio-example-plugin", interactive=allowed, scale=3,
-                              elem_id="plugins-spec")
-            wheel = gr.File(label="or upload a wheel (.whl)", file_types=[".whl"], type="filepath",
-                            interactive=allowed, scale=2, height=120, elem_id="plugins-wheel")
+            spec = gr.Textbox(
+                label="Package name or URL (PyPI wheels; build from source on the command line)",
+                placeholder="latent-studio-example-plugin",
+                interactive=allowed,
+                scale=3,
+                elem_id="plugins-spec",
+            )
+            wheel = gr.File(
+                label="or upload a wheel (.whl)",
+                file_types=[".whl"],
+                type="filepath",
+                interactive=allowed,
+                scale=2,
+                height=120,
+                elem_id="plugins-wheel",
+            )
         check = gr.Button("Check what will be installed", interactive=allowed, elem_id="plugins-check")
         plan = gr.Textbox(label="What will be installed", lines=8, interactive=False, elem_id="plugins-plan")
         install = gr.Button("Install", variant="primary", interactive=False, elem_id="plugins-install")
-    restart = gr.Button("Apply and restart", variant="secondary", interactive=restarts, elem_id="plugins-restart")
+    restart = gr.Button(
+        "Apply and restart", variant="secondary", interactive=restarts, elem_id="plugins-restart"
+    )
     message = gr.Textbox(label="Result", interactive=False, elem_id="plugins-message")
     if not allowed or control is None:
         return  # no handler: this server has no route that changes plugins
     # a checked package waiting for "Install"; its temporary folder goes when the session does
-    prepared = gr.State(None, time_to_live=3600, delete_callback=lambda ready: ready.close() if ready else None)
+    prepared = gr.State(
+        None, time_to_live=3600, delete_callback=lambda ready: ready.close() if ready else None
+    )
     plugin_dirs = getattr(plugins, "plugin_dirs", None)
 
     def toggle(name: str | None, on: bool) -> tuple[str, list[list[str]]]:
@@ -194,9 +255,12 @@ def build(ctx: UIContext) -> None:
         except LatentStudioError as error:
             raise _failed(error) from None
 
-    enable.click(lambda name: toggle(name, True), inputs=choice, outputs=[message, table], api_name="plugins_enable")
-    disable.click(lambda name: toggle(name, False), inputs=choice, outputs=[message, table],
-                  api_name="plugins_disable")
+    enable.click(
+        lambda name: toggle(name, True), inputs=choice, outputs=[message, table], api_name="plugins_enable"
+    )
+    disable.click(
+        lambda name: toggle(name, False), inputs=choice, outputs=[message, table], api_name="plugins_disable"
+    )
 
     def check_package(name: str | None, upload: str | None, previous: Any) -> tuple[Any, ...]:
         if previous is not None:
@@ -209,10 +273,19 @@ def build(ctx: UIContext) -> None:
             ready = prepare(str(upload or name), from_web=True)
         except LatentStudioError as error:
             raise _failed(error) from None
-        return ready.summary(), ready, gr.Button(interactive=True), "Read what will be installed, then press Install."
+        return (
+            ready.summary(),
+            ready,
+            gr.Button(interactive=True),
+            "Read what will be installed, then press Install.",
+        )
 
-    check.click(check_package, inputs=[spec, wheel, prepared], outputs=[plan, prepared, install, message],
-                api_name="plugins_check")
+    check.click(
+        check_package,
+        inputs=[spec, wheel, prepared],
+        outputs=[plan, prepared, install, message],
+        api_name="plugins_check",
+    )
 
     def install_package(ready: Any) -> tuple[Any, ...]:
         if ready is None or ready.closed:
@@ -223,8 +296,12 @@ def build(ctx: UIContext) -> None:
             raise _failed(error) from None
         return done, None, gr.Button(interactive=False), rows(plugins), gr.Dropdown(choices=choices(plugins))
 
-    install.click(install_package, inputs=prepared, outputs=[message, prepared, install, table, choice],
-                  api_name="plugins_install")
+    install.click(
+        install_package,
+        inputs=prepared,
+        outputs=[message, prepared, install, table, choice],
+        api_name="plugins_install",
+    )
 
     if not restarts:
         return
@@ -232,9 +309,14 @@ def build(ctx: UIContext) -> None:
     def restart_server() -> str:
         running = ctx.service.sessions_running()
         if running:
-            raise gr.Error(f"{running} generation{'s are' if running != 1 else ' is'} running; restart when "
-                           f"{'they have' if running != 1 else 'it has'} finished.", print_exception=False)
+            raise gr.Error(
+                f"{running} generation{'s are' if running != 1 else ' is'} running; restart when "
+                f"{'they have' if running != 1 else 'it has'} finished.",
+                print_exception=False,
+            )
         control.restart()
         return "Restarting: the page reloads when the server is back."
 
-    restart.click(restart_server, outputs=message, api_name="plugins_restart").success(None, js=RELOAD_WHEN_BACK)
+    restart.click(restart_server, outputs=message, api_name="plugins_restart").success(
+        None, js=RELOAD_WHEN_BACK
+    )

@@ -49,8 +49,10 @@ def too_long(text: str, limits: Limits) -> str | None:
     """Why a parameters text is refused before it is parsed, or ``None`` when it may be parsed."""
     limit = limits.max_infotext_chars
     if limit and len(text) > limit:
-        return (f"the parameters text has {len(text)} characters; the limit is {limit} (--max-infotext-chars), "
-                "so it is not read")
+        return (
+            f"the parameters text has {len(text)} characters; the limit is {limit} (--max-infotext-chars), "
+            "so it is not read"
+        )
     return None
 
 
@@ -75,8 +77,12 @@ def send_targets(tab: GenerationTab, registry: FieldRegistry) -> list[str]:
     names = []
     for name in tab.fields:
         declared = registry.get(name)
-        if declared is not None and declared.send and (declared.infotext or declared.read) \
-                and declared.applies_to(tab.task):
+        if (
+            declared is not None
+            and declared.send
+            and (declared.infotext or declared.read)
+            and declared.applies_to(tab.task)
+        ):
             names.append(name)
     return names
 
@@ -86,12 +92,21 @@ def build(ctx: UIContext) -> None:
     registry = ctx.fields
     with gr.Row(equal_height=False):
         with gr.Column():
-            image = guard_image_input(gr.Image(
-                label="Drop an image", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=360,
-                elem_id="pnginfo-image"), "image")
+            image = guard_image_input(
+                gr.Image(
+                    label="Drop an image",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    height=360,
+                    elem_id="pnginfo-image",
+                ),
+                "image",
+            )
         with gr.Column():
-            text = gr.Textbox(label="Parameters", lines=6, interactive=False, buttons=["copy"],
-                              elem_id="pnginfo-text")
+            text = gr.Textbox(
+                label="Parameters", lines=6, interactive=False, buttons=["copy"], elem_id="pnginfo-text"
+            )
             table = gr.JSON(label="Parsed", elem_id="pnginfo-parsed")
             notes = gr.Markdown("", elem_id="pnginfo-notes")
             buttons_row = gr.Row()
@@ -129,14 +144,20 @@ def build(ctx: UIContext) -> None:
                 raise gr.Error(refused, print_exception=False)
             parsed = parse_infotext(parameters)
             offered = {name: choices_of(ctx, registry[name]) for name in listed}
-            values, unread = fields_from_infotext(registry, parsed, task=tab.task, names=names, offered=offered)
+            values, unread = fields_from_infotext(
+                registry, parsed, task=tab.task, names=names, offered=offered
+            )
             values, changes = clamp_fields(values, ranges)
             note = "; ".join(unread + changes)
             if note:
                 gr.Warning(note)
-            return [gr.Tabs(selected=tab.id), note] + [values[name] if name in values else gr.skip() for name in names]
+            return [gr.Tabs(selected=tab.id), note] + [
+                values[name] if name in values else gr.skip() for name in names
+            ]
 
-        button.click(send, inputs=text, outputs=[ctx.selector, notes, *targets], api_name=f"pnginfo_to_{tab.id}")
+        button.click(
+            send, inputs=text, outputs=[ctx.selector, notes, *targets], api_name=f"pnginfo_to_{tab.id}"
+        )
 
     def connect_every_tab() -> None:
         """Once every tab is built, so tabs registered after PNG Info get their button too."""

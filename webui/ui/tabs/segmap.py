@@ -53,21 +53,48 @@ def build(ctx: UIContext) -> GenerationTab:
 
     def controls() -> dict[str, Any]:
         widgets: dict[str, Any] = {}
-        widgets["seg_editor"] = guard_image_input(gr.ImageEditor(
-            value={"background": blank_map(info.palette, info.default_size), "layers": [], "composite": None},
-            label="Segmentation map: paint classes with the palette's colours", type="pil", image_mode="RGB",
-            sources=["upload", "clipboard"], brush=_brush(info.palette, info.default_size), eraser=False, transforms=(),
-            layers=False, height=360, elem_id=f"{tab_id}-editor",
-        ), "segmentation map")
+        widgets["seg_editor"] = guard_image_input(
+            gr.ImageEditor(
+                value={
+                    "background": blank_map(info.palette, info.default_size),
+                    "layers": [],
+                    "composite": None,
+                },
+                label="Segmentation map: paint classes with the palette's colours",
+                type="pil",
+                image_mode="RGB",
+                sources=["upload", "clipboard"],
+                brush=_brush(info.palette, info.default_size),
+                eraser=False,
+                transforms=(),
+                layers=False,
+                height=360,
+                elem_id=f"{tab_id}-editor",
+            ),
+            "segmentation map",
+        )
         shown["legend"] = gr.HTML(legend_html(info.palette), elem_id=f"{tab_id}-legend")
         with gr.Accordion("Upload a map instead", open=False):
-            widgets["seg_upload"] = guard_image_input(gr.Image(
-                label="Segmentation map", type="filepath", image_mode=None, sources=["upload"], height=200,
-                elem_id=f"{tab_id}-map"), "segmentation map")
+            widgets["seg_upload"] = guard_image_input(
+                gr.Image(
+                    label="Segmentation map",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload"],
+                    height=200,
+                    elem_id=f"{tab_id}-map",
+                ),
+                "segmentation map",
+            )
         with gr.Accordion("Start from an image (optional)", open=False):
             for name in ("init_image", "strength"):
-                widgets[name] = make_control(ctx, registry[name], tab_id, task="seg2img",
-                                             **({"height": 200} if name == "init_image" else {}))
+                widgets[name] = make_control(
+                    ctx,
+                    registry[name],
+                    tab_id,
+                    task="seg2img",
+                    **({"height": 200} if name == "init_image" else {}),
+                )
         return widgets
 
     def extras(values: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +121,11 @@ def build(ctx: UIContext) -> GenerationTab:
 
     if "model" in tab.fields and "controlnet" in tab.fields:
         for trigger in (tab.fields["model"], tab.fields["controlnet"]):
-            trigger.change(follow, inputs=[tab.fields["model"], tab.fields["controlnet"]],
-                           outputs=[tab.fields["seg_editor"], shown["legend"]], queue=False, api_visibility="private")
+            trigger.change(
+                follow,
+                inputs=[tab.fields["model"], tab.fields["controlnet"]],
+                outputs=[tab.fields["seg_editor"], shown["legend"]],
+                queue=False,
+                api_visibility="private",
+            )
     return tab
