@@ -1,5 +1,5 @@
-"""The README's plugin tutorial works as written: its plugin, dropped into a plugins folder, and its
-test, run by pytest in a subprocess."""
+"""The plugin tutorial in docs/plugins.md works as written: its plugin, dropped into a plugins folder,
+and its test, run by pytest in a subprocess."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from webui.api import make_plugin_manager
 pytestmark = pytest.mark.slow  # runs pytest in a subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
+TUTORIAL = ROOT / "docs" / "plugins.md"
 
 
 def tutorial_blocks() -> dict[str, str]:
-    """The code blocks the README marks with ``<!-- tutorial: PATH -->``, by path."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    found = re.findall(r"<!-- tutorial: (\S+) -->\n```python\n(.*?)```", readme, flags=re.S)
+    """The code blocks docs/plugins.md marks with ``<!-- tutorial: PATH -->``, by path."""
+    text = TUTORIAL.read_text(encoding="utf-8")
+    found = re.findall(r"<!-- tutorial: (\S+) -->\n```python\n(.*?)```", text, flags=re.S)
     return dict(found)
 
 

@@ -1122,8 +1122,8 @@ _PLUGIN = '''
     """The plugin module named by the {{group}} entry point in pyproject.toml.
 
     Each function marked with @hookimpl implements the hook of the same name; the hooks and their
-    arguments are listed in Latent Studio's README ("Hooks") and webui/hookspecs.py. Import only
-    from webui.api.
+    arguments are listed in Latent Studio's docs/plugins.md ("Every hook, in one line") and
+    webui/hookspecs.py. Import only from webui.api.
     """
 
     from __future__ import annotations
@@ -1187,7 +1187,8 @@ _README = """
 
     A Latent Studio plugin. It implements one hook, `write_metadata`, in
     `{{module}}/plugin.py`: every image records `{{key}}: on` in its parameters. Replace it with
-    the hooks you need (see the "Hooks" table in Latent Studio's README).
+    the hooks you need (see the "Every hook, in one line" table in Latent Studio's
+    docs/plugins.md).
 
     ## Install
 

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's API shapes: its request bodies to a :class:`~webui.request.GenerationRequest`,
 and the request's results back to its answers (base64 PNGs, ``parameters``, ``info``).
 
-What is accepted (see the README's compatibility table):
+What is accepted (see the compatibility table in docs/http-api.md):
 
 * A1111's keys for what this engine does (``prompt``, ``steps``, ``sampler_name`` + ``scheduler``,
   ``n_iter``, ``denoising_strength``, ``init_images``, ``mask``, ``inpainting_fill``...) map onto the

@@ -1,7 +1,7 @@
 """The HTTP API as a FastAPI application, and how it is served: beside the web app on its port
 (:func:`mount_api`, for ``--api``) or alone (:func:`serve_api_alone`, for ``--nowebui``).
 
-Route groups (the README's "HTTP API" section has curl examples for each):
+Route groups (docs/http-api.md has curl examples for each):
 
 * ``/sdapi/v1/...``: AUTOMATIC1111's API (:mod:`webui.http.a1111` reads and writes its shapes);
 * ``/controlnet/model_list``, ``/controlnet/module_list``: the ControlNet extension's lists;
