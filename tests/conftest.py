@@ -41,7 +41,12 @@ REQUIRE_BROWSER = "LATENT_STUDIO_REQUIRE_BROWSER"  # set (as in CI): a missing b
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu`` tests where no CUDA device is available (torch is imported only if there are any)."""
+    """Skip ``gpu`` tests where no CUDA device is available (torch is imported only if there are any).
+    The example plugins' own suites (under ``examples/``, which their authors run alone) count as
+    ``slow`` here: they build models and start servers."""
+    for item in items:
+        if "examples" in item.path.relative_to(ROOT).parts[:1]:
+            item.add_marker(pytest.mark.slow)
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_tests:
         return

@@ -19,6 +19,8 @@ from training.analyse import (
 )
 from training.shapes import COLORS, POSITIONS, Scene, random_scene
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 COUNT = 500
 

@@ -8,6 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

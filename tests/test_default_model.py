@@ -17,6 +17,8 @@ from webui.engine.pipeline import Engine
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "latent-studio-shapes"
 RUN = dict(steps=20, sampler="DPM++ 2M Karras")  # and the guidance the model recommends (CFG 2)

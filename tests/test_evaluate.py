@@ -31,6 +31,8 @@ from webui.engine.pipeline import Engine, GenerationResult
 from webui.errors import InvalidRequestError
 from webui.plugins import make_plugin_manager
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

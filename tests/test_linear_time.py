@@ -37,6 +37,8 @@ from webui.engine.prompt_parser import BREAK_FRAGMENT, parse_prompt_attention, s
 from webui.engine.text import chunk_prompt
 from webui.metadata import _parse_pairs, parse_infotext
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 SIZES = (10_000, 100_000, 1_000_000)
 TOKENIZER_SIZES = (1_000, 10_000, 100_000)
 MAX_RATIO = 25.0

@@ -24,6 +24,8 @@ from webui.errors import ModelLoadError, ModelNotFoundError, NoModelError
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "a red circle"

@@ -21,6 +21,8 @@ from webui.engine.pipeline import Engine
 from webui.errors import InvalidRequestError, OutOfMemoryError
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 REQUEST = GenerationRequest(
     prompt="a red circle", steps=3, seed=7, width=64, height=64, batch_size=2, sampler="Euler", cfg_scale=5.0
 )

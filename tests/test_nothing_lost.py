@@ -30,6 +30,8 @@ from webui.metadata import read_png_parameters
 from webui.output import BatchSaver, check_writable, output_dir
 from webui.ui.service import Finished, GenerationFailed, StudioService
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # two batches of two images; no guidance (one UNet pass a step) keeps it quick on a CPU
 REQUEST = GenerationRequest(

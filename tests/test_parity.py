@@ -17,6 +17,8 @@ from fixtures_models import random_image, rect_mask, seg_map
 
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 TOLERANCE = 1e-3
 PROMPT = "a red circle at the top left"
 NEGATIVE = "blurry, low quality"

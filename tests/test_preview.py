@@ -20,6 +20,8 @@ from webui.engine.bundle import ModelBundle
 from webui.engine.pipeline import Engine
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 ROOT = Path(__file__).resolve().parent.parent
 BOX = Image.Resampling.BOX
 

@@ -39,6 +39,8 @@ from webui.errors import ModelLoadError
 from webui.plugins import make_plugin_manager
 from webui.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 KINDS = ("sd1", "sd1-inpainting", "sd2-v", "sdxl", "sdxl-refiner")
 RUN = dict(
     prompt="a photo of a cat",

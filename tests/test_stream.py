@@ -11,6 +11,8 @@ from webui.engine.context import GenerationControl
 from webui.engine.stream import Progress, stream
 from webui.errors import InvalidRequestError
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 
 @pytest.fixture
 def engine(tmp_path):

@@ -26,6 +26,8 @@ from webui.testing import (
     tiny_controlnet,
 )
 
+pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
+
 TASKS = ("txt2img", "img2img", "inpaint", "seg2img")
 
 
