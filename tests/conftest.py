@@ -123,6 +123,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def api_server(tmp_path_factory):
+    """The web app with the HTTP API (``--api``) on the shipped model, for one module."""
+    from ui_server import Server
+
+    server = Server(tmp_path_factory.mktemp("outputs"), "--api")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def browser():
     """Headless Chromium (Debian's ``chromium``) driven by Playwright. Missing, it skips the test, or
     fails it when ``LATENT_STUDIO_REQUIRE_BROWSER`` is set, so CI never mistakes no browser for a pass."""

@@ -274,3 +274,23 @@ def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_mod
     finally:
         page.close()
         own.close()
+
+
+def test_hires_fix_group(page, server):
+    page.locator("#txt2img-prompt textarea").fill("a large red circle in the center on a blue background")
+    page.locator("#txt2img-hires-fix").get_by_text("Hires fix").first.click()  # open the accordion
+    page.locator("#txt2img-enable-hr input").check()
+    scale = page.locator("#txt2img-hr-scale input[type=number]")
+    scale.fill("1.5")
+    scale.press("Enter")
+    page.locator("#txt2img-hr-second-pass-steps input[type=number]").fill("2")
+    page.locator("#txt2img-generate").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#txt2img-infotext textarea')?.value || '').includes('Hires upscale')",
+        timeout=WAIT_MS,
+    )
+    infotext = page.locator("#txt2img-infotext textarea").input_value()
+    assert "Hires upscale: 1.5" in infotext and "Hires steps: 2" in infotext, infotext
+    width, height = (int(side) for side in infotext.split("Size: ")[1].split(",")[0].split("x"))
+    assert newest_output(server, "txt2img").size == (int(width * 1.5) // 8 * 8, int(height * 1.5) // 8 * 8)
+    shot(page, "hires")

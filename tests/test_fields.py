@@ -38,7 +38,12 @@ def test_every_request_attribute_is_a_declared_field_with_the_same_default():
         field.name for field in BUILTIN_FIELDS
     ]
     assert list(registry.tasks) == ["txt2img", "img2img", "inpaint", "seg2img"]
-    assert [field.name for field in registry.plugin_fields()] == ["cfg_rescale"]  # the built-in plugin field
+    # the built-in features declared as plugins (CFG rescale, hires fix, outpainting, styles, X/Y/Z plot)
+    builtin_plugin_fields = {field.name: field.plugin for field in registry.plugin_fields()}
+    assert {"cfg_rescale", "enable_hr", "outpaint_left", "styles", "xyz_enabled"} <= set(
+        builtin_plugin_fields
+    )
+    assert all(plugin.startswith("webui.builtin.") for plugin in builtin_plugin_fields.values())
 
 
 @pytest.mark.parametrize(
@@ -171,7 +176,10 @@ def test_plugin_values_are_checked_and_completed_with_defaults():
 
     registry, _ = registry_with(Sharpen())
     done = registry.validate(GenerationRequest(prompt="x", extra={"mode": "hard", "free": [1, 2]}))
-    assert done.extra == {"cfg_rescale": 0.0, "sharpen": 0.0, "mode": "hard", "free": [1, 2]}
+    builtin = {
+        field.name: field.default for field in registry.plugin_fields() if field.plugin.startswith("webui.")
+    }
+    assert done.extra == {**builtin, "sharpen": 0.0, "mode": "hard", "free": [1, 2]}
     init = Image.new("RGB", (8, 8))
     img2img = registry.validate(registry.new_request("img2img", {"init_image": init, "prompt": "x"}))
     assert img2img.extra["sharpen"] == 0.5 and img2img.strength == 0.75

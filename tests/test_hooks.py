@@ -18,6 +18,8 @@ from webui.api import (
     GenerationControl,
     GenerationRequest,
     ModelEntry,
+    PluginError,
+    SecondPass,
     hookimpl,
     make_plugin_manager,
 )
@@ -86,6 +88,23 @@ def test_register_schedulers_overrides_a_builtin(bundle):
 
     engine = engine_with(Override())
     assert engine.schedulers.get("Euler").factory is DDIMScheduler
+
+
+def test_register_upscalers_adds_an_upscaler_the_extras_and_hires_fix_can_use():
+    class Box:
+        @hookimpl
+        def register_upscalers(self, register):
+            register("Box", resample=lambda image, size: image.resize(size, Image.Resampling.BOX))
+            # a built-in's name: a plugin's hook runs before the built-in's, and the first one wins
+            register("Lanczos", resample=lambda image, size: image.resize(size, Image.Resampling.NEAREST))
+
+    engine = engine_with(Box())
+    assert engine.upscalers.names()[:3] == ["Box", "Lanczos", "Nearest"]
+    source = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5, "RGB")
+    result = engine.upscalers.upscale(source, "Box", size=(2, 2))
+    assert np.array_equal(np.asarray(result), np.asarray(source.resize((2, 2), Image.Resampling.BOX)))
+    replaced = engine.upscalers.upscale(source, "Lanczos", scale=2)
+    assert np.array_equal(np.asarray(replaced), np.asarray(source).repeat(2, axis=0).repeat(2, axis=1))
 
 
 def test_prepare_request_can_round_sizes(bundle):
@@ -265,6 +284,36 @@ def test_skip_drops_only_the_current_batch(bundle):
     assert calls.count(0) == 1 and calls.count(1) == 3
 
 
+def test_second_pass_denoises_again_at_another_size(bundle):
+    class Twice:
+        @hookimpl
+        def second_pass(self, request, context, latents):
+            bigger = torch.nn.functional.interpolate(latents, scale_factor=1.5, mode="nearest")
+            return SecondPass(
+                request=request.replace(width=96, height=96, strength=0.5, steps=4), latents=bigger
+            )
+
+    steps = []
+    result = engine_with(Twice()).generate(GenerationRequest(**BASE), bundle=bundle, callback=steps.append)
+    assert result.images[0].image.size == (96, 96)
+    assert [(s.step, s.total, s.context.width) for s in steps] == [
+        (1, 3, 64),
+        (2, 3, 64),
+        (3, 3, 64),
+        (1, 2, 96),
+        (2, 2, 96),
+    ]
+    assert "Size: 64x64" in result.infotexts[0]  # the images keep the first request's parameters
+
+    class Wrong:
+        @hookimpl
+        def second_pass(self, request, context, latents):
+            return SecondPass(request=request.replace(width=96, height=96), latents=latents)
+
+    with pytest.raises(PluginError, match="do not fit its size 96x96"):
+        engine_with(Wrong()).generate(GenerationRequest(**BASE), bundle=bundle)
+
+
 def test_postprocess_images_transforms_in_place(bundle):
     class Mirror:
         @hookimpl
@@ -334,6 +383,7 @@ def test_register_ui_tabs_adds_and_replaces_tabs(tmp_path):
         "inpaint",
         "seg2img",
         "community",
+        "extras",
         "pnginfo",
         "plugins",
     ]
@@ -347,6 +397,7 @@ def test_register_ui_tabs_adds_and_replaces_tabs(tmp_path):
         "Inpainting",
         "Segmentation to image",
         "Community",
+        "Extras",
         "Image info",
         "Plugins",
     ]

@@ -319,6 +319,38 @@ def test_plugin_fields_are_accepted_under_their_registered_names(api):
     )
 
 
+def test_hires_fix_with_a1111_keys(api):
+    defaults = {
+        "enable_hr": False,
+        "hr_scale": 2.0,
+        "hr_upscaler": None,
+        "hr_sampler_name": None,
+        "hr_prompt": "",
+    }
+    plain = api.post("/sdapi/v1/txt2img", json={"prompt": "x", **QUICK, **defaults, "denoising_strength": 0})
+    assert plain.status_code == 200, plain.text  # what clients send with the hires fix off
+    assert decoded(plain.json()["images"][0]).size == (64, 64)
+    body = {
+        "prompt": "x",
+        **QUICK,
+        **defaults,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent (nearest)",
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.6,
+    }
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    image = decoded(response.json()["images"][0])
+    assert image.size == (96, 96)
+    info = parse_infotext(read_png_parameters(image))
+    assert (
+        info["Hires upscale"] == "1.5" and info["Hires steps"] == "2" and info["Denoising strength"] == "0.6"
+    )
+    assert info["Size"] == "64x64"
+
+
 def test_png_info_reads_the_parameters_chunk(api):
     made = api.post("/sdapi/v1/txt2img", json={"prompt": "read me back", **QUICK}).json()
     info = api.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + made["images"][0]}).json()
@@ -455,7 +487,13 @@ BAD = [
     ),
     ("txt2img", {"prompt": "x", "override_settings": {"sd_vae": "missing-vae"}}, 404, "vae"),
     ("txt2img", {"prompt": "x", "override_settings": {"show_progressbar": True}}, 422, "show_progressbar"),
-    ("txt2img", {"prompt": "x", "enable_hr": True}, 422, "hires fix"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_upscaler": "Latent (bogus)"},
+        422,
+        "unknown hires upscaler",
+    ),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_checkpoint_name": "other"}, 422, "hires pass"),
     ("txt2img", {"prompt": "x", "restore_faces": True}, 422, "face restoration"),
     ("txt2img", {"prompt": "x", "promt": "typo"}, 422, "did you mean prompt"),
     ("txt2img", {"prompt": "x", "init_images": ["abc"]}, 422, "img2img"),

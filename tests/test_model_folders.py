@@ -195,7 +195,7 @@ def a1111(tmp_path) -> Path:
     touch(models / "Lora" / "add_detail.safetensors")
     touch(models / "LyCORIS" / "loha-style.safetensors")
     touch(models / "ControlNet" / "control_v11p_sd15_seg.pth")
-    touch(models / "ESRGAN" / "4x.pth")  # upscalers: not ours
+    touch(models / "ESRGAN" / "4x.pth")  # an upscaler (listed; loaded by engine.upscalers)
     touch(webui / "embeddings" / "EasyNegative.safetensors")
     touch(webui / "embeddings" / "sub" / "badhandv4.pt")
     return webui
@@ -211,6 +211,7 @@ A1111_EXPECTED = {
     ("controlnet", "control_v11p_sd15_seg"): "models/ControlNet/control_v11p_sd15_seg.pth",
     ("embedding", "EasyNegative"): "embeddings/EasyNegative.safetensors",
     ("embedding", "sub/badhandv4"): "embeddings/sub/badhandv4.pt",
+    ("upscaler", "4x"): "models/ESRGAN/4x.pth",
 }
 
 

@@ -167,6 +167,7 @@ def test_failing_startup_hooks_are_recorded_and_the_engine_and_app_still_build(t
         "Image to image",
         "Inpainting",
         "Segmentation to image",
+        "Extras",
         "PNG Info",
         "Plugins",
     ]

@@ -22,7 +22,8 @@ image helpers for conditioning plugins (``image_to_tensor``, ``mask_to_tensor``,
 ``control_image_tensor``, ``snap_to_palette``) and helpers for model loaders and model listing
 (``ModelFolders``, ``resolve_in_root``, ``HUB_ID``, ``file_sha256``, ``model_hash``,
 ``WEIGHT_SUFFIXES``, ``load_single_file``, ``load_single_file_controlnet``, ``load_vae``,
-``find_palette``: a ControlNet's ``palette.json`` or ``<name>.palette.json``).
+``find_palette``: a ControlNet's ``palette.json`` or ``<name>.palette.json``), and the prompt
+styles of ``styles.csv`` (``load_styles(engine)``, ``apply_styles``, ``check_names``, ``Style``).
 ``webui.testing`` has helpers for a plugin's tests (a tiny offline model and ControlNet, an engine
 with the plugin registered, a request on each task, the web UI built in-process, a check of the hook
 signatures).
@@ -34,7 +35,8 @@ declared field and task), and the built-in declarations ``BUILTIN_FIELDS`` and `
 From a hook, ``context.engine`` is the :class:`Engine`; these parts of it are public too:
 ``engine.models`` (``get(name)`` a checkpoint's bundle, ``get_controlnet(name)`` a ControlNet by its
 listed name or folder, ``list(kind)`` the listed ``ModelEntry`` items, ``source_of(name, kind)``,
-``models_dir``), ``engine.schedulers`` (``names()``), ``engine.fields`` and ``engine.limits``.
+``models_dir``), ``engine.schedulers`` (``names()``), ``engine.upscalers`` (an :class:`UpscalerRegistry`:
+``names()``, ``upscale(image, name, scale=... | size=...)``), ``engine.fields`` and ``engine.limits``.
 
 ``API_VERSION`` changes when something here or in the hooks changes incompatibly. A plugin says
 which versions it was written for with a module (or object) attribute::
@@ -61,6 +63,7 @@ from webui.engine.context import (
     ModelPatches,
     OutputImage,
     RunContext,
+    SecondPass,
     StepInfo,
 )
 from webui.engine.embeddings import STATE_KEY as EMBEDDINGS_STATE
@@ -74,6 +77,7 @@ from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.segmap import ADE20K, Palette, control_image_tensor, find_palette, snap_to_palette
 from webui.engine.single_file import load_single_file, load_single_file_controlnet
 from webui.engine.text import PromptEmbeds, encode_prompts
+from webui.engine.upscalers import UpscalerRegistry, UpscalerSpec
 from webui.engine.vae import load_vae
 from webui.errors import (
     InvalidRequestError,
@@ -87,12 +91,13 @@ from webui.errors import (
 )
 from webui.fields import BUILTIN_FIELDS, BUILTIN_TASKS, Field, FieldRegistry, TaskSpec
 from webui.hookspecs import hookimpl
-from webui.images import image_to_tensor, mask_to_tensor
+from webui.images import image_to_tensor, mask_to_tensor, tensor_to_images
 from webui.limits import LimitExceeded, Limits
 from webui.metadata import format_infotext, parse_infotext, read_png_parameters
 from webui.output import save_png
 from webui.plugins import API_VERSION, make_plugin_manager
 from webui.request import GenerationRequest
+from webui.styles import Style, apply_styles, check_names, load_styles
 
 __all__ = [
     "ADE20K",
@@ -121,9 +126,12 @@ __all__ = [
     "PluginError",
     "PromptEmbeds",
     "RunContext",
+    "SecondPass",
     "SchedulerRegistry",
     "StepInfo",
     "UnknownSamplerError",
+    "UpscalerRegistry",
+    "UpscalerSpec",
     "format_infotext",
     "encode_prompts",
     "hookimpl",
@@ -152,6 +160,7 @@ __all__ = [
     # image helpers for conditioning plugins
     "image_to_tensor",
     "mask_to_tensor",
+    "tensor_to_images",
     "control_image_tensor",
     "snap_to_palette",
     # for model loaders and model listing (register_models, load_model)
@@ -165,4 +174,9 @@ __all__ = [
     "load_vae",
     "model_hash",
     "resolve_in_root",
+    # prompt styles (styles.csv; the built-in styles plugin)
+    "Style",
+    "apply_styles",
+    "check_names",
+    "load_styles",
 ]

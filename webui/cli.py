@@ -1,5 +1,6 @@
 """Command line: ``python launch.py`` starts the web app; ``python launch.py COMMAND`` runs
-``generate``, ``plugins``, ``samplers``, ``models``, ``train`` or ``evaluate``.
+``generate``, ``plugins``, ``samplers``, ``models``, ``upscalers``, ``upscale``, ``train`` or
+``evaluate``.
 
 Errors caused by input print one line (``error: ...``) to stderr and exit with status 2.
 """
@@ -69,6 +70,21 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     gen.add_argument(
         "--out", type=Path, default=DEFAULT_OUTPUTS_DIR, help="output folder (created if missing)"
     )
+    plot = gen.add_argument_group(
+        "X/Y/Z plot", "sweep up to three parameters and save a labelled grid with the images"
+    )
+    for axis in ("x", "y", "z"):
+        plot.add_argument(
+            f"--{axis}",
+            dest=f"plot_{axis}",
+            default=None,
+            metavar="TYPE=VALUES",
+            help='e.g. --x "steps=4,8", --y "cfg_scale=3-7 (+2)", --z "Prompt S/R=cat,dog" (any field by name)'
+            if axis == "x"
+            else None,
+        )
+    plot.add_argument("--no-legend", action="store_true", help="draw the grid without axis labels")
+    plot.add_argument("--keep-random-seeds", action="store_true", help="a seed of -1 is random in every cell")
     add_field_options(gen, fields)  # after the fixed options: a plugin field never takes one of their names
 
     train = commands.add_parser("train", help="train the default shapes model (resumable)")
@@ -116,6 +132,31 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
 
     add_plugins_parser(commands)
     commands.add_parser("samplers", help="list the available samplers")
+    upscalers = commands.add_parser(
+        "upscalers", help="list the image upscalers (Lanczos, Nearest, model files)"
+    )
+    _model_options(upscalers)
+    upscale = commands.add_parser(
+        "upscale",
+        help="upscale images (as the web app's Extras tab)",
+        description="Each image is saved as a PNG with its parameters text kept and the upscale noted.",
+    )
+    upscale.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files")
+    upscale.add_argument("--upscaler", required=True, help="a name `launch.py upscalers` lists")
+    how = upscale.add_mutually_exclusive_group(required=True)
+    how.add_argument("--scale", type=float, help="times the image's size, e.g. 2")
+    how.add_argument("--size", help="WIDTHxHEIGHT: scaled to cover it (aspect kept), see --crop")
+    upscale.add_argument(
+        "--crop", action="store_true", help="with --size: cut the centre to exactly that size"
+    )
+    upscale.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="folder for the images (default: the outputs folder's extras/<date>/)",
+    )
+    _model_options(upscale)
+    add_limit_options(upscale, keep=True)
     models = commands.add_parser("models", help="list the models found")
     _model_options(models)
     return parser
@@ -154,6 +195,9 @@ def add_field_options(parser: argparse.ArgumentParser, fields: Any = None) -> No
         }
         if declared.kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
+        elif declared.multiple:  # --styles A --styles B
+            options["action"] = "append"
+            options["metavar"] = "NAME"
         else:
             options["metavar"] = "PATH" if declared.kind == "image" else declared.kind.upper()
             if declared.fixed_choices:
@@ -378,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _samplers()
         if args.command == "models":
             return _models(args)
+        if args.command == "upscalers":
+            return _upscalers(args)
+        if args.command == "upscale":
+            return _upscale(args)
         if args.command == "train":
             return _train(args)
         if args.command == "evaluate":
@@ -525,6 +573,52 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upscalers(args: argparse.Namespace) -> int:
+    for name in _engine(args).upscalers.names():
+        print(name)
+    return 0
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    """Upscale each input; its path is printed when saved. Unreadable inputs are refused before any work."""
+    from webui.metadata import read_png_parameters
+    from webui.output import check_writable, save_png
+    from webui.postprocess import POSTPROCESSING_KEY, parse_size, save_extras, seed_of, upscale_image
+
+    size = parse_size(args.size) if args.size is not None else None
+    if args.crop and size is None:
+        raise InvalidRequestError("--crop needs --size")
+    images = [(path, _open(path, "image")) for path in args.inputs]
+    root = getattr(args, "outputs_dir", None) or paths.outputs_dir()
+    problem = check_writable(args.output if args.output is not None else root)
+    if problem:
+        raise InvalidRequestError(
+            f"{'--output' if args.output is not None else 'the outputs folder'} {problem}"
+        )
+    engine = _engine(args)
+    engine.upscalers.get(args.upscaler)  # an unknown name fails before any image is worked on
+    for path, image in images:
+        try:
+            parameters = read_png_parameters(path)
+        except (OSError, ValueError):
+            parameters = None
+        result = upscale_image(
+            engine, image, args.upscaler, scale=args.scale, size=size, crop=args.crop, parameters=parameters
+        )
+        if args.output is None:
+            saved = save_extras(result, root)
+        else:
+            saved = save_png(
+                result.image,
+                args.output,
+                seed=seed_of(parameters),
+                infotext=parameters,
+                extra={POSTPROCESSING_KEY: result.note} if result.info else None,
+            )
+        print(saved, flush=True)
+    return 0
+
+
 def _plugin_manager(args: argparse.Namespace) -> Any:
     """The plugins this command runs with (one manager for the command line and its engine)."""
     from webui.plugins import make_plugin_manager
@@ -556,6 +650,7 @@ def _generate(args: argparse.Namespace) -> int:
         else "txt2img"
     )
     values.setdefault("model", args.model)
+    values.update(_plot_values(args))
     request = fields.new_request(task, values)
     request = fields.validate(
         request.validate(tasks=fields)
@@ -564,6 +659,10 @@ def _generate(args: argparse.Namespace) -> int:
     if problem:
         raise InvalidRequestError(f"--out {problem}")
     engine = _engine(args, plugins=args.plugin_manager)
+    from webui.plot import enabled
+
+    if enabled(request):
+        return _plot(args, engine, request)
     # each batch is saved (and its paths printed) as soon as it is decoded: a later failure, Ctrl+C
     # or a crash keeps it; a failure to save does not stop the run, it is reported at the end (exit 2)
     saver = BatchSaver(output_dir(args.out, task), report=lambda path: print(path, flush=True))
@@ -580,6 +679,60 @@ def _generate(args: argparse.Namespace) -> int:
             print(note, file=sys.stderr, flush=True)
         raise
     saver.finish(result.images)
+    warning = saver.warning()
+    if warning is not None:
+        print(f"error: {warning}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plot_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The plot fields ``--x/--y/--z TYPE=VALUES`` set (none when no axis is given)."""
+    given = {axis: getattr(args, f"plot_{axis}", None) for axis in ("x", "y", "z")}
+    if all(value is None for value in given.values()):
+        return {}
+    values: dict[str, Any] = {
+        "xyz_enabled": True,
+        "xyz_draw_legend": not args.no_legend,
+        "xyz_keep_seeds": bool(args.keep_random_seeds),
+    }
+    for axis, text in given.items():
+        if text is None:
+            continue
+        kind, equals, listed = str(text).partition("=")
+        if not equals or not kind.strip():
+            raise InvalidRequestError(
+                f'--{axis} {str(text)[:100]!r}: write TYPE=VALUES, e.g. --{axis} "steps=4,8"'
+            )
+        values[f"xyz_{axis}_type"], values[f"xyz_{axis}_values"] = kind.strip(), listed
+    return values
+
+
+def _plot(args: argparse.Namespace, engine: Any, request: Any) -> int:
+    """Run an X/Y/Z plot: each image saved (and its path printed) as it is made, then the grids
+    into ``<out>/<task>-grids``."""
+    from webui.output import BatchSaver, output_dir
+    from webui.plot import PlotResult, execute, grid_folder, make_plan, source_names
+
+    plan = make_plan(request, engine.fields, limits=engine.limits, names=source_names(engine))
+    print(f"X/Y/Z plot: {len(plan.cells)} cells, {plan.images} images", file=sys.stderr, flush=True)
+    saver = BatchSaver(output_dir(args.out, request.task), report=lambda path: print(path, flush=True))
+    try:
+        for event in execute(
+            engine, plan, on_batch=saver, grid_dir=grid_folder(args.out, request.task), preview_every=0
+        ):
+            if isinstance(event, PlotResult):
+                for grid in event.grids:
+                    if grid.path is not None:
+                        print(grid.path, flush=True)
+                    else:
+                        print(f"error: the grid could not be saved: {grid.error}", file=sys.stderr)
+                        return 2
+    except LatentStudioError as error:
+        note = saver.summary()
+        if note is None:
+            raise
+        raise LatentStudioError(f"{error} ({note})") from error
     warning = saver.warning()
     if warning is not None:
         print(f"error: {warning}", file=sys.stderr)

@@ -23,6 +23,7 @@ This module imports neither torch nor gradio.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -67,9 +68,13 @@ CHOICE_SOURCES: tuple[str, ...] = (
     "models:controlnet",
     "models:lora",
     "models:embedding",
+    "styles",  # the prompt styles (styles.csv, see webui.styles)
+    "upscalers",  # the image upscalers (Lanczos, Nearest, upscaler model files)
+    "upscalers:hires",  # the latent upscalers, then the image upscalers
 )
 NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 MAX_TEXT = 10_000  # characters of a plugin's text field, unless it declares max_chars
+MAX_ITEMS = 100  # entries of a field with multiple=True
 MAX_NUMBER_TEXT = 100  # characters of a number written as text (int() of more is slow, and no value needs it)
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -89,6 +94,8 @@ class Field:
     ``choices`` is a fixed list or a source (:data:`CHOICE_SOURCES`: ``"samplers"``,
     ``"models:vae"``...); ``none_label`` is the choice shown for ``None`` ("Automatic");
     ``nullable`` lets ``None`` through (the model's own value). Text holds at most ``max_chars``.
+    ``multiple=True`` makes a choice field a list of choices (a tuple in the request; a
+    multi-select in the web UI, a repeatable flag, a JSON array in the infotext).
 
     Where it shows: ``tasks`` (``None``: every task); ``ui=False`` keeps it off the web UI (a tab
     may still build its own control for it); ``group`` is the row it sits in (``"advanced"``: the
@@ -128,6 +135,7 @@ class Field:
     record: Record = "changed"
     read: Callable[[Mapping[str, Any]], Any] | None = None
     send: bool = True
+    multiple: bool = False  # a choice field holding a list of choices
     plugin: str | None = None  # who registered it (set by the registry)
 
     def __post_init__(self) -> None:
@@ -172,8 +180,10 @@ class Field:
                 f"{_shown(self.maximum) if self.maximum is not None else 'inf'}"
             )
         if self.fixed_choices:
-            parts.append("one of: " + ", ".join(self.fixed_choices))
-        if self.default is not None and self.kind != "image":
+            parts.append(("any of: " if self.multiple else "one of: ") + ", ".join(self.fixed_choices))
+        if self.multiple:
+            parts.append("repeatable")
+        elif self.default is not None and self.kind != "image":
             parts.append(f"default {_shown(self.default)}")
         return "; ".join(parts)
 
@@ -183,6 +193,8 @@ class Field:
         """``value`` checked against this field (and normalised: a whole float becomes an int for an
         int field, the ``none_label`` becomes ``None``); raises :class:`InvalidRequestError` with a
         one-line message naming the field."""
+        if self.multiple:
+            return self._check_many(value)
         if value is None or (self.none_label is not None and value == self.none_label):
             if self.nullable or self.default is None:
                 return None
@@ -228,6 +240,8 @@ class Field:
     def parse(self, text: Any) -> Any:
         """A value of this field from text (a ``--set`` value, an infotext entry); raises
         :class:`InvalidRequestError` naming the field when the text is not one."""
+        if self.multiple:
+            return self._parse_many(text)
         text = str(text).strip()
         if self.none_label is not None and text == self.none_label:
             return self.check(None)
@@ -251,8 +265,41 @@ class Field:
         return self.check(text)
 
     def format(self, value: Any) -> Any:
-        """The value as the infotext writes it."""
+        """The value as the infotext writes it (a list of choices: a JSON array)."""
+        if self.multiple:
+            return json.dumps([str(item) for item in value or ()], ensure_ascii=False)
         return value
+
+    def _check_many(self, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise InvalidRequestError(f"{self.name} must be a list of names, got {_shown(value)}")
+        if len(items) > MAX_ITEMS:
+            raise InvalidRequestError(f"{self.name} has {len(items)} entries; the limit is {MAX_ITEMS}")
+        one = replace(self, multiple=False, default=None, nullable=False, none_label=None)
+        return tuple(one.check(item) for item in items)
+
+    def _parse_many(self, text: Any) -> tuple[str, ...]:
+        """A list of choices from a JSON array (``["a", "b"]``, as the infotext writes it), a list
+        (a repeated flag), or one name."""
+        if isinstance(text, (list, tuple)):
+            return self._check_many([str(item).strip() for item in text])
+        text = str(text).strip()
+        if not text:
+            return ()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise InvalidRequestError(
+                    f"{self.name} is not a JSON list of names: {_shown(text)}"
+                ) from None
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise InvalidRequestError(f"{self.name} must be a list of names, got {_shown(text)}")
+            return self._check_many(items)
+        return self._check_many([text])
 
 
 @dataclass(frozen=True)
@@ -589,6 +636,8 @@ def _check_declaration(declared: Field, tasks: Mapping[str, TaskSpec]) -> None:
         raise ValueError(
             f"{where}: a choice field needs choices (a list or one of {', '.join(CHOICE_SOURCES)})"
         )
+    if declared.multiple and declared.kind != "choice":
+        raise ValueError(f"{where}: only a choice field may take multiple values")
     if declared.source is not None and declared.source not in CHOICE_SOURCES:
         raise ValueError(
             f"{where}: choices {declared.source!r} is neither a list nor one of {', '.join(CHOICE_SOURCES)}"

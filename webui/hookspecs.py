@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import torch
+
     from webui.engine.bundle import ModelBundle
     from webui.engine.context import (
         Conditioning,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
         ModelPatches,
         OutputImage,
         RunContext,
+        SecondPass,
         StepInfo,
     )
     from webui.request import GenerationRequest
@@ -86,10 +89,30 @@ def register_models(
 
     Called on demand (each refresh), so keep it cheap: read directory entries, not weights.
     ``register(ModelEntry(name, source, kind))`` with ``kind`` one of ``"checkpoint"``,
-    ``"vae"``, ``"controlnet"``, ``"lora"``, ``"embedding"``; ``source`` is what ``load_model``
+    ``"vae"``, ``"controlnet"``, ``"lora"``, ``"embedding"``, ``"upscaler"``; ``source`` is what ``load_model``
     will receive. ``models_dir`` is the main models folder, or None; ``models_dirs`` lists every
     models root in order (``models_dir`` first, then ``--extra-models-dir`` folders). The first
     registration of a (kind, name) wins.
+    """
+
+
+@hookspec
+def register_upscalers(register: Callable[..., None], models_dirs: list[str]) -> None:
+    """Offer image upscalers (the Extras tab, ``launch.py upscale``, the hires fix, the API's
+    ``/sdapi/v1/upscalers``).
+
+    ``register(name, *, resample=None, path=None, scale=None)``: ``resample(image, (width,
+    height))`` returns the PIL image resized (no model), or ``path`` is a model file that
+    ``engine.upscalers`` loads with spandrel (ESRGAN, Real-ESRGAN, SwinIR, DAT... detected from the
+    weights; ``.safetensors``, pickles only with ``--allow-pickle``) and runs in tiles. ``scale`` is
+    shown in listings. Called on demand (each listing, so new files show), so keep it cheap;
+    ``models_dirs`` lists every models root. The first registration of a name (case-insensitive)
+    wins; built-ins: Lanczos, Nearest and the files of ``upscalers/``, ``ESRGAN/``,
+    ``RealESRGAN/``, ``SwinIR/``, ``DAT/`` and ``upscale_models/``. Example::
+
+        @hookimpl
+        def register_upscalers(register):
+            register("Box", resample=lambda image, size: image.resize(size, Image.Resampling.BOX))
     """
 
 
@@ -146,9 +169,10 @@ def startup(engine: Any) -> None:
     """Notification: an engine was created (``engine.plugins``, ``engine.schedulers`` are ready).
 
     Like every start-up hook (``startup``, ``register_schedulers``, ``register_models``,
-    ``register_fields``, ``register_tasks``, ``register_ui_tabs``), a failure here is recorded against the plugin, logged and shown in the
-    web app's Plugins tab, and everything else goes on. A request hook that raises anything but a
-    ``LatentStudioError`` fails the request with a ``PluginError`` naming the plugin and the hook.
+    ``register_upscalers``, ``register_fields``, ``register_tasks``, ``register_ui_tabs``), a failure
+    here is recorded against the plugin, logged and shown in the web app's Plugins tab, and
+    everything else goes on. A request hook that raises anything but a ``LatentStudioError`` fails
+    the request with a ``PluginError`` naming the plugin and the hook.
     """
 
 
@@ -251,6 +275,15 @@ def wrap_guidance(
 @hookspec
 def on_step(step: StepInfo) -> None:
     """Notification after each denoising step (progress, previews, logging, interrupting)."""
+
+
+@hookspec(firstresult=True)
+def second_pass(request: GenerationRequest, context: RunContext, latents: torch.Tensor) -> SecondPass | None:
+    """After a batch's denoising loop, before decoding: return a
+    :class:`~webui.engine.context.SecondPass` to denoise ``latents`` again (upscaled, at another
+    size, with other steps or prompts; the hires fix), or ``None``. The first answer wins; it is
+    not asked when the batch was interrupted or skipped. ``context.engine.decode_latents`` and
+    ``encode_images`` go between latents and pixels (an image upscaler in between)."""
 
 
 # --- Output -----------------------------------------------------------------------------------

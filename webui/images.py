@@ -9,6 +9,7 @@ and the web UI normalise images here without loading torch.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,3 +287,16 @@ def _convert(img: Image.Image, mode: str, name: str) -> Image.Image:
         return img.convert(mode)
     except (ValueError, OSError) as exc:
         raise InvalidRequestError(f"{name}: cannot convert a {img.mode!r} image to {mode} ({exc})") from None
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """``width`` x ``height`` times ``scale`` (rounded, at least 1 pixel); a scale that is not a
+    finite number above 0 is an :class:`InvalidRequestError`."""
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise InvalidRequestError(f"the upscale factor must be a number above 0, got {scale!r}")
+    return max(1, round(width * scale)), max(1, round(height * scale))

@@ -42,6 +42,8 @@ class Limits:
     """Images per request: batch size × batch count."""
     max_infotext_chars: int = 262_144
     """Characters of a PNG ``parameters`` text that PNG Info reads and parses."""
+    max_plot_images: int = 100
+    """Images of one X/Y/Z plot: its cells x the images of each."""
 
     def check(
         self,
@@ -70,6 +72,19 @@ class Limits:
             images,
             self.max_batch,
             "max_batch",
+        )
+
+    def check_request(self, request: Any, width: int | None = None, height: int | None = None) -> None:
+        """:meth:`check` for a :class:`~webui.request.GenerationRequest` (its own size unless
+        ``width``/``height`` say at what size it will run)."""
+        self.check(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            width=width or request.width,
+            height=height or request.height,
+            batch_size=request.batch_size,
+            batch_count=request.batch_count,
         )
 
     @classmethod
@@ -130,6 +145,7 @@ def add_limit_options(parser: argparse.ArgumentParser, *, keep: bool = False) ->
         "max_pixels": "width x height of an image",
         "max_batch": "images per request (batch size x batch count)",
         "max_infotext_chars": "characters of a PNG's parameters text that PNG Info reads",
+        "max_plot_images": "images of one X/Y/Z plot (cells x images per cell)",
     }
     for f in dataclasses.fields(Limits):
         default: Any = argparse.SUPPRESS if keep else getattr(defaults, f.name)

@@ -26,7 +26,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +86,20 @@ def next_counter(directory: str | os.PathLike[str]) -> int:
     return highest + 1
 
 
-def _png_info(infotext: str | None) -> PngInfo | None:
-    """A PNG text chunk holding ``infotext``: tEXt when latin-1 suffices, iTXt otherwise."""
-    if infotext is None:
+def _png_info(infotext: str | None, extra: Mapping[str, str] | None = None) -> PngInfo | None:
+    """A PNG text chunk holding ``infotext`` (and one per ``extra`` entry): tEXt when latin-1
+    suffices, iTXt otherwise."""
+    chunks = {**({PARAMETERS_KEY: infotext} if infotext is not None else {}), **(extra or {})}
+    if not chunks:
         return None
     info = PngInfo()
-    try:
-        infotext.encode("latin-1")
-    except UnicodeEncodeError:
-        info.add_itxt(PARAMETERS_KEY, infotext)
-    else:
-        info.add_text(PARAMETERS_KEY, infotext)
+    for key, text in chunks.items():
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, text)
+        else:
+            info.add_text(key, text)
     return info
 
 
@@ -164,15 +167,17 @@ def save_png(
     *,
     seed: int,
     infotext: str | None,
+    extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Save ``image`` as ``directory/NNNNN-<seed>.png`` with ``infotext`` in its ``parameters`` chunk.
+    """Save ``image`` as ``directory/NNNNN-<seed>.png`` with ``infotext`` in its ``parameters`` chunk
+    (and each ``extra`` entry in a text chunk of its own, e.g. the Extras tab's ``postprocessing``).
 
     Creates ``directory`` (with parents) if needed and returns the path written. An existing file
     is never overwritten, even with several threads or processes saving into the same directory.
     """
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    pnginfo = _png_info(infotext)
+    pnginfo = _png_info(infotext, extra)
     picture = _png_ready(image)
 
     fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".png", dir=target)

@@ -79,6 +79,7 @@ STARTUP_HOOKS = frozenset(
         "startup",
         "register_schedulers",
         "register_models",
+        "register_upscalers",
         "register_fields",
         "register_tasks",
         "register_ui_tabs",
@@ -103,9 +104,14 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.embeddings",  # before lora: its provide_conditioning (trylast) runs after lora's
     "webui.builtin.lora",
     "webui.builtin.cfg_rescale",
+    "webui.builtin.hires",
     "webui.builtin.init_image",
     "webui.builtin.masked_image",
+    "webui.builtin.outpaint",  # its prepare_request (tryfirst) makes the mask masked_image then blurs
+    "webui.builtin.styles",
     "webui.builtin.segmap",
+    "webui.builtin.xyz_plot",
+    "webui.builtin.upscalers",
     "webui.builtin.ui_tabs",
 )
 

@@ -77,6 +77,9 @@ class RunContext:
 
     ``seeds`` are the seeds of the batch being generated (one per image). ``state`` is scratch
     space for plugins, keyed by plugin name by convention (e.g. the "only masked" crop box).
+    ``peak_size`` is set by a plugin in ``prepare_request`` when a later pass of the request works
+    at a larger (width, height) than the first (a hires fix's second pass): the size limits and
+    the memory plan are then chosen for it.
     """
 
     bundle: ModelBundle
@@ -90,6 +93,7 @@ class RunContext:
     control: GenerationControl = field(default_factory=GenerationControl)
     state: dict[str, Any] = field(default_factory=dict)
     engine: Any = None
+    peak_size: tuple[int, int] | None = None
 
     @property
     def fields(self) -> Any:
@@ -100,6 +104,22 @@ class RunContext:
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per image, seeded with that image's seed (device-independent noise)."""
         return [torch.Generator("cpu").manual_seed(int(s)) for s in self.seeds]
+
+
+@dataclass
+class SecondPass:
+    """A second denoising pass over a batch's latents, as a ``second_pass`` hook asks for it.
+
+    ``request`` is the pass's own request (its ``width``/``height`` — set, a multiple of the model's
+    factor —, ``steps``, ``sampler``, prompts, ``cfg_scale``; ``strength`` is how much of the
+    schedule it runs); ``latents`` (B, C, height/f, width/f) are the scaled latents it starts from
+    (e.g. the first pass's, upscaled). The pass runs like an image-to-image pass from them, with the
+    same seeds, model patches and memory plan; the images keep the first request's infotext, to
+    which the plugin adds its own entries.
+    """
+
+    request: GenerationRequest
+    latents: torch.Tensor
 
 
 @dataclass

@@ -12,6 +12,8 @@ vae            vae/            VAE/                        vae/
 controlnet     controlnet/     ControlNet/                 controlnet/
 lora           lora/           Lora/, LyCORIS/             loras/
 embedding      embeddings/     ../embeddings/ (beside)     embeddings/
+upscaler       upscalers/      ESRGAN/, RealESRGAN/,       upscale_models/
+                               SwinIR/, DAT/
 =============  ==============  ==========================  ==============
 
 Diffusers model folders (with ``model_index.json``) are found anywhere under a root. Files are
@@ -58,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("checkpoint", "vae", "controlnet", "lora", "embedding")
+KINDS: tuple[str, ...] = ("checkpoint", "vae", "controlnet", "lora", "embedding", "upscaler")
 
 KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("checkpoints", "Stable-diffusion"),
@@ -66,6 +68,7 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "controlnet": ("controlnet", "ControlNet"),
     "lora": ("lora", "loras", "Lora", "LyCORIS"),
     "embedding": ("embeddings",),
+    "upscaler": ("upscalers", "upscale_models", "ESRGAN", "RealESRGAN", "SwinIR", "DAT"),
 }
 """Folder names per kind, under a models root: ours first, then A1111's and ComfyUI's."""
 
@@ -75,6 +78,7 @@ KIND_SUFFIXES: dict[str, tuple[str, ...]] = {
     "controlnet": (".safetensors", ".pth", ".pt", ".ckpt"),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "embedding": (".safetensors", ".pt", ".bin"),
+    "upscaler": (".safetensors", ".pth", ".pt", ".ckpt"),
 }
 """File extensions listed per kind, preferred first. Pickle formats (``.ckpt``, ``.pt``...) are
 listed so that choosing one gives the loader's refusal with its reason, not "not found"."""

@@ -48,6 +48,7 @@ from webui.engine.memory import (
 )
 from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
+from webui.engine.upscalers import UpscalerRegistry
 from webui.engine.vae import is_automatic
 from webui.errors import InvalidRequestError, OutOfMemoryError, PluginError
 from webui.fields import FieldRegistry
@@ -120,6 +121,7 @@ class Engine:
         self.memory = memory or MemorySettings()
         self.schedulers = SchedulerRegistry()
         self.plugins.hook.register_schedulers(register=self._register_scheduler)
+        self.upscalers = UpscalerRegistry(self)  # image upscalers (register_upscalers), listed on demand
         self.fields = FieldRegistry.from_plugins(self.plugins)  # every request field and task, declared once
         self.models = ModelManager(
             self.plugins,
@@ -160,7 +162,7 @@ class Engine:
         """
         started = time.perf_counter()
         request = self.fields.validate(request.validate(sizes=False, tasks=self.fields))
-        self._check_limits(request)  # before a model is loaded
+        self.limits.check_request(request)  # before a model is loaded
         self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
         bundle = bundle or self.models.get(request.model)
         if request.vae is not None and not is_automatic(request.vae):
@@ -176,7 +178,10 @@ class Engine:
         request = self.fields.validate(request.validate(tasks=self.fields))
         context.request = request
         context.width, context.height = self._size(request, bundle)
-        self._check_limits(request, context.width, context.height)  # again: plugins may change it
+        self.limits.check_request(request, context.width, context.height)  # again: plugins may change it
+        peak_width, peak_height = context.peak_size or (context.width, context.height)
+        if context.peak_size is not None:  # a later pass (hires fix) works at this size
+            self.limits.check_request(request, peak_width, peak_height)
 
         # Model patches (the prompt's LoRAs, textual-inversion embeddings, plugins' own): collected
         # first, then applied to the cached bundle only inside this block, under the model's lock,
@@ -187,7 +192,7 @@ class Engine:
         per_batch = request.batch_size
         with self.models.lock(bundle), patches.applied():
             plan = choose_plan(
-                self.memory, bundle, self.device, width=context.width, height=context.height, batch=per_batch
+                self.memory, bundle, self.device, width=peak_width, height=peak_height, batch=per_batch
             )
             for batch in range(request.batch_count):
                 if control.interrupted:
@@ -209,19 +214,6 @@ class Engine:
         return result
 
     # -- internals --------------------------------------------------------------------------
-
-    def _check_limits(
-        self, request: GenerationRequest, width: int | None = None, height: int | None = None
-    ) -> None:
-        self.limits.check(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            steps=request.steps,
-            width=width or request.width,
-            height=height or request.height,
-            batch_size=request.batch_size,
-            batch_count=request.batch_count,
-        )
 
     def _run_batch_planned(
         self, request: GenerationRequest, context: RunContext, callback: StepCallback | None, plan: MemoryPlan
@@ -318,6 +310,80 @@ class Engine:
         self, request: GenerationRequest, context: RunContext, callback: StepCallback | None
     ) -> list[OutputImage]:
         bundle = context.bundle
+        latents, cond = self._denoise(request, context, callback)
+        if context.control.skipped and not context.control.interrupted:
+            return []
+        if not context.control.interrupted:
+            latents = self._second_pass(request, context, callback, latents, cond)
+            if context.control.skipped and not context.control.interrupted:
+                return []
+
+        # 5. Decode, post-process, describe
+        pixels = codec.decode_checked(self.decode_latents, bundle, latents, cond.metadata)
+        outputs = [
+            OutputImage(
+                image=img,
+                seed=s,
+                index=s - request.seed,  # the image's place in the request
+                pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu(),
+            )
+            for k, (img, s) in enumerate(zip(tensor_to_images(pixels), context.seeds, strict=True))
+        ]
+        self.plugins.hook.postprocess_images(images=outputs, request=request, context=context)
+        for item in outputs:
+            params: dict[str, Any] = {}
+            self.plugins.hook.write_metadata(parameters=params, image=item, request=request, context=context)
+            params.update({k: v for k, v in cond.metadata.items() if k not in params})
+            item.parameters = {k: v for k, v in params.items() if v is not None}
+            item.parameters["infotext"] = format_infotext(
+                request.prompt,
+                request.negative_prompt,
+                {k: v for k, v in item.parameters.items() if k != "infotext"},
+            )
+        return outputs
+
+    def _second_pass(
+        self,
+        request: GenerationRequest,
+        context: RunContext,
+        callback: StepCallback | None,
+        latents: torch.Tensor,
+        cond: Conditioning,
+    ) -> torch.Tensor:
+        """The latents of the ``second_pass`` a plugin asks for (the hires fix), or ``latents``
+        unchanged when none does. The pass's conditioning notes join the first pass's metadata."""
+        follow = self.plugins.hook.second_pass(request=request, context=context, latents=latents)
+        if follow is None:
+            return latents
+        second = follow.request.validate(tasks=self.fields)
+        width, height = self._size(second, context.bundle)
+        self.limits.check_request(second, width, height)
+        if tuple(follow.latents.shape[-2:]) != (
+            height // context.bundle.vae_scale_factor,
+            width // context.bundle.vae_scale_factor,
+        ):
+            raise PluginError(
+                f"second pass: latents of {tuple(follow.latents.shape[-2:])} do not fit its size {width}x{height}"
+            )
+        if second.strength <= 0:  # nothing to denoise: the upscaled latents as they are
+            return follow.latents.to(device=context.device, dtype=context.dtype)
+        pass_context = dataclasses.replace(context, request=second, width=width, height=height)
+        refined, second_cond = self._denoise(second, pass_context, callback, start=follow.latents)
+        cond.metadata.update({k: v for k, v in second_cond.metadata.items() if k not in cond.metadata})
+        return refined
+
+    def _denoise(
+        self,
+        request: GenerationRequest,
+        context: RunContext,
+        callback: StepCallback | None,
+        *,
+        start: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Conditioning]:
+        """Steps 1 to 4 of a batch: the conditioning, the timesteps, the initial latents (noise,
+        the init image's latents, or ``start``: scaled latents a second pass begins from, noised to
+        ``request.strength``) and the denoising loop. Returns the final latents and the conditioning."""
+        bundle = context.bundle
         device, dtype = context.device, context.dtype
         batch = len(context.seeds)
         generators = context.generators()
@@ -329,6 +395,8 @@ class Engine:
         self.plugins.hook.provide_conditioning(request=request, context=context, conditioning=cond)
         if cond.prompt_embeds is None or cond.negative_prompt_embeds is None:
             raise PluginError(NO_PROMPT_EMBEDS)
+        if start is not None:
+            cond.strength = request.strength
         if context.state.get(MEMORY_STATE):
             cond.metadata.setdefault("Memory", context.state[MEMORY_STATE])
         do_cfg = cond.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
@@ -338,7 +406,7 @@ class Engine:
         scheduler.set_timesteps(request.steps, device=device)
         timesteps = scheduler.timesteps
         init_image = cond.init_image
-        starts_from_image = init_image is not None
+        starts_from_image = init_image is not None or start is not None
         if starts_from_image:
             timesteps = _strength_timesteps(scheduler, request.steps, cond.strength)
             if len(timesteps) == 0:
@@ -355,7 +423,9 @@ class Engine:
         blend_mask = inpainting and not bundle.is_inpainting_unet
         pure_noise = not starts_from_image or (inpainting and cond.strength >= 1.0)
         image_latents = None
-        if init_image is not None and (not pure_noise or blend_mask):
+        if start is not None:
+            image_latents = start.to(device=device, dtype=dtype)
+        elif init_image is not None and (not pure_noise or blend_mask):
             image_latents = self.encode_images(bundle, init_image, generators)
             for transform in cond.init_latent_transforms:
                 image_latents = transform(image_latents, context)
@@ -455,33 +525,7 @@ class Engine:
                 if callback is not None:
                     callback(info)
                 self.plugins.hook.on_step(step=info)
-
-        if context.control.skipped and not context.control.interrupted:
-            return []
-
-        # 5. Decode, post-process, describe
-        pixels = codec.decode_checked(self.decode_latents, bundle, latents, cond.metadata)
-        outputs = [
-            OutputImage(
-                image=img,
-                seed=s,
-                index=s - request.seed,  # the image's place in the request
-                pixels=(pixels[k] / 2 + 0.5).clamp(0, 1).cpu(),
-            )
-            for k, (img, s) in enumerate(zip(tensor_to_images(pixels), context.seeds, strict=True))
-        ]
-        self.plugins.hook.postprocess_images(images=outputs, request=request, context=context)
-        for item in outputs:
-            params: dict[str, Any] = {}
-            self.plugins.hook.write_metadata(parameters=params, image=item, request=request, context=context)
-            params.update({k: v for k, v in cond.metadata.items() if k not in params})
-            item.parameters = {k: v for k, v in params.items() if v is not None}
-            item.parameters["infotext"] = format_infotext(
-                request.prompt,
-                request.negative_prompt,
-                {k: v for k, v in item.parameters.items() if k != "infotext"},
-            )
-        return outputs
+        return latents, cond
 
     def _wrappers(self, hook: str, request: GenerationRequest, context: RunContext) -> list[Any]:
         """The functions a ``wrap_*`` hook returned, in call order (guarded to name their plugin

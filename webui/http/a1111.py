@@ -88,6 +88,8 @@ _HANDLED = {
     "do_not_save_samples",
     "do_not_save_grid",
     "alwayson_scripts",
+    "script_name",
+    "script_args",
     "task",
     "mask_blur_x",
     "mask_blur_y",
@@ -102,16 +104,12 @@ _ANY = lambda value: True  # noqa: E731 - a table of one-line checks reads best 
 
 # A1111 keys for features this engine lacks: accepted while "off" (as clients send them by default)
 _INERT: dict[str, Any] = {
-    "enable_hr": _off(False, None, 0),
     "restore_faces": _off(False, None, 0),
     "tiling": _off(False, None, 0),
     "subseed": _ANY,
     "subseed_strength": _off(0, 0.0, None),
     "seed_resize_from_h": _off(-1, 0, None),
     "seed_resize_from_w": _off(-1, 0, None),
-    "styles": _off(None, [], ()),
-    "script_name": _off(None, ""),
-    "script_args": _off(None, [], ()),
     "s_churn": _ANY,
     "s_tmax": _ANY,
     "s_tmin": _ANY,
@@ -124,16 +122,8 @@ _INERT: dict[str, Any] = {
     "infotext": _ANY,
     "force_task_id": _ANY,
     "firstpass_image": _off(None, ""),
-    "hr_scale": _ANY,
-    "hr_upscaler": _ANY,
-    "hr_second_pass_steps": _ANY,
-    "hr_resize_x": _ANY,
-    "hr_resize_y": _ANY,
-    "hr_checkpoint_name": _ANY,
-    "hr_sampler_name": _ANY,
-    "hr_scheduler": _ANY,
-    "hr_prompt": _ANY,
-    "hr_negative_prompt": _ANY,
+    "hr_checkpoint_name": _off(None, "", "Use same checkpoint"),
+    "hr_scheduler": _off(None, "", "Use same scheduler", "Automatic"),
     "hr_additional_modules": _ANY,
     "firstphase_width": _ANY,
     "firstphase_height": _ANY,
@@ -149,15 +139,13 @@ _INERT: dict[str, Any] = {
     "extra_generation_params": _ANY,
 }
 _INERT_REASON = {
-    "enable_hr": "hires fix",
+    "hr_checkpoint_name": "another checkpoint for the hires pass",
+    "hr_scheduler": "another schedule type for the hires pass",
     "restore_faces": "face restoration",
     "tiling": "tiling",
     "subseed_strength": "variation seeds",
     "seed_resize_from_h": "seed resizing",
     "seed_resize_from_w": "seed resizing",
-    "styles": "saved styles",
-    "script_name": "scripts",
-    "script_args": "scripts",
     "refiner_checkpoint": "a refiner",
     "firstpass_image": "hires fix",
     "resize_mode": "resize modes other than 0 (just resize)",
@@ -202,6 +190,7 @@ class Parsed:
     init_images: list[str] = field(default_factory=list)  # as sent, for include_init_images
     include_init_images: bool = False
     echo: dict[str, Any] = field(default_factory=dict)  # ``parameters`` in the answer
+    grids_only: bool = False  # an X/Y/Z plot without "include sub images": the grids alone
 
 
 def split_hash(name: str) -> str:
@@ -303,6 +292,8 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
                 )
         elif key in plugin_fields:
             declared = plugin_fields[key]
+            if value is None and not declared.nullable:
+                continue  # A1111 clients send null for "the default" (hr_upscaler, ...)
             values[key] = (
                 decode_image(value, key) if declared.kind == "image" and value is not None else value
             )
@@ -320,6 +311,8 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         overrides[key] = value
     _apply_settings(values, overrides)
     values["sampler"] = _sampler(body, engine)
+    plot, grids_only = _script(body.get("script_name"), body.get("script_args"), route)
+    values.update(plot)
     init_images: list[str] = []
     task = "txt2img"
     if route == "img2img":
@@ -341,6 +334,8 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
             values.setdefault("strength", 0.75)  # A1111's default, also for inpainting
     elif "init_images" in body and body["init_images"]:
         raise InvalidRequestError("init_images belongs to img2img; txt2img takes none")
+    elif body.get("enable_hr") and body.get("denoising_strength") is not None:
+        values["hr_denoising_strength"] = body["denoising_strength"]  # txt2img: the hires pass's
     control = _controlnet(body.get("alwayson_scripts"), engine)
     if control:
         if task == "inpaint":
@@ -349,6 +344,10 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         task = "seg2img"
     request = fields.new_request(task, values)
     request = check_request(request, engine)
+    from webui.plot import enabled, make_plan, source_names
+
+    if enabled(request):  # every cell checked now: a bad axis is a 422, not a failed job
+        make_plan(request, fields, limits=engine.limits, names=source_names(engine))
     save = (
         _flag("save_images", body.get("save_images", False))
         and bool(overrides.get("samples_save", True))
@@ -363,7 +362,83 @@ def parse_body(body: Any, route: str, engine: Any, options: Mapping[str, Any]) -
         init_images=[item for item in init_images if isinstance(item, str)],
         include_init_images=_flag("include_init_images", body.get("include_init_images", False)),
         echo=echo,
+        grids_only=grids_only,
     )
+
+
+# A1111's X/Y/Z plot axis types, in the order of its script's dropdown (``script_args`` gives their
+# index; A1111 1.10's list), mapped to this server's axis names; an axis it lacks is refused
+_A1111_AXES = {
+    "txt2img": (
+        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale",
+        "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name",
+        "Negative Guidance minimum sigma", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise",
+        "Schedule type", "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Eta", "Clip skip",
+        "Denoising", "Initial noise multiplier", "Extra noise", "Hires upscaler", "VAE", "Styles",
+    ),
+    "img2img": (
+        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale",
+        "Prompt S/R", "Prompt order", "Sampler", "Checkpoint name", "Negative Guidance minimum sigma",
+        "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Schedule type", "Schedule min sigma",
+        "Schedule max sigma", "Schedule rho", "Eta", "Clip skip", "Denoising", "Initial noise multiplier",
+        "Extra noise", "Cond. Image Mask Weight", "VAE", "Styles",
+    ),
+}  # fmt: skip
+_A1111_AXIS_NAMES = {
+    "Checkpoint name": "Checkpoint",
+    "Denoising": "Denoising strength",
+    "Hires upscaler": "Upscaler",
+}
+_PLOT_SCRIPT = "x/y/z plot"
+
+
+def _script(name: Any, args: Any, route: str) -> tuple[dict[str, Any], bool]:
+    """A1111's ``script_name`` + ``script_args``: the X/Y/Z plot's fields, and whether the answer
+    holds the grids alone. ``script_args`` is the script's ``run`` arguments in order: X type,
+    X values, X values (dropdown), the same for Y and Z, draw legend, include sub images, include
+    sub grids, keep -1 for seeds, then margin size, text-input mode and raw lines (ignored)."""
+    if name in (None, ""):
+        if args not in (None, [], ()):
+            raise InvalidRequestError("script_args needs a script_name")
+        return {}, False
+    if not isinstance(name, str) or name.strip().lower() != _PLOT_SCRIPT:
+        raise InvalidRequestError(
+            f"script_name: {str(name)[:60]!r} is not supported; the one script is {_PLOT_SCRIPT!r}"
+        )
+    if not isinstance(args, (list, tuple)) or len(args) < 9:
+        raise InvalidRequestError(
+            "script_args for the x/y/z plot: a list of at least 9 values (X type, X values, X values "
+            "dropdown, then Y and Z alike, draw legend, include sub images, include sub grids, keep -1 for seeds)"
+        )
+    labels = _A1111_AXES["img2img" if route == "img2img" else "txt2img"]
+    values: dict[str, Any] = {"xyz_enabled": True}
+    for number, axis in enumerate(("x", "y", "z")):
+        kind, text, picked = args[3 * number : 3 * number + 3]
+        if isinstance(kind, bool) or not isinstance(kind, (int, str)):
+            raise InvalidRequestError(f"script_args: the {axis.upper()} type must be an index or a name")
+        if isinstance(kind, int):
+            if not 0 <= kind < len(labels):
+                raise InvalidRequestError(
+                    f"script_args: {axis.upper()} type {kind} is not one of A1111's axes"
+                )
+            kind = _A1111_AXIS_NAMES.get(labels[kind], labels[kind])
+        if isinstance(picked, list) and picked:  # a choice axis's dropdown: the names picked
+            text = ",".join(_csv_item(str(item)) for item in picked)
+        if text is not None and not isinstance(text, str):
+            text = str(text)
+        values[f"xyz_{axis}_type"], values[f"xyz_{axis}_values"] = kind, text or ""
+    names = ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds")
+    given = list(args[9:13])
+    legend, lone, _sub_grids, keep = (
+        _flag(label, given[k]) if k < len(given) else default
+        for k, (label, default) in enumerate(zip(names, (True, False, False, False), strict=True))
+    )
+    values["xyz_draw_legend"], values["xyz_keep_seeds"] = legend, keep
+    return values, not lone
+
+
+def _csv_item(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
 def check_request(request: Any, engine: Any) -> Any:
@@ -371,15 +446,7 @@ def check_request(request: Any, engine: Any) -> Any:
     the task's inputs, the limits, the sampler and the model names (404 when not installed)."""
     fields = engine.fields
     request = fields.validate(request.validate(tasks=fields))
-    engine.limits.check(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        steps=request.steps,
-        width=request.width,
-        height=request.height,
-        batch_size=request.batch_size,
-        batch_count=request.batch_count,
-    )
+    engine.limits.check_request(request)
     from webui.errors import UnknownSamplerError
 
     try:
@@ -588,7 +655,7 @@ def info_of(request: Any, finished: Any) -> dict[str, Any]:
         "extra_generation_params": {key: value for key, value in parsed.items() if key not in _INFO_KEYS},
         "index_of_first_image": 0,
         "infotexts": infotexts,
-        "styles": [],
+        "styles": list(request.extra.get("styles") or ()),
         "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
         "clip_skip": number("Clip skip", request.clip_skip),
         "is_using_inpainting_conditioning": False,
@@ -636,8 +703,13 @@ def images_of(finished: Any) -> list[str]:
 
 
 def answer(parsed: Parsed, finished: Any) -> dict[str, Any]:
-    """A1111's answer to txt2img/img2img: ``images``, ``parameters`` and ``info`` (a JSON string)."""
+    """A1111's answer to txt2img/img2img: ``images``, ``parameters`` and ``info`` (a JSON string).
+    An X/Y/Z plot answers its grids first, then (with "include sub images") every cell's image."""
     images = images_of(finished) if parsed.send_images else []
+    if parsed.grids_only:
+        images = [
+            image for image, (_, caption) in zip(images, finished.files, strict=False) if caption == "grid"
+        ]
     if parsed.include_init_images and parsed.send_images:
         images += [_bare_base64(item) for item in parsed.init_images]
     return {

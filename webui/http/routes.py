@@ -285,6 +285,27 @@ def _sdapi_routes(app: FastAPI) -> None:
         parsed = parse_infotext(text) if text else {}
         return {"info": text, "items": {"parameters": text} if text else {}, "parameters": parsed}
 
+    @app.get("/sdapi/v1/upscalers", tags=[_A1111])
+    def upscalers(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
+        """The image upscalers (``None``, Lanczos, Nearest, model files), in A1111's shape."""
+        from webui.http import extras
+
+        return extras.upscaler_list(_state(request).engine)
+
+    @app.post("/sdapi/v1/extra-single-image", tags=[_A1111])
+    def extra_image(request: Request, body: dict[str, Any] = Body(...), owner: str = Owner) -> dict[str, Any]:  # noqa: B008
+        """Upscale one image, as A1111's Extras tab (waits for the device's turn)."""
+        from webui.http import extras
+
+        return extras.extra_single_image(body, _state(request).service)
+
+    @app.post("/sdapi/v1/extra-batch-images", tags=[_A1111])
+    def extra_batch(request: Request, body: dict[str, Any] = Body(...), owner: str = Owner) -> dict[str, Any]:  # noqa: B008
+        """Upscale several images (``imageList``) with the same settings."""
+        from webui.http import extras
+
+        return extras.extra_batch_images(body, _state(request).service)
+
     @app.get("/sdapi/v1/progress", tags=[_A1111])
     def progress(request: Request, skip_current_image: bool = False, owner: str = Owner) -> dict[str, Any]:
         """The caller's current job: A1111's fields, plus ``queue_position`` and ``current_task`` (the job id)."""
@@ -413,6 +434,16 @@ def _sdapi_routes(app: FastAPI) -> None:
     @app.get("/sdapi/v1/sd-vae", tags=[_A1111])
     def sd_vae(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
         return [{"model_name": name, "filename": name} for name in _state(request).service.names("vae")]
+
+    @app.get("/sdapi/v1/prompt-styles", tags=[_A1111])
+    def prompt_styles(request: Request, owner: str = Owner) -> list[dict[str, Any]]:
+        """The prompt styles (styles.csv, read again when it changed); use them with ``styles``."""
+        from webui.styles import load_styles
+
+        return [
+            {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
+            for style in load_styles(_state(request).engine).values()
+        ]
 
     @app.get("/sdapi/v1/loras", tags=[_A1111])
     def loras(request: Request, owner: str = Owner) -> list[dict[str, Any]]:

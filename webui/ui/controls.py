@@ -35,6 +35,7 @@ from webui.engine.stream import Progress
 from webui.errors import InvalidRequestError, LatentStudioError
 from webui.fields import MAX_TEXT, Field, FieldRegistry
 from webui.limits import LIMIT_FLAGS, Limits
+from webui.plot import TYPE_FIELDS, axis_choices
 from webui.request import GenerationRequest
 from webui.ui.security import guard_image_input, open_upload
 from webui.ui.service import Finished, StudioService
@@ -59,6 +60,7 @@ ADVANCED = "advanced"  # the closed "More options" accordion at the end
 # values that follow the model picked (its recommended guidance, its native size)
 MODEL_DEPENDENT = ("cfg_scale", "width", "height")
 _DEFAULT = object()
+AXIS_TYPE_FIELDS = frozenset(TYPE_FIELDS.values())  # the X/Y/Z plot's axis type dropdowns
 
 RequestExtras = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -113,6 +115,17 @@ class GenerationTab:
         self.id = self.id or self.task
 
 
+def is_titled(group: str) -> bool:
+    """A group named like a title (``"Hires fix"``, not ``"sampling"``) is shown as a closed
+    accordion with that title; other groups are rows."""
+    return group[:1].isupper()
+
+
+def slug(text: str) -> str:
+    """``"X/Y/Z plot"`` -> ``"x-y-z-plot"`` (for element ids)."""
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
 def control_id(tab_id: str, name: str) -> str:
     """The element id of a field's control in a tab: ``txt2img-cfg-scale``."""
     return f"{tab_id}-{name.replace('_', '-')}"
@@ -130,6 +143,12 @@ def choices_of(ctx: UIContext, declared: Field) -> list[str]:
         names = list(ctx.samplers)
     elif declared.source == "models:checkpoint":
         names = ctx.service.model_names()
+    elif declared.source == "styles":  # styles.csv, read again when it changed
+        from webui.styles import load_styles
+
+        names = list(load_styles(ctx.service.engine))
+    elif declared.source in ("upscalers", "upscalers:hires"):
+        names = ctx.service.upscaler_names(latent=declared.source == "upscalers:hires")
     elif declared.source is not None:
         names = ctx.service.names(declared.source.split(":", 1)[1])
     else:
@@ -160,6 +179,7 @@ def make_control(
     """
     if value is _DEFAULT:
         value = declared.default_for(task)
+    offered = props.pop("choices", None)  # a text dropdown's list, when not its fixed choices
     info = props.pop("info", declared.help or None)
     if info and declared.kind != "image":
         props.setdefault("min_width", 200)  # a row of controls with help text wraps rather than squeezes
@@ -169,6 +189,9 @@ def make_control(
         return _number_control(ctx, declared, widget, value, info, common)
     if declared.kind == "bool":
         return gr.Checkbox(value=bool(value), info=info, **common)
+    if declared.kind == "text" and widget == "dropdown":  # free text with a list to pick from
+        choices = list(offered if offered is not None else declared.fixed_choices or ())
+        return gr.Dropdown(choices=choices, value=value, info=info, allow_custom_value=True, **common)
     if declared.kind == "text":
         return gr.Textbox(
             value=value or "",
@@ -182,6 +205,10 @@ def make_control(
         if value is None:
             value = (
                 declared.none_label if declared.none_label is not None else (choices[0] if choices else None)
+            )
+        if declared.multiple:
+            return gr.Dropdown(
+                choices=choices, value=list(value or ()), multiselect=True, info=info, **common
             )
         if widget == "radio":
             return gr.Radio(choices, value=value, info=info, **common)
@@ -412,6 +439,8 @@ def generation_tab(
             props.setdefault("value", info.default_size)
         elif declared.name == "model":
             props.setdefault("value", ctx.default_model)
+        elif declared.name in AXIS_TYPE_FIELDS:  # the X/Y/Z plot's axes: every sweepable field too
+            props.setdefault("choices", axis_choices(registry, task))
         return make_control(ctx, declared, tab_id, task=task, **props)
 
     controls: dict[str, gr.components.Component] = {}
@@ -423,7 +452,12 @@ def generation_tab(
             for group, members in groups.items():
                 if group in CORE_GROUPS or group == ADVANCED:
                     continue
-                _group_row([m for m in members if m.name not in controls], control, controls)
+                members = [m for m in members if m.name not in controls]
+                if is_titled(group):  # "Hires fix": a closed accordion with that title
+                    with gr.Accordion(group, open=False, elem_id=f"{tab_id}-{slug(group)}"):
+                        _titled_rows(members, control, controls)
+                else:
+                    _group_row(members, control, controls)
             advanced = [m for m in groups.get(ADVANCED, []) if m.name not in controls]
             if advanced:
                 with gr.Accordion("More options", open=False, elem_id=f"{tab_id}-more"):
@@ -513,6 +547,8 @@ class _Wiring:
     pickers: dict[str, gr.Dropdown] = field(default_factory=dict)  # add-a-LoRA / add-an-embedding
     random_seed: gr.Button | None = None
     reuse_seed: gr.Button | None = None
+    style_name: gr.Textbox | None = None  # "Save style": the name, and the button
+    save_style: gr.Button | None = None
 
 
 def _core_rows(
@@ -532,6 +568,16 @@ def _core_rows(
         props: dict[str, Any] = {}
         if declared.name == "prompt":
             props["placeholder"] = examples[0] if examples else ""
+        if declared.name == "styles":  # the styles, and saving the prompts as one (A1111's style row)
+            with gr.Row():
+                controls[declared.name] = control(declared, scale=4)
+                wiring.style_name = gr.Textbox(
+                    label="Style name", scale=2, max_length=200, elem_id=f"{tab_id}-style-name"
+                )
+                wiring.save_style = gr.Button(
+                    "Save style", scale=1, min_width=80, elem_id=f"{tab_id}-save-style"
+                )
+            continue
         controls[declared.name] = control(declared, **props)
         if declared.name == "prompt":
             with gr.Row():  # A1111's extra networks: pick one to add its prompt syntax
@@ -560,6 +606,29 @@ def _core_rows(
                     "Last seed", scale=0, min_width=80, elem_id=f"{tab_id}-reuse-seed"
                 )
     return wiring
+
+
+def _titled_rows(
+    members: list[Field],
+    control: Callable[..., gr.components.Component],
+    controls: dict[str, gr.components.Component],
+) -> None:
+    """A titled group's controls: its switches on one row, then rows that each start at a dropdown
+    (a type and its values side by side: "X type", "X values")."""
+    switches = [m for m in members if m.kind == "bool"]
+    if switches:
+        with gr.Row():
+            for declared in switches:
+                controls[declared.name] = control(declared)
+    rows: list[list[Field]] = []
+    for declared in members:
+        if declared.kind == "bool":
+            continue
+        if not rows or widget_of(declared) == "dropdown":
+            rows.append([])
+        rows[-1].append(declared)
+    for row in rows:
+        _group_row(row, control, controls)
 
 
 def _group_row(
@@ -603,7 +672,8 @@ def _wire_core(
     listed = [
         (registry[name], component)
         for name, component in controls.items()
-        if name in registry and (registry[name].source or "").startswith("models:")
+        if name in registry
+        and ((registry[name].source or "").startswith("models:") or registry[name].source == "styles")
     ]
     if wiring.refresh is not None and (listed or wiring.pickers):
 
@@ -617,6 +687,8 @@ def _wire_core(
             queue=False,
             api_visibility="private",
         )
+    if wiring.save_style is not None and wiring.style_name is not None:
+        _wire_save_style(ctx, registry, controls, wiring.style_name, wiring.save_style)
     if wiring.random_seed is not None:
         wiring.random_seed.click(lambda: -1, outputs=controls["seed"], queue=False, api_visibility="private")
     if wiring.reuse_seed is not None:
@@ -644,6 +716,57 @@ def _wire_core(
             queue=False,
             api_visibility="private",
         )
+
+
+def style_saving_problem(service: Any, username: str | None) -> str | None:
+    """Why "Save style" must not write the styles file for this user, or None when it may: on a
+    server on 127.0.0.1 (where the Plugins tab may change things), for a logged-in user, or without
+    a server (``service.plugin_control`` unset: tests, a program embedding the app)."""
+    control = getattr(service, "plugin_control", None)
+    if control is None or getattr(control, "problem", None) is None or username:
+        return None
+    return "Saving styles is off on a server others can reach without a login."
+
+
+def _wire_save_style(
+    ctx: UIContext,
+    registry: FieldRegistry,
+    controls: dict[str, gr.components.Component],
+    name_box: gr.Textbox,
+    button: gr.Button,
+) -> None:
+    """ "Save style": the prompt and negative prompt saved under the name given in the data folder's
+    styles.csv (a style of that name is replaced, as in A1111), then the list of styles refreshed.
+    Allowed where the Plugins tab may change things (a server on 127.0.0.1), for a logged-in user,
+    or without a server (tests, an embedding program); refused with one line elsewhere."""
+    from webui.styles import save_style
+
+    picker = controls["styles"]
+    if "prompt" not in controls or "negative_prompt" not in controls:
+        return
+
+    def save(name: str, prompt: str, negative: str, request: gr.Request) -> Any:
+        refused = style_saving_problem(ctx.service, getattr(request, "username", None))
+        if refused:
+            raise gr.Error(refused, print_exception=False)
+        try:
+            path = save_style(name or "", prompt or "", negative or "")
+        except LatentStudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except OSError as error:
+            raise gr.Error(
+                f"cannot save the style: {error.strerror or error}", print_exception=False
+            ) from None
+        gr.Info(f"Saved style {name.strip()!r} in {path}")
+        return gr.update(choices=choices_of(ctx, registry["styles"]))
+
+    button.click(
+        save,
+        inputs=[name_box, controls["prompt"], controls["negative_prompt"]],
+        outputs=picker,
+        queue=False,
+        api_visibility="private",
+    )
 
 
 # -- from values to a request --------------------------------------------------------------------

@@ -39,9 +39,16 @@ def fields_from_infotext(
     offered = offered or {}
     for name in [name for name in values if name in offered]:  # in the registry's order
         choices = offered[name]
+        declared = registry[name]
+        if declared.multiple:  # a list of names (styles): those on offer are sent, the others named
+            missing = [item for item in values[name] if item not in choices]
+            values[name] = tuple(item for item in values[name] if item in choices)
+            if missing:
+                shown = ", ".join(repr(item[:80]) for item in missing[:5])
+                notes.append(f"{_noun(declared.label)} not available: {shown}; left out")
+            continue
         if values[name] in choices:
             continue
-        declared = registry[name]
         written = parsed.get(declared.infotext) if declared.infotext else None
         if written is not None and str(written).strip() in choices:
             values[name] = str(written).strip()

@@ -21,6 +21,7 @@ from webui.engine.segmap import ADE20K, Palette, find_palette
 from webui.engine.stream import Progress, stream
 from webui.errors import LatentStudioError
 from webui.output import BatchSaver, output_dir
+from webui.plot import enabled, execute, grid_folder, make_plan, source_names
 from webui.request import GenerationRequest
 
 __all__ = ["Finished", "GenerationFailed", "ModelInfo", "StudioService"]
@@ -83,6 +84,13 @@ class StudioService:
     def names(self, kind: str) -> list[str]:
         """Listed names of one kind ("vae", "lora", "embedding", "controlnet"...), rescanned."""
         return [entry.name for entry in self.engine.models.list(kind)]
+
+    def upscaler_names(self, *, latent: bool = False) -> list[str]:
+        """The image upscalers (rescanned), after the latent ones (the hires fix's) when ``latent``."""
+        upscalers = getattr(self.engine, "upscalers", None)
+        images = upscalers.names() if upscalers is not None else []
+        hires = self.engine.plugins.get_plugin("webui.builtin.hires") if latent else None
+        return [*(hires.LATENT_UPSCALERS if hires is not None else ()), *images]
 
     def controlnet_palette(self, name: str | None) -> Palette | None:
         """The class palette of a listed ControlNet: its ``palette.json`` (in its folder, or
@@ -152,18 +160,36 @@ class StudioService:
         directory = output_dir(self.outputs_dir, request.task)
         saver = BatchSaver(directory, shown_as=self._shown(directory)) if save else _Keeper(directory)
         control = GenerationControl()
+        # an X/Y/Z plot: every cell planned and checked now, before waiting for the device
+        plan = (
+            make_plan(request, self.engine.fields, limits=self.engine.limits, names=source_names(self.engine))
+            if enabled(request)
+            else None
+        )
         with self._lock:
             self._controls[session] = control
         try:
             with self.device_turn() if turn else nullcontext():
                 try:
-                    for event in stream(
-                        self.engine,
-                        request,
-                        control=control,
-                        preview_every=self.preview_every,
-                        on_batch=saver,
-                    ):
+                    events = (
+                        stream(
+                            self.engine,
+                            request,
+                            control=control,
+                            preview_every=self.preview_every,
+                            on_batch=saver,
+                        )
+                        if plan is None
+                        else execute(
+                            self.engine,
+                            plan,
+                            control=control,
+                            on_batch=saver,
+                            grid_dir=grid_folder(self.outputs_dir, request.task) if save else None,
+                            preview_every=self.preview_every,
+                        )
+                    )
+                    for event in events:
                         if isinstance(event, Progress):
                             yield event
                             continue
@@ -214,13 +240,22 @@ class StudioService:
         files: list[tuple[Any, str]] = [
             (str(path) if path is not None else item.image, f"seed {item.seed}") for item, path in saver.items
         ]
+        infotexts = [item.parameters.get("infotext", "") for item, _ in saver.items]
+        seeds = [item.seed for item, _ in saver.items]
         warning = saver.warning()
+        grids = getattr(result, "grids", None) or []  # an X/Y/Z plot's grids come first, as in A1111
+        if grids:
+            files = [(str(g.path) if g.path else g.image, "grid") for g in grids] + files
+            infotexts = [g.infotext for g in grids] + infotexts
+            seeds = [result.plan.base.seed] * len(grids) + seeds
+            failed = next((g.error for g in grids if g.error), None)
+            warning = warning or (f"the grid could not be saved: {failed}" if failed else None)
         if warning is not None:
             log.warning("%s (%s)", warning, saver.directory)
         return Finished(
             files=files,
-            infotexts=[item.parameters.get("infotext", "") for item, _ in saver.items],
-            seeds=[item.seed for item, _ in saver.items],
+            infotexts=infotexts,
+            seeds=seeds,
             seconds=result.seconds,
             interrupted=result.interrupted,
             warning=warning,

@@ -55,6 +55,8 @@ def build(ctx: UIContext) -> GenerationTab:
         if image is None:
             raise InvalidRequestError("upload an image to inpaint first")
         mask = open_upload(values["mask_upload"], "mask") if values.get("mask_upload") else painted
+        if mask is None and any(values.get(f"outpaint_{side}") for side in ("left", "right", "up", "down")):
+            mask = Image.new("L", image.size, 0)  # outpainting alone: the new area is the mask
         if mask is None:
             raise InvalidRequestError(
                 "paint a mask over the image (or upload one): nothing is marked to change"
