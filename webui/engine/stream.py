@@ -77,6 +77,10 @@ def stream(
     generation are raised from the iterator, after the worker has finished and memory was
     released (so whatever ``on_batch`` did is complete by then).
     """
+    remote = getattr(engine, "stream", None)
+    if remote is not None:  # an engine that runs elsewhere (webui.serve.client.RayEngine) streams itself
+        yield from remote(request, control=control, preview_every=preview_every, on_batch=on_batch)
+        return
     # torch comes with the previews, when a generation runs: the web UI imports this module without it
     from webui.engine.preview import preview_images
 
