@@ -145,3 +145,59 @@ def test_the_command_line_generates_over_ray_as_in_one_process(cluster, tmp_path
     # give identical pixels (test_a_replica_gives_the_pixels_of_one_process)
     difference = np.abs(over_ray - alone)
     assert difference.max() <= 3 and difference.mean() < 0.05, (difference.max(), difference.mean())
+
+
+def test_the_web_app_generates_over_ray_and_saves_here(cluster, tmp_path):
+    import datetime
+
+    from PIL import Image
+    from ui_server import Server, call
+
+    from webui.metadata import read_png_parameters
+
+    server = Server(tmp_path / "outputs", "--ray", "--replicas", "1")
+    try:
+        client = server.client()
+        progress, _, gallery, infotext = call(
+            client, "txt2img", Prompt="a red circle", Steps=4, **{"Seed (-1 = random)": 5}
+        )[:4]
+        assert progress.startswith("1 image(s) in") and len(gallery) == 1
+        day = server.outputs / "txt2img" / datetime.date.today().strftime("%Y-%m-%d")
+        files = sorted(day.glob("*-5.png"))
+        assert files and read_png_parameters(files[-1]) == infotext  # saved by the web app, here
+        alone = server.engine.local.generate(
+            server.engine.local.fields.new_request(
+                "txt2img", {"prompt": "a red circle", "steps": 4, "seed": 5}
+            )
+        )
+        difference = np.abs(
+            np.asarray(Image.open(files[-1]).convert("RGB"), dtype=np.int16) - pixels(alone)[0]
+        )
+        assert difference.max() <= 3 and difference.mean() < 0.05  # see the command-line test
+    finally:
+        server.close()
+
+
+def test_two_clicks_at_once_run_on_two_replicas(cluster, tmp_path):
+    from ui_server import Server, submit
+
+    server = Server(tmp_path / "outputs", "--ray", "--replicas", "2")
+    try:
+        assert server.engine.concurrency == 2
+        client = server.client()
+
+        def run(*seeds: int) -> float:
+            started = time.perf_counter()
+            jobs = [
+                submit(client, "txt2img", Prompt="a red circle", Steps=30, **{"Seed (-1 = random)": seed})
+                for seed in seeds
+            ]
+            for job in jobs:
+                assert job.result(timeout=300)[0].startswith("1 image(s) in")
+            return time.perf_counter() - started
+
+        run(1, 2)  # each replica loads the model on its first request
+        both, one = run(3, 4), run(5)
+        assert both < 1.8 * one, (both, one)  # side by side, not one after the other
+    finally:
+        server.close()

@@ -22,9 +22,10 @@ from webui.serve.replica import BatchDone, Finished, model_id
 class RayEngine:
     """An engine whose ``generate`` runs on Ray Serve replicas (see the module text)."""
 
-    def __init__(self, local: Any, handle: Any) -> None:
+    def __init__(self, local: Any, handle: Any, *, concurrency: int = 1) -> None:
         self.local = local
         self.handle = handle
+        self.concurrency = concurrency  # generations at once: the replicas (the web app runs as many)
         self.last_replica: str | None = None
 
     def __getattr__(self, name: str) -> Any:  # models, fields, limits, schedulers, plugins...
@@ -53,6 +54,9 @@ class RayEngine:
                 elif isinstance(event, Finished):
                     self.last_replica = event.replica
                     finished = True
+                    if len(event.result.images) == len(done):
+                        # the very objects on_batch was given (callers match them up, as in one process)
+                        event.result.images = done
                     yield event.result
                 else:
                     yield event

@@ -9,6 +9,7 @@ from typing import Any
 from webui.errors import InvalidRequestError
 
 RAY_REQUIREMENT = "ray[serve]>=2.60,<2.61"
+APP = "latent-studio"  # the Ray Serve application
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -125,5 +126,8 @@ def connect(args: argparse.Namespace, local: Any) -> Any:
         num_gpus=1 if gpus else 0,
         num_cpus=cpus,
     )
-    handle = serve.run(app, name="latent-studio", route_prefix=None)
-    return RayEngine(local, handle)
+    if APP in serve.status().applications:  # replaced, not updated in place: a rolling update
+        serve.delete(APP)  # would need room for the old and the new replicas at once
+    handle = serve.run(app, name=APP, route_prefix=None)
+    scale = autoscale_range(args.autoscale)
+    return RayEngine(local, handle, concurrency=scale[1] if scale else replicas)
