@@ -899,20 +899,10 @@ def serve_api_alone(
     args: argparse.Namespace, service: Any, settings: ApiSettings, *, block: bool = True
 ) -> ApiServer:
     """``--nowebui``: the API alone on ``--port``, behind the same guards as the web app."""
-    from webui.ui.security import body_limit_bytes, install_guards
-    from webui.ui.server import EVERYWHERE, LOCALHOST, parse_origins
+    from webui.ui.server import EVERYWHERE, LOCALHOST, install_server_guards
 
     api = build_api(service, settings, max_waiting=args.queue_size, args=args)
-    max_body = body_limit_bytes(args.max_upload_mb)
-    install_guards(
-        api,
-        max_body=max_body,
-        cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
-        body_message=(
-            f"the request body is over {max_body / 2**20:.1f} MB, the most this server "
-            f"accepts (set by --max-upload-mb {args.max_upload_mb:g})"
-        ),
-    )
+    install_server_guards(api, args)
     server = ApiServer(api, EVERYWHERE if args.listen else LOCALHOST, args.port)
     if block:
         print(

@@ -228,6 +228,24 @@ class PluginControl:
         return self.problem is None
 
 
+def install_server_guards(app: Any, args: argparse.Namespace, *, throttle: Any = None) -> None:
+    """The request guards from the server's flags (the web app's and the API-alone server's):
+    the body limit of ``--max-upload-mb``, ``--cors-allow-origins``, and the login ``throttle``."""
+    from webui.ui.security import body_limit_bytes, install_guards
+
+    max_body = body_limit_bytes(args.max_upload_mb)
+    install_guards(
+        app,
+        max_body=max_body,
+        cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
+        body_message=(
+            f"the request body is over {max_body / 2**20:.1f} MB, the most this server accepts "
+            f"(set by --max-upload-mb {args.max_upload_mb:g})"
+        ),
+        throttle=throttle,
+    )
+
+
 def plugin_control_problem(args: argparse.Namespace) -> str | None:
     """Why the web app must not install plugins, turn them on or off or restart itself, or None when
     it may: only a server that listens on 127.0.0.1 without --share may, unless
@@ -276,12 +294,7 @@ def serve(
 
     from webui.images import MAX_PIXELS
     from webui.ui.app import CSS, build_app, configure_queue
-    from webui.ui.security import (
-        LoginThrottle,
-        body_limit_bytes,
-        guard_uploads,
-        install_guards,
-    )
+    from webui.ui.security import LoginThrottle, guard_uploads
     from webui.ui.service import StudioService
 
     logins = read_auth(args.auth, args.auth_file)
@@ -327,17 +340,7 @@ def serve(
         css=CSS,
         footer_links=["api", "settings"],
     )
-    max_body = body_limit_bytes(args.max_upload_mb)
-    install_guards(
-        app,
-        max_body=max_body,
-        cors_origins=parse_origins(getattr(args, "cors_allow_origins", None)),
-        body_message=(
-            f"the request body is over {max_body / 2**20:.1f} MB, the most this server accepts "
-            f"(set by --max-upload-mb {args.max_upload_mb:g})"
-        ),
-        throttle=LoginThrottle() if logins else None,
-    )
+    install_server_guards(app, args, throttle=LoginThrottle() if logins else None)
     from webui.http.routes import mount_api
 
     mount_api(app, demo, service, api, args)  # --api: on the same port, behind the same guards
