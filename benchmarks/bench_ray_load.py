@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from training import shapes  # noqa: E402
+from webui.engine import torch_thread  # noqa: E402
 from webui.engine.pipeline import Engine  # noqa: E402
 from webui.request import GenerationRequest  # noqa: E402
 
@@ -140,16 +141,48 @@ def load(generate: Generate, work: list[GenerationRequest], clients: int, outcom
         raise errors[0]
 
 
+class Turns:
+    """``count`` turns handed out first come, first served, as the web app's queue does (a bare
+    semaphore lets one client overtake the others again and again, which skews p95)."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self.next_ticket = 0
+        self.serving = 0
+        self.changed = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self.changed:
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            self.changed.wait_for(lambda: ticket == self.serving and self.free > 0)
+            self.serving += 1
+            self.free -= 1
+            self.changed.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        with self.changed:
+            self.free += 1
+            self.changed.notify_all()
+
+
 def run_process(args: argparse.Namespace, work: list[GenerationRequest]) -> Outcome:
+    from webui.engine.stream import stream
+
     torch.set_num_threads(args.threads)
-    turn = threading.BoundedSemaphore(1)  # the web app's device turn (StudioService.device_turn)
+    turn = Turns(1)  # the web app's device turn (StudioService.device_turn)
     started = time.perf_counter()
     engine = Engine(models_dir=str(ROOT / "models"))
-    engine.models.get(None)
+    torch_thread.call(engine.models.get, None)  # where the web app loads it (webui.engine.torch_thread)
 
     def generate(request: GenerationRequest) -> tuple[Any, str]:
+        # as the web app runs it: on a worker thread of its own (webui.engine.stream), so the
+        # clients' threads never run torch (each would keep its own set of spinning OpenMP threads)
         with turn:
-            return engine.generate(request), "this process"
+            result = None
+            for event in stream(engine, request, preview_every=0):
+                result = event
+            return result, "this process"
 
     at_once(generate, requests(1, args.steps, args.sampler, 10_000))
     outcome = Outcome(NAMES["process"], warm_up=time.perf_counter() - started)
@@ -167,7 +200,7 @@ def run_replicas(args: argparse.Namespace, replicas: int, work: list[GenerationR
     share = max(1, args.cores // replicas)
     settings = ReplicaSettings(models_dir=str(ROOT / "models"), threads=share, preview_every=0)
     local = Engine(models_dir=str(ROOT / "models"))  # never loads a model: the replicas do
-    turns = threading.BoundedSemaphore(replicas)  # the web app's turns with --replicas N
+    turns = Turns(replicas)  # the web app's turns with --replicas N
     own = threading.local()  # an engine per client thread: its last_replica is that thread's
 
     def generate(request: GenerationRequest) -> tuple[Any, str]:

@@ -101,8 +101,11 @@ class EngineReplica:
         return await self.load(model)
 
     async def load(self, model: str) -> Any:
-        """The model's bundle, loaded on a worker thread (the event loop keeps streaming)."""
-        return await asyncio.to_thread(self.engine.models.get, None if model == DEFAULT_MODEL_ID else model)
+        """The model's bundle, loaded on the torch thread (the event loop keeps streaming)."""
+        from webui.engine import torch_thread
+
+        name = None if model == DEFAULT_MODEL_ID else model
+        return await asyncio.wrap_future(torch_thread.submit(self.engine.models.get, name))
 
     async def generate(
         self, request: GenerationRequest, job: str | None = None, signals: Any = None
