@@ -7,6 +7,7 @@ import pytest
 from components import bundle_from, sd_components
 
 from webui.api import Engine, GenerationRequest, make_plugin_manager
+from webui.engine import torch_thread
 from webui.engine.context import GenerationControl
 from webui.engine.stream import Progress, stream
 from webui.errors import InvalidRequestError
@@ -64,14 +65,35 @@ def test_errors_come_out_of_the_stream(engine):
     assert len(list(stream(engine, REQUEST.replace(batch_count=1)))) == 7  # and the engine still works
 
 
-def test_on_batch_gets_each_batch_on_the_worker_thread(engine):
+def test_on_batch_gets_each_batch_on_the_torch_thread(engine):
     import threading
 
-    seen: list[tuple[list[int], str]] = []
+    seen: list[tuple[list[int], int]] = []
 
     def on_batch(images: list) -> None:
-        seen.append(([item.seed for item in images], threading.current_thread().name))
+        seen.append(([item.seed for item in images], threading.get_ident()))
 
     result = list(stream(engine, REQUEST, preview_every=0, on_batch=on_batch))[-1]
-    assert seen == [([3], "latent-studio-generate"), ([4], "latent-studio-generate")]
-    assert result.seeds == [3, 4]
+    assert [seeds for seeds, _ in seen] == [[3], [4]] and result.seeds == [3, 4]
+    # one long-lived thread, the same for every generation (one OpenMP team: webui.engine.torch_thread)
+    again: list[tuple[list[int], int]] = []
+    list(
+        stream(
+            engine,
+            REQUEST,
+            preview_every=0,
+            on_batch=lambda images: again.append(([], threading.get_ident())),
+        )
+    )
+    threads = {ident for _, ident in seen + again}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    (torch_ident,) = threads
+    assert torch_thread.call(threading.get_ident) == torch_ident
+
+
+def test_a_stream_started_on_the_torch_thread_does_not_wait_for_itself(engine):
+    def nested() -> list:
+        return list(stream(engine, REQUEST.replace(batch_count=1), preview_every=0))
+
+    events = torch_thread.call(nested)  # e.g. a plugin that generates from inside a generation
+    assert events[-1].seeds == [3]

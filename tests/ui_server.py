@@ -32,7 +32,7 @@ class Server:
         plugin_dirs: Sequence[Path] | None = None,
         plugins: Sequence[Any] | None = None,
     ) -> None:
-        from webui.cli import _engine, build_parser
+        from webui.cli import _engine, _maybe_ray, build_parser
         from webui.plugins import PLUGIN_DIRS_ENV
         from webui.ui.server import serve
 
@@ -50,8 +50,8 @@ class Server:
                 from webui.plugins import make_plugin_manager
 
                 manager = make_plugin_manager(entry_points=False, plugin_dirs=[], extra=plugins)
-            self.engine = _engine(
-                args, allow_paths=False, allow_download=args.allow_download, plugins=manager
+            self.engine = _maybe_ray(
+                args, _engine(args, allow_paths=False, allow_download=args.allow_download, plugins=manager)
             )
         finally:
             if plugin_dirs is not None:

@@ -34,6 +34,9 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     from webui.ui.server import add_server_options
 
     add_server_options(parser)
+    from webui.serve.options import add_ray_options
+
+    add_ray_options(parser)
     parser.add_argument(
         "--model",
         default=None,
@@ -444,8 +447,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     # refuses unsafe flags before building anything (no model is loaded yet); the web's model names
     # may not be paths (--model, given here, still may)
-    serve(args, _engine(args, allow_paths=False, allow_download=args.allow_download))
+    serve(args, _maybe_ray(args, _engine(args, allow_paths=False, allow_download=args.allow_download)))
     return 0
+
+
+def _maybe_ray(args: argparse.Namespace, engine: Any) -> Any:
+    """``engine``, or with ``--ray`` the engine whose generations run on Ray Serve replicas."""
+    from webui.serve.options import connect, ray_problem
+
+    problem = ray_problem(args)
+    if problem:
+        raise InvalidRequestError(problem)
+    return connect(args, engine) if args.ray else engine
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -658,7 +671,7 @@ def _generate(args: argparse.Namespace) -> int:
     problem = check_writable(args.out)
     if problem:
         raise InvalidRequestError(f"--out {problem}")
-    engine = _engine(args, plugins=args.plugin_manager)
+    engine = _maybe_ray(args, _engine(args, plugins=args.plugin_manager))
     from webui.plot import enabled
 
     if enabled(request):

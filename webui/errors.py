@@ -42,3 +42,17 @@ class OutOfMemoryError(LatentStudioError):
 
 class GenerationError(LatentStudioError):
     """A generation ran but could not produce a usable image (e.g. the VAE decoded to NaN)."""
+
+
+class QueueFull(LatentStudioError):
+    """Too many generations are waiting (here, or in the Ray Serve replicas' queue);
+    ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ReplicaLost(GenerationError):
+    """The Ray Serve replica running a generation stopped (its process or node died) and the
+    request could not be finished on another one."""

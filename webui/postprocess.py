@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from webui.engine import torch_thread  # no torch imported: the thread that runs it
 from webui.errors import InvalidRequestError
 from webui.images import scaled_size
 from webui.metadata import format_value
@@ -91,11 +92,11 @@ def upscale_image(
             result = result.resize(target, Image.Resampling.LANCZOS)
     else:
         info["Postprocess upscaler"] = first
-        result = upscalers.upscale(image, first, size=target)
+        result = torch_thread.call(upscalers.upscale, image, first, size=target)
         if second is not None:
             info["Postprocess upscaler 2"] = second
             info["Postprocess upscaler 2 visibility"] = format_value(round(float(visibility), 3))
-            other = upscalers.upscale(image, second, size=target)
+            other = torch_thread.call(upscalers.upscale, image, second, size=target)
             result = Image.blend(result, other, float(visibility))
     if size is not None and crop:
         want_w, want_h = _size(size)

@@ -1,10 +1,11 @@
 """Running a generation in the background and following it step by step.
 
-:func:`stream` runs :meth:`Engine.generate` on a worker thread and yields :class:`Progress` events
+:func:`stream` runs :meth:`Engine.generate` on the process's torch thread
+(:mod:`webui.engine.torch_thread`) and yields :class:`Progress` events
 (step counts, an ETA and, every few steps, a cheap preview of the latents) and finally the
 :class:`GenerationResult`. Closing the iterator early (a user left, a web request was cancelled)
 interrupts the generation and waits for the worker, so the device is never left busy by nobody.
-``on_batch`` runs on the worker thread as each batch finishes, so what it does (saving the
+``on_batch`` runs on the torch thread as each batch finishes, so what it does (saving the
 images) happens even when nobody reads the iterator any more.
 """
 
@@ -14,11 +15,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from webui.engine import torch_thread
 from webui.engine.control import GenerationControl
 from webui.request import GenerationRequest
 
@@ -72,11 +75,15 @@ def stream(
     """Yield :class:`Progress` while ``request`` runs, then its ``GenerationResult``.
 
     ``preview_every`` is how often (in steps) a preview is made; 0 turns previews off.
-    ``on_batch`` is ``Engine.generate``'s: called on the worker thread with each finished batch's
+    ``on_batch`` is ``Engine.generate``'s: called on the torch thread with each finished batch's
     images, before the next batch starts, also after the consumer went away. Errors of the
     generation are raised from the iterator, after the worker has finished and memory was
     released (so whatever ``on_batch`` did is complete by then).
     """
+    remote = getattr(engine, "stream", None)
+    if remote is not None:  # an engine that runs elsewhere (webui.serve.client.RayEngine) streams itself
+        yield from remote(request, control=control, preview_every=preview_every, on_batch=on_batch)
+        return
     # torch comes with the previews, when a generation runs: the web UI imports this module without it
     from webui.engine.preview import preview_images
 
@@ -104,8 +111,16 @@ def stream(
         finally:
             events.put(_DONE)
 
-    worker = threading.Thread(target=work, name="latent-studio-generate", daemon=True)
-    worker.start()
+    if torch_thread.on_torch_thread():  # nested in a generation: a thread of its own, or it waits for itself
+        future: futures.Future[None] = futures.Future()
+
+        def nested() -> None:
+            work()
+            future.set_result(None)
+
+        threading.Thread(target=nested, name="latent-studio-generate", daemon=True).start()
+    else:  # the process's torch thread (webui.engine.torch_thread)
+        future = torch_thread.submit(work)
     failure: BaseException | None = None
     try:
         while True:
@@ -117,9 +132,9 @@ def stream(
                 continue
             yield item
     finally:
-        if worker.is_alive():  # the consumer went away: stop the loop within a step
+        if not future.done():  # the consumer went away: stop the loop within a step
             control.interrupt()
-        worker.join()
+        futures.wait([future])
         if failure is not None:
             from webui.engine.memory import release_memory
 

@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from webui.errors import LatentStudioError
+from webui.errors import LatentStudioError, QueueFull
 
 __all__ = ["FINAL_STATES", "Job", "JobManager", "QueueFull"]
 
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL_STATES = frozenset({DONE, FAILED, CANCELLED})
-
-
-class QueueFull(LatentStudioError):
-    """Too many generations are waiting; ``retry_after`` is a hint in seconds."""
-
-    def __init__(self, message: str, retry_after: int = 10) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -88,7 +80,8 @@ class Job:
 
 
 class JobManager:
-    """The queue of jobs in front of the device, served by one worker thread.
+    """The queue of jobs in front of the device, served by ``workers`` threads (one per
+    generation the engine runs at once: 1, or the Ray Serve replicas).
 
     ``run(job)`` yields the job's progress events and finally its result, on the worker thread;
     ``stop(job)`` interrupts a running job (``skip(job)`` drops its current batch); ``turn()`` is
@@ -110,6 +103,7 @@ class JobManager:
         keep_seconds: float = 3600.0,
         keep_count: int = 100,
         clock: Callable[[], float] = time.time,
+        workers: int = 1,
     ) -> None:
         self._run = run
         self._stop = stop
@@ -123,12 +117,16 @@ class JobManager:
         self.clock = clock
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # oldest first
         self._changed = threading.Condition()
         self._closed = False
         self._counter = itertools.count(1)
-        self._worker = threading.Thread(target=self._work, name="latent-studio-jobs", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"latent-studio-jobs-{n}", daemon=True)
+            for n in range(max(1, workers))
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # -- asking ------------------------------------------------------------------------------
 
@@ -180,7 +178,14 @@ class JobManager:
             return len(self._queue)
 
     def running(self) -> Job | None:
-        return self._running
+        """The job that has run longest (None when none runs)."""
+        with self._changed:
+            return self._running[0] if self._running else None
+
+    def _running_of(self, owner: str) -> Job | None:
+        """``owner``'s running job that started last."""
+        with self._changed:
+            return next((job for job in reversed(self._running) if job.owner == owner), None)
 
     def cancel(self, job_id: str, owner: str) -> Job | None:
         """Cancel ``owner``'s job: a queued one leaves the queue at once, a running one is
@@ -200,16 +205,16 @@ class JobManager:
         return job
 
     def interrupt(self, owner: str) -> Job | None:
-        """Interrupt ``owner``'s running job, if the running job is theirs (A1111's ``/interrupt``)."""
-        job = self._running
-        if job is None or job.owner != owner:
+        """Interrupt ``owner``'s running job, if one of the running jobs is theirs (A1111's ``/interrupt``)."""
+        job = self._running_of(owner)
+        if job is None:
             return None
         return self.cancel(job.id, owner)
 
     def skip(self, owner: str) -> Job | None:
         """Skip the current batch of ``owner``'s running job (A1111's ``/skip``)."""
-        job = self._running
-        if job is None or job.owner != owner or self._skip is None:
+        job = self._running_of(owner)
+        if job is None or self._skip is None:
             return None
         self._skip(job)
         return job
@@ -234,11 +239,12 @@ class JobManager:
             for job in list(self._queue):
                 self._end(job, CANCELLED)
             self._queue.clear()
-            running = self._running
+            running = list(self._running)
             self._changed.notify_all()
-        if running is not None:
-            self._stop(running)
-        self._worker.join(timeout=30)
+        for job in running:
+            self._stop(job)
+        for worker in self._workers:
+            worker.join(timeout=30)
 
     # -- the worker --------------------------------------------------------------------------
 
@@ -258,12 +264,13 @@ class JobManager:
                         self._end(job, CANCELLED)
                         return
                     job.state, job.started = RUNNING, self.clock()
-                    self._running = job
+                    self._running.append(job)
                     self._touch(job)
                 try:
                     self._follow(job)
                 finally:
-                    self._running = None
+                    with self._changed:
+                        self._running.remove(job)
 
     def _follow(self, job: Job) -> None:
         try:
@@ -324,6 +331,6 @@ class JobManager:
 
     def _retry_after(self) -> int:
         """A hint for ``Retry-After``: the running job's ETA, at least 5 and at most 120 seconds."""
-        running = self._running
-        eta = running.eta if running is not None and running.eta is not None else 10.0
+        etas = [job.eta for job in self._running if job.eta is not None]
+        eta = min(etas) if etas else 10.0
         return int(min(120, max(5, eta)))

@@ -132,6 +132,7 @@ def build_api(
         busy_message=busy_message or BUSY_MESSAGE,
         keep_seconds=float(getattr(args, "job_keep_seconds", 3600.0)),
         keep_count=int(getattr(args, "job_keep_count", 100)),
+        workers=service.concurrency,  # with Ray Serve, one per replica: jobs run side by side
     )
     app = FastAPI(
         title="Latent Studio API",
@@ -258,6 +259,8 @@ def _failure_status(job: Job) -> int:
         return 404
     if kind in ("InvalidRequestError", "LimitExceeded"):
         return 422
+    if kind == "QueueFull":  # Ray Serve's queue was full (several web apps on one cluster)
+        return 503
     return 500
 
 

@@ -521,7 +521,7 @@ def generation_tab(
         outputs=outputs,
         api_name=tab_id,
         concurrency_id=BUSY_CONCURRENCY_ID,
-        concurrency_limit=1,
+        concurrency_limit=ctx.service.concurrency,
     )
 
     def stop(request: gr.Request) -> None:

@@ -63,7 +63,9 @@ class StudioService:
         self._lock = threading.Lock()
         # one generation on the device at a time, whoever asks (web app clicks, HTTP API jobs); a
         # semaphore, not a lock: gradio may resume a generator on another thread than it began on
-        self._device = threading.BoundedSemaphore(1)
+        # as many at once as the engine runs at once: 1, or its Ray Serve replicas (webui.serve)
+        self.concurrency = max(1, int(getattr(engine, "concurrency", 1)))
+        self._device = threading.BoundedSemaphore(self.concurrency)
 
     @contextmanager
     def device_turn(self) -> Iterator[None]:

@@ -179,7 +179,7 @@ def build(ctx: UIContext) -> None:
         outputs=[gallery, info],
         api_name="extras",
         concurrency_id=BUSY_CONCURRENCY_ID,
-        concurrency_limit=1,
+        concurrency_limit=ctx.service.concurrency,
     )
 
 
