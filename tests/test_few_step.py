@@ -6,36 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from components import bundle_from, sd_components
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+from parity import assert_close, ours, reference
 from tiny import make_unet
-
-from webui.request import GenerationRequest
 
 pytestmark = pytest.mark.slow  # pipelines side by side
 
-TOLERANCE = 1e-3
 PROMPT = "a red circle at the top left"
-
-
-def reference(pipe, sampler: str, engine, seeds: list[int], **kwargs) -> np.ndarray:
-    pipe.scheduler = engine.schedulers.build(sampler, dict(pipe.scheduler.config), seed=seeds[0])
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return pipe(generator=generators, output_type="np", num_images_per_prompt=len(seeds), **kwargs).images
-
-
-def ours(engine, bundle, **kwargs) -> np.ndarray:
-    result = engine.generate(GenerationRequest(**kwargs), bundle=bundle)
-    return np.stack([item.pixels.permute(1, 2, 0).numpy() for item in result.images])
-
-
-def assert_close(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    difference = float(np.abs(a - b).max())
-    assert difference < TOLERANCE, f"max abs pixel difference {difference}"
-    assert float(a.std()) > 0.01  # a picture, not a constant
 
 
 def test_the_few_step_samplers_are_registered_under_the_names_users_know(engine):
