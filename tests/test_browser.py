@@ -242,7 +242,7 @@ def test_closing_the_tab_frees_the_device(browser, server):
     )
 
 
-def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_model_dir):
+def test_picking_a_model_takes_its_guidance_steps_sampler_and_size(browser, tmp_path, tiny_model_dir):
     import json
     import shutil
 
@@ -252,6 +252,10 @@ def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_mod
     shutil.copytree(tiny_model_dir, models / "tiny-sd")
     unet_config = models / "tiny-sd" / "unet" / "config.json"
     unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": 48}))
+    index = models / "tiny-sd" / "model_index.json"  # a few-step model recommends its steps and sampler
+    index.write_text(
+        json.dumps({**json.loads(index.read_text()), "defaults": {"steps": 4, "sampler": "LCM"}})
+    )
     own = Server(tmp_path / "outputs", "--extra-models-dir", str(models))
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
@@ -262,15 +266,21 @@ def test_picking_a_model_takes_its_guidance_and_size(browser, tmp_path, tiny_mod
             "2",
             "64",
         )  # the shapes model
-        for model, expected in (("tiny-sd", ("7", "96")), ("latent-studio-shapes", ("2", "64"))):
+        steps, sampler = "#txt2img-steps input[type=number]", "#txt2img-sampler input"
+        for model, expected in (
+            ("tiny-sd", ("7", "96", "4", "LCM")),
+            ("latent-studio-shapes", ("2", "64", "20", "DPM++ 2M Karras")),  # back to the fields' defaults
+        ):
             page.locator("#txt2img-model input").click()
             page.get_by_role("option", name=model, exact=True).click()
             page.wait_for_function(
                 f"() => document.querySelector('{cfg}')?.value === '{expected[0]}' && "
-                f"document.querySelector('{width}')?.value === '{expected[1]}'",
+                f"document.querySelector('{width}')?.value === '{expected[1]}' && "
+                f"document.querySelector('{steps}')?.value === '{expected[2]}'",
                 timeout=WAIT_MS,
             )
             assert page.locator("#txt2img-height input[type=number]").input_value() == expected[1]
+            assert page.locator(sampler).input_value() == expected[3]
     finally:
         page.close()
         own.close()

@@ -646,3 +646,16 @@ def test_same_seed_same_pixels_through_web_app_cli_and_api(api, server, tmp_path
     through_cli = pixels(Image.open(done.stdout.strip().splitlines()[-1]))
     assert np.array_equal(through_api, through_web)
     assert np.array_equal(through_api, through_cli)
+
+
+def test_a1111_schedule_names_pick_the_few_step_samplers(api):
+    assert {"sgm_uniform", "karras"} <= {item["name"] for item in api.get("/sdapi/v1/schedulers").json()}
+    body = {"prompt": "a square", **QUICK, "sampler_name": "Euler", "scheduler": "sgm_uniform"}
+    answer = api.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert "Sampler: Euler SGM Uniform" in info["infotexts"][0]
+    lcm = api.post(
+        "/sdapi/v1/txt2img", json={**body, "sampler_name": "LCM", "scheduler": "Automatic", "cfg_scale": 1}
+    )
+    assert lcm.status_code == 200 and "Sampler: LCM," in json.loads(lcm.json()["info"])["infotexts"][0]

@@ -446,3 +446,14 @@ def test_sdxl_loras_reach_both_text_encoders_and_sgm_named_unet_blocks(tmp_path:
                 bundle.unet.get_submodule(TO_Q)(x_unet), expected_unet, rtol=1e-5, atol=1e-6
             )
     assert_clean(bundle)
+
+
+def test_an_lcm_lora_runs_through_the_lora_path_with_the_lcm_sampler(engine, bundle) -> None:
+    """An LCM-LoRA is a UNet LoRA like any other: its prompt tag, the LCM sampler, few steps, CFG 1."""
+    few = {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}
+    with_lora = generate(engine, bundle, "a red cat <lora:other:1>", **few)
+    plain = generate(engine, bundle, "a red cat", **few)
+    assert float((pixels(with_lora) - pixels(plain)).abs().max()) > 1e-3
+    infotext = with_lora.infotexts[0]
+    assert "Sampler: LCM," in infotext and "Steps: 4," in infotext and "other" in infotext, infotext
+    assert_clean(bundle)

@@ -387,3 +387,22 @@ def test_a_missing_training_dependency_is_named(monkeypatch, capsys):
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tqdm" in err and "requirements-train.txt" in err, err
+
+
+@pytest.mark.parametrize(
+    ("defaults", "steps", "sampler"),
+    [
+        ({"steps": 4, "sampler": "LCM"}, 4, "LCM"),
+        ({"steps": 1, "sampler": " Euler SGM Uniform "}, 1, "Euler SGM Uniform"),
+        ({"steps": 0, "sampler": ""}, None, None),
+        ({"steps": True, "sampler": 7}, None, None),
+        ({"steps": 4.5, "sampler": "x" * 65}, None, None),
+        ({"steps": 1001}, None, None),
+        ("LCM", None, None),
+    ],
+)
+def test_a_model_recommends_its_steps_and_sampler(defaults, steps, sampler):
+    from webui.engine.model_defaults import model_default_sampler, model_default_steps
+
+    index = {"defaults": defaults}
+    assert (model_default_steps(index), model_default_sampler(index)) == (steps, sampler)

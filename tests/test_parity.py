@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from components import bundle_from, make_controlnet, sd_components, sdxl_components
 from diffusers import (
     StableDiffusionControlNetPipeline,
@@ -14,33 +13,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from fixtures_models import random_image, rect_mask, seg_map
-
-from webui.request import GenerationRequest
+from parity import assert_close, ours, reference
 
 pytestmark = pytest.mark.slow  # real models or many generations: left out of the quick run
 
-TOLERANCE = 1e-3
 PROMPT = "a red circle at the top left"
 NEGATIVE = "blurry, low quality"
-
-
-def reference(pipe, sampler: str, engine, seeds: list[int], **kwargs) -> np.ndarray:
-    pipe.scheduler = engine.schedulers.build(sampler, dict(pipe.scheduler.config), seed=seeds[0])
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return pipe(generator=generators, output_type="np", num_images_per_prompt=len(seeds), **kwargs).images
-
-
-def ours(engine, bundle, **kwargs) -> np.ndarray:
-    result = engine.generate(GenerationRequest(**kwargs), bundle=bundle)
-    return np.stack([item.pixels.permute(1, 2, 0).numpy() for item in result.images])
-
-
-def assert_close(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    diff = float(np.abs(a - b).max())
-    assert diff < TOLERANCE, f"max abs pixel difference {diff}"
-    assert float(a.std()) > 0.01  # a real picture, not a constant
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "PNDM", "Heun", "UniPC"])

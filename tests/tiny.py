@@ -125,8 +125,11 @@ def make_bert_encoder(seed: int = 0, *, vocab_size: int = 32, max_position_embed
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-def make_unet(seed: int = 0, *, sdxl: bool = False, in_channels: int = 4) -> UNet2DConditionModel:
-    """The tiny UNet of diffusers' SD (or SDXL) pipeline tests; ``in_channels=9`` for inpainting."""
+def make_unet(
+    seed: int = 0, *, sdxl: bool = False, in_channels: int = 4, time_cond_proj_dim: int | None = None
+) -> UNet2DConditionModel:
+    """The tiny UNet of diffusers' SD (or SDXL) pipeline tests; ``in_channels=9`` for inpainting,
+    ``time_cond_proj_dim`` for a guidance-embedding UNet (a distilled latent consistency model)."""
     torch.manual_seed(seed)
     if sdxl:
         unet = UNet2DConditionModel(
@@ -155,6 +158,7 @@ def make_unet(seed: int = 0, *, sdxl: bool = False, in_channels: int = 4) -> UNe
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
+            time_cond_proj_dim=time_cond_proj_dim,
         )
     return unet.eval()
 

@@ -15,8 +15,10 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -25,6 +27,9 @@ from webui.api import hookimpl
 LATENT_STUDIO_API = 1
 
 KARRAS = {"use_karras_sigmas": True}
+# A1111's "SGM Uniform" schedule (Forge's, ComfyUI's sgm_uniform): timesteps spaced from the last
+# training step down, the last one included, as SDXL-Turbo, SD-Turbo and Lightning models expect
+SGM_UNIFORM = {"timestep_spacing": "trailing"}
 
 
 @hookimpl(tryfirst=True)
@@ -58,3 +63,22 @@ def register_schedulers(register: Any) -> None:
     register("LMS Karras", LMSDiscreteScheduler, **KARRAS)
     register("Heun", HeunDiscreteScheduler)
     register("DEIS", DEISMultistepScheduler)
+    # few-step models: latent consistency (LCM models, LCM-LoRA), trajectory consistency (TCD-LoRA;
+    # Eta is TCD's gamma, 0.3 in its paper), and the trailing schedule of Turbo/Lightning models
+    register("LCM", LCMScheduler)
+    register("TCD", TCDScheduler)
+    for name, scheduler, options in (
+        ("Euler", EulerDiscreteScheduler, {}),
+        ("Euler a", EulerAncestralDiscreteScheduler, {}),
+        ("DPM++ 2M", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        (
+            "DPM++ 2M SDE",
+            DPMSolverMultistepScheduler,
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        ),
+        ("DPM++ SDE", DPMSolverSDEScheduler, {}),
+        ("DDIM", DDIMScheduler, {}),
+        ("UniPC", UniPCMultistepScheduler, {}),
+        ("LCM", LCMScheduler, {}),
+    ):
+        register(f"{name} SGM Uniform", scheduler, **options, **SGM_UNIFORM)

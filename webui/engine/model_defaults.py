@@ -1,4 +1,4 @@
-"""A model's native size and recommended guidance: the rules, shared by the loaded model and the reader.
+"""A model's native size and recommended guidance, steps and sampler: the rules, shared by the loaded model and the reader.
 
 :class:`~webui.engine.bundle.ModelBundle` answers ``default_size`` and ``default_cfg_scale`` with
 these functions, and :func:`webui.engine.model_info.read_model_info` reads a model's files with
@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_CFG_SCALE", "DEFAULT_SIZE", "model_default_cfg", "native_size", "vae_scale_factor"]
+__all__ = [
+    "DEFAULT_CFG_SCALE",
+    "DEFAULT_SIZE",
+    "model_default_cfg",
+    "model_default_sampler",
+    "model_default_steps",
+    "native_size",
+    "vae_scale_factor",
+]
 
 DEFAULT_CFG_SCALE = 7.0  # what SD 1.x/2.x/SDXL are usually run with
 DEFAULT_SIZE = 512  # SD 1.x, and SD 2.x at 512 pixels
@@ -26,6 +34,25 @@ def model_default_cfg(index: Mapping[str, Any]) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100:
         return float(value)
     return DEFAULT_CFG_SCALE
+
+
+def model_default_steps(index: Mapping[str, Any]) -> int | None:
+    """``defaults.steps`` of a ``model_index.json`` (a few-step model's 4, say), else None."""
+    defaults = index.get("defaults")
+    value = defaults.get("steps") if isinstance(defaults, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000:
+        return value
+    return None
+
+
+def model_default_sampler(index: Mapping[str, Any]) -> str | None:
+    """``defaults.sampler`` of a ``model_index.json`` (a sampler's name, e.g. "LCM" or "Euler SGM
+    Uniform"), else None. Whether the name is registered is the sampler registry's to say."""
+    defaults = index.get("defaults")
+    value = defaults.get("sampler") if isinstance(defaults, dict) else None
+    if isinstance(value, str) and 0 < len(value.strip()) <= 64:
+        return value.strip()
+    return None
 
 
 def vae_scale_factor(block_out_channels: Sequence[int]) -> int:

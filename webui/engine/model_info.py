@@ -1,7 +1,8 @@
 """What a model is, read from its files without loading its weights: one reader for every caller.
 
-The facts: its **native size** (the side it was trained at), its **recommended guidance**
-(``model_index.json``'s ``defaults.cfg_scale``), the **vocabulary** and prompt **examples** a
+The facts: its **native size** (the side it was trained at), its **recommended guidance, steps
+and sampler** (``model_index.json``'s ``defaults.cfg_scale``, ``steps``, ``sampler``: a few-step
+model's, say), the **vocabulary** and prompt **examples** a
 project's model may list (``vocabulary``, ``ui.examples``), whether it ships a ControlNet, and that
 ControlNet's class **palette**.
 
@@ -40,6 +41,8 @@ from webui.engine.model_defaults import (
     DEFAULT_CFG_SCALE,
     DEFAULT_SIZE,
     model_default_cfg,
+    model_default_sampler,
+    model_default_steps,
     native_size,
     vae_scale_factor,
 )
@@ -66,6 +69,8 @@ class ModelInfo:
     name: str
     default_size: int = DEFAULT_SIZE
     cfg_scale: float = DEFAULT_CFG_SCALE  # model_index.json's defaults.cfg_scale
+    steps: int | None = None  # defaults.steps and defaults.sampler (None: the fields' own defaults)
+    sampler: str | None = None
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # model_index.json's ui.examples
     palette: Palette = ADE20K
@@ -98,6 +103,7 @@ def _read_folder(folder: Path, info: ModelInfo) -> None:
         two_text_encoders="text_encoder_2" in index,
     )
     info.cfg_scale = model_default_cfg(index)
+    info.steps, info.sampler = model_default_steps(index), model_default_sampler(index)
     vocabulary = index.get("vocabulary")
     if isinstance(vocabulary, dict):
         info.vocabulary = {str(k): [str(w) for w in v] for k, v in vocabulary.items() if isinstance(v, list)}

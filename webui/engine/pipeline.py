@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -163,7 +164,8 @@ class Engine:
         started = time.perf_counter()
         request = self.fields.validate(request.validate(sizes=False, tasks=self.fields))
         self.limits.check_request(request)  # before a model is loaded
-        self.schedulers.get(request.sampler)  # an unknown name fails here, before a model is loaded
+        # an unknown name fails here, before a model is loaded; a known one is written as registered
+        request = request.replace(sampler=self.schedulers.get(request.sampler).name)
         bundle = bundle or self.models.get(request.model)
         if request.vae is not None and not is_automatic(request.vae):
             bundle = self._with_vae(bundle, request.vae)
@@ -462,6 +464,8 @@ class Engine:
             (c, _doubled(c.image.to(device, dtype).repeat(batch, 1, 1, 1), do_cfg)) for c in cond.controls
         ]
         step_kwargs = _step_kwargs(scheduler, generators, request.eta)
+        # a distilled latent consistency UNet takes the guidance as an input instead of two passes
+        guidance_input = _guidance_embedding(unet, cond.guidance_scale, batch, device, dtype)
 
         def unet_call(model_input: torch.Tensor, step: DenoiseStep) -> torch.Tensor:
             down_residuals, mid_residual = _control_residuals(
@@ -476,9 +480,11 @@ class Engine:
             unet_input = (
                 torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
             )
+            extra = {"timestep_cond": guidance_input} if guidance_input is not None else {}
             return unet(
                 unet_input,
                 step.timestep,
+                **extra,
                 encoder_hidden_states=step.encoder_hidden_states,
                 added_cond_kwargs=step.added_cond_kwargs,
                 down_block_additional_residuals=down_residuals,
@@ -622,6 +628,26 @@ def _text_inputs(
         )
         time_ids = torch.cat([per_image(negative_ids), time_ids])
     return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _guidance_embedding(
+    unet: Any, scale: float, batch: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The guidance input of a UNet distilled with its guidance scale as a condition (an LCM
+    model's ``time_cond_proj_dim``), else None: ``w = scale - 1`` times 1000 in sinusoidal
+    features of that many dimensions (sines then cosines, geometric frequencies from 1 down to
+    1/10000), one row per image."""
+    size = getattr(unet.config, "time_cond_proj_dim", None)
+    if not size:
+        return None
+    w = torch.full((batch,), (scale - 1.0) * 1000.0, dtype=torch.float32)
+    half = size // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if size % 2:
+        features = torch.nn.functional.pad(features, (0, 1))
+    return features.to(device=device, dtype=dtype)
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float) -> dict[str, Any]:

@@ -507,12 +507,13 @@ def _sampler(body: Mapping[str, Any], engine: Any) -> str:
     if not isinstance(name, str) or (schedule is not None and not isinstance(schedule, str)):
         raise InvalidRequestError("sampler_name and scheduler must be text")
     name = name.strip()
+    schedule = (schedule or "").strip().replace("_", " ")  # the API's "sgm_uniform" is "SGM Uniform"
     if (
         schedule
-        and schedule.strip().lower() not in ("automatic", "uniform")
-        and not name.lower().endswith(" " + schedule.strip().lower())
+        and schedule.lower() not in ("automatic", "uniform")
+        and not name.lower().endswith(" " + schedule.lower())
     ):
-        name = f"{name} {schedule.strip()}"
+        name = f"{name} {schedule}"
     return name
 
 

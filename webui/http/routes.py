@@ -406,11 +406,11 @@ def _sdapi_routes(app: FastAPI) -> None:
         """A1111's schedule types: the suffixes of this server's sampler names, and Automatic."""
         names = _state(request).engine.schedulers.names()
         found = ["Automatic"] + sorted(
-            {name.rsplit(" ", 1)[1] for name in names if " " in name and name.rsplit(" ", 1)[1] in _SCHEDULES}
+            {label for label in _SCHEDULES for name in names if name.lower().endswith(" " + label.lower())}
         )
         return [
             {
-                "name": name.lower(),
+                "name": name.lower().replace(" ", "_"),  # A1111's names: karras, sgm_uniform...
                 "label": name,
                 "aliases": None,
                 "default_rho": -1,
@@ -502,7 +502,7 @@ def _sdapi_routes(app: FastAPI) -> None:
         return {"module_list": ["none"]}
 
 
-_SCHEDULES = frozenset({"Karras", "Exponential", "Uniform", "Polyexponential", "SGM", "Beta"})
+_SCHEDULES = frozenset({"Karras", "Exponential", "Polyexponential", "SGM Uniform", "Beta"})
 
 
 def _textinfo(job: Job, position: int | None) -> str:

@@ -58,7 +58,7 @@ TAB_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}\Z")  # element ids and endpoint name
 CORE_GROUPS = ("model", "prompt", "sampling", "size", "seed")  # the rows every generation tab starts with
 ADVANCED = "advanced"  # the closed "More options" accordion at the end
 # values that follow the model picked (its recommended guidance, its native size)
-MODEL_DEPENDENT = ("cfg_scale", "width", "height")
+MODEL_DEPENDENT = ("cfg_scale", "width", "height", "steps", "sampler")
 _DEFAULT = object()
 AXIS_TYPE_FIELDS = frozenset(TYPE_FIELDS.values())  # the X/Y/Z plot's axis type dropdowns
 
@@ -433,10 +433,8 @@ def generation_tab(
         groups.setdefault(declared.group, []).append(declared)
 
     def control(declared: Field, **props: Any) -> gr.components.Component:
-        if declared.name == "cfg_scale":
-            props.setdefault("value", info.cfg_scale)
-        elif declared.name in ("width", "height"):
-            props.setdefault("value", info.default_size)
+        if declared.name in MODEL_DEPENDENT:
+            props.setdefault("value", model_value(ctx, info, declared))
         elif declared.name == "model":
             props.setdefault("value", ctx.default_model)
         elif declared.name in AXIS_TYPE_FIELDS:  # the X/Y/Z plot's axes: every sweepable field too
@@ -703,10 +701,8 @@ def _wire_core(
     if "model" in controls and followers:
 
         def follow_model(name: str | None) -> list[Any]:
-            picked = ctx.service.model_info(name)  # its recommended guidance and native size
-            return [
-                picked.cfg_scale if follower == "cfg_scale" else picked.default_size for follower in followers
-            ]
+            picked = ctx.service.model_info(name)  # its recommended guidance, steps, sampler, size
+            return [model_value(ctx, picked, registry.field(follower)) for follower in followers]
 
         # only a pick by the user: PNG Info's "send to" sets the model and its own CFG and size
         controls["model"].input(
@@ -716,6 +712,21 @@ def _wire_core(
             queue=False,
             api_visibility="private",
         )
+
+
+def model_value(ctx: UIContext, info: Any, declared: Field) -> Any:
+    """What a model-dependent control shows for a model: its recommended guidance, steps and
+    sampler (``model_index.json``'s ``defaults``), its native size; a field's own default where the
+    model recommends nothing (or a sampler this server does not have)."""
+    if declared.name == "cfg_scale":
+        return info.cfg_scale
+    if declared.name in ("width", "height"):
+        return info.default_size
+    if declared.name == "steps" and info.steps is not None:
+        return info.steps
+    if declared.name == "sampler" and info.sampler in ctx.samplers:
+        return info.sampler
+    return declared.default
 
 
 def style_saving_problem(service: Any, username: str | None) -> str | None:
