@@ -659,3 +659,9 @@ def test_a1111_schedule_names_pick_the_few_step_samplers(api):
         "/sdapi/v1/txt2img", json={**body, "sampler_name": "LCM", "scheduler": "Automatic", "cfg_scale": 1}
     )
     assert lcm.status_code == 200 and "Sampler: LCM," in json.loads(lcm.json()["info"])["infotexts"][0]
+
+
+def test_a_huge_schedule_name_is_refused_in_a_short_answer(api):
+    body = {"prompt": "a square", **QUICK, "sampler_name": "Euler", "scheduler": "sgm_" * 25_000}
+    answer = api.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 404 and "not found" in answer.text and len(answer.text) < 2_000

@@ -81,7 +81,9 @@ class SchedulerRegistry:
     def get(self, name: str) -> SamplerSpec:
         key = self._lookup.get(str(name).lower())
         if key is None:
-            raise UnknownSamplerError(f"unknown sampler {name!r}; available: {', '.join(self._specs)}")
+            raise UnknownSamplerError(
+                f"unknown sampler {str(name)[:60]!r}; available: {', '.join(self._specs)}"
+            )
         return self._specs[key]
 
     def __contains__(self, name: str) -> bool:
