@@ -2,11 +2,14 @@
 
 Builds SD 1.5 and SDXL *architecture* models with random weights (their compute is that of the
 real models; no weights are downloaded), runs diffusers' ``StableDiffusionPipeline`` /
-``StableDiffusionXLPipeline`` with default settings (fp32 on the CPU, fp16 on a GPU), then our engine
-with its best settings (``--dtype auto``'s choice, SDPA, automatic memory plan) on the same modules,
-size, steps, sampler (Euler) and seed, and prints per model: seconds per step, seconds per image,
-peak RAM (and its rise during the call), peak VRAM on a GPU, and ours/stock. Also the cost of one
-live-preview decode as a share of a step.
+``StableDiffusionXLPipeline`` twice — **stock** (default settings: fp32 on the CPU, fp16 on a GPU)
+and **tuned** (what a diffusers user gets with a few extra arguments: bf16 on CPUs that compute it
+natively, fp16 on GPUs, a channels-last UNet, SDPA attention) — then our engine with its best
+settings (``--dtype auto``'s choice, SDPA, automatic memory plan) on the same modules, size, steps,
+sampler (Euler) and seed, and prints per model: seconds per step (between the first and the last
+step, so text encoding and VAE decode are out of it), the fixed cost (the rest of the call), seconds
+per image, peak RAM (and its rise during the call), peak VRAM on a GPU, and ours against each. Also
+the cost of one live-preview decode as a share of a step.
 
     python benchmarks/bench_vs_diffusers.py                         # SD 1.5 512 and SDXL 1024, 20 steps
     python benchmarks/bench_vs_diffusers.py --models sd15 --steps 20
@@ -15,8 +18,9 @@ live-preview decode as a share of a step.
     python benchmarks/bench_vs_diffusers.py --device cuda --models sdxl --vram-cap-gb 8
     python benchmarks/bench_vs_diffusers.py --tiny --steps 2        # scaled-down check, seconds
 
-The stock pipeline runs first, then the modules are converted in place to our dtype, so the process
-never holds two copies of the weights (SDXL in fp32 is about 14 GB).
+The stock pipeline runs first, then the modules are converted in place for the tuned one, then back to
+the standard memory layout and to our dtype for ours, so the process never holds two copies of the
+weights (SDXL in fp32 is about 14 GB). ``--setups`` runs a subset (e.g. ``tuned,ours``).
 """
 
 from __future__ import annotations
@@ -222,6 +226,7 @@ def measure(run: Callable[[Callable[[], None]], Any], device: torch.device) -> d
     per_step = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else seconds
     return {
         "s_per_step": per_step,
+        "fixed_s": max(0.0, seconds - per_step * steps),  # text encoding, VAE decode, the rest
         "s_per_image": seconds,
         "steps": steps,
         "peak_ram_gb": rss.peak / 2**30,
@@ -238,38 +243,60 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     params = sum(p.numel() for p in components["unet"].parameters())
     results: dict[str, Any] = {"model": name, "size": size, "steps": args.steps, "unet_params": params}
 
+    setups = [part.strip() for part in args.setups.split(",") if part.strip()]
+
+    def diffusers_run(parts: dict[str, Any], label: str, dtype: torch.dtype, *, channels_last: bool) -> None:
+        pipe = stock_pipeline(name, parts).to(device, dtype)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+
+        def run(step: Callable[[], None]) -> Any:
+            def hook(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                step()
+                return kwargs
+
+            return pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=args.steps,
+                height=size,
+                width=size,
+                guidance_scale=7.0,
+                generator=torch.Generator("cpu").manual_seed(args.seed),
+                callback_on_step_end=hook,
+            ).images[0]
+
+        kind = str(dtype).removeprefix("torch.") + (", channels-last UNet" if channels_last else "")
+        print(f"## {name}: {label} diffusers ({kind})...", file=sys.stderr, flush=True)
+        results[label] = measure(run, device)
+        results[label]["dtype"] = str(dtype).removeprefix("torch.")
+        results[label]["layout"] = "channels-last" if channels_last else "standard"
+        if channels_last:  # back to the standard layout: ours chooses its own
+            pipe.unet.to(memory_format=torch.contiguous_format)
+
     # 1. stock diffusers, default settings: fp32 on the CPU, fp16 on a GPU
-    stock_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = stock_pipeline(name, components).to(device, stock_dtype)
-    pipe.set_progress_bar_config(disable=True)
+    if "stock" in setups:
+        diffusers_run(
+            components,
+            "stock",
+            torch.float16 if device.type == "cuda" else torch.float32,
+            channels_last=False,
+        )
+        gc.collect()
+    # 2. tuned diffusers: the half precision the hardware computes natively, channels-last, SDPA
+    #    (diffusers' default attention on torch 2)
+    tuned_dtype = auto_dtype(device, params)
+    if "tuned" in setups:
+        diffusers_run(components, "tuned", tuned_dtype, channels_last=True)
+        gc.collect()
+    if "ours" not in setups:
+        for key in ("stock", "tuned"):
+            if key in results:
+                results[key].pop("output")
+        return results
 
-    def stock(step: Callable[[], None]) -> Any:
-        def hook(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            step()
-            return kwargs
-
-        return pipe(
-            PROMPT,
-            negative_prompt=NEGATIVE,
-            num_inference_steps=args.steps,
-            height=size,
-            width=size,
-            guidance_scale=7.0,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
-            callback_on_step_end=hook,
-        ).images[0]
-
-    print(
-        f"## {name}: stock diffusers ({str(stock_dtype).removeprefix('torch.')})...",
-        file=sys.stderr,
-        flush=True,
-    )
-    results["stock"] = measure(stock, device)
-    results["stock"]["dtype"] = str(stock_dtype).removeprefix("torch.")
-    pipe = None  # the stock pipeline's references go before the weights are converted
-    gc.collect()
-
-    # 2. ours, best settings, on the same modules converted in place
+    # 3. ours, best settings, on the same modules converted in place
     ours_dtype = auto_dtype(device, params) if args.ours_dtype == "auto" else getattr(torch, args.ours_dtype)
     bundle = our_bundle(name, components).to(device, ours_dtype)
     del components
@@ -313,7 +340,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     results["ours"]["dtype"] = str(ours_dtype).removeprefix("torch.")
     results["ours"]["memory"] = results["ours"]["output"].parameters.get("Memory", "default")
 
-    # 3. one live-preview decode of the final latents, against one step
+    # 4. one live-preview decode of the final latents, against one step
     latents = last["latents"]
     preview_images(bundle, latents)  # the first call fits the latent->RGB map once per VAE
     started = time.perf_counter()
@@ -322,38 +349,57 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     results["preview_s"] = (time.perf_counter() - started) / 5
     if args.vram_cap_gb and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-    for key in ("stock", "ours"):
-        results[key].pop("output")
+    for key in ("stock", "tuned", "ours"):
+        if key in results:
+            results[key].pop("output")
     bundle = engine = None
     gc.collect()
     return results
 
 
 def table(results: dict[str, Any], device: torch.device) -> str:
-    stock, ours = results["stock"], results["ours"]
-
-    def ratio(key: str) -> str:
-        return f"{ours[key] / stock[key]:.2f}" if stock.get(key) else "—"
+    rows = [("stock diffusers", "stock"), ("tuned diffusers", "tuned")]
+    ours = results.get("ours")
 
     def vram(entry: dict[str, Any]) -> str:
         return f"{entry['peak_vram_gb']:.2f}" if entry["peak_vram_gb"] is not None else "—"
+
+    def row(label: str, entry: dict[str, Any]) -> str:
+        kind = entry["dtype"] + (", channels-last" if entry.get("layout") == "channels-last" else "")
+        return (
+            f"| {label} | {kind} | {entry['s_per_step']:.3f} | {entry['fixed_s']:.2f} | {entry['s_per_image']:.2f} | "
+            f"{entry['peak_ram_gb']:.2f} | {entry['ram_rise_gb']:.2f} | {vram(entry)} |"
+        )
+
+    def ratio(other: dict[str, Any], key: str) -> str:
+        if ours is None or not other.get(key) or ours.get(key) is None:
+            return "—"
+        return f"{ours[key] / other[key]:.2f}"
 
     lines = [
         f"### {results['model']}, {results['size']}x{results['size']}, {results['steps']} steps, Euler, CFG 7, "
         f"UNet {results['unet_params'] / 1e6:.0f} M parameters",
         "",
-        "| | dtype | s/step | s/image | peak RAM GB | RAM rise GB | peak VRAM GB |",
-        "|---|---|---|---|---|---|---|",
-        f"| stock diffusers | {stock['dtype']} | {stock['s_per_step']:.3f} | {stock['s_per_image']:.2f} | "
-        f"{stock['peak_ram_gb']:.2f} | {stock['ram_rise_gb']:.2f} | {vram(stock)} |",
-        f"| Latent Studio ({ours['memory']}) | {ours['dtype']} | {ours['s_per_step']:.3f} | "
-        f"{ours['s_per_image']:.2f} | {ours['peak_ram_gb']:.2f} | {ours['ram_rise_gb']:.2f} | {vram(ours)} |",
-        f"| ours / stock | | {ratio('s_per_step')} | {ratio('s_per_image')} | {ratio('peak_ram_gb')} | "
-        f"{ratio('ram_rise_gb')} | {ratio('peak_vram_gb') if device.type == 'cuda' else '—'} |",
-        "",
-        f"Live preview (latent→RGB map): {results['preview_s'] * 1000:.2f} ms, "
-        f"{100 * results['preview_s'] / ours['s_per_step']:.3f} % of one of our steps.",
+        "| | dtype | s/step | fixed s | s/image | peak RAM GB | RAM rise GB | peak VRAM GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    lines += [row(label, results[key]) for label, key in rows if key in results]
+    if ours is not None:
+        lines.append(row(f"Latent Studio ({ours['memory']})", ours))
+        for _, key in rows:
+            if key in results:
+                other = results[key]
+                lines.append(
+                    f"| ours / {key} | | {ratio(other, 's_per_step')} | {ratio(other, 'fixed_s')} | "
+                    f"{ratio(other, 's_per_image')} | {ratio(other, 'peak_ram_gb')} | "
+                    f"{ratio(other, 'ram_rise_gb')} | "
+                    f"{ratio(other, 'peak_vram_gb') if device.type == 'cuda' else '—'} |"
+                )
+        lines += [
+            "",
+            f"Live preview (latent→RGB map): {results['preview_s'] * 1000:.2f} ms, "
+            f"{100 * results['preview_s'] / ours['s_per_step']:.3f} % of one of our steps.",
+        ]
     return "\n".join(lines)
 
 
@@ -395,6 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tiny", action="store_true", help="scaled-down architectures at 64 px: a quick check"
+    )
+    parser.add_argument(
+        "--setups", default="stock,tuned,ours", help="comma-separated subset of stock, tuned, ours"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
