@@ -304,7 +304,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     settings = (
         MemorySettings(offload="sequential", vae_slicing="on", vae_tiling="on")
         if args.ours_memory == "lowest"
-        else MemorySettings()
+        else MemorySettings(channels_last=args.ours_channels_last)
     )
     engine = Engine(
         plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
@@ -441,6 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tiny", action="store_true", help="scaled-down architectures at 64 px: a quick check"
+    )
+    parser.add_argument(
+        "--ours-channels-last", action="store_true", help="ours with --channels-last (convolutions)"
     )
     parser.add_argument(
         "--setups", default="stock,tuned,ours", help="comma-separated subset of stock, tuned, ours"

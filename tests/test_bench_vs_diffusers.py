@@ -24,12 +24,15 @@ def load_script():
     return module
 
 
-def test_tiny_run_prints_both_rows_and_writes_json(tmp_path, capsys):
+def test_tiny_run_prints_the_three_setups_and_writes_json(tmp_path, capsys):
     bench = load_script()
     report = bench.main(["--tiny", "--steps", "2", "--device", "cpu", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert out.count("| stock diffusers | float32 |") == 2 and out.count("| Latent Studio (") == 2
     assert out.count("| ours / stock |") == 2 and "Live preview" in out
+    assert (
+        out.count("| tuned diffusers | float32, channels-last |") == 2 and out.count("| ours / tuned |") == 2
+    )
     written = json.loads((tmp_path / "r.json").read_text())
     assert (
         [r["model"] for r in written["results"]]
@@ -38,10 +41,14 @@ def test_tiny_run_prints_both_rows_and_writes_json(tmp_path, capsys):
     )
     for result in written["results"]:
         assert result["size"] == 64 and result["steps"] == 2
-        for side in ("stock", "ours"):
+        assert result["tuned"]["layout"] == "channels-last" and result["stock"]["layout"] == "standard"
+        for side in ("stock", "tuned", "ours"):
             entry = result[side]
             assert entry["steps"] == 2  # the step hook fired once per step
             assert 0 < entry["s_per_step"] < entry["s_per_image"] and math.isfinite(entry["s_per_image"])
+            # the fixed cost is the rest of the call: text encoding, VAE decode
+            assert 0 <= entry["fixed_s"] < entry["s_per_image"]
+            assert entry["fixed_s"] == pytest.approx(entry["s_per_image"] - 2 * entry["s_per_step"], abs=1e-9)
             assert entry["peak_ram_gb"] > 0.05 and entry["peak_vram_gb"] is None
         assert 0 < result["preview_s"] < result["ours"]["s_per_image"]
 
