@@ -251,6 +251,40 @@ def test_job_manager_order_failure_and_retention():
         manager.close()
 
 
+def test_several_workers_run_jobs_side_by_side_and_interrupt_finds_the_owners_job():
+    import contextlib
+
+    gates = {name: threading.Event() for name in ("alice-1", "bob-1", "alice-2")}
+    running = threading.Semaphore(0)
+    turns = threading.BoundedSemaphore(2)  # the device's turns: two replicas
+
+    @contextlib.contextmanager
+    def turn():
+        with turns:
+            yield
+
+    def run(job):
+        running.release()
+        gates[job.request].wait(30)
+        yield {"result": job.request, "interrupted": job.interrupted}
+
+    manager = JobManager(run, stop=lambda job: gates[job.request].set(), turn=turn, workers=2)
+    try:
+        first = manager.submit("alice", "txt2img", "alice-1")
+        second = manager.submit("bob", "txt2img", "bob-1")
+        third = manager.submit("alice", "txt2img", "alice-2")
+        assert running.acquire(timeout=30) and running.acquire(timeout=30)  # two at once
+        assert (first.state, second.state, third.state) == ("running", "running", "queued")
+        assert manager.position(third) == 1 and manager.running() is first  # the longest running
+        assert manager.interrupt("bob") is second  # bob's own job, not the oldest one
+        assert manager.wait_finished(second, timeout=30) and second.state == "cancelled"
+        assert running.acquire(timeout=30) and third.state == "running"  # the freed turn goes on
+        assert manager.interrupt("nobody") is None
+    finally:
+        manager.close()
+    assert first.finished and third.finished  # close stopped every running job, not only one
+
+
 def test_retention_flags_reach_the_job_manager_and_bad_values_are_refused(capsys, tmp_path):
     from webui.cli import build_parser
     from webui.http.auth import ApiSettings

@@ -1,7 +1,8 @@
 """Jobs: generations queued in front of the one device, each with an id, an owner and a state that
 can be followed.
 
-:class:`JobManager` keeps a first-in first-out queue served by one worker thread. A job is
+:class:`JobManager` keeps a first-in first-out queue served by worker threads, one per generation
+the engine runs at once (one; with Ray Serve, one per replica). A job is
 ``queued`` (with its place in the queue) until the worker holds the device's turn, then
 ``running`` (step, total, ETA, the latest preview), and ends ``done``, ``failed`` (with its
 one-line message) or ``cancelled``. The device's turn is shared with the web app's Generate
@@ -83,7 +84,7 @@ class JobManager:
     """The queue of jobs in front of the device, served by ``workers`` threads (one per
     generation the engine runs at once: 1, or the Ray Serve replicas).
 
-    ``run(job)`` yields the job's progress events and finally its result, on the worker thread;
+    ``run(job)`` yields the job's progress events and finally its result, on a worker thread;
     ``stop(job)`` interrupts a running job (``skip(job)`` drops its current batch); ``turn()`` is
     the device's turn, held while a job runs (shared with the web app, so one generation runs at
     a time whoever asked). ``max_waiting`` bounds the jobs waiting plus ``others_waiting()`` (the
