@@ -1,0 +1,89 @@
+"""The default model's captions in many phrasings (training/phrasing.py): every fact said in every
+phrasing, the evaluation's held-out templates and words never in training, reproducible."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from training.phrasing import HELD_OUT, TRAIN, misspell, phrase
+from training.shapes import POSITIONS, SIZES, random_scene
+
+
+def scenes(count: int, seed: int = 7):
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(count)]
+
+
+def words_of(phrasings) -> set[str]:
+    """Every word phrase of a split (sizes, positions, background phrases without the colour)."""
+    found = {word for forms in phrasings.sizes.values() for word in forms}
+    found |= {phrase for forms in phrasings.positions.values() for phrase in forms}
+    found |= {form.replace("{ac}", "").replace("{c}", "").strip() for form in phrasings.backgrounds}
+    found |= {form.replace("{ac}", "").replace("{c}", "").strip() for form in phrasings.backgrounds_first}
+    return found
+
+
+def skeleton(template: str) -> str:
+    """A template's own words, the slots taken out."""
+    return " ".join(re.sub(r"\{[a-z_]+\}", " ", template).replace(",", " ").split())
+
+
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_every_caption_says_every_fact(split):
+    words = TRAIN if split == "train" else HELD_OUT
+    rng = random.Random(3)
+    for scene in scenes(400):
+        text = phrase(scene, rng, split=split)
+        assert scene.color in text and scene.shape in text and scene.background in text, text
+        assert any(re.search(rf"\b{re.escape(word)}\b", text) for word in words.sizes[scene.size]), text
+        assert any(form in text for form in words.positions[scene.position]), text
+        assert "  " not in text and text == text.strip()
+
+
+def test_the_held_out_templates_and_words_are_never_in_training():
+    assert set(TRAIN.sizes) == set(HELD_OUT.sizes) == set(SIZES)
+    assert set(TRAIN.positions) == set(HELD_OUT.positions) == set(POSITIONS)
+    assert not words_of(TRAIN) & words_of(HELD_OUT)
+    held_out_words = {word for forms in HELD_OUT.sizes.values() for word in forms}
+    held_out_phrases = {p for forms in HELD_OUT.positions.values() for p in forms}
+    held_out_skeletons = {skeleton(t) for t in HELD_OUT.templates} - {""}
+    assert not held_out_skeletons & {skeleton(t) for t in TRAIN.templates}
+    rng = random.Random(5)
+    for scene in scenes(2000, seed=11):
+        text = phrase(scene, rng, misspellings=0.05)
+        tokens = set(re.findall(r"[a-z-]+", text))
+        assert not tokens & held_out_words, text
+        assert not any(p in text for p in held_out_phrases), text
+        assert not any(f" {s} " in f" {text} " for s in ("that is", "there is", "placed", "backdrop")), text
+
+
+def test_the_same_seed_gives_the_same_captions_and_phrasings_vary():
+    def run(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [phrase(scene, rng, misspellings=0.05) for scene in scenes(200)]
+
+    assert run(1) == run(1) and run(1) != run(2)
+    scene, rng = scenes(1)[0], random.Random(9)
+    assert len({phrase(scene, rng) for _ in range(500)}) > 100  # one scene, many phrasings
+    with pytest.raises(ValueError, match="split must be"):
+        phrase(scene, rng, split="test")
+
+
+def test_a_misspelling_changes_one_long_word_by_one_letter():
+    rng = random.Random(4)
+    text = "a small red circle at the top left on a blue background"
+    for _ in range(200):
+        wrong = misspell(text, rng)
+        changed = [(a, b) for a, b in zip(text.split(), wrong.split(), strict=True) if a != b]
+        assert len(changed) == 1
+        before, after = changed[0]
+        assert len(before) >= 4
+        if len(before) == len(after):  # two neighbouring letters swapped
+            moved = [i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y]
+            assert len(moved) == 2 and moved[1] == moved[0] + 1 and sorted(before) == sorted(after)
+        else:  # one letter dropped or doubled
+            assert abs(len(before) - len(after)) == 1
+    assert misspell("a red sun", rng) == "a red sun"  # no word long enough
