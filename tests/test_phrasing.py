@@ -87,3 +87,69 @@ def test_a_misspelling_changes_one_long_word_by_one_letter():
         else:  # one letter dropped or doubled
             assert abs(len(before) - len(after)) == 1
     assert misspell("a red sun", rng) == "a red sun"  # no word long enough
+
+
+# -- two objects ---------------------------------------------------------------------------------
+
+from training.phrasing import phrase_pair  # noqa: E402
+from training.shapes import COLORS, OPPOSITE, SHAPES, random_pair  # noqa: E402
+
+
+def pairs(count: int, seed: int = 13):
+    rng = random.Random(seed)
+    return [random_pair(rng) for _ in range(count)]
+
+
+def test_a_pair_puts_the_first_shape_where_its_relation_says_and_maps_both():
+    import numpy as np
+
+    for pair in pairs(200):
+        image, labels = pair.render()
+        (x1, y1, _), (x2, y2, _) = pair.first.geometry(), pair.second.geometry()
+        dx, dy = x1 - x2, y1 - y2
+        expected = {"left of": dx < -20, "right of": dx > 20, "above": dy < -20, "below": dy > 20}
+        assert expected[pair.relation], (pair.relation, dx, dy)
+        assert len({pair.background, pair.first.color, pair.second.color}) == 3
+        pixels = np.asarray(image)
+        for scene in (pair.first, pair.second):  # each shape's centre: its colour, its class
+            cx, cy, _ = scene.geometry()
+            assert tuple(pixels[int(cy), int(cx)]) == COLORS[scene.color]
+            assert labels[int(cy), int(cx)] == 1 + SHAPES.index(scene.shape)
+        assert set(np.unique(labels)) == {0} | {1 + SHAPES.index(s.shape) for s in (pair.first, pair.second)}
+    assert pairs(50) == pairs(50)  # seeded
+    assert {pair.relation for pair in pairs(200)} == set(OPPOSITE)
+
+
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_every_pair_caption_says_both_objects_and_the_relation(split):
+    words = TRAIN if split == "train" else HELD_OUT
+    rng = random.Random(17)
+    for pair in pairs(300):
+        text = phrase_pair(pair, rng, split=split)
+        for scene in (pair.first, pair.second):
+            assert f"{scene.color} {scene.shape}" in text, text
+        assert pair.background in text
+        # the relation follows the object it is said of: the first object ("A left of B"), or
+        # the second with the opposite relation ("B right of A")
+        said = [
+            (text.index(f" {word} "), subject)
+            for subject, relation in ((pair.first, pair.relation), (pair.second, OPPOSITE[pair.relation]))
+            for word in words.relations[relation]
+            if f" {word} " in text
+        ]
+        assert said, text
+        at, subject = said[0]
+        mentions = {scene: text.index(f"{scene.color} {scene.shape}") for scene in (pair.first, pair.second)}
+        nearest = max((scene for scene in mentions if mentions[scene] < at), key=mentions.get)
+        assert nearest == subject, text
+
+
+def test_pair_phrasings_held_out_are_never_in_training():
+    train = {w for forms in TRAIN.relations.values() for w in forms}
+    held_out = {w for forms in HELD_OUT.relations.values() for w in forms}
+    assert not train & held_out
+    assert not {skeleton(t) for t in HELD_OUT.pair_templates} & {skeleton(t) for t in TRAIN.pair_templates}
+    rng = random.Random(19)
+    for pair in pairs(1000, seed=23):
+        text = phrase_pair(pair, rng, misspellings=0.05)
+        assert not any(word in text for word in held_out), text

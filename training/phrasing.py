@@ -14,11 +14,11 @@ Everything is drawn from the ``random.Random`` given, so a data set stays reprod
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from training.shapes import POSITIONS, Scene
+from training.shapes import OPPOSITE, POSITIONS, Pair, Scene
 
-__all__ = ["HELD_OUT", "TRAIN", "Phrasings", "misspell", "phrase"]
+__all__ = ["HELD_OUT", "TRAIN", "Phrasings", "misspell", "phrase", "phrase_pair"]
 
 SPLITS = ("train", "held_out")
 
@@ -34,6 +34,10 @@ class Phrasings:
     positions: dict[str, tuple[str, ...]]
     backgrounds: tuple[str, ...]  # after the object: "on a {color} background"
     backgrounds_first: tuple[str, ...]  # before it: "{color} background"
+    # two objects: ``{first}``, ``{second}`` (each "{a}{size} {color} {shape}"), ``{rel}`` (the
+    # first's relation to the second), ``{rel_back}`` (the second's to the first), ``{bg}``...
+    pair_templates: tuple[str, ...] = ()
+    relations: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _positions(corner: str, side: str, middle: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -72,6 +76,18 @@ TRAIN = Phrasings(
     ),
     backgrounds=("on {ac} background", "on {c}", "against {ac} background", "with {ac} background"),
     backgrounds_first=("{c} background", "{ac} background", "all {c} behind"),
+    pair_templates=(
+        "{first} {rel} {second} {bg}",
+        "{bg_first}, {first} {rel} {second}",
+        "{second} {rel_back} {first}, {bg}",
+        "{first} {rel} {second}. the background is {bg_color}",
+    ),
+    relations={
+        "left of": ("to the left of", "left of", "on the left of"),
+        "right of": ("to the right of", "right of", "on the right of"),
+        "above": ("above", "over", "on top of"),
+        "below": ("below", "under", "beneath"),
+    },
 )
 
 HELD_OUT = Phrasings(  # the evaluation's only: no template or word here is used in training
@@ -88,6 +104,16 @@ HELD_OUT = Phrasings(  # the evaluation's only: no template or word here is used
     ),
     backgrounds=("on {ac} backdrop", "with {c} all around"),
     backgrounds_first=("{c} backdrop", "{c} surroundings"),
+    pair_templates=(
+        "{bg_first} and {first} {rel} {second}",
+        "there is {second}, and {first} is {rel} it; {bg}",
+    ),
+    relations={
+        "left of": ("further left than", "at the left-hand side of"),
+        "right of": ("further right than", "at the right-hand side of"),
+        "above": ("higher up than", "up above"),
+        "below": ("lower down than", "underneath"),
+    },
 )
 
 
@@ -114,6 +140,32 @@ def phrase(scene: Scene, rng: random.Random, *, split: str = "train", misspellin
         bg=rng.choice(words.backgrounds).format(**background),
         bg_first=rng.choice(words.backgrounds_first).format(**background),
         bg_color=scene.background,
+    )
+    text = " ".join(text.split())
+    if misspellings and rng.random() < misspellings:
+        text = misspell(text, rng)
+    return text
+
+
+def phrase_pair(pair: Pair, rng: random.Random, *, split: str = "train", misspellings: float = 0.0) -> str:
+    """One caption of a two-object ``pair`` in a phrasing of ``split``: both objects with their
+    size, colour and shape, the relation (said from either object), the background."""
+    words = _split(split)
+    background = {"c": pair.background, "ac": _with_article(pair.background)}
+
+    def thing(scene: Scene) -> str:
+        size = rng.choice(words.sizes[scene.size])
+        article = "" if rng.random() < 0.2 else _with_article(size)[: -len(size)]
+        return f"{article}{size} {scene.color} {scene.shape}"
+
+    text = rng.choice(words.pair_templates).format(
+        first=thing(pair.first),
+        second=thing(pair.second),
+        rel=rng.choice(words.relations[pair.relation]),
+        rel_back=rng.choice(words.relations[OPPOSITE[pair.relation]]),
+        bg=rng.choice(words.backgrounds).format(**background),
+        bg_first=rng.choice(words.backgrounds_first).format(**background),
+        bg_color=pair.background,
     )
     text = " ".join(text.split())
     if misspellings and rng.random() < misspellings:
