@@ -153,3 +153,55 @@ def test_pair_phrasings_held_out_are_never_in_training():
     for pair in pairs(1000, seed=23):
         text = phrase_pair(pair, rng, misspellings=0.05)
         assert not any(word in text for word in held_out), text
+
+
+# -- into training -------------------------------------------------------------------------------
+
+
+def test_without_phrasings_the_training_captions_are_the_shipped_recipes():
+    from training.phrasing import training_text
+    from training.shapes import training_caption
+
+    old, new = random.Random(29), random.Random(29)
+    for scene in scenes(500, seed=31):
+        assert training_text(scene, new) == training_caption(scene, old)
+    assert old.random() == new.random()  # the same draws, so the same data after them
+
+
+def test_training_captions_mix_free_phrasings_and_pairs():
+    from training.phrasing import training_text
+
+    rng = random.Random(37)
+    singles = [training_text(scene, rng, phrasing_share=1.0) for scene in scenes(400)]
+    assert 0.05 < singles.count("") / len(singles) < 0.15  # still empty for classifier-free guidance
+    templated = {scene.caption() for scene in scenes(400)}
+    assert sum(text in templated for text in singles) < 40  # free phrasings, not the template
+    two = [training_text(pair, rng, phrasing_share=0.5) for pair in pairs(400)]
+    assert all(" ".join(text.split()) == text for text in two)
+    assert any(pair.caption() == text for pair, text in zip(pairs(400), two, strict=True))
+
+
+def test_the_training_pool_keeps_the_shipped_scenes_and_adds_pairs():
+    from training.shapes import Pair, Scene, random_scene
+    from training.train import ScenePool
+
+    plain = ScenePool(12, seed=3)
+    assert plain.scenes == [random_scene(random.Random(3 * 1_000_003 + i)) for i in range(12)]
+    mixed = ScenePool(40, seed=3, pair_share=0.5)
+    kinds = [type(scene) for scene in mixed.scenes]
+    assert Pair in kinds and Scene in kinds
+    for scene, labels in zip(mixed.scenes, mixed.labels, strict=True):
+        classes = set(labels.unique().tolist()) - {0}
+        shapes = [scene.first, scene.second] if isinstance(scene, Pair) else [scene]
+        assert classes == {1 + SHAPES.index(s.shape) for s in shapes}
+
+
+def test_the_train_command_takes_the_shares_and_refuses_others(capsys):
+    from webui.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--pair-share", "0.3", "--phrasing-share", "1"])
+    assert (args.pair_share, args.phrasing_share) == (0.3, 1.0)
+    for bad in ("2", "-0.1", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--pair-share", bad])
+        assert "expected a number from 0 to 1" in capsys.readouterr().err

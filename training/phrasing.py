@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from training.shapes import OPPOSITE, POSITIONS, Pair, Scene
+from training.shapes import OPPOSITE, POSITIONS, Pair, Scene, training_caption
 
-__all__ = ["HELD_OUT", "TRAIN", "Phrasings", "misspell", "phrase", "phrase_pair"]
+__all__ = ["HELD_OUT", "TRAIN", "Phrasings", "misspell", "phrase", "phrase_pair", "training_text"]
 
 SPLITS = ("train", "held_out")
 
@@ -171,6 +171,24 @@ def phrase_pair(pair: Pair, rng: random.Random, *, split: str = "train", misspel
     if misspellings and rng.random() < misspellings:
         text = misspell(text, rng)
     return text
+
+
+def training_text(
+    item: Scene | Pair, rng: random.Random, *, phrasing_share: float = 0.0, misspellings: float = 0.03
+) -> str:
+    """A training caption of a scene or pair: empty 10 % of the time (for classifier-free
+    guidance), else in free phrasing with chance ``phrasing_share`` (a few percent misspelt), else
+    the caption template (a single scene's with parts left out now and then). With
+    ``phrasing_share`` 0 it draws exactly what :func:`training.shapes.training_caption` draws."""
+    if isinstance(item, Pair):
+        if rng.random() < 0.1:
+            return ""
+        if phrasing_share and rng.random() < phrasing_share:
+            return phrase_pair(item, rng, misspellings=misspellings)
+        return item.caption(with_background=rng.random() > 0.1)
+    if phrasing_share and rng.random() < phrasing_share:
+        return "" if rng.random() < 0.1 else phrase(item, rng, misspellings=misspellings)
+    return training_caption(item, rng)
 
 
 def misspell(text: str, rng: random.Random) -> str:
