@@ -14,11 +14,21 @@ Everything is drawn from the ``random.Random`` given, so a data set stays reprod
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
-from training.shapes import OPPOSITE, POSITIONS, Pair, Scene, training_caption
+from training.shapes import COLORS, OPPOSITE, POSITIONS, SHAPES, Pair, Scene, training_caption
 
-__all__ = ["HELD_OUT", "TRAIN", "Phrasings", "misspell", "phrase", "phrase_pair", "training_text"]
+__all__ = [
+    "HELD_OUT",
+    "TRAIN",
+    "Phrasings",
+    "misspell",
+    "phrase",
+    "phrase_pair",
+    "read_caption",
+    "training_text",
+]
 
 SPLITS = ("train", "held_out")
 
@@ -189,6 +199,56 @@ def training_text(
     if phrasing_share and rng.random() < phrasing_share:
         return "" if rng.random() < 0.1 else phrase(item, rng, misspellings=misspellings)
     return training_caption(item, rng)
+
+
+def read_caption(text: str) -> Scene | None:
+    """The scene a one-object caption of :func:`phrase` states (either split; not misspelt), or
+    None when it does not state every fact: the inverse of :func:`phrase`, used to check that every
+    phrasing says exactly its scene and by stand-in engines in the evaluation's tests."""
+    colors = "|".join(COLORS)
+    rest, background = text, None
+    forms = [
+        form
+        for words in (TRAIN, HELD_OUT)
+        for form in (*words.backgrounds, *words.backgrounds_first, "the background is {c}")
+    ]
+    for form in sorted(forms, key=len, reverse=True):
+        pattern = (
+            re.escape(form)
+            .replace(r"\{ac\}", rf"an?\ (?P<c>{colors})")
+            .replace(r"\{c\}", rf"(?P<c>{colors})")
+        )
+        found = re.search(rf"(?:^|\b){pattern}(?:\b|$)", rest)
+        if found:
+            background = found.group("c")
+            rest = rest[: found.start()] + " " + rest[found.end() :]
+            break
+    sizes = {
+        word: name for words in (TRAIN, HELD_OUT) for name, forms in words.sizes.items() for word in forms
+    }
+    places = sorted(
+        (
+            (form, name)
+            for words in (TRAIN, HELD_OUT)
+            for name, forms in words.positions.items()
+            for form in forms
+        ),
+        key=lambda item: len(item[0]),
+        reverse=True,
+    )
+    position = next(
+        (name for form, name in places if re.search(rf"(?:^|[\s,:]){re.escape(form)}(?:$|[\s,.;:])", rest)),
+        None,
+    )
+    tokens = re.findall(r"[a-z-]+", rest)
+    color = next((word for word in tokens if word in COLORS), None)
+    shape = next((word for word in tokens if word in SHAPES), None)
+    size = next((sizes[word] for word in tokens if word in sizes), None)
+    if None in (background, position, color, shape, size):
+        return None
+    return Scene(
+        shape=str(shape), color=str(color), size=str(size), position=str(position), background=str(background)
+    )
 
 
 def misspell(text: str, rng: random.Random) -> str:
