@@ -141,10 +141,9 @@ def test_img2img_stays_close_at_low_strength(engine):
     assert diffs[0] < 12 and diffs[0] < diffs[1]
 
 
-def test_training_smoke_runs_resumes_and_exports(tmp_path):
-    from training.train import TrainConfig, train
-
-    config = TrainConfig(
+def tiny_config(config_class, **changes):
+    """A training recipe of a few steps on a small UNet, for smoke runs."""
+    settings = dict(
         scenes=16,
         vae_steps=3,
         vae_batch=4,
@@ -157,6 +156,13 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
         refine_steps=0,
         polish_steps=2,
     )
+    return config_class(**{**settings, **changes})
+
+
+def test_training_smoke_runs_resumes_and_exports(tmp_path):
+    from training.train import TrainConfig, train
+
+    config = tiny_config(TrainConfig)
     out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1, 2]
@@ -185,6 +191,24 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
         GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0)
     )
     assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
+
+
+def test_training_runs_on_pairs_and_free_phrasings(tmp_path):
+    from training.train import TrainConfig, train
+
+    config = tiny_config(
+        TrainConfig, scenes=12, vae_steps=1, steps=2, polish_steps=0, pair_share=0.5, phrasing_share=1.0
+    )
+    out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1]
+    assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+    recorded = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert (recorded["pair_share"], recorded["phrasing_share"]) == (0.5, 1.0)
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    prompt = "blue background, big red circle to the left of a little yellow square"
+    result = engine.generate(GenerationRequest(model=str(out), prompt=prompt, steps=2, seed=0))
+    assert result.images[0].image.size == (64, 64)
 
 
 def test_widening_the_text_features_keeps_what_the_model_computes():

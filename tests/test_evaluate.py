@@ -37,7 +37,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_caption(caption: str) -> Scene:
-    """The scene a full caption describes (parts left out get a fixed default)."""
+    """The scene a caption describes: a free phrasing read back, else the template's words (parts
+    left out get a fixed default)."""
+    from training.phrasing import read_caption
+
+    phrased = read_caption(caption)
+    if phrased is not None:
+        return phrased
     words = caption.split()
     size = next((w for w in words if w in SIZES), "large")
     color = next(w for w in words if w in COLORS)
@@ -97,10 +103,12 @@ def test_a_perfect_engine_scores_perfectly():
     assert scores["img2img"]["monotonic"] is True
     assert scores["img2img"]["recoloured"][-1] == 1.0
     assert all(entry["met"] for entry in scores["targets"].values())
+    for task in ("phrased", "held_out"):  # free phrasings, read as the scene they describe
+        assert scores[task]["adherence"] == 1.0 and f"{task} adherence" in scores["targets"]
     assert scores["config"]["cfg_scale"] == 2.5 and {r.cfg_scale for r in engine.requests} == {2.5}
     # batching: 6 images in requests of 4 + 2, seeds seed + k; img2img gets enough steps for 0.2
     txt = [r for r in engine.requests if r.task == "txt2img"]
-    assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)]
+    assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)] * 3  # template, 2 phrasings
     i2i = [r for r in engine.requests if r.task == "img2img"]
     assert {r.steps for r in i2i} == {5} and len(i2i) == len(STRENGTHS)
     assert all(r.width == r.height == 64 for r in engine.requests)

@@ -2,7 +2,8 @@
 
 A scene is one shape (circle, square, triangle) of a colour and size, at one of nine positions, on
 a plain background of another colour. Its caption says so ("a small red circle at the top left on a
-blue background") and its class map marks the shape's pixels. Everything derives from a seed, so a
+blue background") and its class map marks the shape's pixels. A :class:`Pair` is two shapes, one
+beside or above the other ("a red circle to the left of a blue square"), both on the class map. Everything derives from a seed, so a
 data set is reproducible and nothing is downloaded.
 """
 
@@ -78,7 +79,16 @@ class Scene:
         """The RGB image and the (H, W) class map (0 = background, 1 + shape index)."""
         image = Image.new("RGB", (size, size), COLORS[self.background])
         labels = Image.new("L", (size, size), 0)
-        cx, cy, r = self.geometry(size)
+        self.draw(image, labels)
+        return image, np.asarray(labels, dtype=np.uint8)
+
+    def object_words(self) -> str:
+        """The object alone: "a small red circle"."""
+        return f"a {self.size} {self.color} {self.shape}"
+
+    def draw(self, image: Image.Image, labels: Image.Image) -> None:
+        """Draw the shape onto ``image`` (its colour) and ``labels`` (its class), both of one size."""
+        cx, cy, r = self.geometry(image.size[0])
         for canvas, fill in ((image, COLORS[self.color]), (labels, 1 + SHAPES.index(self.shape))):
             draw = ImageDraw.Draw(canvas)
             if self.shape == "circle":
@@ -88,7 +98,72 @@ class Scene:
                 draw.rectangle((cx - side, cy - side, cx + side, cy + side), fill=fill)
             else:
                 draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+
+
+# two objects: where the first one is, seen from the second
+RELATIONS: dict[str, str] = {
+    "left of": "to the left of",
+    "right of": "to the right of",
+    "above": "above",
+    "below": "below",
+}
+OPPOSITE: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two shapes on one background, the first ``relation`` the second ("left of": the first in the
+    left column, the second in the right one, both in one row; "above": one column, top and bottom
+    rows). Each shape keeps its own colour, size and class on the class map."""
+
+    first: Scene
+    second: Scene
+    relation: str
+
+    @property
+    def background(self) -> str:
+        return self.first.background
+
+    def caption(self, *, with_background: bool = True) -> str:
+        words = f"{self.first.object_words()} {RELATIONS[self.relation]} {self.second.object_words()}"
+        return f"{words} on a {self.background} background" if with_background else words
+
+    def render(self, size: int = SIZE) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and the (H, W) class map of both shapes."""
+        image = Image.new("RGB", (size, size), COLORS[self.background])
+        labels = Image.new("L", (size, size), 0)
+        self.first.draw(image, labels)
+        self.second.draw(image, labels)
         return image, np.asarray(labels, dtype=np.uint8)
+
+
+def random_pair(rng: random.Random) -> Pair:
+    """Two shapes of two colours (neither the background's) in a random relation."""
+    background = rng.choice(list(COLORS))
+    first_color = rng.choice([c for c in COLORS if c != background])
+    second_color = rng.choice([c for c in COLORS if c not in (background, first_color)])
+    relation = rng.choice(list(RELATIONS))
+    if relation in ("left of", "right of"):
+        row = rng.choice(("top ", "", "bottom "))
+        places = (f"{row}left".strip(), f"{row}right".strip())
+    else:
+        column = rng.choice((" left", "", " right"))
+        places = (f"top{column}".strip(), f"bottom{column}".strip())
+    if relation in ("right of", "below"):
+        places = (places[1], places[0])
+    first, second = (
+        Scene(
+            shape=rng.choice(SHAPES),
+            color=color,
+            size=rng.choice(list(SIZES)),
+            position=place,
+            background=background,
+            jitter=(rng.randint(-2, 2), rng.randint(-2, 2)),
+            size_jitter=rng.randint(-1, 1),
+        )
+        for color, place in zip((first_color, second_color), places, strict=True)
+    )
+    return Pair(first, second, relation)
 
 
 def random_scene(rng: random.Random) -> Scene:

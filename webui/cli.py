@@ -116,6 +116,18 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     train.add_argument("--vae-steps", type=at_least(0), default=None)
     train.add_argument("--batch-size", type=at_least(1), default=None)
     train.add_argument("--scenes", type=at_least(1), default=None, help="size of the training pool")
+    train.add_argument(
+        "--pair-share",
+        type=_share,
+        default=None,
+        help="share of the pool showing two shapes, one beside or above the other (default: the recipe's 0)",
+    )
+    train.add_argument(
+        "--phrasing-share",
+        type=_share,
+        default=None,
+        help="share of captions in free phrasing instead of the caption template (default: the recipe's 0)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
     train.add_argument(
@@ -536,6 +548,17 @@ def _training(module: str, command: str) -> Any:
         ) from None
 
 
+def _share(text: str) -> float:
+    """A share from 0 to 1, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text[:20]!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text[:20]!r}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     train_module = _training("train", "train")
     TrainConfig, train = train_module.TrainConfig, train_module.train
@@ -552,6 +575,8 @@ def _train(args: argparse.Namespace) -> int:
         ("vae_steps", "vae_steps"),
         ("batch_size", "batch"),
         ("scenes", "scenes"),
+        ("pair_share", "pair_share"),
+        ("phrasing_share", "phrasing_share"),
     ):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))
