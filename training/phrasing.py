@@ -140,43 +140,48 @@ def phrase(scene: Scene, rng: random.Random, *, split: str = "train", misspellin
     words = _split(split)
     template = rng.choice(words.templates)
     size = rng.choice(words.sizes[scene.size])
-    background = {"c": scene.background, "ac": _with_article(scene.background)}
     text = template.format(
-        a="" if rng.random() < 0.3 else _with_article(size)[: -len(size)],  # no article now and then
+        a="" if rng.random() < 0.3 else _article(size),  # no article now and then
         size=size,
         color=scene.color,
         shape=scene.shape,
         where=rng.choice(words.positions[scene.position]),
-        bg=rng.choice(words.backgrounds).format(**background),
-        bg_first=rng.choice(words.backgrounds_first).format(**background),
-        bg_color=scene.background,
+        **_background_words(words, scene.background, rng),
     )
-    text = " ".join(text.split())
-    if misspellings and rng.random() < misspellings:
-        text = misspell(text, rng)
-    return text
+    return _finished(text, rng, misspellings)
 
 
 def phrase_pair(pair: Pair, rng: random.Random, *, split: str = "train", misspellings: float = 0.0) -> str:
     """One caption of a two-object ``pair`` in a phrasing of ``split``: both objects with their
     size, colour and shape, the relation (said from either object), the background."""
     words = _split(split)
-    background = {"c": pair.background, "ac": _with_article(pair.background)}
 
     def thing(scene: Scene) -> str:
         size = rng.choice(words.sizes[scene.size])
-        article = "" if rng.random() < 0.2 else _with_article(size)[: -len(size)]
-        return f"{article}{size} {scene.color} {scene.shape}"
+        return f"{'' if rng.random() < 0.2 else _article(size)}{size} {scene.color} {scene.shape}"
 
     text = rng.choice(words.pair_templates).format(
         first=thing(pair.first),
         second=thing(pair.second),
         rel=rng.choice(words.relations[pair.relation]),
         rel_back=rng.choice(words.relations[OPPOSITE[pair.relation]]),
-        bg=rng.choice(words.backgrounds).format(**background),
-        bg_first=rng.choice(words.backgrounds_first).format(**background),
-        bg_color=pair.background,
+        **_background_words(words, pair.background, rng),
     )
+    return _finished(text, rng, misspellings)
+
+
+def _background_words(words: Phrasings, color: str, rng: random.Random) -> dict[str, str]:
+    """The background slots of a template: a phrase after the object, one before it, the colour."""
+    forms = {"c": color, "ac": _article(color) + color}
+    return {
+        "bg": rng.choice(words.backgrounds).format(**forms),
+        "bg_first": rng.choice(words.backgrounds_first).format(**forms),
+        "bg_color": color,
+    }
+
+
+def _finished(text: str, rng: random.Random, misspellings: float) -> str:
+    """Single spaces, and one word misspelt with chance ``misspellings``."""
     text = " ".join(text.split())
     if misspellings and rng.random() < misspellings:
         text = misspell(text, rng)
@@ -272,5 +277,6 @@ def misspell(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def _with_article(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+def _article(word: str) -> str:
+    """The indefinite article before ``word``, with its space."""
+    return "an " if word[0] in "aeiou" else "a "
