@@ -128,3 +128,65 @@ def test_components_and_holes():
     biggest = largest_component(mask)
     assert biggest.sum() == 8 and not biggest[6, 6]
     assert not largest_component(np.zeros((3, 3), dtype=bool)).any()
+
+
+def _pair_misses(seed: int, count: int, perturb: bool) -> tuple[dict[str, int], list[str]]:
+    from training.analyse import analyse_pair, relation
+    from training.shapes import random_pair
+
+    rng, noise = random.Random(seed), np.random.default_rng(seed)
+    misses = dict.fromkeys(("background", "count", "colors", "shapes", "sizes", "relation", "miou"), 0)
+    notes: list[str] = []
+    for _ in range(count):
+        pair = random_pair(rng)
+        image, labels = pair.render()
+        if perturb:
+            image = _perturbed(image, noise)
+        read = analyse_pair(image)
+        first, second = read.find(pair.first.color), read.find(pair.second.color)
+        wrong = {
+            "background": read.background != pair.background,
+            "count": len(read.objects) != 2,
+            "colors": first is None or second is None,
+        }
+        if first is not None and second is not None:
+            wrong["shapes"] = (first.shape, second.shape) != (pair.first.shape, pair.second.shape)
+            wrong["sizes"] = (first.size, second.size) != (pair.first.size, pair.second.size)
+            wrong["relation"] = relation(first, second) != pair.relation
+        wrong["miou"] = class_iou(labels, read.class_map) < 0.9
+        for name, bad in wrong.items():
+            misses[name] += bad
+            if bad and len(notes) < 10:
+                notes.append(f"{name}: {pair}")
+    return misses, notes
+
+
+def test_reads_back_two_shapes_from_clean_and_noisy_renders():
+    misses, notes = _pair_misses(31, 300, perturb=False)
+    assert not any(misses.values()), (misses, notes)
+    misses, notes = _pair_misses(37, 300, perturb=True)
+    assert all(value <= 6 for value in misses.values()), (misses, notes)  # 98 %
+
+
+def test_two_touching_shapes_are_split_by_colour_and_one_shape_reads_as_one():
+    from training.analyse import analyse_pair
+    from training.shapes import Pair
+
+    left = Scene(
+        shape="circle", color="red", size="large", position="left", background="white", jitter=(2, 0)
+    )
+    right = Scene(
+        shape="square", color="blue", size="large", position="right", background="white", jitter=(-2, 0)
+    )
+    image, labels = Pair(left, right, "left of").render()
+    assert label_components(labels > 0)[1] == 1  # drawn touching: one component
+    read = analyse_pair(image)
+    assert [(o.color, o.shape, o.position) for o in read.objects] in (
+        [("red", "circle", "left"), ("blue", "square", "right")],
+        [("blue", "square", "right"), ("red", "circle", "left")],
+    )
+    single, _ = left.render()
+    assert [(o.color, o.shape) for o in analyse_pair(single).objects] == [("red", "circle")]
+    empty = analyse_pair(Image.new("RGB", (64, 64), COLORS["gray"]))
+    assert empty.background == "gray" and empty.objects == [] and not empty.class_map.any()
+    assert empty.find("red") is None

@@ -155,6 +155,8 @@ def tiny_config(config_class, **changes):
         unet_channels=(16, 32, 32),
         refine_steps=0,
         polish_steps=2,
+        phrasing_steps=0,
+        phrasing_polish_steps=0,
     )
     return config_class(**{**settings, **changes})
 
@@ -193,15 +195,41 @@ def test_training_smoke_runs_resumes_and_exports(tmp_path):
     assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
 
 
-def test_training_runs_on_pairs_and_free_phrasings(tmp_path):
+def _phase_steps(checkpoint_dir: Path) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {}
+    for line in (checkpoint_dir / "log.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "phase" in entry:
+            steps.setdefault(entry["phase"], []).append(entry["step"])
+    return steps
+
+
+def test_the_phrasing_phases_train_on_pairs_and_free_phrasings(tmp_path):
     from training.train import TrainConfig, train
 
     config = tiny_config(
-        TrainConfig, scenes=12, vae_steps=1, steps=2, polish_steps=0, pair_share=0.5, phrasing_share=1.0
+        TrainConfig,
+        scenes=12,
+        vae_steps=1,
+        steps=1,
+        refine_steps=1,
+        polish_steps=1,
+        phrasing_steps=2,
+        phrasing_polish_steps=1,
+        pair_share=0.5,
+        phrasing_share=1.0,
     )
     out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    steps = _phase_steps(tmp_path / "ckpt")
+    assert steps == {
+        "vae": [0],
+        "diffusion": [0],
+        "refine": [0],
+        "polish": [0],
+        "phrasing": [0, 1],
+        "phrasing polish": [0],
+    }
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log if e.get("phase") == "diffusion"] == [0, 1]
     assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
     recorded = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert (recorded["pair_share"], recorded["phrasing_share"]) == (0.5, 1.0)
@@ -209,6 +237,67 @@ def test_training_runs_on_pairs_and_free_phrasings(tmp_path):
     prompt = "blue background, big red circle to the left of a little yellow square"
     result = engine.generate(GenerationRequest(model=str(out), prompt=prompt, steps=2, seed=0))
     assert result.images[0].image.size == (64, 64)
+    assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
+
+    # the phrasing phases alone, from that exported folder: phases 1-4 do not run again
+    config.phrasing_steps = 3
+    again = train(tmp_path / "model2", tmp_path / "ckpt2", config, device="cpu", init_from=out)
+    assert _phase_steps(tmp_path / "ckpt2") == {"phrasing": [0, 1, 2], "phrasing polish": [0]}
+    assert json.loads((again / "model_index.json").read_text())["text_conditioning"] == {
+        "hidden_states": [-1, 0]
+    }
+    for name in ("unet", "controlnet", "vae"):  # trained from the folder's weights: same shapes, new values
+        assert (again / name / "diffusion_pytorch_model.safetensors").is_file()
+    result = engine.generate(GenerationRequest(model=str(again), prompt=prompt, steps=2, seed=0))
+    assert result.images[0].image.size == (64, 64)
+
+
+def test_the_phrasing_phases_start_only_from_a_model_of_this_recipe(tmp_path, tiny_model_dir):
+    from training.train import TrainConfig, train
+    from webui.errors import InvalidRequestError
+
+    config = tiny_config(TrainConfig, scenes=4, phrasing_steps=1)
+    with pytest.raises(InvalidRequestError, match="not a model folder of this recipe"):
+        train(tmp_path / "out", tmp_path / "ckpt", config, device="cpu", init_from=tmp_path)
+    with pytest.raises(InvalidRequestError, match="not a shapes model of this recipe"):  # an SD-style model
+        train(tmp_path / "out", tmp_path / "ckpt", config, device="cpu", init_from=tiny_model_dir)
+    # an epsilon model (the recipe without its refinement) is not one to start from either
+    epsilon = train(tmp_path / "eps", tmp_path / "ckpt-eps", tiny_config(TrainConfig, scenes=4), device="cpu")
+    with pytest.raises(InvalidRequestError, match="not a shapes model of this recipe"):
+        train(tmp_path / "out", tmp_path / "ckpt", config, device="cpu", init_from=epsilon)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_given_hours_stops_at_a_checkpoint_and_the_same_call_continues(tmp_path, capsys):
+    from training.train import TrainConfig, train
+
+    config = tiny_config(TrainConfig, scenes=8, vae_steps=4, steps=2, polish_steps=0)
+    assert train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu", hours=1e-9) is None
+    assert (
+        "stopped after 1e-09 h at vae step 2; run the same command again to continue"
+        in capsys.readouterr().out
+    )
+    assert not (tmp_path / "model").exists()
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "time up" and log[-1]["at"] == "vae step 2"
+    out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    assert out is not None and (out / "model_index.json").is_file()
+    assert _phase_steps(tmp_path / "ckpt") == {"vae": [0, 1, 2, 3], "diffusion": [0, 1]}  # resumed at 2
+
+
+def test_the_train_command_checks_its_new_options(tmp_path, capsys):
+    from webui.cli import build_parser, main
+
+    args = build_parser().parse_args(["train", "--hours", "2", "--phrasing-steps", "10", "--init-from", "m"])
+    assert (args.hours, args.phrasing_steps, args.init_from) == (2.0, 10, Path("m"))
+    for bad in ("0", "-1", "nan", "inf", "1e9", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--hours", bad])
+        assert "expected a number of hours" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    code = main(["train", "--init-from", str(missing), "--checkpoint-dir", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: --init-from {missing}: no model_index.json there"
 
 
 def test_widening_the_text_features_keeps_what_the_model_computes():

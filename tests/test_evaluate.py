@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.analyse import label_components
 from training.evaluate import (
     PSNR_CAP,
     STRENGTHS,
@@ -25,6 +26,7 @@ from training.evaluate import (
     inpaint_pair,
     psnr,
 )
+from training.phrasing import read_pair_caption
 from training.shapes import COLORS, PALETTE, POSITIONS, SHAPES, SIZES, Scene
 from webui.engine.context import OutputImage
 from webui.engine.pipeline import Engine, GenerationResult
@@ -67,6 +69,9 @@ class OracleEngine:
     def generate(self, request):
         request = request.validate()
         self.requests.append(request)
+        pair = read_pair_caption(request.prompt)
+        if pair is not None:
+            return self._pair(request, pair)
         scene = parse_caption(request.prompt)
         images = []
         for k in range(request.batch_size):
@@ -88,6 +93,25 @@ class OracleEngine:
             images.append(OutputImage(image=image, seed=request.seed + k, index=k))
         return GenerationResult(images=images)
 
+    def _pair(self, request, pair):
+        """Two shapes: as the prompt says them (txt2img), or each shape of the map in its colour."""
+        if request.task == "txt2img":
+            image, _ = pair.render(request.width)
+        else:
+            seg = np.asarray(request.seg_map)
+            classes = np.argmin(((seg[..., None, :].astype(int) - np.asarray(PALETTE)) ** 2).sum(-1), axis=-1)
+            parts, count = label_components(classes > 0)
+            first = parts == 1 if count == 2 else classes == 1 + SHAPES.index(pair.first.shape)
+            pixels = np.where(first[..., None], COLORS[pair.first.color], COLORS[pair.second.color])
+            image = Image.fromarray(
+                np.where(classes[..., None] > 0, pixels, COLORS[pair.background]).astype(np.uint8)
+            )
+        return GenerationResult(
+            images=[
+                OutputImage(image=image, seed=request.seed + k, index=k) for k in range(request.batch_size)
+            ]
+        )
+
 
 def test_a_perfect_engine_scores_perfectly():
     engine = OracleEngine()
@@ -105,10 +129,17 @@ def test_a_perfect_engine_scores_perfectly():
     assert all(entry["met"] for entry in scores["targets"].values())
     for task in ("phrased", "held_out"):  # free phrasings, read as the scene they describe
         assert scores[task]["adherence"] == 1.0 and f"{task} adherence" in scores["targets"]
+    for task in ("pair_phrased", "pair_held_out"):  # two objects, every fact
+        assert all(
+            scores[task][name] == 1.0 for name in ("adherence", "colors", "shapes", "relation", "sizes")
+        )
+    assert scores["targets"]["pair_held_out adherence"]["met"]
+    assert scores["pair_seg2img"]["miou"] == pytest.approx(1.0)
     assert scores["config"]["cfg_scale"] == 2.5 and {r.cfg_scale for r in engine.requests} == {2.5}
     # batching: 6 images in requests of 4 + 2, seeds seed + k; img2img gets enough steps for 0.2
     txt = [r for r in engine.requests if r.task == "txt2img"]
-    assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)] * 3  # template, 2 phrasings
+    # template, 2 phrasings, 2 pair phrasings
+    assert [(r.batch_size, r.seed) for r in txt] == [(4, 12345), (2, 12349)] * 5
     i2i = [r for r in engine.requests if r.task == "img2img"]
     assert {r.steps for r in i2i} == {5} and len(i2i) == len(STRENGTHS)
     assert all(r.width == r.height == 64 for r in engine.requests)
@@ -154,6 +185,11 @@ def _check_ranges(scores):
     assert i2i["strengths"] == list(STRENGTHS) and len(i2i["mean_abs_diff"]) == len(STRENGTHS)
     assert all(0.0 <= d <= 255.0 for d in i2i["mean_abs_diff"])
     assert isinstance(i2i["monotonic"], bool)
+    for task in ("pair_phrased", "pair_held_out"):
+        assert all(
+            0.0 <= scores[task][name] <= 1.0 for name in ("adherence", "colors", "relation", "two_objects")
+        )
+    assert 0.0 <= scores["pair_seg2img"]["miou"] <= 1.0
     json.dumps(scores)  # JSON-ready
 
 
@@ -200,3 +236,25 @@ def test_cli_evaluate_writes_table_and_json(tiny_model_dir, tmp_path):
     scores = json.loads(out.read_text())
     _check_ranges(scores)
     assert scores["config"]["n"] == 1 and scores["config"]["steps"] == 1
+
+
+def test_cli_evaluate_runs_chosen_tasks_and_draws_the_held_out_sheet(tiny_model_dir, tmp_path, capsys):
+    from webui.cli import _task_list, build_parser, main
+
+    assert _task_list(",".join(TASK_ORDER)) == TASK_ORDER  # the command knows every task
+    sheet = tmp_path / "sheet.png"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--n", "2", "--steps", "1", "--batch-size", "2"]
+    code = main([*argv, "--tasks", "held_out, pair_held_out", "--sheet", str(sheet), "--sheet-count", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| held_out |" in out and "| pair_held_out |" in out and "| txt2img |" not in out
+    image = Image.open(sheet).convert("RGB")
+    assert image.size == (4 * 208 + 8, 128 + 44 + 16)  # two images (one per task) in a row of four cells
+    frames = {image.getpixel((5 + k * 208, 5)) for k in range(2)}  # each framed green or red by its verdict
+    assert frames <= {(40, 160, 60), (200, 40, 40)} and len(frames) >= 1
+    assert image.getpixel((8 + 2 * 208 + 50, 50)) == (255, 255, 255)  # the empty cells stay blank
+    code = main([*argv, "--tasks", "txt2img", "--sheet", str(tmp_path / "none.png")])
+    assert code == 2 and "--sheet draws the held_out and pair_held_out" in capsys.readouterr().err
+    for bad in ("upscale", "", ",", "txt2img,../x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["evaluate", "--tasks", bad])
+        assert "choose from txt2img" in capsys.readouterr().err

@@ -220,3 +220,47 @@ def test_each_phrasing_states_exactly_its_scene(split):
         assert read_caption(text) == dataclasses.replace(scene, jitter=(0, 0), size_jitter=0), text
     assert read_caption("a red circle") is None  # facts missing
     assert read_caption("") is None
+
+
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_each_pair_phrasing_reads_back_as_its_scene(split):
+    """Read back, every two-object caption gives its objects and relation, said from either side."""
+    from training.phrasing import read_pair_caption
+
+    rng = random.Random(53)
+    for pair in pairs(1500, seed=59):
+        text = phrase_pair(pair, rng, split=split)
+        read = read_pair_caption(text)
+        assert read is not None, text
+        facts = lambda scene: (scene.color, scene.shape, scene.size)  # noqa: E731
+        same = (facts(read.first), facts(read.second), read.relation) == (
+            facts(pair.first),
+            facts(pair.second),
+            pair.relation,
+        )
+        flipped = (facts(read.first), facts(read.second), read.relation) == (
+            facts(pair.second),
+            facts(pair.first),
+            OPPOSITE[pair.relation],
+        )
+        assert (same or flipped) and read.background == pair.background, (text, read)
+        image, _ = read.render()  # laid out as its relation says: the first object on that side
+        (x1, y1, _), (x2, y2, _) = read.first.geometry(), read.second.geometry()
+        expected = {"left of": x1 < x2, "right of": x1 > x2, "above": y1 < y2, "below": y1 > y2}
+        assert expected[read.relation]
+    assert read_pair_caption("a red circle left of a blue square") is None  # no sizes, no background
+    assert read_pair_caption("a big red circle on a blue background") is None  # one object
+    assert read_pair_caption("") is None
+
+
+def test_the_example_prompts_are_whole_scenes_in_trained_phrasings():
+    from training.phrasing import example_prompts, read_caption, read_pair_caption
+
+    examples = example_prompts()
+    singles = [read_caption(text) for text in examples]
+    doubles = [read_pair_caption(text) for text in examples]
+    assert all(one is not None or two is not None for one, two in zip(singles, doubles, strict=True))
+    assert sum(two is not None for two in doubles) >= 2 and sum(one is not None for one in singles) >= 3
+    held_out_words = [w for forms in HELD_OUT.sizes.values() for w in forms] + ["backdrop", "there is"]
+    assert not any(word in text for text in examples for word in held_out_words)
+    assert len({text.split()[0] for text in examples}) >= 3  # not one sentence shape

@@ -25,6 +25,11 @@ it can score any image that claims to show such a scene, whether rendered or gen
    between the nine anchors of :data:`~training.shapes.POSITIONS`.
 
 The recovered class map is the object mask labelled with its shape's class (0 elsewhere).
+
+:func:`analyse_pair` reads a scene of two shapes (:class:`~training.shapes.Pair`): the same
+background and first pass, kept as every component of at least the least area; one component
+holding two named colours (two shapes that touch) is split by colour. Each object is then read as
+above, its second pass limited to the pixels near it, so the other shape never joins it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,31 @@ class Analysis:
     @property
     def found(self) -> bool:
         return self.shape is not None
+
+
+@dataclass
+class ObjectReading:
+    """One object of a two-object scene: what it looks like, where its anchor is (image fractions)."""
+
+    color: str
+    shape: str
+    size: str
+    position: str
+    center: tuple[float, float]
+    mask: np.ndarray  # (H, W) bool
+
+
+@dataclass
+class PairAnalysis:
+    """What :func:`analyse_pair` read: the background and up to two objects, largest first."""
+
+    background: str
+    objects: list[ObjectReading]
+    class_map: np.ndarray  # (H, W) uint8, 0 = background, 1 + shape index on each object
+
+    def find(self, color: str) -> ObjectReading | None:
+        """The (largest) object of ``color``, if any."""
+        return next((item for item in self.objects if item.color == color), None)
 
 
 def nearest_color(rgb: np.ndarray | tuple[float, float, float]) -> str:
@@ -132,6 +162,98 @@ def analyse(image: Image.Image) -> Analysis:
 
     class_map = np.where(mask, 1 + SHAPES.index(shape), 0).astype(np.uint8)
     return Analysis(background, color, shape, size, position, mask, class_map)
+
+
+def analyse_pair(image: Image.Image) -> PairAnalysis:
+    """Read a scene of up to two shapes (see the module docstring)."""
+    rgb = image.convert("RGB")
+    pixels = np.asarray(rgb, dtype=np.float32)
+    height, width = pixels.shape[:2]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    reference = np.median(border, axis=0)
+    background = nearest_color(reference)
+    scale = math.sqrt(height * width) / SIZE
+    least = _MIN_AREA * scale * scale
+    named = np.asarray(COLORS[background], dtype=np.float32)
+    gap = min(float(np.linalg.norm(_RGB[i] - named)) for i, name in enumerate(_NAMES) if name != background)
+    threshold = min(max(gap / 2, 30.0), 60.0)
+    smooth = np.asarray(rgb.filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    foreground = fill_holes(np.linalg.norm(smooth - reference, axis=2) > threshold)
+    labels, count = label_components(foreground)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    parts = [labels == 1 + int(i) for i in np.argsort(-areas, kind="stable") if areas[i] >= least][:2]
+    if len(parts) == 1:
+        parts = _split_by_colour(parts[0], smooth, background, least)
+    objects = [
+        reading
+        for part in parts
+        if (reading := _read_object(pixels, smooth, reference, part, threshold, least)) is not None
+    ]
+    objects.sort(key=lambda item: -int(item.mask.sum()))
+    class_map = np.zeros((height, width), dtype=np.uint8)
+    for item in reversed(objects):  # the larger one wins where two overlap
+        class_map[item.mask] = 1 + SHAPES.index(item.shape)
+    return PairAnalysis(background, objects, class_map)
+
+
+def _split_by_colour(part: np.ndarray, smooth: np.ndarray, background: str, least: float) -> list[np.ndarray]:
+    """``part`` as two objects when two named colours each cover a good share of it (two shapes
+    that touch), else as one. The rim between a shape and the background blends their colours into
+    a third; it is thin, so the second colour must cover a fifth of the part and a least area."""
+    names = nearest_color_map(smooth)
+    counts = np.bincount(names[part], minlength=len(_NAMES))
+    counts[_NAMES.index(background)] = 0
+    first, second = (int(i) for i in np.argsort(-counts, kind="stable")[:2])
+    if counts[second] < max(least, 0.2 * part.sum()):
+        return [part]
+    return [largest_component(fill_holes(part & (names == index))) for index in (first, second)]
+
+
+def _read_object(
+    pixels: np.ndarray,
+    smooth: np.ndarray,
+    reference: np.ndarray,
+    part: np.ndarray,
+    threshold: float,
+    least: float,
+) -> ObjectReading | None:
+    """One object of :func:`analyse_pair`, from its first-pass ``part``: the second pass as in
+    :func:`analyse`, limited to two pixels around ``part``."""
+    height, width = part.shape
+    mask = part
+    axis = _object_color(pixels, part, reference) - reference
+    length = float(np.dot(axis, axis))
+    if length > threshold * threshold:
+        share = ((pixels - reference) @ axis) / length
+        near = _dilate(((smooth - reference) @ axis) / length > 0.5) & _dilate(_dilate(part))
+        mask = largest_component(fill_holes((share > 0.5) & near))
+    area = int(mask.sum())
+    if area < least:
+        return None
+    scale = math.sqrt(height * width) / SIZE
+    shape = _shape(mask)
+    radius = math.sqrt(area / _AREA_FACTOR[shape]) / scale
+    ys, xs = np.nonzero(mask)
+    cx = (float(xs.mean()) + 0.5) / width
+    cy = (float(ys.mean()) + 0.5 - _CENTROID_DROP.get(shape, 0.0) * radius * scale) / height
+    return ObjectReading(
+        color=nearest_color(_object_color(pixels, mask, reference)),
+        shape=shape,
+        size=min(SIZES, key=lambda name: abs(math.log(radius / SIZES[name]))),
+        position=grid_position(cx, cy),
+        center=(cx, cy),
+        mask=mask,
+    )
+
+
+def relation(first: ObjectReading, second: ObjectReading) -> str:
+    """Where ``first`` is, seen from ``second``: "left of", "right of", "above" or "below", by the
+    larger of the two offsets between their anchors."""
+    dx = first.center[0] - second.center[0]
+    dy = first.center[1] - second.center[1]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
 
 
 def grid_position(fx: float, fy: float) -> str:

@@ -23,10 +23,12 @@ __all__ = [
     "HELD_OUT",
     "TRAIN",
     "Phrasings",
+    "example_prompts",
     "misspell",
     "phrase",
     "phrase_pair",
     "read_caption",
+    "read_pair_caption",
     "training_text",
 ]
 
@@ -127,6 +129,23 @@ HELD_OUT = Phrasings(  # the evaluation's only: no template or word here is used
 )
 
 
+# the web app's example prompts: the template, free phrasings and two objects, each a caption
+# training uses (read back exactly by read_caption / read_pair_caption; checked by the tests)
+EXAMPLES: tuple[str, ...] = (
+    "a large red circle in the center on a white background",
+    "blue background, big yellow square in the top left corner",
+    "a little green triangle at the bottom right. the background is purple",
+    "orange circle, small, to the left, against a gray background",
+    "a big red circle to the left of a small blue square on a white background",
+    "a small green triangle above a large yellow circle, on a black background",
+)
+
+
+def example_prompts() -> list[str]:
+    """The prompts the web app offers to try with the default model (``ui.examples``)."""
+    return list(EXAMPLES)
+
+
 def _split(split: str) -> Phrasings:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -206,12 +225,9 @@ def training_text(
     return training_caption(item, rng)
 
 
-def read_caption(text: str) -> Scene | None:
-    """The scene a one-object caption of :func:`phrase` states (either split; not misspelt), or
-    None when it does not state every fact: the inverse of :func:`phrase`, used to check that every
-    phrasing says exactly its scene and by stand-in engines in the evaluation's tests."""
+def _take_background(text: str) -> tuple[str, str | None]:
+    """``text`` without its background phrase (of either split), and the background colour."""
     colors = "|".join(COLORS)
-    rest, background = text, None
     forms = [
         form
         for words in (TRAIN, HELD_OUT)
@@ -223,14 +239,72 @@ def read_caption(text: str) -> Scene | None:
             .replace(r"\{ac\}", rf"an?\ (?P<c>{colors})")
             .replace(r"\{c\}", rf"(?P<c>{colors})")
         )
-        found = re.search(rf"(?:^|\b){pattern}(?:\b|$)", rest)
+        found = re.search(rf"(?:^|\b){pattern}(?:\b|$)", text)
         if found:
-            background = found.group("c")
-            rest = rest[: found.start()] + " " + rest[found.end() :]
-            break
-    sizes = {
+            return text[: found.start()] + " " + text[found.end() :], found.group("c")
+    return text, None
+
+
+def _size_words() -> dict[str, str]:
+    return {
         word: name for words in (TRAIN, HELD_OUT) for name, forms in words.sizes.items() for word in forms
     }
+
+
+def read_pair_caption(text: str) -> Pair | None:
+    """The two-object scene a caption of :func:`phrase_pair` states (either split; not misspelt),
+    laid out in the middle row or column, or None when it does not state every fact. The relation's
+    subject is the object said just before the relation words, whichever template put it there."""
+    rest, background = _take_background(text)
+    relations = sorted(
+        (
+            (form, name)
+            for words in (TRAIN, HELD_OUT)
+            for name, forms in words.relations.items()
+            for form in forms
+        ),
+        key=lambda item: len(item[0]),
+        reverse=True,
+    )
+    sizes = _size_words()
+    pattern = (
+        rf"(?P<size>{'|'.join(map(re.escape, sorted(sizes, key=len, reverse=True)))})\s+"
+        rf"(?P<color>{'|'.join(COLORS)})\s+(?P<shape>{'|'.join(SHAPES)})\b"
+    )
+    things = list(re.finditer(pattern, rest))
+    for form, name in relations:
+        found = re.search(rf"(?:^|\s){re.escape(form)}(?:\s|$)", rest)
+        if found is None:
+            continue
+        if len(things) != 2 or background is None:
+            return None
+        before = [thing for thing in things if thing.end() <= found.start()]
+        if not before:
+            return None
+        subject = before[-1]
+        other = things[0] if subject is things[1] else things[1]
+        places = {"left of": ("left", "right"), "above": ("top", "bottom")}
+        first_place, second_place = places.get(name) or places[OPPOSITE[name]][::-1]
+        first, second = (
+            Scene(
+                shape=thing["shape"],
+                color=thing["color"],
+                size=sizes[thing["size"]],
+                position=place,
+                background=background,
+            )
+            for thing, place in ((subject, first_place), (other, second_place))
+        )
+        return Pair(first, second, name)
+    return None
+
+
+def read_caption(text: str) -> Scene | None:
+    """The scene a one-object caption of :func:`phrase` states (either split; not misspelt), or
+    None when it does not state every fact: the inverse of :func:`phrase`, used to check that every
+    phrasing says exactly its scene and by stand-in engines in the evaluation's tests."""
+    rest, background = _take_background(text)
+    sizes = _size_words()
     places = sorted(
         (
             (form, name)

@@ -208,4 +208,5 @@ def vocabulary() -> dict[str, list[str]]:
         "colors": list(COLORS),
         "sizes": list(SIZES),
         "positions": list(POSITIONS),
+        "relations": list(RELATIONS),
     }

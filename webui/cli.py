@@ -113,6 +113,31 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         default=None,
         help="polish steps after the refinement (default: the recipe's; 0 skips it)",
     )
+    train.add_argument(
+        "--phrasing-steps",
+        type=at_least(0),
+        default=None,
+        help="steps on pairs and free phrasings after the polish (default: the recipe's; 0 = none)",
+    )
+    train.add_argument(
+        "--phrasing-polish-steps",
+        type=at_least(0),
+        default=None,
+        help="polish steps after the phrasing phase (default: the recipe's; 0 skips it)",
+    )
+    train.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a model folder of this recipe (after its polish) to start the phrasing phases from, "
+        "instead of training phases 1-4",
+    )
+    train.add_argument(
+        "--hours",
+        type=_positive_hours,
+        default=None,
+        help="stop at the first checkpoint after this many hours; the same command again continues",
+    )
     train.add_argument("--vae-steps", type=at_least(0), default=None)
     train.add_argument("--batch-size", type=at_least(1), default=None)
     train.add_argument("--scenes", type=at_least(1), default=None, help="size of the training pool")
@@ -120,13 +145,15 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         "--pair-share",
         type=_share,
         default=None,
-        help="share of the pool showing two shapes, one beside or above the other (default: the recipe's 0)",
+        help="share of the phrasing phases' pool showing two shapes, one beside or above the other "
+        "(default: the recipe's)",
     )
     train.add_argument(
         "--phrasing-share",
         type=_share,
         default=None,
-        help="share of captions in free phrasing instead of the caption template (default: the recipe's 0)",
+        help="share of the phrasing phases' captions in free phrasing instead of the caption template "
+        "(default: the recipe's)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
@@ -141,6 +168,20 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="images per request (one scene each)")
     ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
+    ev.add_argument(
+        "--tasks",
+        type=_task_list,
+        default=None,
+        help="comma-separated tasks to run (default: all): txt2img, seg2img, inpaint, img2img, phrased, "
+        "held_out, pair_phrased, pair_held_out, pair_seg2img",
+    )
+    ev.add_argument(
+        "--sheet",
+        type=Path,
+        default=None,
+        help="also draw a PNG sheet of the held-out prompts' images (one and two objects), framed by verdict",
+    )
+    ev.add_argument("--sheet-count", type=at_least(1), default=12, help="images per task on the sheet")
     _model_options(ev)
 
     from webui.plugin_admin import add_plugins_parser
@@ -577,17 +618,37 @@ def _train(args: argparse.Namespace) -> int:
         ("scenes", "scenes"),
         ("pair_share", "pair_share"),
         ("phrasing_share", "phrasing_share"),
+        ("phrasing_steps", "phrasing_steps"),
+        ("phrasing_polish_steps", "phrasing_polish_steps"),
     ):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))
-    print(train(args.out, args.checkpoint_dir, config, device=args.device))
+    if args.init_from is not None and not (args.init_from / "model_index.json").is_file():
+        raise InvalidRequestError(f"--init-from {args.init_from}: no model_index.json there")
+    out = train(
+        args.out, args.checkpoint_dir, config, device=args.device, init_from=args.init_from, hours=args.hours
+    )
+    if out is not None:
+        print(out)
     return 0
+
+
+def _positive_hours(text: str) -> float:
+    """A number of hours above 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of hours, got {text[:20]!r}") from None
+    if not (0.0 < value < 10_000.0):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a number of hours above 0, got {text[:20]!r}")
+    return value
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     evaluation = _training("evaluate", "evaluate")  # before a model is loaded
     evaluate, format_table = evaluation.evaluate, evaluation.format_table
 
+    samples: list[Any] = []
     scores = evaluate(
         _engine(args),
         args.model,
@@ -596,13 +657,49 @@ def _evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         batch_size=args.batch_size,
+        tasks=args.tasks or evaluation.TASK_ORDER,
         progress=lambda line: print(line, file=sys.stderr),
+        samples=samples,
     )
     print(format_table(scores))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(scores, indent=2) + "\n")
+    if args.sheet is not None:
+        shown = [
+            sample
+            for task in ("held_out", "pair_held_out")
+            for sample in [s for s in samples if s.task == task][: args.sheet_count]
+        ]
+        if not shown:
+            raise InvalidRequestError(
+                "--sheet draws the held_out and pair_held_out tasks' images: run one of them"
+            )
+        args.sheet.parent.mkdir(parents=True, exist_ok=True)
+        evaluation.sample_sheet(shown).save(args.sheet)
     return 0
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    """Comma-separated evaluation tasks, for argparse (checked against the evaluation's list)."""
+    known = (
+        "txt2img",
+        "seg2img",
+        "inpaint",
+        "img2img",
+        "phrased",
+        "held_out",
+        "pair_phrased",
+        "pair_held_out",
+        "pair_seg2img",
+    )
+    tasks = tuple(part.strip() for part in text[:1000].split(",") if part.strip())
+    unknown = [task for task in tasks if task not in known]
+    if not tasks or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown task {(unknown or [text])[0][:40]!r}; choose from {', '.join(known)}"
+        )
+    return tasks
 
 
 def _models(args: argparse.Namespace) -> int:
