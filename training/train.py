@@ -310,6 +310,8 @@ def train(
     started = time.time()
     deadline = None if hours is None else started + hours * 3600
     with (checkpoint_dir / "log.jsonl").open("a") as log:
+        if init_from is not None:
+            log.write(json.dumps({"event": "init from", "folder": str(init_from)}) + "\n")
         try:
             vae, unet, controlnet = _train_phases(checkpoint_dir, config, dev, log, init_from, deadline)
         except TimeUp as stop:

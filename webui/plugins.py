@@ -104,6 +104,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.embeddings",  # before lora: its provide_conditioning (trylast) runs after lora's
     "webui.builtin.lora",
     "webui.builtin.cfg_rescale",
+    "webui.builtin.token_merging",
+    "webui.builtin.deep_cache",
     "webui.builtin.hires",
     "webui.builtin.init_image",
     "webui.builtin.masked_image",
