@@ -110,10 +110,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         cfg_scale=args.cfg_scale,
     )
     print(f"## {name}: warming up...", file=sys.stderr, flush=True)
-    timed(engine, request, bundle, device)
+    timed(engine, request.replace(steps=2), bundle, device)
     rows: list[dict[str, Any]] = []
     exact_pixels: torch.Tensor | None = None
-    for label, extra in SETTINGS:
+    for label, extra in [
+        (label, extra) for label, extra in SETTINGS if label == "exact" or label in args.settings
+    ]:
         print(f"## {name}: {label}...", file=sys.stderr, flush=True)
         seconds: list[float] = []
         result = None
@@ -184,7 +186,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--tiny", action="store_true", help="SD 1.5 scaled down to run in seconds, at 64 px")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--settings",
+        default=",".join(label for label, _ in SETTINGS[1:]),
+        help="comma-separated settings to run besides the exact one (default: all), e.g. "
+        '"token merging 0.5,DeepCache 3"',
+    )
     args = parser.parse_args(argv)
+    args.settings = [part.strip() for part in args.settings.split(",") if part.strip()]
+    unknown = [label for label in args.settings if label not in dict(SETTINGS)]
+    if unknown:
+        parser.error(
+            f"unknown setting {unknown[0]!r}: choose from {', '.join(label for label, _ in SETTINGS)}"
+        )
     if args.steps is None:
         args.steps = 6 if args.tiny else 20
     if args.repeats is None:

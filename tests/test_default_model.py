@@ -64,16 +64,28 @@ def test_txt2img_draws_the_colours_the_prompt_says(engine):
 @pytest.mark.parametrize("position", ["top left", "top", "right", "bottom left", "center"])
 def test_txt2img_puts_the_object_where_the_prompt_says(engine, position):
     prompt = shapes.Scene("square", "blue", "large", position, "white").caption()
-    result = engine.generate(GenerationRequest(prompt=prompt, seed=1, batch_size=4, **RUN))
+    result = engine.generate(GenerationRequest(prompt=prompt, seed=1, batch_size=8, **RUN))
     fx, fy = shapes.POSITIONS[position]
-    for item in result.images:
-        ys, xs = np.nonzero(analyse(item.image).mask)
-        # the object's centre lies in the named cell of the 3x3 grid (cells are 21 pixels wide)
-        assert abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10, (
-            position,
-            xs.mean(),
-            ys.mean(),
-        )
+    centres = [np.nonzero(analyse(item.image).mask)[::-1] for item in result.images]
+    # the object's centre lies in the named cell of the 3x3 grid (cells are 21 pixels wide) in at
+    # least six images of eight (the evaluation measures 95 % of positions right, n = 100; a model
+    # that ignored the position would hit the cell one time in nine)
+    inside = [abs(xs.mean() - fx * 64) < 10 and abs(ys.mean() - fy * 64) < 10 for xs, ys in centres]
+    assert sum(inside) >= 6, (position, [(round(xs.mean()), round(ys.mean())) for xs, ys in centres])
+
+
+def test_the_example_prompts_are_drawn_as_they_say(engine):
+    """The web app's example prompts, in their several phrasings: the scene each says, in at least
+    three of four images."""
+    from training.phrasing import example_prompts, read_caption
+
+    for prompt in example_prompts():
+        scene = read_caption(prompt)
+        result = engine.generate(GenerationRequest(prompt=prompt, seed=1, batch_size=4, **RUN))
+        read = [analyse(item.image) for item in result.images]
+        facts = [(r.color, r.shape, r.position, r.background) for r in read]
+        right = facts.count((scene.color, scene.shape, scene.position, scene.background))
+        assert right >= 3, (prompt, facts)
 
 
 @pytest.mark.parametrize("shape", shapes.SHAPES)

@@ -254,13 +254,10 @@ def test_each_pair_phrasing_reads_back_as_its_scene(split):
 
 
 def test_the_example_prompts_are_whole_scenes_in_trained_phrasings():
-    from training.phrasing import example_prompts, read_caption, read_pair_caption
+    from training.phrasing import example_prompts, read_caption
 
     examples = example_prompts()
-    singles = [read_caption(text) for text in examples]
-    doubles = [read_pair_caption(text) for text in examples]
-    assert all(one is not None or two is not None for one, two in zip(singles, doubles, strict=True))
-    assert sum(two is not None for two in doubles) >= 2 and sum(one is not None for one in singles) >= 3
+    assert all(read_caption(text) is not None for text in examples), examples
     held_out_words = [w for forms in HELD_OUT.sizes.values() for w in forms] + ["backdrop", "there is"]
     assert not any(word in text for text in examples for word in held_out_words)
-    assert len({text.split()[0] for text in examples}) >= 3  # not one sentence shape
+    assert len({text.split()[0] for text in examples}) >= 4  # not one sentence shape

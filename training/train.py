@@ -796,7 +796,12 @@ def export(
         copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(
             staging / name, safe_serialization=True
         )
+        config_file = staging / name / "config.json"  # no trace of where a loaded module came from
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # the frozen MiniLM is not copied: the folder names the package that ships it (fp16, as the rest)
+    encoder.config.dtype = torch.float16
     encoder.config.save_pretrained(staging / "text_encoder")
     (staging / "text_encoder" / PACKAGED_WEIGHTS).write_text(
         json.dumps({"package": MINILM_PACKAGE, "folder": "model", "precision": "float16"}, indent=2) + "\n"
