@@ -253,7 +253,12 @@ def test_cli_evaluate_runs_chosen_tasks_and_draws_the_held_out_sheet(tiny_model_
     assert frames <= {(40, 160, 60), (200, 40, 40)} and len(frames) >= 1
     assert image.getpixel((8 + 2 * 208 + 50, 50)) == (255, 255, 255)  # the empty cells stay blank
     code = main([*argv, "--tasks", "txt2img", "--sheet", str(tmp_path / "none.png")])
-    assert code == 2 and "--sheet draws the held_out and pair_held_out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--sheet draws the held_out and pair_held_out" in err
+    assert "images 1-" not in err and not (tmp_path / "none.png").exists()  # refused before any work
+    code = main([*argv, "--tasks", "held_out", "--sheet", str(tmp_path)])  # a folder, not a file
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: --sheet {tmp_path}: Is a directory" in err and "Traceback" not in err
     for bad in ("upscale", "", ",", "txt2img,../x"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["evaluate", "--tasks", bad])

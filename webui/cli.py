@@ -648,7 +648,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     evaluation = _training("evaluate", "evaluate")  # before a model is loaded
     evaluate, format_table = evaluation.evaluate, evaluation.format_table
 
-    samples: list[Any] = []
+    tasks = args.tasks or evaluation.TASK_ORDER
+    if args.sheet is not None and not {"held_out", "pair_held_out"} & set(tasks):
+        raise InvalidRequestError(
+            "--sheet draws the held_out and pair_held_out tasks' images: run one of them"
+        )
+    samples: list[Any] | None = [] if args.sheet is not None else None
     scores = evaluate(
         _engine(args),
         args.model,
@@ -657,7 +662,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         batch_size=args.batch_size,
-        tasks=args.tasks or evaluation.TASK_ORDER,
+        tasks=tasks,
         progress=lambda line: print(line, file=sys.stderr),
         samples=samples,
     )
@@ -665,18 +670,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(scores, indent=2) + "\n")
-    if args.sheet is not None:
+    if samples is not None:
         shown = [
             sample
             for task in ("held_out", "pair_held_out")
             for sample in [s for s in samples if s.task == task][: args.sheet_count]
         ]
-        if not shown:
-            raise InvalidRequestError(
-                "--sheet draws the held_out and pair_held_out tasks' images: run one of them"
-            )
-        args.sheet.parent.mkdir(parents=True, exist_ok=True)
-        evaluation.sample_sheet(shown).save(args.sheet)
+        try:
+            args.sheet.parent.mkdir(parents=True, exist_ok=True)
+            evaluation.sample_sheet(shown).save(args.sheet, format="PNG")
+        except OSError as error:
+            raise InvalidRequestError(f"--sheet {args.sheet}: {error.strerror or error}") from None
     return 0
 
 
