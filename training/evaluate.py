@@ -259,15 +259,16 @@ def pair_facts(pair: Pair, image: Image.Image) -> dict[str, bool]:
     image's object of its colour."""
     read = analyse_pair(image)
     first, second = read.find(pair.first.color), read.find(pair.second.color)
-    both = first is not None and second is not None and first is not second
-    facts = {
-        "background": read.background == pair.background,
-        "colors": both,
-        "shapes": both and (first.shape, second.shape) == (pair.first.shape, pair.second.shape),  # type: ignore[union-attr]
-        "relation": both and relation(first, second) == pair.relation,  # type: ignore[arg-type]
-        "sizes": both and (first.size, second.size) == (pair.first.size, pair.second.size),  # type: ignore[union-attr]
-        "two_objects": len(read.objects) == 2,
-    }
+    facts = {"background": read.background == pair.background, "two_objects": len(read.objects) == 2}
+    if first is None or second is None or first is second:
+        facts.update(colors=False, shapes=False, relation=False, sizes=False)
+    else:
+        facts.update(
+            colors=True,
+            shapes=(first.shape, second.shape) == (pair.first.shape, pair.second.shape),
+            relation=relation(first, second) == pair.relation,
+            sizes=(first.size, second.size) == (pair.first.size, pair.second.size),
+        )
     facts["adherence"] = all(facts[name] for name in ("background", "colors", "shapes", "relation"))
     return facts
 
