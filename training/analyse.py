@@ -110,15 +110,64 @@ def colour_share(image: Image.Image, region: np.ndarray, colour: str) -> float:
     return float((names[region] == _NAMES.index(colour)).mean())
 
 
-def analyse(image: Image.Image) -> Analysis:
-    """Read the scene in ``image`` (any size; square images read best). See the module docstring."""
+@dataclass
+class _Frame:
+    """What both readers start from: the pixels, a median-filtered copy, the background's colour
+    (``reference``, measured on the border) and name, the scale against 64x64 and the first pass's
+    distance threshold."""
+
+    pixels: np.ndarray
+    smooth: np.ndarray
+    reference: np.ndarray
+    background: str
+    scale: float
+    threshold: float
+
+    @property
+    def far(self) -> np.ndarray:
+        """The first pass: pixels of the filtered copy far enough from the background."""
+        return np.linalg.norm(self.smooth - self.reference, axis=2) > self.threshold
+
+
+def _frame(image: Image.Image) -> _Frame:
     rgb = image.convert("RGB")
     pixels = np.asarray(rgb, dtype=np.float32)
     height, width = pixels.shape[:2]
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     reference = np.median(border, axis=0)
     background = nearest_color(reference)
-    scale = math.sqrt(height * width) / SIZE
+    named = np.asarray(COLORS[background], dtype=np.float32)
+    gap = min(float(np.linalg.norm(_RGB[i] - named)) for i, name in enumerate(_NAMES) if name != background)
+    return _Frame(
+        pixels=pixels,
+        smooth=np.asarray(rgb.filter(ImageFilter.MedianFilter(3)), dtype=np.float32),
+        reference=reference,
+        background=background,
+        scale=math.sqrt(height * width) / SIZE,
+        threshold=min(max(gap / 2, 30.0), 60.0),
+    )
+
+
+def _second_pass(frame: _Frame, mask: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` cut again at the midpoint between the background and the object's own colour, so
+    that a soft (blurred) edge is cut where it is half object, half background (``within``: only
+    pixels there may join)."""
+    axis = _object_color(frame.pixels, mask, frame.reference) - frame.reference
+    length = float(np.dot(axis, axis))
+    if length <= frame.threshold * frame.threshold:
+        return mask
+    share = ((frame.pixels - frame.reference) @ axis) / length
+    near = _dilate(((frame.smooth - frame.reference) @ axis) / length > 0.5)
+    if within is not None:
+        near &= within
+    return largest_component(fill_holes((share > 0.5) & near))
+
+
+def analyse(image: Image.Image) -> Analysis:
+    """Read the scene in ``image`` (any size; square images read best). See the module docstring."""
+    frame = _frame(image)
+    pixels, reference, background, scale = frame.pixels, frame.reference, frame.background, frame.scale
+    height, width = pixels.shape[:2]
     empty = Analysis(
         background,
         None,
@@ -130,21 +179,10 @@ def analyse(image: Image.Image) -> Analysis:
     )
 
     # first pass, on a median-filtered copy (speckle removed): far enough from the background
-    named = np.asarray(COLORS[background], dtype=np.float32)
-    gap = min(float(np.linalg.norm(_RGB[i] - named)) for i, name in enumerate(_NAMES) if name != background)
-    threshold = min(max(gap / 2, 30.0), 60.0)
-    smooth = np.asarray(rgb.filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
-    mask = largest_component(fill_holes(np.linalg.norm(smooth - reference, axis=2) > threshold))
+    mask = largest_component(fill_holes(frame.far))
     if not mask.any():
         return empty
-    # second pass: split at the midpoint between the background and the object's own colour, so
-    # that a soft (blurred) edge is cut where it is half object, half background
-    axis = _object_color(pixels, mask, reference) - reference
-    length = float(np.dot(axis, axis))
-    if length > threshold * threshold:
-        share = ((pixels - reference) @ axis) / length
-        near = _dilate(((smooth - reference) @ axis) / length > 0.5)
-        mask = largest_component(fill_holes((share > 0.5) & near))
+    mask = _second_pass(frame, mask)
 
     area = int(mask.sum())
     if area < _MIN_AREA * scale * scale:
@@ -166,34 +204,20 @@ def analyse(image: Image.Image) -> Analysis:
 
 def analyse_pair(image: Image.Image) -> PairAnalysis:
     """Read a scene of up to two shapes (see the module docstring)."""
-    rgb = image.convert("RGB")
-    pixels = np.asarray(rgb, dtype=np.float32)
-    height, width = pixels.shape[:2]
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    reference = np.median(border, axis=0)
-    background = nearest_color(reference)
-    scale = math.sqrt(height * width) / SIZE
-    least = _MIN_AREA * scale * scale
-    named = np.asarray(COLORS[background], dtype=np.float32)
-    gap = min(float(np.linalg.norm(_RGB[i] - named)) for i, name in enumerate(_NAMES) if name != background)
-    threshold = min(max(gap / 2, 30.0), 60.0)
-    smooth = np.asarray(rgb.filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
-    foreground = fill_holes(np.linalg.norm(smooth - reference, axis=2) > threshold)
-    labels, count = label_components(foreground)
+    frame = _frame(image)
+    height, width = frame.pixels.shape[:2]
+    least = _MIN_AREA * frame.scale * frame.scale
+    labels, count = label_components(fill_holes(frame.far))
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     parts = [labels == 1 + int(i) for i in np.argsort(-areas, kind="stable") if areas[i] >= least][:2]
     if len(parts) == 1:
-        parts = _split_by_colour(parts[0], smooth, background, least)
-    objects = [
-        reading
-        for part in parts
-        if (reading := _read_object(pixels, smooth, reference, part, threshold, least)) is not None
-    ]
+        parts = _split_by_colour(parts[0], frame.smooth, frame.background, least)
+    objects = [reading for part in parts if (reading := _read_object(frame, part, least)) is not None]
     objects.sort(key=lambda item: -int(item.mask.sum()))
     class_map = np.zeros((height, width), dtype=np.uint8)
     for item in reversed(objects):  # the larger one wins where two overlap
         class_map[item.mask] = 1 + SHAPES.index(item.shape)
-    return PairAnalysis(background, objects, class_map)
+    return PairAnalysis(frame.background, objects, class_map)
 
 
 def _split_by_colour(part: np.ndarray, smooth: np.ndarray, background: str, least: float) -> list[np.ndarray]:
@@ -209,35 +233,21 @@ def _split_by_colour(part: np.ndarray, smooth: np.ndarray, background: str, leas
     return [largest_component(fill_holes(part & (names == index))) for index in (first, second)]
 
 
-def _read_object(
-    pixels: np.ndarray,
-    smooth: np.ndarray,
-    reference: np.ndarray,
-    part: np.ndarray,
-    threshold: float,
-    least: float,
-) -> ObjectReading | None:
+def _read_object(frame: _Frame, part: np.ndarray, least: float) -> ObjectReading | None:
     """One object of :func:`analyse_pair`, from its first-pass ``part``: the second pass as in
     :func:`analyse`, limited to two pixels around ``part``."""
     height, width = part.shape
-    mask = part
-    axis = _object_color(pixels, part, reference) - reference
-    length = float(np.dot(axis, axis))
-    if length > threshold * threshold:
-        share = ((pixels - reference) @ axis) / length
-        near = _dilate(((smooth - reference) @ axis) / length > 0.5) & _dilate(_dilate(part))
-        mask = largest_component(fill_holes((share > 0.5) & near))
+    mask = _second_pass(frame, part, within=_dilate(_dilate(part)))
     area = int(mask.sum())
     if area < least:
         return None
-    scale = math.sqrt(height * width) / SIZE
     shape = _shape(mask)
-    radius = math.sqrt(area / _AREA_FACTOR[shape]) / scale
+    radius = math.sqrt(area / _AREA_FACTOR[shape]) / frame.scale
     ys, xs = np.nonzero(mask)
     cx = (float(xs.mean()) + 0.5) / width
-    cy = (float(ys.mean()) + 0.5 - _CENTROID_DROP.get(shape, 0.0) * radius * scale) / height
+    cy = (float(ys.mean()) + 0.5 - _CENTROID_DROP.get(shape, 0.0) * radius * frame.scale) / height
     return ObjectReading(
-        color=nearest_color(_object_color(pixels, mask, reference)),
+        color=nearest_color(_object_color(frame.pixels, mask, frame.reference)),
         shape=shape,
         size=min(SIZES, key=lambda name: abs(math.log(radius / SIZES[name]))),
         position=grid_position(cx, cy),

@@ -686,17 +686,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _task_list(text: str) -> tuple[str, ...]:
     """Comma-separated evaluation tasks, for argparse (checked against the evaluation's list)."""
-    known = (
-        "txt2img",
-        "seg2img",
-        "inpaint",
-        "img2img",
-        "phrased",
-        "held_out",
-        "pair_phrased",
-        "pair_held_out",
-        "pair_seg2img",
-    )
+    try:
+        known = _training("evaluate", "evaluate").TASK_ORDER
+    except LatentStudioError as error:  # no training code: argparse reports it in one line
+        raise argparse.ArgumentTypeError(str(error)) from None
     tasks = tuple(part.strip() for part in text[:1000].split(",") if part.strip())
     unknown = [task for task in tasks if task not in known]
     if not tasks or unknown:
