@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -304,7 +305,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     settings = (
         MemorySettings(offload="sequential", vae_slicing="on", vae_tiling="on")
         if args.ours_memory == "lowest"
-        else MemorySettings(channels_last=args.ours_channels_last)
+        else MemorySettings(channels_last=args.ours_channels_last, compile=args.ours_compile)
     )
     engine = Engine(
         plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
@@ -334,6 +335,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
 
         return engine.generate(request, bundle=bundle, callback=hook).images[0]
 
+    if (
+        args.ours_compile
+    ):  # compile first (the first call at a size), so the measured call is the steady state
+        print(f"## {name}: compiling our UNet...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        engine.generate(dataclasses.replace(request, steps=2), bundle=bundle)
+        results["compile_s"] = time.perf_counter() - started
     label = f"{str(ours_dtype).removeprefix('torch.')}, {args.ours_memory} memory plan"
     print(f"## {name}: ours ({label})...", file=sys.stderr, flush=True)
     results["ours"] = measure(ours, device)
@@ -400,6 +408,10 @@ def table(results: dict[str, Any], device: torch.device) -> str:
             f"Live preview (latent→RGB map): {results['preview_s'] * 1000:.2f} ms, "
             f"{100 * results['preview_s'] / ours['s_per_step']:.3f} % of one of our steps.",
         ]
+        if "compile_s" in results:
+            lines.append(
+                f"Compiling our UNet (a 2-step generation before the measured one): {results['compile_s']:.1f} s."
+            )
     return "\n".join(lines)
 
 
@@ -444,6 +456,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ours-channels-last", action="store_true", help="ours with --channels-last (convolutions)"
+    )
+    parser.add_argument(
+        "--ours-compile",
+        action="store_true",
+        help="ours with --compile (torch.compile of the UNet; compiled by a warm-up generation first)",
     )
     parser.add_argument(
         "--setups", default="stock,tuned,ours", help="comma-separated subset of stock, tuned, ours"

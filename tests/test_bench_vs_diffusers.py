@@ -53,6 +53,36 @@ def test_tiny_run_prints_the_three_setups_and_writes_json(tmp_path, capsys):
         assert 0 < result["preview_s"] < result["ours"]["s_per_image"]
 
 
+def test_ours_compiled_is_compiled_first_then_measured(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LATENT_STUDIO_CACHE_DIR", str(tmp_path / "cache"))
+    bench = load_script()
+    report = bench.main(
+        [
+            "--tiny",
+            "--models",
+            "sd15",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--setups",
+            "ours",
+            "--ours-compile",
+        ]
+    )
+    out = capsys.readouterr().out
+    result = report["results"][0]
+    assert result["ours"]["memory"] == "compiled UNet" and "| Latent Studio (compiled UNet) |" in out
+    assert (
+        result["compile_s"] > 0
+        and f"Compiling our UNet (a 2-step generation before the measured one): {result['compile_s']:.1f} s."
+        in out
+    )
+    assert "stock" not in result and "tuned" not in result and "| ours / tuned |" not in out
+    assert any((tmp_path / "cache").rglob("*.py"))  # the generated kernels were cached
+
+
 def test_the_random_models_have_the_real_architectures():
     bench = load_script()
     import torch

@@ -421,6 +421,14 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         help="convolution weights in channels-last layout",
     )
     group.add_argument(
+        "--compile",
+        action="store_true",
+        default=default(False),
+        help="run the UNet through torch.compile: faster steps; the first image at each size compiles "
+        "first (minutes on a CPU; cached on disk for the next start). Needs a C++ compiler (CPU) or "
+        "Triton (GPU); falls back to the uncompiled UNet with a warning",
+    )
+    group.add_argument(
         "--no-oom-retry",
         dest="oom_retry",
         action="store_false",
@@ -439,6 +447,7 @@ def memory_settings(args: argparse.Namespace) -> Any:
         offload=args.offload,
         channels_last=args.channels_last,
         recover=args.oom_retry,
+        compile=args.compile,
     )
 
 

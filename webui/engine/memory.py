@@ -69,7 +69,8 @@ class MemorySettings:
     ``vae_tiling``: ``auto`` (when the size needs it), ``on`` or ``off``. ``offload``: ``auto``,
     ``none``, ``model`` (each model on the GPU only while it runs; A1111's --medvram) or
     ``sequential`` (layer by layer; --lowvram). ``recover``: retry a batch that ran out of memory
-    with a lower-memory plan."""
+    with a lower-memory plan. ``compile``: run the UNet through ``torch.compile``
+    (:mod:`webui.engine.compiled`; not with offload, whose hooks a compiled graph would not see)."""
 
     attention: str = "sdpa"
     vae_slicing: str = "auto"
@@ -77,6 +78,7 @@ class MemorySettings:
     offload: str = "auto"
     channels_last: bool = False
     recover: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _choice("attention", self.attention, ATTENTION_BACKENDS)
@@ -95,6 +97,7 @@ class MemoryPlan:
     offload: str = "none"
     channels_last: bool = False
     max_batch: int | None = None
+    compile: bool = False
 
     def describe(self) -> str:
         """The levers in use, for the image metadata ("tiled VAE, model offload"), or "default"."""
@@ -109,6 +112,8 @@ class MemoryPlan:
             parts.append(f"{self.offload} offload")
         if self.channels_last:
             parts.append("channels-last")
+        if self.compile:
+            parts.append("compiled UNet")
         if self.max_batch is not None:
             parts.append(f"{self.max_batch} image{'s' if self.max_batch > 1 else ''} at a time")
         return ", ".join(parts) or "default"
@@ -238,6 +243,7 @@ def choose_plan(
         vae_tiling=settings.vae_tiling == "on",
         offload=settings.offload if settings.offload != "auto" else "none",
     )
+    plan = dataclasses.replace(plan, compile=settings.compile and plan.offload == "none")
     budget = (free_memory(device) if free is None else free) * _HEADROOM
 
     def need(p: MemoryPlan) -> int:
@@ -253,7 +259,7 @@ def choose_plan(
         largest = max((module_bytes(m) for m in _components(bundle)), default=0)
         # model offload frees all but the running model; sequential keeps only a layer
         plan = dataclasses.replace(
-            plan, offload="model" if need(plan) <= budget + weights - largest else "sequential"
+            plan, offload="model" if need(plan) <= budget + weights - largest else "sequential", compile=False
         )
     return plan
 
@@ -264,8 +270,10 @@ def lower_plan(plan: MemoryPlan, batch: int, device: torch.device) -> MemoryPlan
         return dataclasses.replace(plan, vae_tiling=True)
     if not plan.vae_slicing:  # (attention stays: SDPA's kernels already never hold the full score matrix)
         return dataclasses.replace(plan, vae_slicing=True)
-    if device.type == "cuda" and plan.offload == "none":
-        return dataclasses.replace(plan, offload="model")
+    if (
+        device.type == "cuda" and plan.offload == "none"
+    ):  # (offload's hooks and a compiled UNet exclude each other)
+        return dataclasses.replace(plan, offload="model", compile=False)
     if device.type == "cuda" and plan.offload == "model":
         return dataclasses.replace(plan, offload="sequential")
     current = plan.max_batch or batch

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from webui.engine import codec
 from webui.engine.bundle import ModelBundle
+from webui.engine.compiled import CompiledUNets, Route
 from webui.engine.context import (
     Conditioning,
     DenoiserCall,
@@ -62,6 +63,7 @@ from webui.request import GenerationRequest
 StepCallback = Callable[[StepInfo], None]
 BatchCallback = Callable[[list[OutputImage]], None]
 MEMORY_STATE = "memory"  # RunContext.state key: the memory plan's note for the image metadata
+UNET_STATE = "unet call"  # RunContext.state key: the compiled UNet one batch runs, when the plan compiles
 NO_PROMPT_EMBEDS = "no conditioning plugin provided prompt embeddings"
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class Engine:
         base = (torch.float16 if self.device.type in ("cuda", "mps") else torch.float32) if auto else dtype
         self.dtype: torch.dtype = base  # type: ignore[assignment]
         self.memory = memory or MemorySettings()
+        self.compiled = CompiledUNets()  # --compile: the UNets compiled so far, used while unpatched
         self.schedulers = SchedulerRegistry()
         self.plugins.hook.register_schedulers(register=self._register_scheduler)
         self.upscalers = UpscalerRegistry(self)  # image upscalers (register_upscalers), listed on demand
@@ -233,6 +236,8 @@ class Engine:
             try:
                 images: list[OutputImage] = []
                 with applied(context.bundle, plan, context.device):
+                    if plan.compile:
+                        self._route_unet(context)
                     chunk = plan.max_batch or len(seeds)
                     for first in range(0, len(seeds), chunk):
                         context.seeds = seeds[first : first + chunk]
@@ -247,6 +252,7 @@ class Engine:
                 failure = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
             finally:
                 context.seeds = seeds
+                context.state.pop(UNET_STATE, None)
             # outside the except block: the failed attempt's frames, and the tensors they held, are
             # unreachable now, so the memory can really be given back
             release_memory(context.device)
@@ -264,6 +270,13 @@ class Engine:
                 lower.describe(),
             )
             plan, retried = lower, True
+
+    def _route_unet(self, context: RunContext) -> None:
+        """The compiled UNet for this batch (compiling it on first use), or a note in the image
+        metadata saying why the UNet runs uncompiled (patched for the request, compiling failed)."""
+        route = self.compiled.route(context.bundle.unet)
+        context.state[UNET_STATE] = route
+        context.state[MEMORY_STATE] = route.describe(context.state.get(MEMORY_STATE) or "")
 
     def _with_vae(self, bundle: ModelBundle, name: str) -> ModelBundle:
         """A copy of ``bundle`` that decodes with the VAE ``name`` (the cached bundle is unchanged)."""
@@ -466,6 +479,8 @@ class Engine:
         step_kwargs = _step_kwargs(scheduler, generators, request.eta)
         # a distilled latent consistency UNet takes the guidance as an input instead of two passes
         guidance_input = _guidance_embedding(unet, cond.guidance_scale, batch, device, dtype)
+        route: Route | None = context.state.get(UNET_STATE)  # the compiled UNet under --compile
+        run_unet = route.call if route is not None else unet
 
         def unet_call(model_input: torch.Tensor, step: DenoiseStep) -> torch.Tensor:
             down_residuals, mid_residual = _control_residuals(
@@ -481,7 +496,7 @@ class Engine:
                 torch.cat([model_input, unet_extra], dim=1) if unet_extra is not None else model_input
             )
             extra = {"timestep_cond": guidance_input} if guidance_input is not None else {}
-            return unet(
+            return run_unet(
                 unet_input,
                 step.timestep,
                 **extra,
@@ -531,6 +546,8 @@ class Engine:
                 if callback is not None:
                     callback(info)
                 self.plugins.hook.on_step(step=info)
+        if route is not None and "Memory" in cond.metadata:  # compiling may have failed during the loop
+            cond.metadata["Memory"] = route.describe(str(cond.metadata["Memory"]))
         return latents, cond
 
     def _wrappers(self, hook: str, request: GenerationRequest, context: RunContext) -> list[Any]:
