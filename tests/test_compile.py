@@ -274,3 +274,18 @@ def test_an_evicted_unet_is_freed_with_its_compiled_code(components):
     del unet, route
     gc.collect()
     assert gone() is None  # neither the compiler nor the compiled module kept it alive
+
+
+def test_a_first_request_that_patches_does_not_keep_the_unet_from_compiling(components):
+    bundle = bundle_from(components)
+    shared = CompiledUNets("eager")
+    hooked = engine(HookOnConvIn())
+    hooked.compiled = shared
+    first = hooked.generate(REQUEST, bundle=bundle)  # the very first request is a patched one
+    assert first.images[0].parameters["Memory"] == "UNet not compiled (patched for this request)"
+    assert shared.calls(bundle.unet) == 0
+    plain = engine()
+    plain.compiled = shared
+    after = plain.generate(REQUEST, bundle=bundle)  # the unpatched UNet is the one compiled
+    assert after.images[0].parameters["Memory"] == "compiled UNet"
+    assert shared.calls(bundle.unet) == REQUEST.steps

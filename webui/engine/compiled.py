@@ -63,6 +63,15 @@ def structure(module: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(parts)
 
 
+def _looks_patched(parts: tuple[Any, ...]) -> bool:
+    """Whether a structure shows a request's patch: hooks, a ``forward`` on an instance, adapter
+    layers (peft's, as LoRAs are applied). A model between requests has none of them."""
+    return any(
+        any(hooks) or own_forward or kind.__module__.startswith("peft")
+        for _name, _id, kind, hooks, own_forward, _processor in parts
+    )
+
+
 def is_compile_error(error: BaseException) -> bool:
     """Whether ``error`` came from compiling (Dynamo's tracing, Inductor's code generation or
     the C++ / Triton compiler behind it) rather than from running the model."""
@@ -155,15 +164,18 @@ class CompiledUNets:
     def route(self, unet: torch.nn.Module) -> Route:
         """The callable to run ``unet`` with for one batch: compiled when ``unet`` is as it was
         compiled (compiling it the first time), else ``unet`` itself with the reason."""
+        current = structure(unet)
         with self._lock:
             entries = self._entries(unet)
             entry = entries.get(self)
             if entry is None:
-                entry = self._compile(unet)
+                if _looks_patched(current):  # compile the UNet as it is between requests, not a patched one
+                    return Route(unet, False, "patched for this request")
+                entry = self._compile(unet, current)
                 entries[self] = entry
         if entry.failed is not None:
             return Route(unet, False, "compiling failed", entry)
-        if structure(unet) != entry.structure:
+        if current != entry.structure:
             return Route(unet, False, "patched for this request", entry)
         return Route(self._guarded(unet, entry), True, entry=entry)
 
@@ -172,14 +184,14 @@ class CompiledUNets:
         entry = unet.__dict__.get(_ENTRIES, {}).get(self)
         return entry.calls if entry is not None else 0
 
-    def _compile(self, unet: torch.nn.Module) -> _Entry:
+    def _compile(self, unet: torch.nn.Module, current: tuple[Any, ...]) -> _Entry:
         if self.backend == "inductor":
             use_cache_dir()
         try:
             compiled = torch.compile(unet, backend=self.backend)
         except Exception as error:  # torch.compile itself refused (an unsupported platform)
-            return _Entry(structure(unet), unet, failed=_first_line(error))
-        return _Entry(structure(unet), compiled)
+            return _Entry(current, unet, failed=_first_line(error))
+        return _Entry(current, compiled)
 
     @staticmethod
     def _guarded(unet: torch.nn.Module, entry: _Entry) -> Callable[..., Any]:
