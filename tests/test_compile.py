@@ -70,11 +70,11 @@ class BiasInPlace:
 
 
 def test_the_plan_compiles_only_without_offload():
-    bundle_plan = MemoryPlan(compile=True)
-    assert bundle_plan.describe() == "compiled UNet"
+    compiling_plan = MemoryPlan(compile=True)
+    assert compiling_plan.describe() == "compiled UNet"
     assert MemorySettings().compile is False and MemoryPlan().describe() == "default"
     # a lower rung with offload hooks drops compiling; the rungs before it keep it
-    assert lower_plan(bundle_plan, 1, CPU).compile is True
+    assert lower_plan(compiling_plan, 1, CPU).compile is True
     lowered = lower_plan(MemoryPlan(compile=True, vae_tiling=True, vae_slicing=True), 1, GPU)
     assert lowered is not None and lowered.offload == "model" and lowered.compile is False
 

@@ -54,7 +54,7 @@ _HOOK_ATTRIBUTES = (
 def structure(module: torch.nn.Module) -> tuple[Any, ...]:
     """What a compiled graph of ``module`` depends on besides its parameters' values: every
     submodule's name, object and class, its hooks, a ``forward`` set on the instance, its attention
-    processor. Cheap (a walk over the modules: about a millisecond for SD 1.5's UNet)."""
+    processor. A walk over the modules, once per batch."""
     parts: list[Any] = []
     for name, sub in module.named_modules():
         hooks = tuple(tuple(getattr(sub, attr, {})) for attr in _HOOK_ATTRIBUTES)
@@ -136,9 +136,10 @@ class Route:
         """``note`` (a memory plan's description, which says "compiled UNet") as it really went:
         "UNet not compiled (...)" where the UNet ran uncompiled, also when compiling failed during
         the batch."""
-        if self.compiled and (self.entry is None or self.entry.failed is None):
+        failed_now = self.compiled and self.entry is not None and self.entry.failed is not None
+        if self.compiled and not failed_now:
             return note
-        reason = self.reason if not self.compiled else "compiling failed"
+        reason = "compiling failed" if failed_now else self.reason
         return note.replace("compiled UNet", f"UNet not compiled ({reason})")
 
 

@@ -242,8 +242,8 @@ def choose_plan(
         vae_slicing=settings.vae_slicing == "on",
         vae_tiling=settings.vae_tiling == "on",
         offload=settings.offload if settings.offload != "auto" else "none",
+        compile=settings.compile and settings.offload in ("auto", "none"),
     )
-    plan = dataclasses.replace(plan, compile=settings.compile and plan.offload == "none")
     budget = (free_memory(device) if free is None else free) * _HEADROOM
 
     def need(p: MemoryPlan) -> int:
@@ -270,9 +270,8 @@ def lower_plan(plan: MemoryPlan, batch: int, device: torch.device) -> MemoryPlan
         return dataclasses.replace(plan, vae_tiling=True)
     if not plan.vae_slicing:  # (attention stays: SDPA's kernels already never hold the full score matrix)
         return dataclasses.replace(plan, vae_slicing=True)
-    if (
-        device.type == "cuda" and plan.offload == "none"
-    ):  # (offload's hooks and a compiled UNet exclude each other)
+    # (offload's hooks and a compiled UNet exclude each other)
+    if device.type == "cuda" and plan.offload == "none":
         return dataclasses.replace(plan, offload="model", compile=False)
     if device.type == "cuda" and plan.offload == "model":
         return dataclasses.replace(plan, offload="sequential")
