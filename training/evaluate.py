@@ -2,9 +2,9 @@
 
 Every image is made by :meth:`webui.engine.pipeline.Engine.generate` from a plain
 :class:`~webui.request.GenerationRequest` at 64x64, exactly as a user would ask for it, and read back
-by the deterministic analyser of :mod:`training.analyse`. Scenes come from
-``random.Random(seed)`` (training draws its scenes from seeds under 10000, so the default 12345
-gives scenes the model did not see in that order; any scene may still occur by chance).
+by the deterministic analyser of :mod:`training.analyse`. Each task draws its scenes from its own
+stream, seeded from ``random.Random(seed)``; training pools seed every scene by its index instead,
+so the evaluation's scenes are not the pools' (any scene may still occur by chance).
 
 Tasks and their measures:
 

@@ -176,7 +176,12 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
 
     ev = commands.add_parser("evaluate", help="score a shapes model on txt2img, seg2img, inpainting, img2img")
     ev.add_argument("--n", type=at_least(1), default=100, help="images per task")
-    ev.add_argument("--seed", type=int, default=12345, help="scene seed (training uses seeds under 10000)")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=12345,
+        help="scene seed (each task draws its scenes from its own stream derived from it)",
+    )
     ev.add_argument("--steps", type=at_least(1), default=20)
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="images per request (one scene each)")
