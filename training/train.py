@@ -395,13 +395,16 @@ def _train_phases(
         vae, unet, controlnet = load_exported(init_from, config, dev)
     if init_from is None and config.refine_steps <= 0:
         return vae, unet, controlnet
-    for stage in _fine_tuning_stages(config):
-        if not any(stage.lengths):
-            continue
-        print(f"building {config.scenes} scenes for the {stage.names[0][0]} phases...", flush=True)
-        pool = ScenePool(config.scenes, config.seed + stage.pool_seed, pair_share=stage.pair_share)
+    if config.phrasing_steps > 0 or config.phrasing_polish_steps > 0:
+        print(f"building {config.scenes} scenes with pairs and free phrasings...", flush=True)
+        pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
         encode_pool(pool, vae, dev)
-        unet, controlnet = train_stage(pool, vae, unet, controlnet, config, stage, ckpt, dev, log, deadline)
+        unet, controlnet = train_phrasing(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
+    if config.pairs_steps > 0 or config.pairs_polish_steps > 0:
+        print(f"building {config.scenes} scenes, mostly pairs...", flush=True)
+        pool = ScenePool(config.scenes, config.seed + 1, pair_share=config.pairs_pair_share)
+        encode_pool(pool, vae, dev)
+        unet, controlnet = train_pairs(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
     return vae, unet, controlnet
 
 
@@ -589,50 +592,73 @@ def train_diffusion(
     return _diffusion_loop(pool, vae, config, third, dev, log)
 
 
-@dataclass(frozen=True)
-class _Stage:
-    """Two phases after the polish on a pool of their own (see ``_fine_tuning_stages``)."""
-
-    names: tuple[tuple[str, str], tuple[str, str]]  # (phase, checkpoint file) of each phase
-    lengths: tuple[int, int]
-    lr: float  # the first phase's; the second takes the polish's
-    pair_share: float  # of the pool's scenes
-    pool_seed: int  # added to the recipe's seed
-    grow: bool = False  # grow the UNet by attention at the 16×16 level first
-
-
-def _fine_tuning_stages(config: TrainConfig) -> tuple[_Stage, _Stage]:
-    """Phases 5-6, the finished single-scene model on pairs and free phrasings, and phases 7-8, the
-    UNet grown by attention at 16×16 on a pool of mostly pairs."""
-    phrasing = _Stage(
-        (("phrasing", "phrasing.pt"), ("phrasing polish", "phrasing_polish.pt")),
-        (config.phrasing_steps, config.phrasing_polish_steps),
-        config.phrasing_lr,
-        config.pair_share,
-        pool_seed=0,
-    )
-    pairs = _Stage(
-        (("pairs", "pairs.pt"), ("pairs polish", "pairs_polish.pt")),
-        (config.pairs_steps, config.pairs_polish_steps),
-        config.pairs_lr,
-        config.pairs_pair_share,
-        pool_seed=1,
-        grow=True,
-    )
-    return phrasing, pairs
-
-
-def train_stage(
+def train_phrasing(
     pool: ScenePool,
     vae: Any,
     unet: Any,
     controlnet: Any,
     config: TrainConfig,
-    stage: _Stage,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
+) -> tuple[Any, Any]:
+    """Phases 5 and 6: the finished single-scene model on pairs and free phrasings, weighted as
+    the refinement (the layout), then as the polish (the edges)."""
+    names = (("phrasing", "phrasing.pt"), ("phrasing polish", "phrasing_polish.pt"))
+    lengths = (config.phrasing_steps, config.phrasing_polish_steps)
+    return _layout_then_edges(
+        pool, vae, unet, controlnet, config, ckpt, dev, log, deadline, names, lengths, config.phrasing_lr
+    )
+
+
+def train_pairs(
+    pool: ScenePool,
+    vae: Any,
+    unet: Any,
+    controlnet: Any,
+    config: TrainConfig,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
+) -> tuple[Any, Any]:
+    """Phases 7 and 8: the UNet grown by attention at the 16×16 level, on a pool of mostly pairs,
+    weighted as phases 5 and 6."""
+    names = (("pairs", "pairs.pt"), ("pairs polish", "pairs_polish.pt"))
+    lengths = (config.pairs_steps, config.pairs_polish_steps)
+    return _layout_then_edges(
+        pool,
+        vae,
+        unet,
+        controlnet,
+        config,
+        ckpt,
+        dev,
+        log,
+        deadline,
+        names,
+        lengths,
+        config.pairs_lr,
+        grow=True,
+    )
+
+
+def _layout_then_edges(
+    pool: ScenePool,
+    vae: Any,
+    unet: Any,
+    controlnet: Any,
+    config: TrainConfig,
     ckpt: Path,
     dev: torch.device,
     log: Any,
     deadline: float | None,
+    names: tuple[tuple[str, str], tuple[str, str]],
+    lengths: tuple[int, int],
+    lr: float,
+    *,
+    grow: bool = False,
 ) -> tuple[Any, Any]:
     """Two phases on ``pool`` with free phrasings, each from the last one's EMA weights (a phase of
     0 steps is skipped): plain v-MSE with a share of noisy steps, then min-SNR's v weighting at the
@@ -643,16 +669,15 @@ def train_stage(
         text_states=tuple(config.refine_text_states),
         phrasing_share=config.phrasing_share,
         deadline=deadline,
-        top_attention=stage.grow,
+        top_attention=grow,
     )
-    layout = dict(high_noise_share=config.phrasing_high_noise_share, weighting="v_mse", lr=stage.lr)
+    layout = dict(high_noise_share=config.phrasing_high_noise_share, weighting="v_mse", lr=lr)
     edges = dict(lr=config.polish_lr)
-    for (name, file), steps, mix in zip(stage.names, stage.lengths, (layout, edges), strict=True):
+    for (name, file), steps, mix in zip(names, lengths, (layout, edges), strict=True):
         if steps <= 0:
             continue
         init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-        settings: dict[str, Any] = {**shared, **mix}
-        phase = _Phase(name, ckpt / file, steps, warmup=min(100, config.warmup), init=init, **settings)
+        phase = _Phase(name, ckpt / file, steps, warmup=min(100, config.warmup), init=init, **shared, **mix)  # type: ignore[arg-type]
         unet, controlnet = _diffusion_loop(pool, vae, config, phase, dev, log)
     return unet, controlnet
 
