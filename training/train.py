@@ -85,16 +85,6 @@ class TrainConfig:
     phrasing_polish_steps: int = 750
     pair_share: float = 0.35
     phrasing_share: float = 0.7
-    # phases 7 and 8, "pairs": two objects need each spot of the image to read which colour and shape
-    # are said of it, and phases 5-6's UNet reads the text only at its 8×8 and 4×4 levels (two-object
-    # adherence 12 % after them). These phases grow the UNet by cross-attention at its 16×16 level
-    # (new blocks whose output projection starts at zero, so training starts from phase 6's model)
-    # and train it on a third pool in which ``pairs_pair_share`` of the scenes are pairs; phase 7
-    # weighted as phase 5 (the layout), phase 8 as phase 6 (the edges).
-    pairs_steps: int = 3200
-    pairs_lr: float = 2e-4
-    pairs_polish_steps: int = 500
-    pairs_pair_share: float = 0.6
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -142,60 +132,29 @@ def build_vae(config: TrainConfig) -> Any:
 TEXT_FEATURES = 384  # MiniLM-L6's hidden size
 
 
-def _unet_kwargs(
-    config: TrainConfig, text_states: tuple[int, ...] | None, *, top_attention: bool = False
-) -> dict[str, Any]:
-    top = "CrossAttnDownBlock2D" if top_attention else "DownBlock2D"
+def _unet_kwargs(config: TrainConfig, text_states: tuple[int, ...] | None) -> dict[str, Any]:
     return dict(
         block_out_channels=config.unet_channels,
         layers_per_block=1,
-        down_block_types=(top, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         cross_attention_dim=TEXT_FEATURES * len(text_states or (-1,)),
         attention_head_dim=4,
         norm_num_groups=16,
     )
 
 
-def build_unet(
-    config: TrainConfig, text_states: tuple[int, ...] | None = None, *, top_attention: bool = False
-) -> Any:
+def build_unet(config: TrainConfig, text_states: tuple[int, ...] | None = None) -> Any:
     """The 9-channel UNet; ``text_states`` are the MiniLM hidden states it is conditioned on, side by
-    side (``None``: the last one alone); ``top_attention``: attention at the 16×16 level too."""
+    side (``None``: the last one alone)."""
     from diffusers import UNet2DConditionModel
 
-    top = "CrossAttnUpBlock2D" if top_attention else "UpBlock2D"
     return UNet2DConditionModel(
         sample_size=shapes.SIZE // 4,
         in_channels=9,
         out_channels=4,
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", top),
-        **_unet_kwargs(config, text_states, top_attention=top_attention),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **_unet_kwargs(config, text_states),
     )
-
-
-TOP_ATTENTION = ("down_blocks.0.attentions.", "up_blocks.2.attentions.")  # the 16×16 level's
-
-
-def has_top_attention(state: dict[str, torch.Tensor]) -> bool:
-    return any(name.startswith(TOP_ATTENTION) for name in state)
-
-
-def grow_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` of a UNet without attention at the 16×16 level, fitted to ``model`` that has it: the
-    new blocks keep ``model``'s fresh weights except their output projections, which start at zero,
-    so each new block passes its input through unchanged and the grown UNet computes exactly what
-    the small one did until training gives them weight. Any other difference is refused."""
-    target = model.state_dict()
-    missing = [name for name in target if name not in state]
-    unexpected = [name for name in state if name not in target]
-    foreign = [name for name in missing if not name.startswith(TOP_ATTENTION)]
-    if unexpected or foreign:
-        raise ValueError(f"cannot grow the UNet: unexpected {unexpected[:3]}, missing {foreign[:3]}")
-    grown = dict(state)
-    for name in missing:
-        fresh = target[name]
-        grown[name] = torch.zeros_like(fresh) if ".proj_out." in name else fresh.clone()
-    return grown
 
 
 def build_controlnet(config: TrainConfig, text_states: tuple[int, ...] | None = None) -> Any:
@@ -393,18 +352,12 @@ def _train_phases(
         unet, controlnet = train_diffusion(pool, vae, config, ckpt, dev, log, deadline)
     else:
         vae, unet, controlnet = load_exported(init_from, config, dev)
-    if init_from is None and config.refine_steps <= 0:
+    if config.phrasing_steps <= 0 or (init_from is None and config.refine_steps <= 0):
         return vae, unet, controlnet
-    if config.phrasing_steps > 0 or config.phrasing_polish_steps > 0:
-        print(f"building {config.scenes} scenes with pairs and free phrasings...", flush=True)
-        pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
-        encode_pool(pool, vae, dev)
-        unet, controlnet = train_phrasing(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
-    if config.pairs_steps > 0 or config.pairs_polish_steps > 0:
-        print(f"building {config.scenes} scenes, mostly pairs...", flush=True)
-        pool = ScenePool(config.scenes, config.seed + 1, pair_share=config.pairs_pair_share)
-        encode_pool(pool, vae, dev)
-        unet, controlnet = train_pairs(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
+    print(f"building {config.scenes} scenes with pairs and free phrasings...", flush=True)
+    pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
+    encode_pool(pool, vae, dev)
+    unet, controlnet = train_phrasing(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
     return vae, unet, controlnet
 
 
@@ -532,7 +485,6 @@ class _Phase:
     weighting: str = "min_snr"  # loss weight per timestep: "min_snr", or "v_mse" (v-prediction only)
     phrasing_share: float = 0.0  # share of captions in free phrasing (training/phrasing.py)
     deadline: float | None = None  # stop at the first checkpoint after this time.time()
-    top_attention: bool = False  # grow the UNet by attention at its 16×16 level (see grow_state)
 
 
 def train_diffusion(
@@ -605,81 +557,40 @@ def train_phrasing(
 ) -> tuple[Any, Any]:
     """Phases 5 and 6: the finished single-scene model on pairs and free phrasings, weighted as
     the refinement (the layout), then as the polish (the edges)."""
-    names = (("phrasing", "phrasing.pt"), ("phrasing polish", "phrasing_polish.pt"))
-    lengths = (config.phrasing_steps, config.phrasing_polish_steps)
-    return _layout_then_edges(
-        pool, vae, unet, controlnet, config, ckpt, dev, log, deadline, names, lengths, config.phrasing_lr
-    )
-
-
-def train_pairs(
-    pool: ScenePool,
-    vae: Any,
-    unet: Any,
-    controlnet: Any,
-    config: TrainConfig,
-    ckpt: Path,
-    dev: torch.device,
-    log: Any,
-    deadline: float | None = None,
-) -> tuple[Any, Any]:
-    """Phases 7 and 8: the UNet grown by attention at the 16×16 level, on a pool of mostly pairs,
-    weighted as phases 5 and 6."""
-    names = (("pairs", "pairs.pt"), ("pairs polish", "pairs_polish.pt"))
-    lengths = (config.pairs_steps, config.pairs_polish_steps)
-    return _layout_then_edges(
-        pool,
-        vae,
-        unet,
-        controlnet,
-        config,
-        ckpt,
-        dev,
-        log,
-        deadline,
-        names,
-        lengths,
-        config.pairs_lr,
-        grow=True,
-    )
-
-
-def _layout_then_edges(
-    pool: ScenePool,
-    vae: Any,
-    unet: Any,
-    controlnet: Any,
-    config: TrainConfig,
-    ckpt: Path,
-    dev: torch.device,
-    log: Any,
-    deadline: float | None,
-    names: tuple[tuple[str, str], tuple[str, str]],
-    lengths: tuple[int, int],
-    lr: float,
-    *,
-    grow: bool = False,
-) -> tuple[Any, Any]:
-    """Two phases on ``pool`` with free phrasings, each from the last one's EMA weights (a phase of
-    0 steps is skipped): plain v-MSE with a share of noisy steps, then min-SNR's v weighting at the
-    polish's learning rate."""
+    states = tuple(config.refine_text_states)
     shared = dict(
         control_share=config.refine_control_share,
         prediction=config.refine_prediction,
-        text_states=tuple(config.refine_text_states),
+        text_states=states,
         phrasing_share=config.phrasing_share,
         deadline=deadline,
-        top_attention=grow,
     )
-    layout = dict(high_noise_share=config.phrasing_high_noise_share, weighting="v_mse", lr=lr)
-    edges = dict(lr=config.polish_lr)
-    for (name, file), steps, mix in zip(names, lengths, (layout, edges), strict=True):
-        if steps <= 0:
-            continue
-        init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-        phase = _Phase(name, ckpt / file, steps, warmup=min(100, config.warmup), init=init, **shared, **mix)  # type: ignore[arg-type]
-        unet, controlnet = _diffusion_loop(pool, vae, config, phase, dev, log)
-    return unet, controlnet
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    fifth = _Phase(
+        "phrasing",
+        ckpt / "phrasing.pt",
+        config.phrasing_steps,
+        config.phrasing_lr,
+        min(100, config.warmup),
+        high_noise_share=config.phrasing_high_noise_share,
+        init=init,
+        weighting="v_mse",
+        **shared,  # type: ignore[arg-type]
+    )
+    unet, controlnet = _diffusion_loop(pool, vae, config, fifth, dev, log)
+    if config.phrasing_polish_steps <= 0:
+        return unet, controlnet
+    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+    sixth = _Phase(
+        "phrasing polish",
+        ckpt / "phrasing_polish.pt",
+        config.phrasing_polish_steps,
+        config.polish_lr,
+        min(100, config.warmup),
+        init=init,
+        **shared,  # type: ignore[arg-type]
+    )
+    return _diffusion_loop(pool, vae, config, sixth, dev, log)
 
 
 def _diffusion_loop(
@@ -701,12 +612,10 @@ def _diffusion_loop(
         config=text_conditioning(phase.text_states),
     )
     captions = CaptionCache(text_bundle, dev)
-    top = phase.top_attention or (phase.init is not None and has_top_attention(phase.init["unet"]))
-    unet = build_unet(config, phase.text_states, top_attention=top).to(dev)
+    unet = build_unet(config, phase.text_states).to(dev)
     controlnet = build_controlnet(config, phase.text_states).to(dev)
     if phase.init is not None:
-        state = widen_state(phase.init["unet"], unet)
-        unet.load_state_dict(state if has_top_attention(state) or not top else grow_state(state, unet))
+        unet.load_state_dict(widen_state(phase.init["unet"], unet))
         controlnet.load_state_dict(widen_state(phase.init["controlnet"], controlnet))
     params = list(unet.parameters()) + list(controlnet.parameters())
     optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.01)
@@ -731,15 +640,7 @@ def _diffusion_loop(
     snr = alphas / (1 - alphas)
     scale = vae.config.scaling_factor
     # each phase its own streams, so that resuming either phase replays the same batches
-    salts = {
-        "diffusion": 0,
-        "refine": 1_000,
-        "polish": 2_000,
-        "phrasing": 3_000,
-        "phrasing polish": 4_000,
-        "pairs": 5_000,
-        "pairs polish": 6_000,
-    }
+    salts = {"diffusion": 0, "refine": 1_000, "polish": 2_000, "phrasing": 3_000, "phrasing polish": 4_000}
     salt = salts.get(phase.name, 0)
     gen = torch.Generator().manual_seed(config.seed + 2 + salt + start)
     rng = np.random.default_rng(config.seed + 3 + salt + start)

@@ -126,24 +126,11 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         help="polish steps after the phrasing phase (default: the recipe's; 0 skips it)",
     )
     train.add_argument(
-        "--pairs-steps",
-        type=at_least(0),
-        default=None,
-        help="steps of the UNet grown by attention at 16×16 on a pool of mostly pairs, after the "
-        "phrasing phases (default: the recipe's; 0 = none)",
-    )
-    train.add_argument(
-        "--pairs-polish-steps",
-        type=at_least(0),
-        default=None,
-        help="polish steps after the pairs phase (default: the recipe's; 0 skips it)",
-    )
-    train.add_argument(
         "--init-from",
         type=Path,
         default=None,
-        help="a model folder of this recipe (after its polish) to start the phrasing and pairs "
-        "phases from, instead of training phases 1-4",
+        help="a model folder of this recipe (after its polish) to start the phrasing phases from, "
+        "instead of training phases 1-4",
     )
     train.add_argument(
         "--hours",
@@ -647,8 +634,6 @@ def _train(args: argparse.Namespace) -> int:
         ("phrasing_share", "phrasing_share"),
         ("phrasing_steps", "phrasing_steps"),
         ("phrasing_polish_steps", "phrasing_polish_steps"),
-        ("pairs_steps", "pairs_steps"),
-        ("pairs_polish_steps", "pairs_polish_steps"),
     ):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))
