@@ -176,6 +176,7 @@ def tiny_config(config_class, **changes):
         polish_steps=2,
         phrasing_steps=0,
         phrasing_polish_steps=0,
+        reader_steps=0,
     )
     return config_class(**{**settings, **changes})
 

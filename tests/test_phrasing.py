@@ -254,10 +254,12 @@ def test_each_pair_phrasing_reads_back_as_its_scene(split):
 
 
 def test_the_example_prompts_are_whole_scenes_in_trained_phrasings():
-    from training.phrasing import example_prompts, read_caption
+    from training.phrasing import example_prompts, read_caption, read_pair_caption
 
     examples = example_prompts()
-    assert all(read_caption(text) is not None for text in examples), examples
+    pairs = [text for text in examples if read_pair_caption(text) is not None]
+    assert len(pairs) == 2  # two shapes, drawn through the model's prompt reader
+    assert all(read_caption(text) is not None for text in examples if text not in pairs), examples
     held_out_words = [w for forms in HELD_OUT.sizes.values() for w in forms] + ["backdrop", "there is"]
     assert not any(word in text for text in examples for word in held_out_words)
     assert len({text.split()[0] for text in examples}) >= 4  # not one sentence shape

@@ -24,7 +24,7 @@ from waiting import wait_until
 
 from training import shapes
 from training.analyse import analyse, colour_share
-from training.phrasing import example_prompts, read_caption
+from training.phrasing import example_prompts, read_caption, read_pair_caption
 from webui.metadata import parse_infotext, read_png_parameters
 from webui.ui.app import BUSY_MESSAGE
 
@@ -386,7 +386,8 @@ def test_the_default_model_offers_its_vocabulary_and_palette(server):
     samples = {row[0] for dataset in datasets for row in dataset.raw_samples}
     assert samples == set(example_prompts())  # the examples the model ships in model_index.json
     # in the phrasings the model was trained on, one and two objects, each saying a whole scene
-    assert all(read_caption(text) for text in samples)
+    assert all(read_caption(text) or read_pair_caption(text) for text in samples)
+    assert any(read_pair_caption(text) for text in samples)
     legends = [
         block.value
         for block in server.demo.blocks.values()

@@ -130,9 +130,9 @@ HELD_OUT = Phrasings(  # the evaluation's only: no template or word here is used
 
 
 # the web app's example prompts: the caption template and free phrasings, each a caption training
-# uses (read back exactly by read_caption; checked by the tests, which also check that the shipped
-# model draws them). Two-object prompts join them once the model draws pairs reliably (see
-# docs/default-model.md).
+# uses (read back exactly by read_caption or read_pair_caption; checked by the tests, which also
+# check that the shipped model draws them), two of them with two shapes (drawn through the prompt
+# reader, see docs/default-model.md).
 EXAMPLES: tuple[str, ...] = (
     "a large red circle in the center on a white background",
     "blue background, big red circle in the upper left corner",
@@ -140,6 +140,8 @@ EXAMPLES: tuple[str, ...] = (
     "orange circle, small, to the left, against a gray background",
     "in the top right corner: a big white square, on a black background",
     "gray background with a large-sized blue triangle at the top",
+    "green background, a big yellow triangle above a small purple circle",
+    "a little blue square right of a large orange circle. the background is white",
 )
 
 

@@ -85,6 +85,10 @@ class TrainConfig:
     phrasing_polish_steps: int = 750
     pair_share: float = 0.35
     phrasing_share: float = 0.7
+    # the prompt reader (training/reader.py), trained after the export on captions alone and saved
+    # in the folder's reader/: the engine draws the scene it reads (webui/builtin/layout.py)
+    reader_texts: int = 12_000
+    reader_steps: int = 3000
     checkpoint_every: int = 250
     log_every: int = 25
     unet_channels: tuple[int, ...] = (32, 64, 128)
@@ -334,6 +338,13 @@ def train(
         log.write(
             json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
         )
+        if config.reader_steps > 0:
+            from training.reader import train_reader
+
+            scores = train_reader(
+                out / "reader", seed=config.seed, texts=config.reader_texts, steps=config.reader_steps
+            )
+            log.write(json.dumps({"event": "reader", "held_out": scores["held_out"]["all"]}) + "\n")
     return out
 
 

@@ -101,6 +101,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "webui.builtin.vae",
     "webui.builtin.metadata",
     "webui.builtin.text",
+    "webui.builtin.layout",  # before embeddings and lora: its provide_conditioning (trylast) runs last
     "webui.builtin.embeddings",  # before lora: its provide_conditioning (trylast) runs after lora's
     "webui.builtin.lora",
     "webui.builtin.cfg_rescale",

@@ -153,10 +153,23 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
         source=str(folder),
         model_hash=_folder_hash(folder),
         config={k: v for k, v in index.items() if not isinstance(v, list)},
+        reader=_load_reader(folder / "reader"),
     )
     for module in bundle.modules():
         module.eval().requires_grad_(False)
     return bundle.to(context.device)
+
+
+def _load_reader(folder: Path) -> Any:
+    """The folder's prompt reader (``reader/``, see webui.engine.reader), or None when it has none."""
+    from webui.engine.reader import load_reader
+
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return load_reader(folder)
+    except Exception as exc:  # a damaged config or weights file fails in many ways, all the same to a user
+        raise ModelLoadError(f"{folder} is not a prompt reader: {exc}") from exc
 
 
 def load_controlnet_folder(folder: Path, context: LoadContext) -> Any:

@@ -40,6 +40,8 @@ class ModelBundle:
     latent_scaling: dict[str, Any] | None = None
     # where the models compute while their weights are offloaded to CPU memory (webui.engine.memory)
     execution_device: torch.device | None = None
+    # the model's prompt reader (webui.engine.reader), when its folder ships one; it runs on the CPU
+    reader: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
