@@ -199,3 +199,26 @@ def test_a_saved_reader_loads_back_with_its_labels_and_outputs(tmp_path):
         expected = [out.argmax(-1).item() for out in reader.half().float()(states)]
     assert [reading[h] for h in heads] == [heads[h][i] for h, i in zip(heads, expected, strict=True)]
     assert 0 < reading.confidence["a_color"] <= 1
+
+
+def test_the_readers_own_pair_templates_use_no_held_out_phrasing():
+    from training.phrasing import HELD_OUT, TRAIN
+    from training.reader import READER_PAIR_TEMPLATES, reading_texts
+
+    held_out_words = [
+        *(form for forms in HELD_OUT.sizes.values() for form in forms),
+        *(form for forms in HELD_OUT.relations.values() for form in forms),
+        "there is",
+        "backdrop",
+        "all around",
+        "surroundings",
+        "is {rel} it",
+    ]
+    for template in READER_PAIR_TEMPLATES:
+        assert template not in HELD_OUT.pair_templates and template not in TRAIN.pair_templates
+        assert not [word for word in held_out_words if word in template], template
+    # the reader's training captions do use them
+    texts, _ = reading_texts(400, random.Random(1), "train")
+    used = [t for t in texts if " it" in t or "that shape" in t]
+    assert len(used) >= 20
+    assert not [t for t in texts for word in held_out_words[:-1] if word in t]

@@ -141,7 +141,7 @@ EXAMPLES: tuple[str, ...] = (
     "in the top right corner: a big white square, on a black background",
     "gray background with a large-sized blue triangle at the top",
     "green background, a big yellow triangle above a small purple circle",
-    "a little blue square right of a large orange circle. the background is white",
+    "a little white circle right of a large orange square. the background is blue",
 )
 
 
@@ -174,16 +174,24 @@ def phrase(scene: Scene, rng: random.Random, *, split: str = "train", misspellin
     return _finished(text, rng, misspellings)
 
 
-def phrase_pair(pair: Pair, rng: random.Random, *, split: str = "train", misspellings: float = 0.0) -> str:
+def phrase_pair(
+    pair: Pair,
+    rng: random.Random,
+    *,
+    split: str = "train",
+    misspellings: float = 0.0,
+    templates: tuple[str, ...] = (),
+) -> str:
     """One caption of a two-object ``pair`` in a phrasing of ``split``: both objects with their
-    size, colour and shape, the relation (said from either object), the background."""
+    size, colour and shape, the relation (said from either object), the background. ``templates``:
+    pair templates to draw from instead of the split's own (with the split's words)."""
     words = _split(split)
 
     def thing(scene: Scene) -> str:
         size = rng.choice(words.sizes[scene.size])
         return f"{'' if rng.random() < 0.2 else _article(size)}{size} {scene.color} {scene.shape}"
 
-    text = rng.choice(words.pair_templates).format(
+    text = rng.choice(templates or words.pair_templates).format(
         first=thing(pair.first),
         second=thing(pair.second),
         rel=rng.choice(words.relations[pair.relation]),

@@ -41,6 +41,17 @@ HEADS: dict[str, tuple[str, ...]] = {
     **{f"{slot}_shape": shapes.SHAPES for slot in "ab"},
     **{f"{slot}_size": tuple(shapes.SIZES) for slot in "ab"},
 }
+# the reader's own pair templates, beside the training phrasings': sentences in which the relation
+# is said from the shape named second, pointing back at the first ("a blue square, and left of it a
+# red circle"). The UNet's phrasings always say it from the shape named first, and a reader trained on
+# those alone swaps the shapes of such sentences. None of their words is a held-out one (tested).
+READER_PAIR_TEMPLATES: tuple[str, ...] = (
+    "{second} {bg}. {first} sits {rel} it",
+    "{bg_first}: first {second}, then {first} {rel} it",
+    "{second}, and {rel} it {first}, {bg}",
+    "we see {second}; {first} lies {rel} that shape. the background is {bg_color}",
+)
+READER_PAIR_SHARE = 0.3  # of the training split's free-phrasing pairs
 PAIR_AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
 
@@ -82,8 +93,13 @@ def reading_texts(count: int, rng: random.Random, split: str) -> tuple[list[str]
         if split == "train" and rng.random() < 1 / 3:
             text = item.caption()
         elif isinstance(item, shapes.Pair):
+            extra = split == "train" and rng.random() < READER_PAIR_SHARE
             text = phrasing.phrase_pair(
-                item, rng, split=split, misspellings=0.03 if split == "train" else 0.0
+                item,
+                rng,
+                split=split,
+                misspellings=0.03 if split == "train" else 0.0,
+                templates=READER_PAIR_TEMPLATES if extra else (),
             )
         else:
             text = phrasing.phrase(item, rng, split=split, misspellings=0.03 if split == "train" else 0.0)
@@ -100,20 +116,9 @@ def label_tensor(readings: list[dict[str, str]]) -> torch.Tensor:
 
 def encode(texts: list[str], chunk: int = 256) -> torch.Tensor:
     """The engine's prompt embeddings of ``texts`` (N, 32, 768), as the shipped model conditions on them."""
-    from training.train import CaptionCache, text_components, text_conditioning
-    from webui.engine.bundle import ModelBundle
+    from training.train import CaptionCache, text_bundle
 
-    tokenizer, encoder = text_components()
-    bundle = ModelBundle(
-        name="text",
-        unet=None,
-        vae=None,
-        text_encoders=[encoder],
-        tokenizers=[tokenizer],
-        scheduler_config={},
-        family="shapes",
-        config=text_conditioning((-1, 0)),
-    )
+    bundle = text_bundle((-1, 0))
     cache = CaptionCache(bundle, torch.device("cpu"), limit=chunk)
     with torch.no_grad():
         return torch.cat([cache(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])

@@ -169,6 +169,23 @@ def build_controlnet(config: TrainConfig, text_states: tuple[int, ...] | None = 
     )
 
 
+def text_bundle(text_states: tuple[int, ...] | None) -> Any:
+    """A text-only model bundle of the frozen MiniLM, for the engine's own prompt encoding."""
+    from webui.engine.bundle import ModelBundle
+
+    tokenizer, encoder = text_components()
+    return ModelBundle(
+        name="text",
+        unet=None,
+        vae=None,
+        text_encoders=[encoder],
+        tokenizers=[tokenizer],
+        scheduler_config={},
+        family="shapes",
+        config=text_conditioning(text_states),
+    )
+
+
 def text_conditioning(text_states: tuple[int, ...] | None) -> dict[str, Any]:
     """The ``model_index.json`` entries that tell the engine which text states the model takes."""
     return {} if text_states is None else {"text_conditioning": {"hidden_states": list(text_states)}}
@@ -609,20 +626,7 @@ def _diffusion_loop(
 ) -> tuple[Any, Any]:
     from diffusers import DDPMScheduler
 
-    from webui.engine.bundle import ModelBundle
-
-    tokenizer, encoder = text_components()
-    text_bundle = ModelBundle(
-        name="text",
-        unet=None,
-        vae=None,
-        text_encoders=[encoder],
-        tokenizers=[tokenizer],
-        scheduler_config={},
-        family="shapes",
-        config=text_conditioning(phase.text_states),
-    )
-    captions = CaptionCache(text_bundle, dev)
+    captions = CaptionCache(text_bundle(phase.text_states), dev)
     unet = build_unet(config, phase.text_states).to(dev)
     controlnet = build_controlnet(config, phase.text_states).to(dev)
     if phase.init is not None:
