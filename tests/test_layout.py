@@ -15,7 +15,7 @@ import torch
 from training import phrasing, shapes
 from training.analyse import analyse
 from training.evaluate import pair_facts
-from webui.engine.reader import load_reader, read, save_reader
+from webui.engine.reader import load_reader, read_prompt_states, save_reader
 from webui.errors import ModelLoadError
 from webui.request import GenerationRequest
 
@@ -48,7 +48,7 @@ def test_the_shipped_reader_reads_one_object_in_any_phrasing(engine, split):
     right = 0
     for _ in range(20):
         scene = shapes.random_scene(rng)
-        reading = read(reader, _states(engine, phrasing.phrase(scene, rng, split=split)))
+        reading = read_prompt_states(reader, _states(engine, phrasing.phrase(scene, rng, split=split)))
         wanted = labels_of(scene)
         right += all(reading[head] == wanted[head] for head in reading.heads_used())
     # measured on 2,000 captions when it was trained: 100 % (training phrasings), 99.6 % (held out)
@@ -64,14 +64,18 @@ def test_the_shipped_reader_reads_pairs_in_spatial_order(engine):
     right = 0
     for _ in range(20):
         pair = shapes.random_pair(rng)
-        reading = read(reader, _states(engine, phrasing.phrase_pair(pair, rng, split="train")))
+        reading = read_prompt_states(reader, _states(engine, phrasing.phrase_pair(pair, rng, split="train")))
         wanted = labels_of(pair)
         assert reading.objects == 2
         right += all(reading[head] == wanted[head] for head in reading.heads_used())
     assert right >= 19
     # "a X left of a Y" and "a Y right of a X" are one scene: X in slot a (the left one)
-    one = read(reader, _states(engine, "a red circle to the left of a blue square on a white background"))
-    other = read(reader, _states(engine, "a blue square to the right of a red circle on a white background"))
+    one = read_prompt_states(
+        reader, _states(engine, "a red circle to the left of a blue square on a white background")
+    )
+    other = read_prompt_states(
+        reader, _states(engine, "a blue square to the right of a red circle on a white background")
+    )
     for reading in (one, other):
         assert (reading["axis"], reading["a_color"], reading["b_color"]) == ("horizontal", "red", "blue")
 
@@ -194,7 +198,7 @@ def test_a_saved_reader_loads_back_with_its_labels_and_outputs(tmp_path):
     loaded = load_reader(tmp_path / "r")
     assert loaded.labels == heads
     states = torch.randn(1, 5, 16)
-    reading = read(loaded, states)
+    reading = read_prompt_states(loaded, states)
     with torch.no_grad():
         expected = [out.argmax(-1).item() for out in reader.half().float()(states)]
     assert [reading[h] for h in heads] == [heads[h][i] for h, i in zip(heads, expected, strict=True)]
@@ -222,3 +226,26 @@ def test_the_readers_own_pair_templates_use_no_held_out_phrasing():
     used = [t for t in texts if " it" in t or "that shape" in t]
     assert len(used) >= 20
     assert not [t for t in texts for word in held_out_words[:-1] if word in t]
+
+
+def test_the_train_command_trains_the_reader_after_the_export(tmp_path):
+    from test_default_model import tiny_config
+
+    from training.train import TrainConfig, train
+    from webui.engine.pipeline import Engine
+    from webui.plugins import make_plugin_manager
+
+    config = tiny_config(TrainConfig, scenes=4, vae_steps=1, steps=1, reader_texts=24, reader_steps=3)
+    out = train(tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    assert out is not None
+    reader_config = json.loads((out / "reader" / "config.json").read_text())
+    assert reader_config["scores"]["recipe"] == {"seed": 0, "texts": 24, "steps": 3, "batch": 128, "lr": 1e-3}
+    assert 0 <= reader_config["scores"]["held_out"]["all"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [e for e in log if e.get("event") == "reader"]
+    # the exported folder loads with its reader, and text-to-image records what it read
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    bundle = engine.models.get(str(out))
+    assert bundle.reader is not None and set(bundle.reader.labels) == set(reader_config["heads"])
+    result = engine.generate(GenerationRequest(model=str(out), prompt="a red circle", steps=2, seed=0))
+    assert result.images[0].image.size == (64, 64)

@@ -359,7 +359,11 @@ def train(
             from training.reader import train_reader
 
             scores = train_reader(
-                out / "reader", seed=config.seed, texts=config.reader_texts, steps=config.reader_steps
+                out / "reader",
+                seed=config.seed,
+                texts=config.reader_texts,
+                steps=config.reader_steps,
+                held_out=max(1, config.reader_texts // 6),  # 2,000 for the recipe's 12,000
             )
             log.write(json.dumps({"event": "reader", "held_out": scores["held_out"]["all"]}) + "\n")
     return out

@@ -73,6 +73,8 @@ from webui.engine.folders import HUB_ID, ModelFolders, file_sha256, model_hash, 
 from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.memory import MemoryPlan, MemorySettings
 from webui.engine.pipeline import Engine, GenerationResult
+from webui.engine.reader import WINDOW as READER_WINDOW
+from webui.engine.reader import PromptReader, Reading, read_prompt_states
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.segmap import ADE20K, Palette, control_image_tensor, find_palette, snap_to_palette
 from webui.engine.single_file import load_single_file, load_single_file_controlnet
@@ -125,6 +127,10 @@ __all__ = [
     "Palette",
     "PluginError",
     "PromptEmbeds",
+    "PromptReader",
+    "READER_WINDOW",
+    "Reading",
+    "read_prompt_states",
     "RunContext",
     "SecondPass",
     "SchedulerRegistry",

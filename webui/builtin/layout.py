@@ -27,15 +27,18 @@ from typing import Any
 import torch
 
 from webui.api import (
+    READER_WINDOW,
     Conditioning,
     GenerationRequest,
     OutputImage,
+    Reading,
     RunContext,
     SecondPass,
     encode_prompts,
     hookimpl,
+    read_prompt_states,
+    tensor_to_images,
 )
-from webui.engine.reader import WINDOW, Reading, read
 
 LATENT_STUDIO_API = 1
 FIELD = "read_prompt"
@@ -118,8 +121,8 @@ def layout_for(request: GenerationRequest, context: RunContext, prompt_embeds: t
     if STATE in context.state:
         return context.state[STATE]
     layout = None
-    if applies(request, context) and prompt_embeds.shape[1] <= WINDOW:
-        reading = read(context.bundle.reader, prompt_embeds)
+    if applies(request, context) and prompt_embeds.shape[1] <= READER_WINDOW:
+        reading = read_prompt_states(context.bundle.reader, prompt_embeds)
         if reading.least_confidence >= CONFIDENCE:
             captions = captions_of(reading)
             embeds, _ = encode_prompts(
@@ -179,8 +182,6 @@ def second_pass(request: GenerationRequest, context: RunContext, latents: torch.
 @hookimpl
 def postprocess_images(images: list[OutputImage], request: GenerationRequest, context: RunContext) -> None:
     """A pair's first shape's half exactly as the first pass drew it."""
-    from webui.images import tensor_to_images
-
     layout, first = context.state.get(STATE), _first_pass(context)
     context.state.pop(SECOND, None)
     if layout is None or first is None:

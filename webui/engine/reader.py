@@ -90,7 +90,7 @@ class Reading:
         return min(self.confidence[head] for head in self.heads_used())
 
 
-def read(reader: PromptReader, states: torch.Tensor) -> Reading:
+def read_prompt_states(reader: PromptReader, states: torch.Tensor) -> Reading:
     """The reading of one prompt's token states (1, T, features); only the first chunk is read."""
     tokens = states[:1, :WINDOW].float()
     with torch.no_grad():
