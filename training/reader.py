@@ -114,11 +114,12 @@ def label_tensor(readings: list[dict[str, str]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def encode(texts: list[str], chunk: int = 256) -> torch.Tensor:
-    """The engine's prompt embeddings of ``texts`` (N, 32, 768), as the shipped model conditions on them."""
+def encode(texts: list[str], text_states: tuple[int, ...] | None = (-1, 0), chunk: int = 256) -> torch.Tensor:
+    """The engine's prompt embeddings of ``texts`` (N, 32, 384 per MiniLM state), as a model
+    conditioned on ``text_states`` (the shipped model's: the last and the embedding layer) reads them."""
     from training.train import CaptionCache, text_bundle
 
-    bundle = text_bundle((-1, 0))
+    bundle = text_bundle(text_states)
     cache = CaptionCache(bundle, torch.device("cpu"), limit=chunk)
     with torch.no_grad():
         return torch.cat([cache(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
@@ -151,6 +152,7 @@ def train_reader(
     batch: int = 128,
     lr: float = 1e-3,
     held_out: int = 2_000,
+    text_states: tuple[int, ...] | None = (-1, 0),
     log: Any = print,
 ) -> dict[str, Any]:
     """Train the reader on ``texts`` training-phrasing captions, score it on ``held_out`` captions
@@ -159,10 +161,10 @@ def train_reader(
     started = time.perf_counter()
     train_texts, train_readings = reading_texts(texts, random.Random(seed), "train")
     test_texts, test_readings = reading_texts(held_out, random.Random(seed + 10_007), "held_out")
-    x, y = encode(train_texts), label_tensor(train_readings)
-    x_test, y_test = encode(test_texts), label_tensor(test_readings)
+    x, y = encode(train_texts, text_states), label_tensor(train_readings)
+    x_test, y_test = encode(test_texts, text_states), label_tensor(test_readings)
     log(f"reader: encoded {len(x) + len(x_test)} captions in {time.perf_counter() - started:.0f} s")
-    reader = PromptReader(HEADS)
+    reader = PromptReader(HEADS, features=x.shape[-1])
     optimizer = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)

@@ -364,6 +364,7 @@ def train(
                 texts=config.reader_texts,
                 steps=config.reader_steps,
                 held_out=max(1, config.reader_texts // 6),  # 2,000 for the recipe's 12,000
+                text_states=tuple(config.refine_text_states) if refined else None,
             )
             log.write(json.dumps({"event": "reader", "held_out": scores["held_out"]["all"]}) + "\n")
     return out

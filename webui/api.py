@@ -74,7 +74,7 @@ from webui.engine.lora import apply_loras, lora_metadata, prompt_loras
 from webui.engine.memory import MemoryPlan, MemorySettings
 from webui.engine.pipeline import Engine, GenerationResult
 from webui.engine.reader import WINDOW as READER_WINDOW
-from webui.engine.reader import PromptReader, Reading, read_prompt_states
+from webui.engine.reader import PromptReader, Reading, load_reader, read_prompt_states
 from webui.engine.schedulers import SchedulerRegistry
 from webui.engine.segmap import ADE20K, Palette, control_image_tensor, find_palette, snap_to_palette
 from webui.engine.single_file import load_single_file, load_single_file_controlnet
@@ -131,6 +131,7 @@ __all__ = [
     "READER_WINDOW",
     "Reading",
     "read_prompt_states",
+    "load_reader",
     "RunContext",
     "SecondPass",
     "SchedulerRegistry",

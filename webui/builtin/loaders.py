@@ -25,6 +25,7 @@ from webui.api import (
     file_sha256,
     find_palette,
     hookimpl,
+    load_reader,
     resolve_in_root,
 )
 
@@ -162,8 +163,6 @@ def load_diffusers_folder(folder: Path, context: LoadContext) -> ModelBundle:
 
 def _load_reader(folder: Path) -> Any:
     """The folder's prompt reader (``reader/``, see webui.engine.reader), or None when it has none."""
-    from webui.engine.reader import load_reader
-
     if not (folder / "config.json").is_file():
         return None
     try:
