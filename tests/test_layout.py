@@ -80,6 +80,37 @@ def test_the_shipped_reader_reads_pairs_in_spatial_order(engine):
         assert (reading["axis"], reading["a_color"], reading["b_color"]) == ("horizontal", "red", "blue")
 
 
+def _as_it_is(engine, prompt: str, **settings):
+    """The prompt used as it is: prompt reading switched off."""
+    return engine.generate(GenerationRequest(prompt=prompt, extra={"read_prompt": False}, **settings, **RUN))
+
+
+@pytest.mark.parametrize("position", list(shapes.POSITIONS))
+def test_the_captions_written_from_a_reading_are_the_models_caption_template(position):
+    from webui.builtin.layout import captions_of
+    from webui.engine.reader import Reading
+
+    labels = {"count": "one", "background": "blue", "position": position}
+    labels |= {"a_color": "red", "a_shape": "square", "a_size": "small"}
+    reading = Reading(labels, dict.fromkeys(labels, 1.0))
+    assert captions_of(reading) == [shapes.Scene("square", "red", "small", position, "blue").caption()]
+    pair = Reading(
+        {
+            **labels,
+            "count": "two",
+            "axis": "vertical",
+            "b_color": "green",
+            "b_shape": "circle",
+            "b_size": "large",
+        },
+        {},
+    )
+    assert captions_of(pair) == [
+        shapes.Scene("square", "red", "small", "top", "blue").caption(),
+        shapes.Scene("circle", "green", "large", "bottom", "blue").caption(),
+    ]
+
+
 @pytest.mark.slow
 def test_a_pair_is_drawn_in_two_passes_and_its_first_half_kept(engine):
     prompt = "a large red circle to the left of a small blue square on a white background"
@@ -91,15 +122,7 @@ def test_a_pair_is_drawn_in_two_passes_and_its_first_half_kept(engine):
     infotext = result.images[0].parameters["infotext"]
     assert "Prompt reading: large red circle left of small blue square on white" in infotext
     # the left half is the first pass exactly: the left shape's caption alone, with the same seeds
-    alone = engine.generate(
-        GenerationRequest(
-            prompt="a large red circle at the left on a white background",
-            seed=3,
-            batch_size=4,
-            extra={"read_prompt": False},
-            **RUN,
-        )
-    )
+    alone = _as_it_is(engine, "a large red circle at the left on a white background", seed=3, batch_size=4)
     for ours, plain in zip(result.images, alone.images, strict=True):
         left = np.asarray(ours.image, dtype=np.int16)[:, :32]
         assert np.abs(left - np.asarray(plain.image, dtype=np.int16)[:, :32]).max() <= 1
@@ -111,19 +134,11 @@ def test_one_object_is_drawn_from_the_models_own_caption(engine):
     prompt = "blue background, big red circle in the upper left corner"
     read_on = engine.generate(GenerationRequest(prompt=prompt, seed=5, batch_size=2, **RUN))
     assert read_on.images[0].parameters["Prompt reading"] == "large red circle at the top left on blue"
-    own = engine.generate(
-        GenerationRequest(
-            prompt="a large red circle at the top left on a blue background",
-            seed=5,
-            batch_size=2,
-            extra={"read_prompt": False},
-            **RUN,
-        )
-    )
+    own = _as_it_is(engine, "a large red circle at the top left on a blue background", seed=5, batch_size=2)
     for ours, theirs in zip(read_on.images, own.images, strict=True):
         assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
     # switched off, the prompt is used as it is and nothing is recorded
-    off = engine.generate(GenerationRequest(prompt=prompt, seed=5, extra={"read_prompt": False}, **RUN))
+    off = _as_it_is(engine, prompt, seed=5)
     assert "Prompt reading" not in off.images[0].parameters["infotext"]
     assert not np.array_equal(np.asarray(off.images[0].image), np.asarray(own.images[0].image))
 

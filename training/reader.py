@@ -12,9 +12,10 @@ words it never saw.
 
 Its outputs (:data:`HEADS`) are in spatial order, so a scene has one reading however it is said:
 slot ``a`` is the only object, or the left (top) one of a pair; slot ``b`` the right (bottom) one.
-The network, its labels and the caption template the engine writes from a reading are saved in the
-model folder's ``reader/`` (``config.json`` and ``model.safetensors``), loaded by
-:mod:`webui.engine.reader`.
+The network and its labels are saved in the model folder's ``reader/`` (``config.json`` and
+``model.safetensors``), loaded by :mod:`webui.engine.reader`; the captions the engine writes from a
+reading (``webui.builtin.layout.captions_of``) are the caption template of
+:meth:`training.shapes.Scene.caption` (tested to agree).
 """
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ class Layout:
 
 def captions_of(reading: Reading) -> list[str]:
     """The model's own captions of a reading: the scene's, or one per object of a pair (each at its
-    place: the middle row for side by side, the middle column for one above the other)."""
+    place: the middle row for side by side, the middle column for one above the other). The
+    default model's caption template (``training.shapes.Scene.caption``, which the web app does not
+    import; tests keep the two the same)."""
 
     def caption(slot: str, position: str) -> str:
         where = "in the center" if position == "center" else f"at the {position}"

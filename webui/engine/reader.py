@@ -3,8 +3,8 @@ scene the prompt asks for, head by head (``count``, ``background``, ``position``
 each object slot's ``color``, ``shape`` and ``size``). The default model ships one in
 ``reader/`` (trained by ``training/reader.py``); ``webui/builtin/layout.py`` uses it.
 
-``reader/config.json`` holds the network's size, its heads' labels and the caption ``template`` the
-model was trained on; ``reader/model.safetensors`` its weights.
+``reader/config.json`` holds the network's size, its heads' labels and the scores it was trained
+to; ``reader/model.safetensors`` its weights.
 """
 
 from __future__ import annotations
