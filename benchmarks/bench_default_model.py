@@ -55,6 +55,17 @@ def main() -> None:
             task="inpaint", init_image=init, mask=Image.fromarray(mask), strength=1.0, **base
         ),
         "seg2img": GenerationRequest(task="seg2img", seg_map=shapes.class_map_image(labels), **base),
+        # the prompt reader's paths (webui/builtin/layout.py): free phrasing, and two shapes (two passes)
+        "txt2img, free phrasing": GenerationRequest(
+            **{**base, "prompt": "blue background, big red circle in the upper left corner"}
+        ),
+        "txt2img, two shapes": GenerationRequest(
+            **{**base, "prompt": "green background, a big yellow triangle above a small purple circle"}
+        ),
+        "txt2img, two shapes, prompt as it is": GenerationRequest(
+            **{**base, "prompt": "green background, a big yellow triangle above a small purple circle"},
+            extra={"read_prompt": False},
+        ),
     }
     print(
         f"# {bundle.name} on {args.device}: {platform.processor() or platform.machine()}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from training.shapes import COLORS, OPPOSITE, POSITIONS, SHAPES, Pair, Scene, training_caption
@@ -181,11 +182,14 @@ def phrase_pair(
     split: str = "train",
     misspellings: float = 0.0,
     templates: tuple[str, ...] = (),
+    relations: Mapping[str, tuple[str, ...]] | None = None,
 ) -> str:
     """One caption of a two-object ``pair`` in a phrasing of ``split``: both objects with their
     size, colour and shape, the relation (said from either object), the background. ``templates``:
-    pair templates to draw from instead of the split's own (with the split's words)."""
+    pair templates to draw from instead of the split's own (with the split's words); ``relations``:
+    more forms of each relation, drawn from beside the split's own."""
     words = _split(split)
+    forms = {name: (*own, *(relations or {}).get(name, ())) for name, own in words.relations.items()}
 
     def thing(scene: Scene) -> str:
         size = rng.choice(words.sizes[scene.size])
@@ -194,8 +198,8 @@ def phrase_pair(
     text = rng.choice(templates or words.pair_templates).format(
         first=thing(pair.first),
         second=thing(pair.second),
-        rel=rng.choice(words.relations[pair.relation]),
-        rel_back=rng.choice(words.relations[OPPOSITE[pair.relation]]),
+        rel=rng.choice(forms[pair.relation]),
+        rel_back=rng.choice(forms[OPPOSITE[pair.relation]]),
         **_background_words(words, pair.background, rng),
     )
     return _finished(text, rng, misspellings)

@@ -53,6 +53,25 @@ READER_PAIR_TEMPLATES: tuple[str, ...] = (
     "we see {second}; {first} lies {rel} that shape. the background is {bg_color}",
 )
 READER_PAIR_SHARE = 0.3  # of the training split's free-phrasing pairs
+# and its own forms of each relation, drawn beside the training phrasings' in half of its pairs: the
+# relation's direction said with other words around it ("a bit left of", "on the upper side of"),
+# so that the reader keys on the direction word rather than on the exact phrase. No held-out word
+# here either (tested).
+READER_RELATIONS: dict[str, tuple[str, ...]] = {
+    "left of": ("more to the left of", "a bit left of", "toward the left of", "on the left side of"),
+    "right of": ("more to the right of", "a bit right of", "toward the right of", "on the right side of"),
+    "above": ("on the upper side of", "a bit above", "atop", "just over"),
+    "below": ("on the lower side of", "a bit below", "just under", "lower, beneath"),
+}
+READER_RELATION_SHARE = 0.5
+# words a person adds that say nothing about the scene; a quarter of the reader's training captions
+# get one or two of them at random places, so that a word it never saw does not change its reading
+# (a held-out phrasing is mostly known words around a few new ones)
+FILLERS: tuple[str, ...] = (
+    "just", "really", "quite", "clearly", "nicely", "simply", "here", "now", "please", "so", "also",
+    "exactly", "roughly", "some", "drawn", "shown", "one", "neatly", "plain", "simple",
+)  # fmt: skip
+FILLER_SHARE = 0.25
 PAIR_AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
 
@@ -85,7 +104,8 @@ def _slot(name: str, scene: shapes.Scene) -> dict[str, str]:
 
 def reading_texts(count: int, rng: random.Random, split: str) -> tuple[list[str], list[dict[str, str]]]:
     """``count`` captions with their readings: half one shape, half pairs; in the training split a
-    third in the caption template and a few misspelt, in the held-out split all in held-out phrasings."""
+    third in the caption template, a few misspelt and a quarter with filler words, in the held-out
+    split all in held-out phrasings."""
     texts, readings = [], []
     for _ in range(count):
         item: shapes.Scene | shapes.Pair = (
@@ -95,18 +115,30 @@ def reading_texts(count: int, rng: random.Random, split: str) -> tuple[list[str]
             text = item.caption()
         elif isinstance(item, shapes.Pair):
             extra = split == "train" and rng.random() < READER_PAIR_SHARE
+            more = split == "train" and rng.random() < READER_RELATION_SHARE
             text = phrasing.phrase_pair(
                 item,
                 rng,
                 split=split,
                 misspellings=0.03 if split == "train" else 0.0,
                 templates=READER_PAIR_TEMPLATES if extra else (),
+                relations=READER_RELATIONS if more else None,
             )
         else:
             text = phrasing.phrase(item, rng, split=split, misspellings=0.03 if split == "train" else 0.0)
+        if split == "train" and rng.random() < FILLER_SHARE:
+            text = with_fillers(text, rng)
         texts.append(text)
         readings.append(labels_of(item))
     return texts, readings
+
+
+def with_fillers(text: str, rng: random.Random) -> str:
+    """``text`` with one or two :data:`FILLERS` put between its words."""
+    words = text.split(" ")
+    for _ in range(rng.randint(1, 2)):
+        words.insert(rng.randint(0, len(words)), rng.choice(FILLERS))
+    return " ".join(words)
 
 
 def label_tensor(readings: list[dict[str, str]]) -> torch.Tensor:
