@@ -48,6 +48,7 @@ def main() -> None:
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[8:40, 8:40] = 255
     base = dict(prompt=scene.caption(), steps=args.steps, sampler=args.sampler, seed=1)  # the model's own CFG
+    pair = "green background, a big yellow triangle above a small purple circle"
     tasks = {
         "txt2img": GenerationRequest(**base),
         "img2img (strength 0.75)": GenerationRequest(task="img2img", init_image=init, strength=0.75, **base),
@@ -59,12 +60,9 @@ def main() -> None:
         "txt2img, free phrasing": GenerationRequest(
             **{**base, "prompt": "blue background, big red circle in the upper left corner"}
         ),
-        "txt2img, two shapes": GenerationRequest(
-            **{**base, "prompt": "green background, a big yellow triangle above a small purple circle"}
-        ),
+        "txt2img, two shapes": GenerationRequest(**{**base, "prompt": pair}),
         "txt2img, two shapes, prompt as it is": GenerationRequest(
-            **{**base, "prompt": "green background, a big yellow triangle above a small purple circle"},
-            extra={"read_prompt": False},
+            **{**base, "prompt": pair}, extra={"read_prompt": False}
         ),
     }
     print(
