@@ -1,11 +1,13 @@
 """Few-step models run as their authors intend: LCM and TCD samplers, the trailing ("SGM
 Uniform") schedule of Turbo and Lightning models, a distilled LCM UNet's guidance input, CFG 1
-without the unconditional pass; each equal to diffusers' own pipelines on tiny models."""
+without the unconditional pass; each equal to diffusers' own pipelines on tiny models. And a
+sampler's class defaults never override what a latent model needs (DDIM's clipping)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from components import bundle_from, sd_components
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 from parity import assert_close, ours, reference
@@ -156,3 +158,21 @@ def test_cfg_1_runs_one_unet_pass_per_step(engine, tmp_path):
     finally:
         hook.remove()
     assert batches == [1, 1, 2, 2]  # CFG 1: the conditional half only; CFG 7: both halves
+
+
+def test_ddim_never_clips_latents_unless_the_model_says_so(engine):
+    """DDIM's and DDPM's class default clips the predicted clean sample to [-1, 1], which is right
+    for pixels and wrong for latents: a model config that does not mention it (an Euler model's)
+    gets no clipping; one that asks for it keeps it; a sampler without the option gets no key."""
+    config = {k: v for k, v in sd_components_config().items() if k != "clip_sample"}
+    assert engine.schedulers.build("DDIM", config).config.clip_sample is False
+    assert engine.schedulers.build("DDIM", {**config, "clip_sample": True}).config.clip_sample is True
+    assert "clip_sample" not in engine.schedulers.build("Euler", config).config
+    scheduler = engine.schedulers.build("DDIM", config)
+    scheduler.set_timesteps(4)
+    latents = torch.full((1, 4, 8, 8), 3.0)  # a latent far outside [-1, 1], predicted exactly
+    t = scheduler.timesteps[-1]
+    alpha = scheduler.alphas_cumprod[int(t)]
+    noisy = alpha.sqrt() * latents  # the epsilon prediction of zero noise
+    out = scheduler.step(torch.zeros_like(latents), t, noisy).pred_original_sample
+    assert torch.allclose(out, latents, atol=1e-4)

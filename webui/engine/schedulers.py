@@ -30,6 +30,11 @@ class SamplerSpec:
     def build(self, base_config: dict[str, Any], *, seed: int | None = None) -> Any:
         """Build a new scheduler from the model's scheduler config plus this sampler's overrides."""
         config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+        # Clipping the predicted clean sample to [-1, 1] is for pixel-space models (DDIM's and DDPM's
+        # class default); latents range wider, and every latent model's own config turns it off. A
+        # config that does not say (an Euler model's, say) must not get it from the sampler's class.
+        if "clip_sample" not in config and _accepts(self.factory, "clip_sample"):
+            config["clip_sample"] = False
         if inspect.isclass(self.factory):
             scheduler = cast(Any, self.factory).from_config(config, **self.overrides)
         else:
@@ -40,6 +45,16 @@ class SamplerSpec:
             scheduler.register_to_config(noise_sampler_seed=seed)
             scheduler.noise_sampler_seed = seed
         return scheduler
+
+
+def _accepts(factory: Any, option: str) -> bool:
+    """Whether a scheduler class takes ``option`` (a callable factory gets the config as it is)."""
+    if not inspect.isclass(factory):
+        return False
+    try:
+        return option in inspect.signature(factory.__init__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class SchedulerRegistry:
