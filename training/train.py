@@ -87,6 +87,21 @@ class TrainConfig:
     phrasing_share: float = 0.7
     # the prompt reader (training/reader.py), trained after the export on captions alone and saved
     # in the folder's reader/: the engine draws the scene it reads (webui/builtin/layout.py)
+    # phase 7, "template polish": phase 6's EMA weights polished again (min-SNR v weighting) on the
+    # same pool with every caption in the caption template. With the prompt reader (on by default)
+    # the UNet is only ever given the template caption of one shape (webui/builtin/layout.py), and
+    # phases 5 and 6 gave 70 % of their captions to free phrasing.
+    template_polish_steps: int = 2000
+    # phase 8, "decoder": the VAE's decoder (and post_quant_conv) alone, trained on to draw the
+    # phrasing pool's scenes from posterior samples of their latents, L1 + MSE as in phase 1. The
+    # encoder stays frozen, so the latents, and the UNet and ControlNet trained on them, are
+    # unchanged. Phase 1 trained the whole VAE for 1,200 steps of 16 one-shape images; its decoder
+    # draws squares with pinched sides and dark orange as yellow. Constant lr, then a linear decay
+    # to zero over the last ``decoder_decay`` share of the steps.
+    decoder_steps: int = 1000
+    decoder_batch: int = 32
+    decoder_lr: float = 3e-4
+    decoder_decay: float = 0.3
     reader_texts: int = 12_000
     reader_steps: int = 3000
     checkpoint_every: int = 250
@@ -217,6 +232,9 @@ def scheduler_config(prediction: str = "epsilon") -> dict[str, Any]:
         "prediction_type": prediction,
         "timestep_spacing": "leading",
         "steps_offset": 1,
+        # as Stable Diffusion's own configs say, for samplers whose class defaults differ (DDIM)
+        "clip_sample": False,
+        "set_alpha_to_one": False,
     }
 
 
@@ -319,7 +337,8 @@ def train(
     """Run (or resume) the whole recipe and export the model folder to ``out``.
 
     ``init_from``: an exported model folder (this recipe's, after its phase 4) whose VAE, UNet and
-    ControlNet the phrasing phases start from, instead of running phases 1-4. ``hours``: stop at the
+    ControlNet phases 5-8 start from, instead of running phases 1-4; with
+    ``reader_steps`` 0 the folder's prompt reader, if it has one, is kept. ``hours``: stop at the
     first checkpoint after that long and return None; the same call again continues from there.
     """
     from webui.engine.devices import pick_device
@@ -330,6 +349,11 @@ def train(
     (checkpoint_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     started = time.time()
     deadline = None if hours is None else started + hours * 3600
+    # (copied aside first: ``out`` may be ``init_from`` itself, and the export replaces it)
+    kept_reader = checkpoint_dir / "init-reader"
+    shutil.rmtree(kept_reader, ignore_errors=True)
+    if config.reader_steps <= 0 and init_from is not None and (Path(init_from) / "reader").is_dir():
+        shutil.copytree(Path(init_from) / "reader", kept_reader)
     with (checkpoint_dir / "log.jsonl").open("a") as log:
         if init_from is not None:
             log.write(json.dumps({"event": "init from", "folder": str(init_from)}) + "\n")
@@ -355,6 +379,8 @@ def train(
         log.write(
             json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
         )
+        if kept_reader.is_dir():
+            shutil.copytree(kept_reader, out / "reader")
         if config.reader_steps > 0:
             from training.reader import train_reader
 
@@ -385,12 +411,18 @@ def _train_phases(
         unet, controlnet = train_diffusion(pool, vae, config, ckpt, dev, log, deadline)
     else:
         vae, unet, controlnet = load_exported(init_from, config, dev)
-    if config.phrasing_steps <= 0 or (init_from is None and config.refine_steps <= 0):
+    # (phases 5-7 need phase 3's v-prediction model with its wider text features)
+    refined = init_from is not None or config.refine_steps > 0
+    second = refined and (config.phrasing_steps > 0 or config.template_polish_steps > 0)
+    if not (second or config.decoder_steps > 0):
         return vae, unet, controlnet
     print(f"building {config.scenes} scenes with pairs and free phrasings...", flush=True)
     pool = ScenePool(config.scenes, config.seed, pair_share=config.pair_share)
     encode_pool(pool, vae, dev)
-    unet, controlnet = train_phrasing(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
+    if second:
+        unet, controlnet = train_second_pool(pool, vae, unet, controlnet, config, ckpt, dev, log, deadline)
+    if config.decoder_steps > 0:
+        vae = train_decoder(pool, vae, config, ckpt, dev, log, deadline)
     return vae, unet, controlnet
 
 
@@ -577,7 +609,7 @@ def train_diffusion(
     return _diffusion_loop(pool, vae, config, third, dev, log)
 
 
-def train_phrasing(
+def train_second_pool(
     pool: ScenePool,
     vae: Any,
     unet: Any,
@@ -588,42 +620,95 @@ def train_phrasing(
     log: Any,
     deadline: float | None = None,
 ) -> tuple[Any, Any]:
-    """Phases 5 and 6: the finished single-scene model on pairs and free phrasings, weighted as
-    the refinement (the layout), then as the polish (the edges)."""
-    states = tuple(config.refine_text_states)
+    """Phases 5-7, each from the last one's EMA weights: the finished single-scene model on pairs
+    and free phrasings, weighted as the refinement (the layout), then as the polish (the edges);
+    then the polish again with every caption in the caption template. A phase of 0 steps is left
+    out (phase 6 with phase 5)."""
     shared = dict(
         control_share=config.refine_control_share,
         prediction=config.refine_prediction,
-        text_states=states,
-        phrasing_share=config.phrasing_share,
+        text_states=tuple(config.refine_text_states),
         deadline=deadline,
     )
-    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-    fifth = _Phase(
-        "phrasing",
-        ckpt / "phrasing.pt",
-        config.phrasing_steps,
-        config.phrasing_lr,
-        min(100, config.warmup),
-        high_noise_share=config.phrasing_high_noise_share,
-        init=init,
-        weighting="v_mse",
-        **shared,  # type: ignore[arg-type]
-    )
-    unet, controlnet = _diffusion_loop(pool, vae, config, fifth, dev, log)
-    if config.phrasing_polish_steps <= 0:
-        return unet, controlnet
-    init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
-    sixth = _Phase(
-        "phrasing polish",
-        ckpt / "phrasing_polish.pt",
-        config.phrasing_polish_steps,
-        config.polish_lr,
-        min(100, config.warmup),
-        init=init,
-        **shared,  # type: ignore[arg-type]
-    )
-    return _diffusion_loop(pool, vae, config, sixth, dev, log)
+
+    def polish(name: str, steps: int, phrasing_share: float) -> _Phase:  # min-SNR v weighting
+        path = ckpt / f"{name.replace(' ', '_')}.pt"
+        warmup = min(100, config.warmup)
+        return _Phase(name, path, steps, config.polish_lr, warmup, phrasing_share=phrasing_share, **shared)  # type: ignore[arg-type]
+
+    phases: list[_Phase] = []
+    if config.phrasing_steps > 0:
+        phases.append(
+            _Phase(
+                "phrasing",
+                ckpt / "phrasing.pt",
+                config.phrasing_steps,
+                config.phrasing_lr,
+                min(100, config.warmup),
+                high_noise_share=config.phrasing_high_noise_share,
+                weighting="v_mse",
+                phrasing_share=config.phrasing_share,
+                **shared,  # type: ignore[arg-type]
+            )
+        )
+        if config.phrasing_polish_steps > 0:
+            phases.append(polish("phrasing polish", config.phrasing_polish_steps, config.phrasing_share))
+    if config.template_polish_steps > 0:
+        phases.append(polish("template polish", config.template_polish_steps, 0.0))
+    for phase in phases:
+        phase.init = {"unet": unet.state_dict(), "controlnet": controlnet.state_dict()}
+        unet, controlnet = _diffusion_loop(pool, vae, config, phase, dev, log)
+    return unet, controlnet
+
+
+def train_decoder(
+    pool: ScenePool,
+    vae: Any,
+    config: TrainConfig,
+    ckpt: Path,
+    dev: torch.device,
+    log: Any,
+    deadline: float | None = None,
+) -> Any:
+    """Phase 8: the decoder alone on ``pool`` (encoded by ``encode_pool``), the encoder frozen."""
+    assert pool.latent_mean is not None and pool.latent_std is not None
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.requires_grad_(False)
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=config.decoder_lr, weight_decay=0.0)
+    path = ckpt / "decoder.pt"
+    start = 0
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    steps, decay = config.decoder_steps, max(1.0, config.decoder_decay * config.decoder_steps)
+    gen = torch.Generator().manual_seed(config.seed + 7 + start)
+    vae.train()
+    bar = tqdm(range(start, steps), desc="decoder", initial=start, total=steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.decoder_lr * min(1.0, (steps - step) / decay)
+        index = torch.randint(0, len(pool.scenes), (config.decoder_batch,), generator=gen)
+        x = pool.pixels(index).to(dev)
+        noise = torch.randn(pool.latent_mean[index].shape, generator=gen)
+        z = (pool.latent_mean[index] + pool.latent_std[index] * noise).to(dev)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % config.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            entry = {"phase": "decoder", "step": step, "loss": round(loss.item(), 5), "lr": group["lr"]}
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            _save(path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
+            _check_time(deadline, f"decoder step {step + 1}")
+    return vae.eval().requires_grad_(False)
 
 
 def _diffusion_loop(
@@ -660,7 +745,16 @@ def _diffusion_loop(
     snr = alphas / (1 - alphas)
     scale = vae.config.scaling_factor
     # each phase its own streams, so that resuming either phase replays the same batches
-    salts = {"diffusion": 0, "refine": 1_000, "polish": 2_000, "phrasing": 3_000, "phrasing polish": 4_000}
+    # (the template polish shares the diffusion phase's salt: it draws from another pool, and the
+    # shipped weights were trained so)
+    salts = {
+        "diffusion": 0,
+        "refine": 1_000,
+        "polish": 2_000,
+        "phrasing": 3_000,
+        "phrasing polish": 4_000,
+        "template polish": 0,
+    }
     salt = salts.get(phase.name, 0)
     gen = torch.Generator().manual_seed(config.seed + 2 + salt + start)
     rng = np.random.default_rng(config.seed + 3 + salt + start)

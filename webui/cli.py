@@ -126,11 +126,31 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         help="polish steps after the phrasing phase (default: the recipe's; 0 skips it)",
     )
     train.add_argument(
+        "--template-polish-steps",
+        type=at_least(0),
+        default=None,
+        help="polish steps with every caption in the caption template, after the phrasing phases "
+        "(default: the recipe's; 0 skips it)",
+    )
+    train.add_argument(
+        "--decoder-steps",
+        type=at_least(0),
+        default=None,
+        help="steps on the VAE's decoder alone after the polishes (default: the recipe's; 0 skips it)",
+    )
+    train.add_argument(
+        "--reader-steps",
+        type=at_least(0),
+        default=None,
+        help="prompt reader steps after the export (default: the recipe's; 0 trains none and keeps "
+        "the --init-from folder's reader)",
+    )
+    train.add_argument(
         "--init-from",
         type=Path,
         default=None,
-        help="a model folder of this recipe (after its polish) to start the phrasing phases from, "
-        "instead of training phases 1-4",
+        help="a model folder of this recipe (after its polish) to start phases 5-8 from, instead of "
+        "training phases 1-4",
     )
     train.add_argument(
         "--hours",
@@ -634,6 +654,9 @@ def _train(args: argparse.Namespace) -> int:
         ("phrasing_share", "phrasing_share"),
         ("phrasing_steps", "phrasing_steps"),
         ("phrasing_polish_steps", "phrasing_polish_steps"),
+        ("template_polish_steps", "template_polish_steps"),
+        ("decoder_steps", "decoder_steps"),
+        ("reader_steps", "reader_steps"),
     ):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))
