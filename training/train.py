@@ -85,8 +85,6 @@ class TrainConfig:
     phrasing_polish_steps: int = 750
     pair_share: float = 0.35
     phrasing_share: float = 0.7
-    # the prompt reader (training/reader.py), trained after the export on captions alone and saved
-    # in the folder's reader/: the engine draws the scene it reads (webui/builtin/layout.py)
     # phase 7, "template polish": phase 6's EMA weights polished again (min-SNR v weighting) on the
     # same pool with every caption in the caption template. With the prompt reader (on by default)
     # the UNet is only ever given the template caption of one shape (webui/builtin/layout.py), and
@@ -102,6 +100,8 @@ class TrainConfig:
     decoder_batch: int = 32
     decoder_lr: float = 3e-4
     decoder_decay: float = 0.3
+    # the prompt reader (training/reader.py), trained after the export on captions alone and saved
+    # in the folder's reader/: the engine draws the scene it reads (webui/builtin/layout.py)
     reader_texts: int = 12_000
     reader_steps: int = 3000
     checkpoint_every: int = 250
