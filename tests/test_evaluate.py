@@ -263,3 +263,14 @@ def test_cli_evaluate_runs_chosen_tasks_and_draws_the_held_out_sheet(tiny_model_
         with pytest.raises(SystemExit):
             build_parser().parse_args(["evaluate", "--tasks", bad])
         assert "choose from txt2img" in capsys.readouterr().err
+    # the sampler of every request: recorded with the scores; an unknown one refused before any work
+    scores = tmp_path / "euler.json"
+    code = main([*argv, "--tasks", "txt2img", "--sampler", "euler a", "--json", str(scores)])
+    assert code == 0 and json.loads(scores.read_text())["config"]["sampler"] == "euler a"
+    capsys.readouterr()
+    code = main([*argv, "--tasks", "txt2img", "--sampler", "no such sampler"])
+    captured = capsys.readouterr()
+    assert (
+        code == 2 and "unknown sampler 'no such sampler'" in captured.err and "Traceback" not in captured.err
+    )
+    assert "images 1-" not in captured.err

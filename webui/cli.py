@@ -190,6 +190,9 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         help="scene seed (each task draws its scenes from its own stream derived from it)",
     )
     ev.add_argument("--steps", type=at_least(1), default=20)
+    ev.add_argument(
+        "--sampler", default="DPM++ 2M Karras", help="the sampler of every request (see `launch.py samplers`)"
+    )
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended guidance")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="images per request (one scene each)")
     ev.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
@@ -691,12 +694,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             "--sheet draws the held_out and pair_held_out tasks' images: run one of them"
         )
     samples: list[Any] | None = [] if args.sheet is not None else None
+    engine = _engine(args)
+    engine.schedulers.get(args.sampler)  # an unknown name is refused before any model loads
     scores = evaluate(
-        _engine(args),
+        engine,
         args.model,
         seed=args.seed,
         n=args.n,
         steps=args.steps,
+        sampler=args.sampler,
         cfg_scale=args.cfg_scale,
         batch_size=args.batch_size,
         tasks=tasks,
