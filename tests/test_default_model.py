@@ -316,6 +316,11 @@ def test_the_decoder_phase_trains_the_decoder_alone_resumes_and_keeps_the_reader
     reader = base / "reader"
     reader.mkdir()
     (reader / "weights.safetensors").write_bytes(b"a reader's bytes")
+    secret = tmp_path / "secret.txt"  # elsewhere on the machine: a link to it is not followed
+    secret.write_text("not the model's")
+    (reader / "linked.txt").symlink_to(secret)
+    (reader / "below").mkdir()
+    (reader / "below" / "more.txt").write_text("not the reader's")
     # the decoder alone, from the exported folder
     config.decoder_steps = 2
     out = train(base.with_name("base-copy"), tmp_path / "ckpt-dec", config, device="cpu", init_from=base)
@@ -328,6 +333,7 @@ def test_the_decoder_phase_trains_the_decoder_alone_resumes_and_keeps_the_reader
     for name in ("unet", "controlnet"):  # nothing else moves
         assert all(torch.equal(v, _weights(out / name)[k]) for k, v in _weights(base / name).items())
     assert (out / "reader" / "weights.safetensors").read_bytes() == b"a reader's bytes"
+    assert sorted(path.name for path in (out / "reader").iterdir()) == ["weights.safetensors"]
     # resumed: two more steps run, from the checkpoint; and in place, the reader still kept
     config.decoder_steps = 4
     again = train(base, tmp_path / "ckpt-dec", config, device="cpu", init_from=base)

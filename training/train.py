@@ -352,8 +352,8 @@ def train(
     # (copied aside first: ``out`` may be ``init_from`` itself, and the export replaces it)
     kept_reader = checkpoint_dir / "init-reader"
     shutil.rmtree(kept_reader, ignore_errors=True)
-    if config.reader_steps <= 0 and init_from is not None and (Path(init_from) / "reader").is_dir():
-        shutil.copytree(Path(init_from) / "reader", kept_reader)
+    if config.reader_steps <= 0 and init_from is not None:
+        _copy_reader(Path(init_from) / "reader", kept_reader)
     with (checkpoint_dir / "log.jsonl").open("a") as log:
         if init_from is not None:
             log.write(json.dumps({"event": "init from", "folder": str(init_from)}) + "\n")
@@ -379,8 +379,7 @@ def train(
         log.write(
             json.dumps({"event": "exported", "out": str(out), "seconds": round(time.time() - started)}) + "\n"
         )
-        if kept_reader.is_dir():
-            shutil.copytree(kept_reader, out / "reader")
+        _copy_reader(kept_reader, out / "reader")
         if config.reader_steps > 0:
             from training.reader import train_reader
 
@@ -394,6 +393,18 @@ def train(
             )
             log.write(json.dumps({"event": "reader", "held_out": scores["held_out"]["all"]}) + "\n")
     return out
+
+
+def _copy_reader(folder: Path, into: Path) -> None:
+    """A prompt reader's own files (the regular files directly in ``folder``, if it is a real
+    folder): a link in a downloaded model folder must not carry other files of this machine into a
+    folder its user may share."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    into.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            shutil.copy2(path, into / path.name)
 
 
 def _train_phases(
