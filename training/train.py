@@ -264,6 +264,12 @@ class ScenePool:
     def pixels(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index].float() / 127.5 - 1.0
 
+    def latents(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A sample of each indexed image's latent distribution (set by :func:`encode_pool`)."""
+        assert self.latent_mean is not None and self.latent_std is not None
+        mean = self.latent_mean[index]
+        return mean + self.latent_std[index] * torch.randn(mean.shape, generator=generator)
+
     def control(self, index: torch.Tensor) -> torch.Tensor:
         palette = torch.tensor(shapes.PALETTE, dtype=torch.float32) / 255.0
         return palette[self.labels[index]].permute(0, 3, 1, 2).contiguous()
@@ -493,13 +499,8 @@ def train_vae(
 ) -> Any:
     vae = build_vae(config).to(dev)
     path = ckpt / "vae.pt"
-    state = torch.load(path, weights_only=True) if path.exists() else None
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    start = 0
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = _resume(path, vae, optimizer)
     gen = torch.Generator().manual_seed(config.seed + 1 + start)
     bar = tqdm(range(start, config.vae_steps), desc="vae", initial=start, total=config.vae_steps)
     for step in bar:
@@ -507,7 +508,7 @@ def train_vae(
         x = pool.pixels(index).to(dev)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss_rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss_rec = reconstruction_loss(recon, x)
         loss_kl = posterior.kl().mean() / x[0].numel()
         loss = loss_rec + 1e-4 * loss_kl
         optimizer.zero_grad(set_to_none=True)
@@ -526,6 +527,22 @@ def train_vae(
     assert pool.latent_mean is not None
     vae.register_to_config(scaling_factor=float(1.0 / pool.latent_mean.std()))
     return vae
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's pixel loss (phases 1 and 8): L1 + MSE."""
+    return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+
+def _resume(path: Path, model: Any, optimizer: Any) -> int:
+    """Load a ``{"model", "optimizer", "step"}`` checkpoint into ``model`` and ``optimizer`` if
+    ``path`` holds one; the step to continue from (0: none)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 def encode_pool(pool: ScenePool, vae: Any, dev: torch.device) -> None:
@@ -682,19 +699,13 @@ def train_decoder(
     deadline: float | None = None,
 ) -> Any:
     """Phase 8: the decoder alone on ``pool`` (encoded by ``encode_pool``), the encoder frozen."""
-    assert pool.latent_mean is not None and pool.latent_std is not None
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     vae.requires_grad_(False)
     for parameter in trained:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=config.decoder_lr, weight_decay=0.0)
     path = ckpt / "decoder.pt"
-    start = 0
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = _resume(path, vae, optimizer)
     steps, decay = config.decoder_steps, max(1.0, config.decoder_decay * config.decoder_steps)
     gen = torch.Generator().manual_seed(config.seed + 7 + start)
     vae.train()
@@ -704,10 +715,8 @@ def train_decoder(
             group["lr"] = config.decoder_lr * min(1.0, (steps - step) / decay)
         index = torch.randint(0, len(pool.scenes), (config.decoder_batch,), generator=gen)
         x = pool.pixels(index).to(dev)
-        noise = torch.randn(pool.latent_mean[index].shape, generator=gen)
-        z = (pool.latent_mean[index] + pool.latent_std[index] * noise).to(dev)
-        recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        recon = vae.decode(pool.latents(index, gen).to(dev)).sample
+        loss = reconstruction_loss(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -773,11 +782,7 @@ def _diffusion_loop(
     bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps)
     for step in bar:
         index = torch.randint(0, len(pool.scenes), (config.batch,), generator=gen)
-        latents = (
-            pool.latent_mean[index]
-            + pool.latent_std[index] * torch.randn(pool.latent_mean[index].shape, generator=gen)
-        ) * scale
-        latents = latents.to(dev)
+        latents = (pool.latents(index, gen) * scale).to(dev)
         # masked-image conditioning: all-ones masks mean "repaint everything" (text-to-image)
         masks = random_masks(pool, index, rng).to(dev)
         masked_pixels = pool.pixels(index).to(dev) * (masks < 0.5)

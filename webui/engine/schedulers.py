@@ -7,6 +7,7 @@ is shared between requests.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class SamplerSpec:
         return scheduler
 
 
+@functools.cache
 def _accepts(factory: Any, option: str) -> bool:
     """Whether a scheduler class takes ``option`` (a callable factory gets the config as it is)."""
     if not inspect.isclass(factory):
