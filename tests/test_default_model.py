@@ -200,6 +200,7 @@ def tiny_config(config_class, **changes):
         phrasing_steps=0,
         phrasing_polish_steps=0,
         template_polish_steps=0,
+        shape_polish_steps=0,
         decoder_steps=0,
         decoder_batch=4,
         reader_steps=0,
@@ -263,6 +264,7 @@ def test_the_phrasing_phases_train_on_pairs_and_free_phrasings(tmp_path):
         phrasing_steps=2,
         phrasing_polish_steps=1,
         template_polish_steps=1,
+        shape_polish_steps=1,
         decoder_steps=2,
         pair_share=0.5,
         phrasing_share=1.0,
@@ -277,6 +279,7 @@ def test_the_phrasing_phases_train_on_pairs_and_free_phrasings(tmp_path):
         "phrasing": [0, 1],
         "phrasing polish": [0],
         "template polish": [0],
+        "shape polish": [0],
         "decoder": [0, 1],
     }
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
@@ -290,7 +293,8 @@ def test_the_phrasing_phases_train_on_pairs_and_free_phrasings(tmp_path):
     assert np.isfinite(np.asarray(result.images[0].image, dtype=np.float32)).all()
 
     # the phrasing phases alone, from that exported folder: phases 1-4 do not run again
-    config.phrasing_steps, config.template_polish_steps, config.decoder_steps = 3, 0, 0
+    config.phrasing_steps, config.template_polish_steps, config.shape_polish_steps = 3, 0, 0
+    config.decoder_steps = 0
     again = train(tmp_path / "model2", tmp_path / "ckpt2", config, device="cpu", init_from=out)
     assert _phase_steps(tmp_path / "ckpt2") == {"phrasing": [0, 1, 2], "phrasing polish": [0]}
     assert json.loads((again / "model_index.json").read_text())["text_conditioning"] == {
@@ -382,6 +386,50 @@ def test_the_template_polish_gives_the_unet_only_template_captions(tmp_path, mon
     assert any(word in text for text in seen for word in shapes.RELATIONS.values())  # pairs too
 
 
+def test_object_weights_put_the_weight_on_the_shapes_and_their_edges():
+    from training.train import object_weights
+
+    labels = torch.zeros(3, 64, 64, dtype=torch.long)
+    labels[0, 20:28, 36:44] = 2  # one square: latent cells 5-6 down, 9-10 across at 16x16
+    labels[1, 0:4, 0:4], labels[1, 60:64, 60:64] = 1, 3  # two shapes in opposite corners
+    weights = object_weights(labels, (16, 16), 4.0)
+    assert weights.shape == (3, 1, 16, 16)
+    assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(3))  # the loss keeps its scale
+    high = weights[0, 0] > 1
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:8, 8:12] = True  # the shape's cells and the ring of cells around them
+    assert torch.equal(high, expected)
+    inner, outer = weights[0, 0][high].unique(), weights[0, 0][~high].unique()
+    assert len(inner) == len(outer) == 1 and torch.isclose(inner / outer, torch.tensor(5.0)).all()
+    assert weights[1, 0, 0, 0] > 1 and weights[1, 0, 15, 15] > 1 and weights[1, 0, 8, 8] < 1
+    assert torch.equal(weights[2], torch.ones(1, 16, 16))  # no shape: the plain mean
+
+
+def test_the_shape_polish_weights_the_loss_towards_the_shapes(tmp_path, monkeypatch):
+    import training.train as train_module
+    from training.train import TrainConfig, train
+
+    config = tiny_config(TrainConfig, scenes=8, vae_steps=1, steps=1, refine_steps=1, polish_steps=0)
+    base = train(tmp_path / "base", tmp_path / "ckpt", config, device="cpu")
+    calls: list[tuple[torch.Tensor, float]] = []
+    weigh = train_module.object_weights
+
+    def spy(labels, size, weight):
+        calls.append((labels.clone(), weight))
+        return weigh(labels, size, weight)
+
+    monkeypatch.setattr(train_module, "object_weights", spy)
+    config.shape_polish_steps, config.shape_weight = 3, 2.5
+    out = train(tmp_path / "shaped", tmp_path / "ckpt-sp", config, device="cpu", init_from=base)
+    assert _phase_steps(tmp_path / "ckpt-sp") == {"shape polish": [0, 1, 2]}
+    assert len(calls) == 3 and all(weight == 2.5 for _, weight in calls)
+    assert all(labels.shape == (config.batch, 64, 64) and (labels > 0).any() for labels, _ in calls)
+    before, after = _weights(base / "unet"), _weights(out / "unet")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    vae = _weights(out / "vae")  # a phase of the UNet: the VAE is the folder's
+    assert all(torch.equal(value, vae[name]) for name, value in _weights(base / "vae").items())
+
+
 def test_the_phrasing_phases_start_only_from_a_model_of_this_recipe(tmp_path, tiny_model_dir):
     from training.train import TrainConfig, train
     from webui.errors import InvalidRequestError
@@ -423,7 +471,8 @@ def test_the_train_command_checks_its_new_options(tmp_path, capsys):
     )
     assert (args.hours, args.phrasing_steps, args.init_from, args.decoder_steps) == (2.0, 10, Path("m"), 5)
     assert build_parser().parse_args(["train", "--reader-steps", "0"]).reader_steps == 0
-    for option in ("--decoder-steps", "--reader-steps"):
+    assert build_parser().parse_args(["train", "--shape-polish-steps", "7"]).shape_polish_steps == 7
+    for option in ("--decoder-steps", "--reader-steps", "--shape-polish-steps"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", option, "-1"])
         capsys.readouterr()

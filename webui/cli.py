@@ -133,6 +133,13 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         "(default: the recipe's; 0 skips it)",
     )
     train.add_argument(
+        "--shape-polish-steps",
+        type=at_least(0),
+        default=None,
+        help="polish steps with the loss weighted towards the shapes, after the template polish "
+        "(default: the recipe's; 0 skips it)",
+    )
+    train.add_argument(
         "--decoder-steps",
         type=at_least(0),
         default=None,
@@ -149,7 +156,7 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
         "--init-from",
         type=Path,
         default=None,
-        help="a model folder of this recipe (after its polish) to start phases 5-8 from, instead of "
+        help="a model folder of this recipe (after its polish) to start phases 5-9 from, instead of "
         "training phases 1-4",
     )
     train.add_argument(
@@ -658,6 +665,7 @@ def _train(args: argparse.Namespace) -> int:
         ("phrasing_steps", "phrasing_steps"),
         ("phrasing_polish_steps", "phrasing_polish_steps"),
         ("template_polish_steps", "template_polish_steps"),
+        ("shape_polish_steps", "shape_polish_steps"),
         ("decoder_steps", "decoder_steps"),
         ("reader_steps", "reader_steps"),
     ):
