@@ -486,6 +486,47 @@ def test_the_train_command_checks_its_new_options(tmp_path, capsys):
     assert code == 2 and err.strip() == f"error: --init-from {missing}: no model_index.json there"
 
 
+def test_the_train_command_gives_each_option_to_the_recipe(tmp_path, monkeypatch, capsys):
+    import training.train as train_module
+    from webui.cli import TRAIN_PHASE_LENGTHS, main
+
+    given: list = []
+    monkeypatch.setattr(train_module, "train", lambda out, ckpt, config, **kw: given.append(config) or out)
+    lengths = [
+        arg
+        for k, (name, _) in enumerate(TRAIN_PHASE_LENGTHS)
+        for arg in (f"--{name.replace('_', '-')}", str(k))
+    ]
+    extra = [
+        "--steps",
+        "11",
+        "--vae-steps",
+        "12",
+        "--scenes",
+        "13",
+        "--batch-size",
+        "14",
+        "--reader-steps",
+        "15",
+    ]
+    extra += ["--pair-share", "0.25", "--phrasing-share", "0.5", "--seed", "3"]
+    out = tmp_path / "model"
+    assert (
+        main(["train", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ckpt"), *lengths, *extra]) == 0
+    )
+    assert capsys.readouterr().out.strip() == str(out)
+    (config,) = given
+    assert [getattr(config, name) for name, _ in TRAIN_PHASE_LENGTHS] == list(range(len(TRAIN_PHASE_LENGTHS)))
+    assert (config.steps, config.vae_steps, config.scenes, config.batch, config.reader_steps) == (
+        11,
+        12,
+        13,
+        14,
+        15,
+    )
+    assert (config.pair_share, config.phrasing_share, config.seed) == (0.25, 0.5, 3)
+
+
 def test_widening_the_text_features_keeps_what_the_model_computes():
     from training.train import TrainConfig, build_controlnet, build_unet, widen_state
 

@@ -25,6 +25,25 @@ DEFAULT_OUTPUTS_DIR = paths.outputs_dir()
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
+# the training recipe's phases after the diffusion phase that an option shortens, lengthens or
+# skips: the option's (and TrainConfig's) name, and what the steps are
+TRAIN_PHASE_LENGTHS = (
+    ("refine_steps", "v-prediction refinement steps after the diffusion phase"),
+    ("polish_steps", "polish steps after the refinement"),
+    ("phrasing_steps", "steps on pairs and free phrasings after the polish"),
+    ("phrasing_polish_steps", "polish steps after the phrasing phase"),
+    (
+        "template_polish_steps",
+        "polish steps with every caption in the caption template, after the phrasing phases",
+    ),
+    (
+        "shape_polish_steps",
+        "polish steps with the loss weighted towards the shapes, after the template polish",
+    ),
+    ("decoder_steps", "steps on the VAE's decoder alone after the polishes"),
+)
+
+
 def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     """The command line. ``fields`` (a :class:`~webui.fields.FieldRegistry`, default: the built-in
     fields) gives ``generate`` one flag per field."""
@@ -101,50 +120,13 @@ def build_parser(fields: Any = None) -> argparse.ArgumentParser:
     train.add_argument(
         "--steps", type=at_least(0), default=None, help="diffusion steps (default: the recipe's)"
     )
-    train.add_argument(
-        "--refine-steps",
-        type=at_least(0),
-        default=None,
-        help="v-prediction refinement steps after the diffusion phase (default: the recipe's 3000; 0 = none)",
-    )
-    train.add_argument(
-        "--polish-steps",
-        type=at_least(0),
-        default=None,
-        help="polish steps after the refinement (default: the recipe's; 0 skips it)",
-    )
-    train.add_argument(
-        "--phrasing-steps",
-        type=at_least(0),
-        default=None,
-        help="steps on pairs and free phrasings after the polish (default: the recipe's; 0 = none)",
-    )
-    train.add_argument(
-        "--phrasing-polish-steps",
-        type=at_least(0),
-        default=None,
-        help="polish steps after the phrasing phase (default: the recipe's; 0 skips it)",
-    )
-    train.add_argument(
-        "--template-polish-steps",
-        type=at_least(0),
-        default=None,
-        help="polish steps with every caption in the caption template, after the phrasing phases "
-        "(default: the recipe's; 0 skips it)",
-    )
-    train.add_argument(
-        "--shape-polish-steps",
-        type=at_least(0),
-        default=None,
-        help="polish steps with the loss weighted towards the shapes, after the template polish "
-        "(default: the recipe's; 0 skips it)",
-    )
-    train.add_argument(
-        "--decoder-steps",
-        type=at_least(0),
-        default=None,
-        help="steps on the VAE's decoder alone after the polishes (default: the recipe's; 0 skips it)",
-    )
+    for name, what in TRAIN_PHASE_LENGTHS:
+        train.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=at_least(0),
+            default=None,
+            help=f"{what} (default: the recipe's; 0 skips it)",
+        )
     train.add_argument(
         "--reader-steps",
         type=at_least(0),
@@ -653,24 +635,12 @@ def _train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = TrainConfig(seed=args.seed)
-    for option, name in (
-        ("steps", "steps"),
-        ("refine_steps", "refine_steps"),
-        ("polish_steps", "polish_steps"),
-        ("vae_steps", "vae_steps"),
-        ("batch_size", "batch"),
-        ("scenes", "scenes"),
-        ("pair_share", "pair_share"),
-        ("phrasing_share", "phrasing_share"),
-        ("phrasing_steps", "phrasing_steps"),
-        ("phrasing_polish_steps", "phrasing_polish_steps"),
-        ("template_polish_steps", "template_polish_steps"),
-        ("shape_polish_steps", "shape_polish_steps"),
-        ("decoder_steps", "decoder_steps"),
-        ("reader_steps", "reader_steps"),
-    ):
-        if getattr(args, option) is not None:
-            setattr(config, name, getattr(args, option))
+    names = ("steps", "vae_steps", "scenes", "pair_share", "phrasing_share", "reader_steps")
+    for name in (*names, *(name for name, _ in TRAIN_PHASE_LENGTHS)):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.batch_size is not None:
+        config.batch = args.batch_size
     if args.init_from is not None and not (args.init_from / "model_index.json").is_file():
         raise InvalidRequestError(f"--init-from {args.init_from}: no model_index.json there")
     out = train(
