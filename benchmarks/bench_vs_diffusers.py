@@ -20,7 +20,10 @@ the cost of one live-preview decode as a share of a step.
 
 The stock pipeline runs first, then the modules are converted in place for the tuned one, then back to
 the standard memory layout and to our dtype for ours, so the process never holds two copies of the
-weights (SDXL in fp32 is about 14 GB). ``--setups`` runs a subset (e.g. ``tuned,ours``).
+weights (SDXL in fp32 is about 14 GB). ``--setups`` runs a subset (e.g. ``tuned,ours``); the setup
+``ours-plain`` is ours without the faster CPU kernels (``--no-cpu-kernels``), measured just before
+ours on the same modules, to show what they are worth. ``--tuned-dtype float32`` compares with a
+float32 tuned diffusers on a CPU that has bf16 (with ``--ours-dtype float32``).
 """
 
 from __future__ import annotations
@@ -287,11 +290,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         gc.collect()
     # 2. tuned diffusers: the half precision the hardware computes natively, channels-last, SDPA
     #    (diffusers' default attention on torch 2)
-    tuned_dtype = auto_dtype(device, params)
+    tuned_dtype = (
+        auto_dtype(device, params) if args.tuned_dtype == "auto" else getattr(torch, args.tuned_dtype)
+    )
     if "tuned" in setups:
         diffusers_run(components, "tuned", tuned_dtype, channels_last=True)
         gc.collect()
-    if "ours" not in setups:
+    if "ours" not in setups and "ours-plain" not in setups:
         for key in ("stock", "tuned"):
             if key in results:
                 results[key].pop("output")
@@ -307,12 +312,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         if args.ours_memory == "lowest"
         else MemorySettings(channels_last=args.ours_channels_last, compile=args.ours_compile)
     )
-    engine = Engine(
-        plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]),
-        device=device,
-        dtype=ours_dtype,
-        memory=settings,
-    )
+
+    def our_engine(memory: MemorySettings) -> Engine:
+        plugins = make_plugin_manager(entry_points=False, plugin_dirs=[])
+        return Engine(plugins=plugins, device=device, dtype=ours_dtype, memory=memory)
+
+    engine = our_engine(settings)
     if args.vram_cap_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * 2**30 / total), device)
@@ -342,10 +347,20 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         engine.generate(dataclasses.replace(request, steps=2), bundle=bundle)
         results["compile_s"] = time.perf_counter() - started
     label = f"{str(ours_dtype).removeprefix('torch.')}, {args.ours_memory} memory plan"
-    print(f"## {name}: ours ({label})...", file=sys.stderr, flush=True)
-    results["ours"] = measure(ours, device)
-    results["ours"]["dtype"] = str(ours_dtype).removeprefix("torch.")
-    results["ours"]["memory"] = results["ours"]["output"].parameters.get("Memory", "default")
+    kernels_on = engine
+    for key in ("ours-plain", "ours"):
+        if key not in setups:
+            continue
+        engine = (
+            our_engine(dataclasses.replace(settings, cpu_kernels=False))
+            if key == "ours-plain"
+            else kernels_on
+        )
+        print(f"## {name}: {key} ({label})...", file=sys.stderr, flush=True)
+        results[key] = measure(ours, device)
+        results[key]["dtype"] = str(ours_dtype).removeprefix("torch.")
+        results[key]["memory"] = results[key]["output"].parameters.get("Memory", "default")
+        gc.collect()
 
     # 4. one live-preview decode of the final latents, against one step
     latents = last["latents"]
@@ -356,16 +371,18 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     results["preview_s"] = (time.perf_counter() - started) / 5
     if args.vram_cap_gb and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-    for key in ("stock", "tuned", "ours"):
+    for key in ("stock", "tuned", "ours-plain", "ours"):
         if key in results:
             results[key].pop("output")
-    bundle = engine = None
+    bundle = engine = kernels_on = None
     gc.collect()
     return results
 
 
 def table(results: dict[str, Any], device: torch.device) -> str:
     rows = [("stock diffusers", "stock"), ("tuned diffusers", "tuned")]
+    if "ours-plain" in results:
+        rows.append(("Latent Studio without CPU kernels", "ours-plain"))
     ours = results.get("ours")
 
     def vram(entry: dict[str, Any]) -> str:
@@ -462,7 +479,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours with --compile (torch.compile of the UNet; compiled by a warm-up generation first)",
     )
     parser.add_argument(
-        "--setups", default="stock,tuned,ours", help="comma-separated subset of stock, tuned, ours"
+        "--setups",
+        default="stock,tuned,ours",
+        help="comma-separated subset of stock, tuned, ours-plain (ours with --no-cpu-kernels), ours",
+    )
+    parser.add_argument(
+        "--tuned-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="tuned diffusers' dtype (auto: bf16 on CPUs that compute it natively, fp16 on GPUs)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)

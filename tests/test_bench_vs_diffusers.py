@@ -83,6 +83,19 @@ def test_ours_compiled_is_compiled_first_then_measured(tmp_path, capsys, monkeyp
     assert any((tmp_path / "cache").rglob("*.py"))  # the generated kernels were cached
 
 
+def test_ours_without_the_cpu_kernels_is_measured_beside_ours(capsys):
+    bench = load_script()
+    argv = ["--tiny", "--models", "sd15", "--steps", "2", "--device", "cpu"]
+    report = bench.main([*argv, "--setups", "tuned,ours-plain,ours", "--tuned-dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    result = report["results"][0]
+    assert result["tuned"]["dtype"] == "bfloat16" and result["ours"]["dtype"] == "float32"
+    for key in ("ours-plain", "ours"):
+        assert result[key]["steps"] == 2 and 0 < result[key]["s_per_step"] < result[key]["s_per_image"]
+    assert "| Latent Studio without CPU kernels | float32 |" in out
+    assert "| ours / ours-plain |" in out and "| ours / tuned |" in out and "stock" not in result
+
+
 def test_the_random_models_have_the_real_architectures():
     bench = load_script()
     import torch

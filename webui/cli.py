@@ -446,6 +446,14 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         "Triton (GPU); falls back to the uncompiled UNet with a warning",
     )
     group.add_argument(
+        "--no-cpu-kernels",
+        dest="cpu_kernels",
+        action="store_false",
+        default=default(True),
+        help="run float32 models on the CPU with PyTorch's own kernels only (by default linear "
+        "layers, GEGLU and small 3x3 convolutions use faster exact oneDNN routes)",
+    )
+    group.add_argument(
         "--no-oom-retry",
         dest="oom_retry",
         action="store_false",
@@ -465,6 +473,7 @@ def memory_settings(args: argparse.Namespace) -> Any:
         channels_last=args.channels_last,
         recover=args.oom_retry,
         compile=args.compile,
+        cpu_kernels=args.cpu_kernels,
     )
 
 

@@ -70,7 +70,9 @@ class MemorySettings:
     ``none``, ``model`` (each model on the GPU only while it runs; A1111's --medvram) or
     ``sequential`` (layer by layer; --lowvram). ``recover``: retry a batch that ran out of memory
     with a lower-memory plan. ``compile``: run the UNet through ``torch.compile``
-    (:mod:`webui.engine.compiled`; not with offload, whose hooks a compiled graph would not see)."""
+    (:mod:`webui.engine.compiled`; not with offload, whose hooks a compiled graph would not see).
+    ``cpu_kernels``: float32 models on the CPU use the faster exact kernels of
+    :mod:`webui.engine.cpu_kernels` (not with ``compile``, which generates its own)."""
 
     attention: str = "sdpa"
     vae_slicing: str = "auto"
@@ -79,6 +81,7 @@ class MemorySettings:
     channels_last: bool = False
     recover: bool = True
     compile: bool = False
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         _choice("attention", self.attention, ATTENTION_BACKENDS)

@@ -10,6 +10,7 @@ pipelines (the parity tests prove it), so real checkpoints behave here as they d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from webui.engine import codec
+from webui.engine import codec, cpu_kernels
 from webui.engine.bundle import ModelBundle
 from webui.engine.compiled import CompiledUNets, Route
 from webui.engine.context import (
@@ -235,7 +236,7 @@ class Engine:
                 context.state[MEMORY_STATE] = note
             try:
                 images: list[OutputImage] = []
-                with applied(context.bundle, plan, context.device):
+                with applied(context.bundle, plan, context.device), self._kernels(context, plan):
                     if plan.compile:
                         self._route_unet(context)
                     chunk = plan.max_batch or len(seeds)
@@ -270,6 +271,19 @@ class Engine:
                 lower.describe(),
             )
             plan, retried = lower, True
+
+    def _kernels(self, context: RunContext, plan: MemoryPlan) -> contextlib.AbstractContextManager[Any]:
+        """The faster exact CPU kernels (:mod:`webui.engine.cpu_kernels`) for a model on the CPU
+        big enough to gain from them, unless turned off or the UNet is compiled."""
+        bundle = context.bundle
+        if (
+            not self.memory.cpu_kernels
+            or plan.compile
+            or context.device.type != "cpu"
+            or not cpu_kernels.worth_it(bundle.unet)
+        ):
+            return contextlib.nullcontext()
+        return cpu_kernels.applied([bundle.unet, *bundle.controlnets.values()])
 
     def _route_unet(self, context: RunContext) -> None:
         """The compiled UNet for this batch (compiling it on first use), or a note in the image

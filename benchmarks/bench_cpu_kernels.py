@@ -1,0 +1,190 @@
+"""Each faster CPU kernel (``webui.engine.cpu_kernels``) against PyTorch's own route, on the shapes
+of SD 1.5's UNet at 512x512 with CFG (batch 2), in float32 and bfloat16, alternating in one process.
+
+    python benchmarks/bench_cpu_kernels.py              # the SD 1.5 shapes, both dtypes
+    python benchmarks/bench_cpu_kernels.py --unet 4     # and 4 whole UNet calls each way per dtype
+    python benchmarks/bench_cpu_kernels.py --quick      # small shapes, a check that it runs
+
+Prints per shape the median of ``--repeats`` calls each way, their ratio, and the largest
+difference between the two outputs relative to the largest output value. ``--unet N`` then times
+whole calls of SD 1.5's UNet (random weights, 512x512, batch 2 = one CFG step) with and without
+the kernels, alternating, N each (``--quick``: a scaled-down UNet). The whole pipeline is
+``bench_vs_diffusers.py --setups ours-plain,ours``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diffusers.models.activations import GEGLU  # noqa: E402
+
+from webui.engine import cpu_kernels  # noqa: E402
+
+# (rows, in, out) of SD 1.5's linear layers at 64x64, 32x32, 16x16 latents, batch 2
+LINEARS = [(8192, 320, 320), (8192, 1280, 320), (2048, 640, 640), (512, 1280, 1280)]
+# (rows, in, half of out) of its GEGLU projections
+GEGLUS = [(8192, 320, 1280), (2048, 640, 2560), (512, 1280, 5120)]
+# (in channels, out channels, side) of its 3x3 convolutions at 8x8 latents
+CONVS = [(1280, 1280, 8), (2560, 1280, 8)]
+QUICK = {"linears": [(512, 64, 64)], "geglus": [(512, 64, 128)], "convs": [(256, 64, 8)]}
+
+
+def seconds(run: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def cases(dtype: torch.dtype, shapes: dict[str, list[tuple[int, int, int]]]) -> list[tuple[str, Any, Any]]:
+    """(label, PyTorch's call, the kernel's call) for each shape the kernels take in ``dtype``."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    found = []
+    if dtype == torch.float32:  # bfloat16 linear layers are oneDNN's already
+        for rows, fan_in, fan_out in shapes["linears"]:
+            x, w, b = rand(rows, fan_in), rand(fan_out, fan_in, scale=fan_in**-0.5), rand(fan_out)
+            found.append(
+                (
+                    f"linear {rows}x{fan_in} -> {fan_out}",
+                    lambda x=x, w=w, b=b: F.linear(x, w, b),
+                    lambda x=x, w=w, b=b: cpu_kernels.linear(x, w, b),
+                )
+            )
+    for rows, fan_in, half in shapes["geglus"]:
+        module = GEGLU(fan_in, half).to(dtype)
+        x = rand(2, rows // 2, fan_in)
+        found.append(
+            (
+                f"GEGLU {rows}x{fan_in} -> {half}",
+                lambda m=module, x=x: type(m).forward(m, x),
+                lambda m=module, x=x: cpu_kernels.geglu(m, x),
+            )
+        )
+    for fan_in, fan_out, side in shapes["convs"]:
+        x = rand(2, fan_in, side, side).contiguous(memory_format=torch.channels_last)
+        w = rand(fan_out, fan_in, 3, 3, scale=(9 * fan_in) ** -0.5).contiguous(
+            memory_format=torch.channels_last
+        )
+        b = rand(fan_out)
+        found.append(
+            (
+                f"conv 3x3 {fan_in} -> {fan_out} at {side}x{side}",
+                lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
+                lambda x=x, w=w, b=b: cpu_kernels.conv3x3_im2col(x, w, b),
+            )
+        )
+    return found
+
+
+def unet_calls(dtype: torch.dtype, calls: int, quick: bool) -> dict[str, Any]:
+    """Median seconds of whole UNet calls without and with the kernels, alternating."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_diffusers import _randomised, family_config
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in family_config("sd15", quick)["unet"].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet = _randomised(unet, 0).to(dtype)
+    side = 8 if quick else 64
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, side, side, generator=generator).to(dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(dtype)
+    timestep = torch.tensor([500.0, 500.0])
+    plain_s, kernel_s = [], []
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for _ in range(calls):
+            started = time.perf_counter()
+            plain = unet(latents, timestep, text).sample
+            plain_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with cpu_kernels.applied([unet]) as mode:
+                fast = unet(latents, timestep, text).sample
+            kernel_s.append(time.perf_counter() - started)
+            counts = dict(mode.counts) if mode is not None else {}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "pytorch_s": statistics.median(plain_s),
+        "kernel_s": statistics.median(kernel_s),
+        "difference": float((fast.float() - plain.float()).abs().max() / plain.float().abs().max()),
+        "counts": counts,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes: a check that it runs")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--unet", type=int, default=0, metavar="N", help="also N whole UNet calls each way")
+    args = parser.parse_args(argv)
+    shapes = QUICK if args.quick else {"linears": LINEARS, "geglus": GEGLUS, "convs": CONVS}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| dtype | operation | PyTorch ms | kernel ms | kernel / PyTorch | relative difference |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            if not cpu_kernels.available(dtype):
+                print(f"| {name} | (not available on this CPU) | | | | |")
+                continue
+            for label, theirs, ours in cases(dtype, shapes):
+                reference, own = theirs().float(), ours().float()
+                difference = float((own - reference).abs().max() / reference.abs().max())
+                # alternate the two, so a change in the machine's speed hits both alike
+                pytorch_s, kernel_s = [], []
+                for _ in range(args.repeats):
+                    pytorch_s.append(seconds(theirs))
+                    kernel_s.append(seconds(ours))
+                row = {
+                    "dtype": name,
+                    "operation": label,
+                    "pytorch_ms": 1000 * statistics.median(pytorch_s),
+                    "kernel_ms": 1000 * statistics.median(kernel_s),
+                    "difference": difference,
+                }
+                rows.append(row)
+                print(
+                    f"| {name} | {label} | {row['pytorch_ms']:.2f} | {row['kernel_ms']:.2f} | "
+                    f"{row['kernel_ms'] / row['pytorch_ms']:.2f} | {difference:.1e} |",
+                    flush=True,
+                )
+        if args.unet:
+            print()
+            print(
+                "| dtype | UNet call, PyTorch s | with the kernels s | ratio | relative difference | calls taken |"
+            )
+            print("|---|---|---|---|---|---|")
+            for dtype in (torch.float32, torch.bfloat16):
+                if not cpu_kernels.available(dtype):
+                    continue
+                row = unet_calls(dtype, args.unet, args.quick)
+                row["operation"] = "UNet call"
+                rows.append(row)
+                taken = ", ".join(f"{name} {count}" for name, count in row["counts"].items())
+                print(
+                    f"| {row['dtype']} | {row['pytorch_s']:.3f} | {row['kernel_s']:.3f} | "
+                    f"{row['kernel_s'] / row['pytorch_s']:.2f} | {row['difference']:.1e} | {taken} |",
+                    flush=True,
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Faster exact kernels for float32 and bfloat16 models on the CPU, on by default
+(``--no-cpu-kernels`` turns them off).
+
+PyTorch runs a ``Linear`` layer on the CPU through MKL's GEMM (float32) and a convolution through
+oneDNN. On the CPUs measured (docs/benchmarks.md) three of the UNet's operations run well below
+what the same hardware gives through another route:
+
+- **linear layers** in float32 (attention projections, feed-forward): oneDNN's matrix product
+  (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor uses) instead of MKL's, for
+  inputs of at least :data:`LINEAR_MIN_ROWS` rows (bfloat16 linear layers already run on oneDNN);
+- **the GEGLU feed-forward** of SD-style transformer blocks: its two halves as two oneDNN products,
+  the GELU fused into the first and the product of the halves into the second, so the 2x-wide
+  intermediate, its GELU and the multiplication never make a pass over memory of their own;
+- **3x3 convolutions on small feature maps** (the UNet's deepest level, at most
+  :data:`IM2COL_MAX_PIXELS` output pixels in the batch): one GEMM over the nine shifted copies of
+  the input (im2col) instead of oneDNN's direct convolution, which is slow at these sizes.
+
+Each computes the same sums as the layer it replaces, in another order: float32 outputs agree to
+float32 rounding (relative differences around 1e-6; the pipeline-level parity tests hold at their
+tolerance), bfloat16 ones to bfloat16 rounding, with the GELU and the product computed from the
+float32 accumulator before one rounding instead of after three. So, unlike the opt-in
+approximations (token merging, DeepCache), nothing is recorded in the image's metadata. Nothing
+is cached or copied: weights are read where they are at every call, so LoRA patches and weights
+changed in place are honoured, and peak memory does not grow.
+
+The kernels apply inside :func:`applied` only: a :class:`~torch.overrides.TorchFunctionMode`
+that sees ``F.linear`` and ``F.conv2d`` calls on the thread that runs the batch (other threads
+and other requests are untouched), plus the GEGLU modules' ``forward`` set on the instance for the
+block and removed afterwards. Only CPU tensors of the kernel's dtypes without gradients are taken;
+anything else (another dtype or device, a strided convolution, training) goes to PyTorch
+unchanged. If the oneDNN operations are missing from the PyTorch build or the CPU (bfloat16 needs
+AVX-512 or AVX-NE-CONVERT), or give a different result on a probe the first time, the kernels stay
+off for that dtype with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import types
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "IM2COL_MAX_PIXELS",
+    "LINEAR_MIN_ROWS",
+    "MIN_UNET_PARAMS",
+    "CpuKernels",
+    "applied",
+    "available",
+    "worth_it",
+]
+
+log = logging.getLogger(__name__)
+
+# below this many rows MKL's GEMM is as fast (the text encoder's 77 tokens, cross-attention's keys)
+LINEAR_MIN_ROWS = 512
+# a 3x3 convolution with at most this many output pixels (batch x height x width) runs as one
+# GEMM; at 8x8 latents (SD 1.5's deepest level at 512x512, batch 2: 128) it is 2.3x faster than
+# oneDNN's direct convolution on the CPUs measured, at 16x16 about the same
+IM2COL_MAX_PIXELS = 256
+# and at least this many input channels: narrower ones are cheap either way
+IM2COL_MIN_CHANNELS = 256
+# models whose UNet has fewer parameters run without the kernels: their layers are too small to
+# gain, and the mode's Python call per operation costs more than it saves (the shipped 5 M
+# parameter model measured 0.59 s per image without, 0.71 s with them)
+MIN_UNET_PARAMS = 100_000_000
+
+_probe_lock = threading.Lock()
+_probed: dict[torch.dtype, bool] = {}
+
+
+def _linear_op() -> Any:
+    return torch.ops.mkldnn._linear_pointwise
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build and CPU run oneDNN's linear operations in ``dtype`` and they agree
+    with PyTorch's own on a probe (checked once per process and dtype; bfloat16 needs AVX-512 or
+    AVX-NE-CONVERT)."""
+    known = _probed.get(dtype)
+    if known is not None:
+        return known
+    with _probe_lock:
+        if dtype not in _probed:
+            _probed[dtype] = _probe(dtype)
+        return _probed[dtype]
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    name = str(dtype).removeprefix("torch.")
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 16, generator=generator).to(dtype)
+        w = torch.randn(12, 16, generator=generator).to(dtype)
+        b = torch.randn(12, generator=generator).to(dtype)
+        op = _linear_op()
+        plain = op(x, w, b, "none", [], "").float()
+        gelu = op(x, w, b, "gelu", [], "none")
+        product = op.binary(x, gelu, w, b, "mul").float()
+        expected = F.linear(x.float(), w.float(), b.float())
+        # float32 to its rounding; bfloat16 to its own (8 bits of mantissa), on values up to ~20
+        atol = 1e-4 if dtype == torch.float32 else 0.25
+        ok = (
+            torch.allclose(plain, expected, atol=atol)
+            and torch.allclose(gelu.float(), F.gelu(expected), atol=atol)
+            and torch.allclose(product, expected * F.gelu(expected), atol=atol * 20)
+        )
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        log.warning(
+            "faster CPU kernels off for %s: oneDNN's linear operations are not usable here (%s)", name, error
+        )
+        return False
+    if not ok:
+        log.warning(
+            "faster CPU kernels off for %s: oneDNN's linear operations disagree with F.linear on a probe",
+            name,
+        )
+    return ok
+
+
+# the dtypes each kernel takes: in bfloat16, PyTorch's own linear layers already run through oneDNN
+FLOAT32 = (torch.float32,)
+FLOAT32_BF16 = (torch.float32, torch.bfloat16)
+
+
+def worth_it(unet: Any) -> bool:
+    """Whether ``unet`` is big enough (:data:`MIN_UNET_PARAMS`) for the kernels to pay."""
+    if not isinstance(unet, torch.nn.Module):
+        return False
+    return sum(p.numel() for p in unet.parameters()) >= MIN_UNET_PARAMS
+
+
+def _takes(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in dtypes
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and available(x.dtype)
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` through oneDNN's matrix product."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = _linear_op()(rows, weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def conv3x3_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, padding 1) as one GEMM: the padded input's nine shifted views
+    side by side on the channel axis (channels last), times the weight laid out (out, ky, kx, in).
+    Returned in channels-last layout."""
+    n, c, h, w = x.shape
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    columns = torch.cat([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=3)
+    kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
+    out = _linear_op()(columns.view(n * h * w, 9 * c), kernel, bias, "none", [], "")
+    return out.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
+
+
+def geglu(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``GEGLU.forward`` (``h * gelu(g)`` with ``h, g`` the halves of ``proj(x)``) as two
+    oneDNN products: ``gelu(x W_g + b_g)``, then ``(x W_h + b_h) * that``, the activation and the
+    product fused into them."""
+    proj = module.proj
+    half = proj.weight.shape[0] // 2
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    bias = proj.bias
+    op = _linear_op()
+    gate = op(rows, proj.weight[half:], None if bias is None else bias[half:], "gelu", [], "none")
+    out = op.binary(rows, gate, proj.weight[:half], None if bias is None else bias[:half], "mul")
+    return out.view(*hidden_states.shape[:-1], half)
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _is_one(value: Any) -> bool:
+    return value == 1 or value == (1, 1) or value == [1, 1]
+
+
+class CpuKernels(TorchFunctionMode):
+    """While active (on this thread): ``F.linear`` calls on float32 and small 3x3 ``F.conv2d``
+    calls on float32 or bfloat16 CPU tensors run through the kernels above; every other call is
+    passed on unchanged. ``counts`` says how many calls each kernel took (for tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = {"linear": 0, "im2col": 0, "geglu": 0}
+
+    def geglu_forward(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """A ``forward`` for the GEGLU ``module``: :func:`geglu` for float32 or bfloat16 CPU input
+        without gradients, the class's own ``forward`` for anything else."""
+        original = types.MethodType(type(module).forward, module)
+        proj: Any = module.proj
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if (
+                args
+                or kwargs
+                or not _takes(hidden_states, FLOAT32_BF16)
+                or hidden_states.shape[-1] != proj.in_features
+                or not _plain(proj.weight, proj.bias, hidden_states.dtype)
+                or not proj.weight.is_contiguous()
+            ):
+                return original(hidden_states, *args, **kwargs)
+            self.counts["geglu"] += 1
+            return geglu(module, hidden_states)
+
+        return forward
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.conv2d:
+            x, weight = args[0], args[1]
+            bias = _argument(args, kwargs, 2, "bias", None)
+            if func is F.linear and _linear_takes(x, weight, bias):
+                self.counts["linear"] += 1
+                return linear(x, weight, bias)
+            if func is F.conv2d and _im2col_takes(x, weight, bias, args, kwargs):
+                self.counts["im2col"] += 1
+                return conv3x3_im2col(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def _linear_takes(x: Any, weight: Any, bias: Any) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and _takes(x, FLOAT32)
+        and x.dim() >= 2
+        and x.numel() >= LINEAR_MIN_ROWS * x.shape[-1] > 0
+        and _plain(weight, bias, x.dtype)
+        and weight.dim() == 2
+        and weight.is_contiguous()
+    )
+
+
+def _im2col_takes(x: Any, weight: Any, bias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and _takes(x, FLOAT32_BF16)
+        and x.dim() == 4
+        and _plain(weight, bias, x.dtype)
+        and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
+        and weight.shape[1] >= IM2COL_MIN_CHANNELS
+        and x.shape[0] * x.shape[2] * x.shape[3] <= IM2COL_MAX_PIXELS
+        and _is_one(_argument(args, kwargs, 3, "stride", 1))
+        and _is_one(_argument(args, kwargs, 4, "padding", 0))
+        and _is_one(_argument(args, kwargs, 5, "dilation", 1))
+        and _argument(args, kwargs, 6, "groups", 1) == 1
+    )
+
+
+def _plain(weight: Any, bias: Any, dtype: torch.dtype) -> bool:
+    """CPU weights (and bias) of ``dtype`` that are plain tensors, not a subclass with its own
+    dispatch."""
+    tensors = [weight] if bias is None else [weight, bias]
+    return all(
+        type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+        for t in tensors
+    )
+
+
+def _geglu_modules(modules: Iterable[torch.nn.Module]) -> list[Any]:
+    from diffusers.models.activations import GEGLU
+
+    found: list[Any] = []
+    for root in modules:
+        for module in root.modules():
+            if (
+                type(module) is GEGLU
+                and type(module.proj) is torch.nn.Linear
+                and "forward" not in module.__dict__
+            ):
+                found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def applied(modules: Iterable[torch.nn.Module]) -> Iterator[CpuKernels | None]:
+    """The kernels for the ``with`` block on this thread, with the GEGLU blocks of ``modules``
+    (the UNet, ControlNets) fused; everything restored afterwards, also after an error. Yields the
+    mode (or None when the kernels are not available here)."""
+    if not available():
+        yield None
+        return
+    mode = CpuKernels()
+    patched = _geglu_modules(modules)
+    for module in patched:
+        module.forward = mode.geglu_forward(module)  # type: ignore[method-assign]
+    try:
+        with mode:
+            yield mode
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
