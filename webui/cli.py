@@ -450,8 +450,9 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         dest="cpu_kernels",
         action="store_false",
         default=default(True),
-        help="run float32 models on the CPU with PyTorch's own kernels only (by default linear "
-        "layers, GEGLU and small 3x3 convolutions use faster exact oneDNN routes)",
+        help="run models on the CPU with PyTorch's own kernels only (by default SD-size UNets run "
+        "float32 linear layers, GEGLU and the deepest 3x3 convolutions through faster exact oneDNN "
+        "routes)",
     )
     group.add_argument(
         "--no-oom-retry",

@@ -71,7 +71,7 @@ class MemorySettings:
     ``sequential`` (layer by layer; --lowvram). ``recover``: retry a batch that ran out of memory
     with a lower-memory plan. ``compile``: run the UNet through ``torch.compile``
     (:mod:`webui.engine.compiled`; not with offload, whose hooks a compiled graph would not see).
-    ``cpu_kernels``: float32 models on the CPU use the faster exact kernels of
+    ``cpu_kernels``: SD-size models on the CPU use the faster exact kernels of
     :mod:`webui.engine.cpu_kernels` (not with ``compile``, which generates its own)."""
 
     attention: str = "sdpa"
