@@ -1,13 +1,13 @@
-"""Faster exact kernels for float32 and bfloat16 models on the CPU, on by default
+"""Faster exact kernels for float32 models on the CPU, on by default for SD-size UNets
 (``--no-cpu-kernels`` turns them off).
 
-PyTorch runs a ``Linear`` layer on the CPU through MKL's GEMM (float32) and a convolution through
+PyTorch runs a float32 ``Linear`` layer on the CPU through MKL's GEMM and a convolution through
 oneDNN. On the CPUs measured (docs/benchmarks.md) three of the UNet's operations run well below
 what the same hardware gives through another route:
 
-- **linear layers** in float32 (attention projections, feed-forward): oneDNN's matrix product
+- **linear layers** (attention projections, feed-forward): oneDNN's matrix product
   (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor uses) instead of MKL's, for
-  inputs of at least :data:`LINEAR_MIN_ROWS` rows (bfloat16 linear layers already run on oneDNN);
+  inputs of at least :data:`LINEAR_MIN_ROWS` rows;
 - **the GEGLU feed-forward** of SD-style transformer blocks: its two halves as two oneDNN products,
   the GELU fused into the first and the product of the halves into the second, so the 2x-wide
   intermediate, its GELU and the multiplication never make a pass over memory of their own;
@@ -15,22 +15,22 @@ what the same hardware gives through another route:
   :data:`IM2COL_MAX_PIXELS` output pixels in the batch): one GEMM over the nine shifted copies of
   the input (im2col) instead of oneDNN's direct convolution, which is slow at these sizes.
 
-Each computes the same sums as the layer it replaces, in another order: float32 outputs agree to
-float32 rounding (relative differences around 1e-6; the pipeline-level parity tests hold at their
-tolerance), bfloat16 ones to bfloat16 rounding, with the GELU and the product computed from the
-float32 accumulator before one rounding instead of after three. So, unlike the opt-in
-approximations (token merging, DeepCache), nothing is recorded in the image's metadata. Nothing
-is cached or copied: weights are read where they are at every call, so LoRA patches and weights
-changed in place are honoured, and peak memory does not grow.
+Each computes the same sums as the layer it replaces, in another order: outputs agree to float32
+rounding (relative differences around 1e-6; the pipeline-level parity tests hold at their
+tolerance), so, unlike the opt-in approximations (token merging, DeepCache), nothing is recorded
+in the image's metadata. Nothing is cached or copied: weights are read where they are at every
+call, so LoRA patches and weights changed in place are honoured, and peak memory does not grow.
+bfloat16 models run PyTorch's own kernels: their linear layers are oneDNN's already, and the
+GEGLU and im2col routes, faster alone, measured no faster in a whole UNet call while raising its
+peak memory by 0.1 GB.
 
 The kernels apply inside :func:`applied` only: a :class:`~torch.overrides.TorchFunctionMode`
 that sees ``F.linear`` and ``F.conv2d`` calls on the thread that runs the batch (other threads
 and other requests are untouched), plus the GEGLU modules' ``forward`` set on the instance for the
-block and removed afterwards. Only CPU tensors of the kernel's dtypes without gradients are taken;
-anything else (another dtype or device, a strided convolution, training) goes to PyTorch
-unchanged. If the oneDNN operations are missing from the PyTorch build or the CPU (bfloat16 needs
-AVX-512 or AVX-NE-CONVERT), or give a different result on a probe the first time, the kernels stay
-off for that dtype with one warning.
+block and removed afterwards. Only float32 CPU tensors without gradients are taken; anything else
+(another dtype or device, a strided convolution, training) goes to PyTorch unchanged. If the
+oneDNN operations are missing from the PyTorch build, or give a different result on a probe the
+first time, the kernels stay off with one warning.
 """
 
 from __future__ import annotations
@@ -126,11 +126,6 @@ def _probe(dtype: torch.dtype) -> bool:
     return ok
 
 
-# the dtypes each kernel takes: in bfloat16, PyTorch's own linear layers already run through oneDNN
-FLOAT32 = (torch.float32,)
-FLOAT32_BF16 = (torch.float32, torch.bfloat16)
-
-
 def worth_it(unet: Any) -> bool:
     """Whether ``unet`` is big enough (:data:`MIN_UNET_PARAMS`) for the kernels to pay."""
     if not isinstance(unet, torch.nn.Module):
@@ -138,10 +133,10 @@ def worth_it(unet: Any) -> bool:
     return sum(p.numel() for p in unet.parameters()) >= MIN_UNET_PARAMS
 
 
-def _takes(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+def _takes(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in dtypes
+        and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and x.requires_grad)
         and available(x.dtype)
     )
@@ -189,17 +184,17 @@ def _is_one(value: Any) -> bool:
 
 
 class CpuKernels(TorchFunctionMode):
-    """While active (on this thread): ``F.linear`` calls on float32 and small 3x3 ``F.conv2d``
-    calls on float32 or bfloat16 CPU tensors run through the kernels above; every other call is
-    passed on unchanged. ``counts`` says how many calls each kernel took (for tests)."""
+    """While active (on this thread): ``F.linear`` and small 3x3 ``F.conv2d`` calls on float32 CPU
+    tensors run through the kernels above; every other call is passed on unchanged. ``counts`` says
+    how many calls each kernel took (for tests)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts = {"linear": 0, "im2col": 0, "geglu": 0}
 
     def geglu_forward(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        """A ``forward`` for the GEGLU ``module``: :func:`geglu` for float32 or bfloat16 CPU input
-        without gradients, the class's own ``forward`` for anything else."""
+        """A ``forward`` for the GEGLU ``module``: :func:`geglu` for float32 CPU input without
+        gradients, the class's own ``forward`` for anything else."""
         original = types.MethodType(type(module).forward, module)
         proj: Any = module.proj
 
@@ -207,7 +202,7 @@ class CpuKernels(TorchFunctionMode):
             if (
                 args
                 or kwargs
-                or not _takes(hidden_states, FLOAT32_BF16)
+                or not _takes(hidden_states)
                 or hidden_states.shape[-1] != proj.in_features
                 or not _plain(proj.weight, proj.bias, hidden_states.dtype)
                 or not proj.weight.is_contiguous()
@@ -241,7 +236,7 @@ class CpuKernels(TorchFunctionMode):
 def _linear_takes(x: Any, weight: Any, bias: Any) -> bool:
     return (
         isinstance(x, torch.Tensor)
-        and _takes(x, FLOAT32)
+        and _takes(x)
         and x.dim() >= 2
         and x.numel() >= LINEAR_MIN_ROWS * x.shape[-1] > 0
         and _plain(weight, bias, x.dtype)
@@ -253,7 +248,7 @@ def _linear_takes(x: Any, weight: Any, bias: Any) -> bool:
 def _im2col_takes(x: Any, weight: Any, bias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return (
         isinstance(x, torch.Tensor)
-        and _takes(x, FLOAT32_BF16)
+        and _takes(x)
         and x.dim() == 4
         and _plain(weight, bias, x.dtype)
         and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
