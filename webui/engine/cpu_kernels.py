@@ -2,8 +2,8 @@
 (``--no-cpu-kernels`` turns them off).
 
 PyTorch runs a float32 ``Linear`` layer on the CPU through MKL's GEMM and a convolution through
-oneDNN. On the CPUs measured (docs/benchmarks.md) three of the UNet's operations run well below
-what the same hardware gives through another route:
+oneDNN. On the CPU measured (an AVX-512 one, docs/benchmarks.md) three of the UNet's operations run
+well below what the same hardware gives through another route:
 
 - **linear layers** (attention projections, feed-forward): oneDNN's matrix product
   (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor uses) instead of MKL's, for
@@ -30,14 +30,14 @@ and other requests are untouched), plus the GEGLU modules' ``forward`` set on th
 block and removed afterwards. Only float32 CPU tensors without gradients are taken; anything else
 (another dtype or device, a strided convolution, training) goes to PyTorch unchanged. If the
 oneDNN operations are missing from the PyTorch build, or give a different result on a probe the
-first time, the kernels stay off with one warning.
+first time (:func:`available`), the kernels stay off with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -58,71 +58,53 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# below this many rows MKL's GEMM is as fast (the text encoder's 77 tokens, cross-attention's keys)
+# linear layers with fewer rows are left to PyTorch: the kernels are for the UNet's spatial tokens
+# (4,096 / 1,024 / 256 per image at 512x512); the text encoder's 77 tokens and cross-attention's keys
+# gain little (oneDNN 197 against MKL's 181 GFLOPS at 154 rows, measured)
 LINEAR_MIN_ROWS = 512
 # a 3x3 convolution with at most this many output pixels (batch x height x width) runs as one
-# GEMM; at 8x8 latents (SD 1.5's deepest level at 512x512, batch 2: 128) it is 2.3x faster than
-# oneDNN's direct convolution on the CPUs measured, at 16x16 about the same
+# GEMM; at 8x8 latents (SD 1.5's deepest level at 512x512, batch 2: 128) it measured 2x faster than
+# oneDNN's direct convolution, at 16x16 0.84-1.04x (docs/benchmarks.md)
 IM2COL_MAX_PIXELS = 256
-# and at least this many input channels: narrower ones are cheap either way
+# and at least this many input channels (SD's deepest level has 1,280 or more; narrower ones are
+# not measured)
 IM2COL_MIN_CHANNELS = 256
 # models whose UNet has fewer parameters run without the kernels: their layers are too small to
 # gain, and the mode's Python call per operation costs more than it saves (the shipped 5 M
 # parameter model measured 0.59 s per image without, 0.71 s with them)
 MIN_UNET_PARAMS = 100_000_000
 
-_probe_lock = threading.Lock()
-_probed: dict[torch.dtype, bool] = {}
-
 
 def _linear_op() -> Any:
     return torch.ops.mkldnn._linear_pointwise
 
 
-def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this PyTorch build and CPU run oneDNN's linear operations in ``dtype`` and they agree
-    with PyTorch's own on a probe (checked once per process and dtype; bfloat16 needs AVX-512 or
-    AVX-NE-CONVERT)."""
-    known = _probed.get(dtype)
-    if known is not None:
-        return known
-    with _probe_lock:
-        if dtype not in _probed:
-            _probed[dtype] = _probe(dtype)
-        return _probed[dtype]
-
-
-def _probe(dtype: torch.dtype) -> bool:
-    name = str(dtype).removeprefix("torch.")
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch build runs oneDNN's float32 linear operations and they agree with
+    PyTorch's own on a probe (checked once per process)."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(8, 16, generator=generator).to(dtype)
-        w = torch.randn(12, 16, generator=generator).to(dtype)
-        b = torch.randn(12, generator=generator).to(dtype)
+        x = torch.randn(8, 16, generator=generator)
+        w = torch.randn(12, 16, generator=generator)
+        b = torch.randn(12, generator=generator)
         op = _linear_op()
-        plain = op(x, w, b, "none", [], "").float()
+        plain = op(x, w, b, "none", [], "")
         gelu = op(x, w, b, "gelu", [], "none")
-        product = op.binary(x, gelu, w, b, "mul").float()
-        expected = F.linear(x.float(), w.float(), b.float())
-        # float32 to its rounding; bfloat16 to its own (8 bits of mantissa), on values up to ~20
-        atol = 1e-4 if dtype == torch.float32 else 0.25
+        product = op.binary(x, gelu, w, b, "mul")
+        expected = F.linear(x, w, b)
         ok = (
-            torch.allclose(plain, expected, atol=atol)
-            and torch.allclose(gelu.float(), F.gelu(expected), atol=atol)
-            and torch.allclose(product, expected * F.gelu(expected), atol=atol * 20)
+            torch.allclose(plain, expected, atol=1e-4)
+            and torch.allclose(gelu, F.gelu(expected), atol=1e-4)
+            and torch.allclose(product, expected * F.gelu(expected), atol=2e-3)
         )
     except (RuntimeError, AttributeError, NotImplementedError) as error:
-        log.warning(
-            "faster CPU kernels off for %s: oneDNN's linear operations are not usable here (%s)", name, error
-        )
+        log.warning("faster CPU kernels off: oneDNN's linear operations are not usable here (%s)", error)
         return False
     if not ok:
-        log.warning(
-            "faster CPU kernels off for %s: oneDNN's linear operations disagree with F.linear on a probe",
-            name,
-        )
+        log.warning("faster CPU kernels off: oneDNN's linear operations disagree with F.linear on a probe")
     return ok
 
 
@@ -138,7 +120,6 @@ def _takes(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and available(x.dtype)
     )
 
 
