@@ -10,7 +10,8 @@ whole UNet call, 0.1 GB more peak memory) and the figures show why.
 Prints per shape the median of ``--repeats`` calls each way, their ratio, and the largest
 difference between the two outputs relative to the largest output value. ``--unet N`` then times
 whole float32 calls of SD 1.5's UNet (random weights, 512x512, batch 2 = one CFG step) with and
-without the kernels, alternating, N each (``--quick``: a scaled-down UNet). The whole pipeline is
+without the kernels, alternating, N each (``--quick``: a scaled-down UNet; ``--channels-last``: its
+weights channels-last, which the im2col route needs). The whole pipeline is
 ``bench_vs_diffusers.py --setups ours-plain,ours``.
 """
 
@@ -96,12 +97,14 @@ def cases(dtype: torch.dtype, shapes: dict[str, list[tuple[int, int, int]]]) -> 
     return found
 
 
-def unet_calls(calls: int, quick: bool) -> dict[str, Any]:
+def unet_calls(calls: int, quick: bool, channels_last: bool) -> dict[str, Any]:
     """Median seconds of whole float32 UNet calls without and with the kernels, alternating."""
     config = {k: v for k, v in family_config("sd15", quick)["unet"].items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet = _randomised(unet, 0)
+    if channels_last:  # as --channels-last: the im2col route needs channels-last weights
+        unet.to(memory_format=torch.channels_last)
     side = 8 if quick else 64
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, side, side, generator=generator)
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="small shapes: a check that it runs")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--unet", type=int, default=0, metavar="N", help="also N whole UNet calls each way")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="the UNet's weights channels-last (--channels-last)"
+    )
     args = parser.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit("oneDNN's linear operations are not usable in this PyTorch build")
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "| dtype | UNet call, PyTorch s | with the kernels s | ratio | relative difference | calls taken |"
             )
             print("|---|---|---|---|---|---|")
-            row = unet_calls(args.unet, args.quick)
+            row = unet_calls(args.unet, args.quick, args.channels_last)
             row["operation"] = "UNet call"
             rows.append(row)
             taken = ", ".join(f"{name} {count}" for name, count in row["counts"].items())

@@ -115,18 +115,23 @@ def test_the_mode_takes_large_linears_and_leaves_small_ones():
 
 def test_the_mode_takes_small_3x3_convolutions_only():
     channels = cpu_kernels.IM2COL_MIN_CHANNELS
-    conv = torch.nn.Conv2d(channels, 8, 3, padding=1)
+
+    def conv2d(*args, **kwargs) -> torch.nn.Conv2d:  # channels-last weights, as --channels-last
+        return torch.nn.Conv2d(*args, **kwargs).to(memory_format=torch.channels_last)
+
+    conv = conv2d(channels, 8, 3, padding=1)
     x = rand(2, channels, 8, 8, scale=0.5)  # 128 output pixels
     others = [
-        (torch.nn.Conv2d(channels, 8, 3, padding=1, stride=2), x),
-        (torch.nn.Conv2d(channels, 8, 3, padding=0), x),
-        (torch.nn.Conv2d(channels, 8, 3, padding=2, dilation=2), x),
-        (torch.nn.Conv2d(channels, 8, 3, padding=1, groups=2), x),
-        (torch.nn.Conv2d(channels, 8, 1), x),
-        (torch.nn.Conv2d(channels, 8, 5, padding=2), x),
-        (torch.nn.Conv2d(channels, 8, 3, padding=1), rand(2, channels, 16, 16)),  # 512 pixels
-        (torch.nn.Conv2d(8, 8, 3, padding=1), rand(2, 8, 8, 8)),  # narrow
-        (torch.nn.Conv2d(channels, 8, 3, padding=1).double(), x.double()),  # not float32
+        (conv2d(channels, 8, 3, padding=1, stride=2), x),
+        (conv2d(channels, 8, 3, padding=0), x),
+        (conv2d(channels, 8, 3, padding=2, dilation=2), x),
+        (conv2d(channels, 8, 3, padding=1, groups=2), x),
+        (conv2d(channels, 8, 1), x),
+        (conv2d(channels, 8, 5, padding=2), x),
+        (conv2d(channels, 8, 3, padding=1), rand(2, channels, 16, 16)),  # 512 pixels
+        (conv2d(8, 8, 3, padding=1), rand(2, 8, 8, 8)),  # narrow
+        (conv2d(channels, 8, 3, padding=1).double(), x.double()),  # not float32
+        (torch.nn.Conv2d(channels, 8, 3, padding=1), x),  # plain weights: laying them out costs more
     ]
     with torch.no_grad():
         expected = conv(x)
@@ -256,6 +261,7 @@ def test_the_pipeline_with_the_kernels_gives_the_image_without_them(components, 
 
     monkeypatch.setattr(cpu_kernels, "applied", spied)
     bundle = bundle_from(components)
+    bundle.unet.to(memory_format=torch.channels_last)  # as --channels-last: the im2col route needs it
     plain = engine(cpu_kernels=False).generate(REQUEST, bundle=bundle)
     assert modes == []
     fast = engine().generate(REQUEST, bundle=bundle)

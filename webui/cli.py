@@ -451,8 +451,8 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         action="store_false",
         default=default(True),
         help="run models on the CPU with PyTorch's own kernels only (by default SD-size UNets run "
-        "float32 linear layers, GEGLU and the deepest 3x3 convolutions through faster exact oneDNN "
-        "routes)",
+        "float32 linear layers, GEGLU and, with --channels-last, the deepest 3x3 convolutions through "
+        "faster exact oneDNN routes)",
     )
     group.add_argument(
         "--no-oom-retry",
