@@ -93,7 +93,7 @@ def test_bfloat16_is_left_to_pytorch():
         expected = [module(x), conv(image), layer(x)]
         with cpu_kernels.applied([module]) as mode:
             out = [module(x), conv(image), layer(x)]
-    assert mode.counts == {"linear": 0, "im2col": 0, "geglu": 0}
+    assert mode.counts == {"linear": 0, "im2col": 0, "geglu": 0, "attention": 0}
     for own, theirs in zip(out, expected, strict=True):
         assert torch.equal(own, theirs)
 
@@ -218,8 +218,11 @@ def test_without_onednn_the_kernels_stay_off(monkeypatch, caplog, fresh_probe):
     assert "kernels off" in caplog.text and "_linear_pointwise" in caplog.text
 
     module = GEGLU(16, 8)
+    x, w = rand(2, 600, 16), rand(8, 16, seed=1)
     with cpu_kernels.applied([module]) as mode:
-        assert mode is None and "forward" not in module.__dict__
+        assert "forward" not in module.__dict__
+        out = F.linear(x, w)
+    assert mode.counts["linear"] == 0 and torch.equal(out, F.linear(x, w))
 
 
 # -- the pipeline -----------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def test_the_wheel_installs_and_generates_from_any_folder(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "webui/shipped_models/latent-studio-shapes/unet/diffusion_pytorch_model.safetensors" in names
     assert "webui/configs/sd1.json" in names and "webui/__main__.py" in names
+    assert "webui/engine/csrc/cpu_attention.cpp" in names  # compiled on first use
     assert not [n for n in names if "someone-elses-model" in n or n.startswith("webui/shipped_models/README")]
     assert not [n for n in names if n.startswith(("tests/", "training/", "launch.py")) or "/." in n]
 

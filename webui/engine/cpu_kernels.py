@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from webui.engine import cpu_attention
+
 __all__ = [
     "IM2COL_MAX_PIXELS",
     "LINEAR_MIN_ROWS",
@@ -172,7 +174,7 @@ class CpuKernels(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.counts = {"linear": 0, "im2col": 0, "geglu": 0}
+        self.counts = {"linear": 0, "im2col": 0, "geglu": 0, "attention": 0}
 
     def geglu_forward(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """A ``forward`` for the GEGLU ``module``: :func:`geglu` for float32 CPU input without
@@ -203,7 +205,12 @@ class CpuKernels(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear or func is F.conv2d:
+        if func is F.scaled_dot_product_attention:
+            if cpu_attention.takes(args, kwargs):
+                self.counts["attention"] += 1
+                return cpu_attention.attention(*args, scale=kwargs.get("scale"))
+            return func(*args, **kwargs)
+        if (func is F.linear or func is F.conv2d) and available():
             x, weight = args[0], args[1]
             bias = _argument(args, kwargs, 2, "bias", None)
             if func is F.linear and _linear_takes(x, weight, bias):
@@ -272,15 +279,13 @@ def _geglu_modules(modules: Iterable[torch.nn.Module]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def applied(modules: Iterable[torch.nn.Module]) -> Iterator[CpuKernels | None]:
+def applied(modules: Iterable[torch.nn.Module]) -> Iterator[CpuKernels]:
     """The kernels for the ``with`` block on this thread, with the GEGLU blocks of ``modules``
     (the UNet, ControlNets) fused; everything restored afterwards, also after an error. Yields the
-    mode (or None when the kernels are not available here)."""
-    if not available():
-        yield None
-        return
+    mode. Each route checks on its first call whether it runs here (:func:`available`,
+    :func:`webui.engine.cpu_attention.available`) and passes calls on to PyTorch if not."""
     mode = CpuKernels()
-    patched = _geglu_modules(modules)
+    patched = _geglu_modules(modules) if available() else []
     for module in patched:
         module.forward = mode.geglu_forward(module)  # type: ignore[method-assign]
     try:
