@@ -1,17 +1,19 @@
-"""Each faster CPU kernel (``webui.engine.cpu_kernels``) against PyTorch's own route, on the shapes
-of SD 1.5's UNet at 512x512 with CFG (batch 2), alternating in one process: in float32, where the
-engine uses them, and in bfloat16 (the GEGLU and im2col routes), where it does not (no faster in a
-whole UNet call, 0.1 GB more peak memory) and the figures show why.
+"""Each faster CPU kernel (``webui.engine.cpu_kernels``, ``webui.engine.cpu_attention``) against
+PyTorch's own route, on the shapes of SD 1.5's UNet at 512x512 with CFG (batch 2), alternating in
+one process: the float32 routes (linear, GEGLU, im2col), also in bfloat16 where the engine does not
+use the GEGLU and im2col ones (no faster in a whole UNet call, 0.1 GB more peak memory) and the
+figures show why, and the bfloat16 attention kernel.
 
-    python benchmarks/bench_cpu_kernels.py              # the SD 1.5 shapes, both dtypes
-    python benchmarks/bench_cpu_kernels.py --unet 4     # and 4 whole UNet calls each way per dtype
-    python benchmarks/bench_cpu_kernels.py --quick      # small shapes, a check that it runs
+    python benchmarks/bench_cpu_kernels.py                  # the SD 1.5 shapes, both dtypes
+    python benchmarks/bench_cpu_kernels.py --unet 4         # and 4 whole float32 UNet calls each way
+    python benchmarks/bench_cpu_kernels.py --unet 4 --unet-dtype bfloat16
+    python benchmarks/bench_cpu_kernels.py --quick          # small shapes, a check that it runs
 
 Prints per shape the median of ``--repeats`` calls each way, their ratio, and the largest
 difference between the two outputs relative to the largest output value. ``--unet N`` then times
-whole float32 calls of SD 1.5's UNet (random weights, 512x512, batch 2 = one CFG step) with and
-without the kernels, alternating, N each (``--quick``: a scaled-down UNet; ``--channels-last``: its
-weights channels-last, which the im2col route needs). The whole pipeline is
+whole calls of SD 1.5's UNet (random weights, 512x512, batch 2 = one CFG step) with and without the
+kernels, alternating, N each (``--quick``: a scaled-down UNet; ``--channels-last``: its weights
+channels-last, which the im2col route needs). The whole pipeline is
 ``bench_vs_diffusers.py --setups ours-plain,ours``.
 """
 
@@ -36,7 +38,7 @@ from bench_vs_diffusers import _randomised, family_config  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.activations import GEGLU  # noqa: E402
 
-from webui.engine import cpu_kernels  # noqa: E402
+from webui.engine import cpu_attention, cpu_kernels  # noqa: E402
 
 # (rows, in, out) of SD 1.5's linear layers at 64x64, 32x32, 16x16 latents, batch 2
 LINEARS = [(8192, 320, 320), (8192, 1280, 320), (2048, 640, 640), (512, 1280, 1280)]
@@ -44,7 +46,24 @@ LINEARS = [(8192, 320, 320), (8192, 1280, 320), (2048, 640, 640), (512, 1280, 12
 GEGLUS = [(8192, 320, 1280), (2048, 640, 2560), (512, 1280, 5120)]
 # (in channels, out channels, side) of its 3x3 convolutions at 8x8 latents
 CONVS = [(1280, 1280, 8), (2560, 1280, 8)]
-QUICK = {"linears": [(512, 64, 64)], "geglus": [(512, 64, 128)], "convs": [(256, 64, 8)]}
+# (batch, heads, queries, keys, head size) of attention calls: SD 1.5 at 512x512 with CFG (64x64, 32x32
+# and 16x16 latents, self and cross), SDXL's head size at 1024x1024, the VAE's single head (one image)
+ATTENTIONS = [
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80),
+    (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160),  # below cpu_attention.MIN_QUERIES: left to PyTorch, here to show why
+    (2, 10, 4096, 4096, 64),
+    (2, 20, 1024, 1024, 64),
+    (1, 1, 4096, 4096, 512),
+]
+QUICK = {
+    "linears": [(512, 64, 64)],
+    "geglus": [(512, 64, 128)],
+    "convs": [(256, 64, 8)],
+    "attentions": [(2, 2, 512, 100, 40)],
+}
 
 
 def seconds(run: Callable[[], Any]) -> float:
@@ -94,21 +113,34 @@ def cases(dtype: torch.dtype, shapes: dict[str, list[tuple[int, int, int]]]) -> 
                 lambda x=x, w=w, b=b: cpu_kernels.conv3x3_im2col(x, w, b),
             )
         )
+    if dtype == torch.bfloat16:  # the attention kernel is bfloat16 only
+        for batch, heads, queries, keys, dim in shapes["attentions"]:
+            q, k, v = (rand(batch, n, heads, dim).transpose(1, 2) for n in (queries, keys, keys))
+            found.append(
+                (
+                    f"attention {heads}x{queries}x{keys}, head {dim}"
+                    + (f", batch {batch}" if batch != 2 else ""),
+                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                    lambda q=q, k=k, v=v: cpu_attention.attention(q, k, v),
+                )
+            )
     return found
 
 
-def unet_calls(calls: int, quick: bool, channels_last: bool) -> dict[str, Any]:
-    """Median seconds of whole float32 UNet calls without and with the kernels, alternating."""
+def unet_calls(
+    calls: int, quick: bool, channels_last: bool, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Median seconds of whole UNet calls without and with the kernels, alternating."""
     config = {k: v for k, v in family_config("sd15", quick)["unet"].items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    unet = _randomised(unet, 0)
+    unet = _randomised(unet, 0).to(dtype)
     if channels_last:  # as --channels-last: the im2col route needs channels-last weights
         unet.to(memory_format=torch.channels_last)
     side = 8 if quick else 64
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, side, side, generator=generator)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    latents = torch.randn(2, 4, side, side, generator=generator).to(dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(dtype)
     timestep = torch.tensor([500.0, 500.0])
     plain_s, kernel_s = [], []
     counts: dict[str, int] = {}
@@ -121,9 +153,9 @@ def unet_calls(calls: int, quick: bool, channels_last: bool) -> dict[str, Any]:
             with cpu_kernels.applied([unet]) as mode:
                 fast = unet(latents, timestep, text).sample
             kernel_s.append(time.perf_counter() - started)
-            counts = dict(mode.counts) if mode is not None else {}
+            counts = dict(mode.counts)
     return {
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
         "pytorch_s": statistics.median(plain_s),
         "kernel_s": statistics.median(kernel_s),
         "difference": float((fast.float() - plain.float()).abs().max() / plain.float().abs().max()),
@@ -139,10 +171,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--channels-last", action="store_true", help="the UNet's weights channels-last (--channels-last)"
     )
+    parser.add_argument("--unet-dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit("oneDNN's linear operations are not usable in this PyTorch build")
-    shapes = QUICK if args.quick else {"linears": LINEARS, "geglus": GEGLUS, "convs": CONVS}
+    shapes = (
+        QUICK
+        if args.quick
+        else {"linears": LINEARS, "geglus": GEGLUS, "convs": CONVS, "attentions": ATTENTIONS}
+    )
+    if not cpu_attention.available():
+        print("(the bfloat16 attention kernel does not run here: no AVX-512 BF16 or no C++ compiler)")
+        shapes = {**shapes, "attentions": []}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| dtype | operation | PyTorch ms | kernel ms | kernel / PyTorch | relative difference |")
     print("|---|---|---|---|---|---|")
@@ -181,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "| dtype | UNet call, PyTorch s | with the kernels s | ratio | relative difference | calls taken |"
             )
             print("|---|---|---|---|---|---|")
-            row = unet_calls(args.unet, args.quick, args.channels_last)
+            row = unet_calls(args.unet, args.quick, args.channels_last, getattr(torch, args.unet_dtype))
             row["operation"] = "UNet call"
             rows.append(row)
             taken = ", ".join(f"{name} {count}" for name, count in row["counts"].items())

@@ -18,12 +18,16 @@ the cost of one live-preview decode as a share of a step.
     python benchmarks/bench_vs_diffusers.py --device cuda --models sdxl --vram-cap-gb 8
     python benchmarks/bench_vs_diffusers.py --tiny --steps 2        # scaled-down check, seconds
 
-The stock pipeline runs first, then the modules are converted in place for the tuned one, then back to
-the standard memory layout and to our dtype for ours, so the process never holds two copies of the
-weights (SDXL in fp32 is about 14 GB). ``--setups`` runs a subset (e.g. ``tuned,ours``); the setup
-``ours-plain`` is ours without the faster CPU kernels (``--no-cpu-kernels``), measured just before
-ours on the same modules, to show what they are worth. ``--tuned-dtype float32`` compares with a
-float32 tuned diffusers on a CPU that has bf16 (with ``--ours-dtype float32``).
+All setups run on one set of modules, converted in place to each one's dtype and memory layout
+before its run, so the process never holds two copies of the weights (SDXL in fp32 is about 14 GB).
+``--setups`` runs a subset (e.g. ``tuned,ours``), in the order stock, tuned, ours-plain, ours; the
+setup ``ours-plain`` is ours without the faster CPU kernels (``--no-cpu-kernels``), to show what they
+are worth. ``--rounds N`` runs them all N times, alternating, each round starting one setup later,
+and reports medians and each round's ratio: on a machine whose speed drifts by minutes this is the
+measurement to trust. ``--tuned-dtype float32`` compares with a float32 tuned diffusers on a CPU that
+has bf16 (with ``--ours-dtype float32``).
+
+    python benchmarks/bench_vs_diffusers.py --models sd15 --steps 8 --setups tuned,ours --rounds 3
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -58,6 +63,7 @@ from webui.request import GenerationRequest  # noqa: E402
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry"
 SIZES = {"sd15": 512, "sdxl": 1024}
+SETUPS = ("stock", "tuned", "ours-plain", "ours")  # the order of a round
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -245,68 +251,52 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     print(f"\n## {name}: building random weights...", file=sys.stderr, flush=True)
     components = build(name, args.tiny)
     params = sum(p.numel() for p in components["unet"].parameters())
-    results: dict[str, Any] = {"model": name, "size": size, "steps": args.steps, "unet_params": params}
-
-    setups = [part.strip() for part in args.setups.split(",") if part.strip()]
-
-    def diffusers_run(parts: dict[str, Any], label: str, dtype: torch.dtype, *, channels_last: bool) -> None:
-        pipe = stock_pipeline(name, parts).to(device, dtype)
-        if channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-        pipe.set_progress_bar_config(disable=True)
-
-        def run(step: Callable[[], None]) -> Any:
-            def hook(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                step()
-                return kwargs
-
-            return pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE,
-                num_inference_steps=args.steps,
-                height=size,
-                width=size,
-                guidance_scale=7.0,
-                generator=torch.Generator("cpu").manual_seed(args.seed),
-                callback_on_step_end=hook,
-            ).images[0]
-
-        kind = str(dtype).removeprefix("torch.") + (", channels-last UNet" if channels_last else "")
-        print(f"## {name}: {label} diffusers ({kind})...", file=sys.stderr, flush=True)
-        results[label] = measure(run, device)
-        results[label]["dtype"] = str(dtype).removeprefix("torch.")
-        results[label]["layout"] = "channels-last" if channels_last else "standard"
-        if channels_last:  # back to the standard layout: ours chooses its own
-            pipe.unet.to(memory_format=torch.contiguous_format)
-
-    # 1. stock diffusers, default settings: fp32 on the CPU, fp16 on a GPU
-    if "stock" in setups:
-        diffusers_run(
-            components,
-            "stock",
-            torch.float16 if device.type == "cuda" else torch.float32,
-            channels_last=False,
-        )
-        gc.collect()
-    # 2. tuned diffusers: the half precision the hardware computes natively, channels-last, SDPA
-    #    (diffusers' default attention on torch 2)
+    results: dict[str, Any] = {
+        "model": name,
+        "size": size,
+        "steps": args.steps,
+        "unet_params": params,
+        "rounds": args.rounds,
+    }
+    setups = [key for key in SETUPS if key in {part.strip() for part in args.setups.split(",")}]
+    # one set of modules for every setup, converted in place before each run (never two copies of
+    # the weights: SDXL in fp32 is about 14 GB)
+    modules = [
+        components[key] for key in ("unet", "vae", "text_encoder", "text_encoder_2") if key in components
+    ]
     tuned_dtype = (
         auto_dtype(device, params) if args.tuned_dtype == "auto" else getattr(torch, args.tuned_dtype)
     )
-    if "tuned" in setups:
-        diffusers_run(components, "tuned", tuned_dtype, channels_last=True)
-        gc.collect()
-    if "ours" not in setups and "ours-plain" not in setups:
-        for key in ("stock", "tuned"):
-            if key in results:
-                results[key].pop("output")
-        return results
-
-    # 3. ours, best settings, on the same modules converted in place
     ours_dtype = auto_dtype(device, params) if args.ours_dtype == "auto" else getattr(torch, args.ours_dtype)
-    bundle = our_bundle(name, components).to(device, ours_dtype)
-    del components
-    gc.collect()
+
+    def prepare(dtype: torch.dtype, channels_last: bool) -> None:
+        for module in modules:
+            module.to(device, dtype)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        components["unet"].to(memory_format=layout)
+        gc.collect()
+
+    pipe = stock_pipeline(name, components) if {"stock", "tuned"} & set(setups) else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+
+    def diffusers_run(step: Callable[[], None]) -> Any:
+        def hook(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            step()
+            return kwargs
+
+        return pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=args.steps,
+            height=size,
+            width=size,
+            guidance_scale=7.0,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            callback_on_step_end=hook,
+        ).images[0]
+
+    bundle = our_bundle(name, components)
     settings = (
         MemorySettings(offload="sequential", vae_slicing="on", vae_tiling="on")
         if args.ours_memory == "lowest"
@@ -317,10 +307,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         plugins = make_plugin_manager(entry_points=False, plugin_dirs=[])
         return Engine(plugins=plugins, device=device, dtype=ours_dtype, memory=memory)
 
-    engine = our_engine(settings)
-    if args.vram_cap_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * 2**30 / total), device)
+    engines = {
+        "ours": our_engine(settings),
+        "ours-plain": our_engine(dataclasses.replace(settings, cpu_kernels=False)),
+    }
     request = GenerationRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
@@ -333,48 +323,78 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     )
     last: dict[str, Any] = {}
 
-    def ours(step: Callable[[], None]) -> Any:
-        def hook(info: Any) -> None:
-            step()
-            last["latents"] = info.latents
+    def our_run(engine: Engine) -> Callable[[Callable[[], None]], Any]:
+        def run(step: Callable[[], None]) -> Any:
+            def hook(info: Any) -> None:
+                step()
+                last["latents"] = info.latents
 
-        return running.generate(request, bundle=bundle, callback=hook).images[0]
+            return engine.generate(request, bundle=bundle, callback=hook).images[0]
 
-    # compile first (the first call at a size compiles), so the measured call is the steady state
-    if args.ours_compile:
+        return run
+
+    # stock: default settings (fp32 on the CPU, fp16 on a GPU); tuned: the half precision the
+    # hardware computes natively, channels-last, SDPA (diffusers' default attention on torch 2);
+    # ours-plain: ours without the CPU kernels, to show what they are worth
+    runs = {
+        "stock": (torch.float16 if device.type == "cuda" else torch.float32, False, diffusers_run),
+        "tuned": (tuned_dtype, True, diffusers_run),
+        "ours-plain": (ours_dtype, args.ours_channels_last, our_run(engines["ours-plain"])),
+        "ours": (ours_dtype, args.ours_channels_last, our_run(engines["ours"])),
+    }
+
+    # compile first (the first call at a size compiles), so the measured calls are the steady state
+    if args.ours_compile and "ours" in setups:
         print(f"## {name}: compiling our UNet...", file=sys.stderr, flush=True)
+        prepare(ours_dtype, args.ours_channels_last)
         started = time.perf_counter()
-        engine.generate(dataclasses.replace(request, steps=2), bundle=bundle)
+        engines["ours"].generate(dataclasses.replace(request, steps=2), bundle=bundle)
         results["compile_s"] = time.perf_counter() - started
-    label = f"{str(ours_dtype).removeprefix('torch.')}, {args.ours_memory} memory plan"
-    for key in ("ours-plain", "ours"):
-        if key not in setups:
-            continue
-        # ours-plain: the same settings without the CPU kernels, on the same modules
-        running = (
-            our_engine(dataclasses.replace(settings, cpu_kernels=False)) if key == "ours-plain" else engine
-        )
-        print(f"## {name}: {key} ({label})...", file=sys.stderr, flush=True)
-        results[key] = measure(ours, device)
-        results[key]["dtype"] = str(ours_dtype).removeprefix("torch.")
-        results[key]["memory"] = results[key]["output"].parameters.get("Memory", "default")
-        gc.collect()
 
-    # 4. one live-preview decode of the final latents, against one step
-    latents = last["latents"]
-    preview_images(bundle, latents)  # the first call fits the latent->RGB map once per VAE
-    started = time.perf_counter()
-    for _ in range(5):
-        preview_images(bundle, latents)
-    results["preview_s"] = (time.perf_counter() - started) / 5
-    if args.vram_cap_gb and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-    for key in ("stock", "tuned", "ours-plain", "ours"):
-        if key in results:
-            results[key].pop("output")
-    bundle = engine = running = None
+    measured: dict[str, list[dict[str, Any]]] = {key: [] for key in setups}
+    for round_ in range(args.rounds):
+        # each round starts one setup later, so no setup always runs first (or right after another)
+        order = setups[round_ % len(setups) :] + setups[: round_ % len(setups)] if setups else []
+        for key in order:
+            dtype, channels_last, run = runs[key]
+            prepare(dtype, channels_last)
+            kind = str(dtype).removeprefix("torch.") + (", channels-last UNet" if channels_last else "")
+            print(
+                f"## {name}: {key} ({kind}), round {round_ + 1}/{args.rounds}...", file=sys.stderr, flush=True
+            )
+            entry = measure(run, device)
+            output = entry.pop("output")
+            entry["dtype"] = str(dtype).removeprefix("torch.")
+            entry["layout"] = "channels-last" if channels_last else "standard"
+            if key.startswith("ours"):  # the memory plan the engine chose, as the image records it
+                entry["memory"] = output.parameters.get("Memory", "default")
+            measured[key].append(entry)
+    for key, entries in measured.items():
+        results[key] = summary(entries)
+
+    # one live-preview decode of the final latents, against one step
+    if "latents" in last:
+        latents = last["latents"]
+        preview_images(bundle, latents)  # the first call fits the latent->RGB map once per VAE
+        started = time.perf_counter()
+        for _ in range(5):
+            preview_images(bundle, latents)
+        results["preview_s"] = (time.perf_counter() - started) / 5
+    pipe = bundle = engines = None
     gc.collect()
     return results
+
+
+def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setup's runs: medians of the times, the largest peaks, and each run's time per step."""
+    result = dict(entries[-1])
+    for key in ("s_per_step", "fixed_s", "s_per_image"):
+        result[key] = statistics.median(entry[key] for entry in entries)
+    for key in ("peak_ram_gb", "ram_rise_gb", "peak_vram_gb"):
+        values = [entry[key] for entry in entries if entry[key] is not None]
+        result[key] = max(values) if values else None
+    result["runs"] = [entry["s_per_step"] for entry in entries]
+    return result
 
 
 def table(results: dict[str, Any], device: torch.device) -> str:
@@ -400,7 +420,8 @@ def table(results: dict[str, Any], device: torch.device) -> str:
 
     lines = [
         f"### {results['model']}, {results['size']}x{results['size']}, {results['steps']} steps, Euler, CFG 7, "
-        f"UNet {results['unet_params'] / 1e6:.0f} M parameters",
+        f"UNet {results['unet_params'] / 1e6:.0f} M parameters"
+        + (f", {results['rounds']} rounds (medians; peaks the largest)" if results["rounds"] > 1 else ""),
         "",
         "| | dtype | s/step | fixed s | s/image | peak RAM GB | RAM rise GB | peak VRAM GB |",
         "|---|---|---|---|---|---|---|---|",
@@ -417,6 +438,15 @@ def table(results: dict[str, Any], device: torch.device) -> str:
                     f"{ratio(other, 'ram_rise_gb')} | "
                     f"{ratio(other, 'peak_vram_gb') if device.type == 'cuda' else '—'} |"
                 )
+        if results["rounds"] > 1:
+            lines.append("")
+            for _, key in rows:
+                if key in results:
+                    each = [a / b for a, b in zip(ours["runs"], results[key]["runs"], strict=True)]
+                    lines.append(
+                        f"Per step, ours / {key} in each round: {', '.join(f'{r:.2f}' for r in each)} "
+                        f"(median {statistics.median(each):.2f})."
+                    )
         lines += [
             "",
             f"Live preview (latent→RGB map): {results['preview_s'] * 1000:.2f} ms, "
@@ -486,6 +516,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="tuned diffusers' dtype (auto: bf16 on CPUs that compute it natively, fp16 on GPUs)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the setups this many times, alternating (each round starting one setup later), and "
+        "report medians: a machine whose speed drifts then slows all setups alike",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)

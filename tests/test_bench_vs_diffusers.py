@@ -108,3 +108,20 @@ def test_the_random_models_have_the_real_architectures():
                 {k: v for k, v in config.items() if not k.startswith("_")}
             )
         assert sum(p.numel() for p in unet.parameters()) == params  # SD 1.5's and SDXL base's UNets
+
+
+def test_rounds_alternate_the_setups_and_report_medians(capsys):
+    bench = load_script()
+    argv = ["--tiny", "--models", "sd15", "--steps", "2", "--device", "cpu", "--setups", "ours,tuned"]
+    report = bench.main([*argv, "--rounds", "3"])
+    captured = capsys.readouterr()
+    result = report["results"][0]
+    order = [line.split(": ")[1].split(" ")[0] for line in captured.err.splitlines() if ", round " in line]
+    assert order == ["tuned", "ours", "ours", "tuned", "tuned", "ours"]  # each round one setup later
+    for key in ("tuned", "ours"):
+        runs = result[key]["runs"]
+        assert len(runs) == 3 and all(r > 0 for r in runs)
+        assert result[key]["s_per_step"] == sorted(runs)[1]  # the median
+    each = [a / b for a, b in zip(result["ours"]["runs"], result["tuned"]["runs"], strict=True)]
+    assert "3 rounds (medians; peaks the largest)" in captured.out
+    assert f"Per step, ours / tuned in each round: {', '.join(f'{r:.2f}' for r in each)}" in captured.out

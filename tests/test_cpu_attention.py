@@ -276,3 +276,23 @@ def test_the_build_is_cached_and_a_disagreeing_kernel_is_refused(monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         assert not cpu_attention.available()
     assert "disagrees" in caplog.text
+
+
+@kernel
+def test_the_kernel_benchmark_reports_attention_and_a_bfloat16_unet_call(capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setattr(cpu_attention, "MIN_QUERIES", 1)  # the quick UNet's 8x8 latents: 64 queries
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--repeats", "2", "--unet", "1", "--unet-dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    (attention,) = [row for row in rows if row["operation"].startswith("attention")]
+    assert attention["dtype"] == "bfloat16" and attention["kernel_ms"] > 0 and attention["difference"] < 2e-2
+    assert f"| bfloat16 | {attention['operation']} |" in out
+    (unet,) = [row for row in rows if row["operation"] == "UNet call"]
+    assert unet["dtype"] == "bfloat16" and unet["counts"]["attention"] > 0 and unet["difference"] < 5e-2
+    assert "| bfloat16 | " in out.split("UNet call, PyTorch s")[1]
