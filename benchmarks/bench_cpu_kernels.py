@@ -130,18 +130,25 @@ def cases(dtype: torch.dtype, shapes: dict[str, list[tuple[int, int, int]]]) -> 
 def unet_calls(
     calls: int, quick: bool, channels_last: bool, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
-    """Median seconds of whole UNet calls without and with the kernels, alternating."""
+    """Median seconds of whole UNet calls without and with the kernels, alternating, on one CFG
+    step (the latents twice, two texts). In bfloat16 also each one's difference from float32."""
     config = {k: v for k, v in family_config("sd15", quick)["unet"].items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    unet = _randomised(unet, 0).to(dtype)
+    unet = _randomised(unet, 0)
     if channels_last:  # as --channels-last: the im2col route needs channels-last weights
         unet.to(memory_format=torch.channels_last)
     side = 8 if quick else 64
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, side, side, generator=generator).to(dtype)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(dtype)
+    latents = torch.randn(1, 4, side, side, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
     timestep = torch.tensor([500.0, 500.0])
+    reference = None
+    if dtype != torch.float32:
+        with torch.no_grad():
+            reference = unet(latents, timestep, text).sample
+        unet.to(dtype)
+        latents, text = latents.to(dtype), text.to(dtype)
     plain_s, kernel_s = [], []
     counts: dict[str, int] = {}
     with torch.no_grad():
@@ -154,11 +161,18 @@ def unet_calls(
                 fast = unet(latents, timestep, text).sample
             kernel_s.append(time.perf_counter() - started)
             counts = dict(mode.counts)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "pytorch_s": statistics.median(plain_s),
         "kernel_s": statistics.median(kernel_s),
-        "difference": float((fast.float() - plain.float()).abs().max() / plain.float().abs().max()),
+        "difference": relative(fast, plain),
+        "float32_difference": None
+        if reference is None
+        else (relative(plain, reference), relative(fast, reference)),
         "counts": counts,
     }
 
@@ -218,16 +232,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.unet:
             print()
             print(
-                "| dtype | UNet call, PyTorch s | with the kernels s | ratio | relative difference | calls taken |"
+                "| dtype | UNet call, PyTorch s | with the kernels s | ratio | relative difference "
+                "| each from float32 (PyTorch / kernels) | calls taken |"
             )
-            print("|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             row = unet_calls(args.unet, args.quick, args.channels_last, getattr(torch, args.unet_dtype))
             row["operation"] = "UNet call"
             rows.append(row)
             taken = ", ".join(f"{name} {count}" for name, count in row["counts"].items())
+            from_float32 = row["float32_difference"]
+            each = "—" if from_float32 is None else f"{from_float32[0]:.1e} / {from_float32[1]:.1e}"
             print(
                 f"| {row['dtype']} | {row['pytorch_s']:.3f} | {row['kernel_s']:.3f} | "
-                f"{row['kernel_s'] / row['pytorch_s']:.2f} | {row['difference']:.1e} | {taken} |",
+                f"{row['kernel_s'] / row['pytorch_s']:.2f} | {row['difference']:.1e} | {each} | {taken} |",
                 flush=True,
             )
     return rows

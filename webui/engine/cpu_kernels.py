@@ -1,5 +1,7 @@
-"""Faster exact kernels for float32 models on the CPU, on by default for SD-size UNets
-(``--no-cpu-kernels`` turns them off).
+"""Faster exact kernels for models on the CPU, on by default for SD-size UNets
+(``--no-cpu-kernels`` turns them off): float32 linear layers, GEGLU and small convolutions (below),
+and bfloat16 attention (:mod:`webui.engine.cpu_attention`, a kernel of our own for CPUs with AVX-512
+BF16).
 
 PyTorch runs a float32 ``Linear`` layer on the CPU through MKL's GEMM and a convolution through
 oneDNN. On the CPU measured (an AVX-512 one, docs/benchmarks.md) three of the UNet's operations run
@@ -21,17 +23,20 @@ rounding (relative differences around 1e-6; the pipeline-level parity tests hold
 tolerance), so, unlike the opt-in approximations (token merging, DeepCache), nothing is recorded
 in the image's metadata. Nothing is cached or copied: weights are read where they are at every
 call, so LoRA patches and weights changed in place are honoured, and peak memory does not grow.
-bfloat16 models run PyTorch's own kernels: their linear layers are oneDNN's already, and the
-GEGLU and im2col routes, faster alone, measured no faster in a whole UNet call while raising its
-peak memory by 0.1 GB.
+bfloat16 models run PyTorch's own kernels for these three: their linear layers are oneDNN's
+already, and the GEGLU and im2col routes, faster alone, measured no faster in a whole UNet call
+while raising its peak memory by 0.1 GB. Their attention is where bfloat16 gains (about twice as
+fast: docs/benchmarks.md).
 
 The kernels apply inside :func:`applied` only: a :class:`~torch.overrides.TorchFunctionMode`
-that sees ``F.linear`` and ``F.conv2d`` calls on the thread that runs the batch (other threads
-and other requests are untouched), plus the GEGLU modules' ``forward`` set on the instance for the
-block and removed afterwards. Only float32 CPU tensors without gradients are taken; anything else
-(another dtype or device, a strided convolution, training) goes to PyTorch unchanged. If the
-oneDNN operations are missing from the PyTorch build, or give a different result on a probe the
-first time (:func:`available`), the kernels stay off with one warning.
+that sees ``F.linear``, ``F.conv2d`` and ``F.scaled_dot_product_attention`` calls on the thread
+that runs the batch (other threads and other requests are untouched), plus the GEGLU modules'
+``forward`` set on the instance for the block and removed afterwards. Only the calls each kernel is
+made for are taken (float32 CPU tensors without gradients for the first three, bfloat16 ones for
+attention); anything else (another dtype or device, a strided convolution, a masked attention,
+training) goes to PyTorch unchanged. If the oneDNN operations are missing from the PyTorch build,
+or give a different result on a probe the first time (:func:`available`), the float32 kernels stay
+off with one warning; the attention kernel has its own checks.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from webui.engine import cpu_attention
+from webui.engine import cfg_halves, cpu_attention
 
 __all__ = [
     "IM2COL_MAX_PIXELS",
@@ -169,12 +174,13 @@ def _is_one(value: Any) -> bool:
 
 class CpuKernels(TorchFunctionMode):
     """While active (on this thread): ``F.linear`` and small 3x3 ``F.conv2d`` calls on float32 CPU
-    tensors run through the kernels above; every other call is passed on unchanged. ``counts`` says
-    how many calls each kernel took (for tests)."""
+    tensors run through the kernels above, and bfloat16 ``F.scaled_dot_product_attention`` calls
+    through :func:`webui.engine.cpu_attention.attention`; every other call is passed on unchanged.
+    ``counts`` says how many calls each kernel took (for tests)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.counts = {"linear": 0, "im2col": 0, "geglu": 0, "attention": 0}
+        self.counts = {"linear": 0, "im2col": 0, "geglu": 0, "attention": 0, "cfg_halves": 0}
 
     def geglu_forward(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """A ``forward`` for the GEGLU ``module``: :func:`geglu` for float32 CPU input without
@@ -281,15 +287,18 @@ def _geglu_modules(modules: Iterable[torch.nn.Module]) -> list[Any]:
 @contextlib.contextmanager
 def applied(modules: Iterable[torch.nn.Module]) -> Iterator[CpuKernels]:
     """The kernels for the ``with`` block on this thread, with the GEGLU blocks of ``modules``
-    (the UNet, ControlNets) fused; everything restored afterwards, also after an error. Yields the
-    mode. Each route checks on its first call whether it runs here (:func:`available`,
-    :func:`webui.engine.cpu_attention.available`) and passes calls on to PyTorch if not."""
+    (the UNet, ControlNets) fused and the identical halves of a CFG batch computed once before the
+    first cross-attention (:mod:`webui.engine.cfg_halves`); everything restored afterwards, also
+    after an error. Yields the mode. Each route checks on its first call whether it runs here
+    (:func:`available`, :func:`webui.engine.cpu_attention.available`) and passes calls on to
+    PyTorch if not."""
+    modules = list(modules)
     mode = CpuKernels()
     patched = _geglu_modules(modules) if available() else []
     for module in patched:
         module.forward = mode.geglu_forward(module)  # type: ignore[method-assign]
     try:
-        with mode:
+        with mode, cfg_halves.shared(modules, mode.counts):
             yield mode
     finally:
         for module in patched:
