@@ -162,6 +162,7 @@ def test_the_bfloat16_pipeline_with_it_gives_the_image_without_it(components, mo
     assert counts == []
     fast = engine().generate(REQUEST, bundle=bundle)
     assert counts and counts[0]["attention"] >= REQUEST.steps
+    assert bundle.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # bf16: kept so
     # bfloat16 rounding moves pixels by a few levels either way: the kernel's image is as close to
     # the float32 one as PyTorch's bfloat16 image is, and close to that image itself
     ours, theirs = (float(np.abs(pixels(result) - exact).max()) for result in (fast, plain))
@@ -301,3 +302,18 @@ def test_the_kernel_benchmark_reports_attention_and_a_bfloat16_unet_call(capsys,
     theirs, ours = unet["float32_difference"]
     assert 0 < theirs < 0.2 and 0 < ours < 0.2
     assert "| bfloat16 | " in out.split("UNet call, PyTorch s")[1]
+
+
+def test_bfloat16_modules_go_channels_last_and_float32_ones_stay():
+    bf16 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3)).to(BF16)
+    fp32 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        expected = bf16(x.to(BF16))
+        with cpu_kernels.applied([bf16, fp32]):
+            pass
+        assert bf16[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert fp32[0].weight.is_contiguous() and not fp32[0].weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        torch.testing.assert_close(bf16(x.to(BF16)), expected)  # the layout changes no result

@@ -452,7 +452,8 @@ def _memory_options(parser: argparse.ArgumentParser, *, keep: bool = False) -> N
         default=default(True),
         help="run models on the CPU with PyTorch's own kernels only (by default SD-size UNets run "
         "float32 linear layers, GEGLU and, with --channels-last, the deepest 3x3 convolutions through "
-        "faster exact oneDNN routes)",
+        "faster exact oneDNN routes, bfloat16 attention through a kernel of our own on CPUs with "
+        "AVX-512 BF16, and the identical halves of a CFG batch once)",
     )
     group.add_argument(
         "--no-oom-retry",

@@ -107,6 +107,7 @@ def _build(compiler: str) -> Path:
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
+    log.info("compiling the bfloat16 CPU attention kernel into %s (once)", target)
     # compiled to a temporary name and renamed: another process building at the same time, or a
     # build stopped halfway, never leaves a half-written library under the final name
     handle, temporary = tempfile.mkstemp(prefix=".cpu_attention-", suffix=".so", dir=folder)
