@@ -297,3 +297,24 @@ def test_out_of_memory_is_recognised():
     assert memory.is_out_of_memory(MemoryError())
     assert not memory.is_out_of_memory(RuntimeError("shape mismatch"))
     assert dataclasses.replace(MemoryPlan(), max_batch=1).describe() == "1 image at a time"
+
+
+def test_the_heap_is_trimmed_before_the_vae_decode_on_the_cpu(components, monkeypatch):
+    import sys
+
+    if sys.platform == "linux":
+        assert memory._malloc_trim() is not None  # glibc here: the trim is real
+    memory.trim_heap()  # and harmless to call at any time
+    events: list[str] = []
+    monkeypatch.setattr("webui.engine.pipeline.trim_heap", lambda: events.append("trim"))
+    decode = Engine.decode_latents
+
+    def spied(bundle, latents):
+        events.append("decode")
+        return decode(bundle, latents)
+
+    monkeypatch.setattr(Engine, "decode_latents", staticmethod(spied))
+    engine = Engine(plugins=make_plugin_manager(entry_points=False, plugin_dirs=[]))
+    request = GenerationRequest(prompt="a red circle", steps=2, seed=1, width=64, height=64)
+    result = engine.generate(request, bundle=bundle_from(components))
+    assert len(result.images) == 1 and events == ["trim", "decode"]

@@ -48,6 +48,7 @@ from webui.engine.memory import (
     is_out_of_memory,
     lower_plan,
     release_memory,
+    trim_heap,
 )
 from webui.engine.models import ModelManager
 from webui.engine.schedulers import SchedulerRegistry
@@ -347,7 +348,10 @@ class Engine:
             if context.control.skipped and not context.control.interrupted:
                 return []
 
-        # 5. Decode, post-process, describe
+        # 5. Decode, post-process, describe (on the CPU, the loop's freed memory given back first,
+        # so that it does not lie under the decode's)
+        if context.device.type == "cpu":
+            trim_heap()
         pixels = codec.decode_checked(self.decode_latents, bundle, latents, cond.metadata)
         outputs = [
             OutputImage(
