@@ -12,8 +12,10 @@ figures show why, and the bfloat16 attention kernel.
 Prints per shape the median of ``--repeats`` calls each way, their ratio, and the largest
 difference between the two outputs relative to the largest output value. ``--unet N`` then times
 whole calls of SD 1.5's UNet (random weights, 512x512, batch 2 = one CFG step) with and without the
-kernels, alternating, N each (``--quick``: a scaled-down UNet; ``--channels-last``: its weights
-channels-last, which the im2col route needs). The whole pipeline is
+kernels, alternating, N each, on one CFG step (the latents twice, two texts; ``--quick``: a
+scaled-down UNet; ``--channels-last``: its weights channels-last, which the im2col route needs; a
+bf16 UNet is channels-last on both sides, as the kernels keep it, and each side's difference from
+the float32 UNet is printed too). The whole pipeline is
 ``bench_vs_diffusers.py --setups ours-plain,ours``.
 """
 
@@ -136,7 +138,9 @@ def unet_calls(
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet = _randomised(unet, 0)
-    if channels_last:  # as --channels-last: the im2col route needs channels-last weights
+    # as --channels-last (the im2col route needs channels-last weights); a bf16 UNet the kernels
+    # keep channels-last, so both sides run it so
+    if channels_last or dtype == torch.bfloat16:
         unet.to(memory_format=torch.channels_last)
     side = 8 if quick else 64
     generator = torch.Generator().manual_seed(0)

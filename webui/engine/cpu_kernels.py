@@ -215,7 +215,8 @@ class CpuKernels(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             if cpu_attention.takes(args, kwargs):
                 self.counts["attention"] += 1
-                return cpu_attention.attention(*args, scale=kwargs.get("scale"))
+                q, k, v = args
+                return cpu_attention.attention(q, k, v, scale=kwargs.get("scale"))
             return func(*args, **kwargs)
         if (func is F.linear or func is F.conv2d) and available():
             x, weight = args[0], args[1]
