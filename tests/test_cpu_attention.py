@@ -108,6 +108,8 @@ def test_it_takes_only_the_calls_it_is_made_for(monkeypatch):
         ((q, k, v), {"dropout_p": 0.1}),
         ((q, k, v), {"is_causal": True}),
         ((q, k, v), {"enable_gqa": True}),
+        ((q, k, v), {"scale": -0.1}),  # a negative scale turns the running maximum around
+        ((q, k, v), {"scale": float("nan")}),
         ((q.float(), k.float(), v.float()), {}),  # float32: PyTorch's
         ((q[:, :, : cpu_attention.MIN_QUERIES - 1], k, v), {}),  # too few queries to gain
         ((q, k, v[..., :20]), {}),  # values of another head size

@@ -10,8 +10,8 @@ bfloat16, to bfloat16 rounding (the tests compare both with float32 attention).
 
 It runs inside :mod:`webui.engine.cpu_kernels`' mode (``--no-cpu-kernels`` turns it off with the
 rest) for ``F.scaled_dot_product_attention`` calls on bfloat16 CPU tensors without a mask, dropout
-or causal masking, with at least :data:`MIN_QUERIES` queries (smaller calls measured faster in
-PyTorch). The library is compiled on first use with the system's C++ compiler (``$CXX``, else
+or causal masking, with at least :data:`MIN_QUERIES` queries (below that it measured no reliable
+gain). The library is compiled on first use with the system's C++ compiler (``$CXX``, else
 ``g++`` or ``c++``; about a second) into the cache folder (``cpu-kernels/`` in
 :func:`webui.paths.cache_dir`) and checked against PyTorch on a probe. Where the CPU lacks the
 instructions, no compiler is found, compiling fails or the probe disagrees, attention stays with
@@ -60,8 +60,9 @@ FLAGS = (
 # what the compiled code executes (names as /proc/cpuinfo spells them)
 CPU_FLAGS = frozenset({"fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
 COMPILE_TIMEOUT_S = 300
-# calls with fewer queries stay with PyTorch: at 256 queries (SD 1.5's 16x16 level) and below its
-# kernel measured as fast or faster (docs/benchmarks.md)
+# calls with fewer queries stay with PyTorch: at 256 queries (SD 1.5's 16x16 level) and below the
+# kernel measured slower in one run and faster in another (thread start-up and packing weigh more
+# in small calls): no reliable gain (docs/benchmarks.md)
 MIN_QUERIES = 512
 # query rows per task and keys per block (measured flat between 16-128 rows and 128-512 keys)
 QUERY_BLOCK = 64
@@ -197,7 +198,8 @@ def takes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether an ``F.scaled_dot_product_attention(*args, **kwargs)`` call is one the kernel
     computes: bfloat16 CPU tensors ``[batch, heads, rows, dim]`` of the same batch and heads,
     without gradients, mask, dropout, causal masking or grouped-query heads, the values' dim the
-    queries', contiguous in the last dim, with at least :data:`MIN_QUERIES` queries."""
+    queries', contiguous in the last dim, with at least :data:`MIN_QUERIES` queries and a positive
+    scale (or the default)."""
     if len(args) != 3 or not kwargs.keys() <= {"attn_mask", "dropout_p", "is_causal", "scale"}:
         return False
     q, k, v = args
@@ -209,6 +211,9 @@ def takes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         or kwargs.get("is_causal", False)
     ):
         return False
+    scale = kwargs.get("scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        return False  # the kernel's running maximum assumes a positive scale
     return (
         q.dim() == k.dim() == v.dim() == 4
         and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in (q, k, v))

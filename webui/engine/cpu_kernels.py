@@ -26,7 +26,9 @@ call, so LoRA patches and weights changed in place are honoured, and peak memory
 bfloat16 models run PyTorch's own kernels for these three: their linear layers are oneDNN's
 already, and the GEGLU and im2col routes, faster alone, measured no faster in a whole UNet call
 while raising its peak memory by 0.1 GB. Their attention is where bfloat16 gains (about twice as
-fast: docs/benchmarks.md).
+fast: docs/benchmarks.md); with it, bfloat16 UNets run channels-last (oneDNN's bfloat16
+convolutions prefer it) and, in every dtype, the identical halves of a CFG batch are computed once
+up to the first cross-attention (:mod:`webui.engine.cfg_halves`).
 
 The kernels apply inside :func:`applied` only: a :class:`~torch.overrides.TorchFunctionMode`
 that sees ``F.linear``, ``F.conv2d`` and ``F.scaled_dot_product_attention`` calls on the thread
@@ -300,10 +302,10 @@ def channels_last_for_bfloat16(modules: Iterable[torch.nn.Module]) -> None:
 @contextlib.contextmanager
 def applied(modules: Iterable[torch.nn.Module]) -> Iterator[CpuKernels]:
     """The kernels for the ``with`` block on this thread, with the GEGLU blocks of ``modules``
-    (the UNet, ControlNets) fused, bfloat16 ones channels-last
-    (:func:`channels_last_for_bfloat16`) and the identical halves of a CFG batch computed once before the
-    first cross-attention (:mod:`webui.engine.cfg_halves`); everything restored afterwards, also
-    after an error. Yields the mode. Each route checks on its first call whether it runs here
+    (the UNet, ControlNets) fused and the identical halves of a CFG batch computed once before the
+    first cross-attention (:mod:`webui.engine.cfg_halves`), both undone afterwards, also after an
+    error; bfloat16 modules are put in channels-last layout and kept so
+    (:func:`channels_last_for_bfloat16`). Yields the mode. Each route checks on its first call whether it runs here
     (:func:`available`, :func:`webui.engine.cpu_attention.available`) and passes calls on to
     PyTorch if not."""
     modules = list(modules)

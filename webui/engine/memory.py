@@ -324,10 +324,11 @@ def trim_heap() -> None:
 
 
 def release_memory(device: torch.device | None = None) -> None:
-    """Collect garbage and give cached GPU blocks back (after a failed attempt, outside its
-    ``except`` block, when its frames and tensors are unreachable; after evicting a model).
-    ``None``: whatever device the caller used, so CUDA's cache too when there is one. The one
-    place memory is given back: the engine, the model cache and the generation stream use it."""
+    """Collect garbage and give memory back: the C heap's free pages (:func:`trim_heap`) for the
+    CPU, cached blocks for CUDA (after a failed attempt, outside its ``except`` block, when its
+    frames and tensors are unreachable; after evicting a model). ``None``: whatever device the
+    caller used, so both. The engine, the model cache and the generation stream use it; the engine
+    also trims the heap alone before each VAE decode on the CPU."""
     gc.collect()
     if device is None or torch.device(device).type == "cpu":
         trim_heap()
