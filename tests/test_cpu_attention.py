@@ -7,7 +7,9 @@ are tested everywhere."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -20,8 +22,25 @@ from test_cpu_kernels import REQUEST, engine, pixels
 from webui.engine import cpu_attention, cpu_kernels
 
 BF16 = torch.bfloat16
+
+
+def _available_built_elsewhere() -> bool:
+    """``cpu_attention.available()``, built into a temporary cache folder rather than the user's
+    (the loaded library stays for the process; the file may go)."""
+    saved = os.environ.get("LATENT_STUDIO_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="latent-studio-kernel-") as folder:
+        os.environ["LATENT_STUDIO_CACHE_DIR"] = folder
+        try:
+            return cpu_attention.available()
+        finally:
+            if saved is None:
+                os.environ.pop("LATENT_STUDIO_CACHE_DIR", None)
+            else:
+                os.environ["LATENT_STUDIO_CACHE_DIR"] = saved
+
+
 kernel = pytest.mark.skipif(
-    not cpu_attention.available(), reason="no AVX-512 BF16 CPU or no C++ compiler: the kernel is off here"
+    not _available_built_elsewhere(), reason="no AVX-512 BF16 CPU or no C++ compiler: the kernel is off here"
 )
 
 
@@ -179,11 +198,14 @@ def test_the_bfloat16_pipeline_with_it_gives_the_image_without_it(components, mo
 
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """A build into an empty cache folder, probed again in the test and afterwards."""
+    """A build into an empty cache folder, probed again in the test; afterwards the kernel is
+    loaded again as before (built outside the user's cache folder)."""
     monkeypatch.setenv("LATENT_STUDIO_CACHE_DIR", str(tmp_path))
     cpu_attention._library.cache_clear()
     yield tmp_path
+    monkeypatch.undo()  # the test's patches (no CPU support, no compiler) off before loading again
     cpu_attention._library.cache_clear()
+    _available_built_elsewhere()
 
 
 def test_a_cpu_without_the_instructions_keeps_pytorch(monkeypatch, fresh_build):
