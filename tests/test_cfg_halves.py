@@ -9,25 +9,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from tiny import make_unet
 
 from webui.engine import cfg_halves
 
 
 def sd_like_unet() -> UNet2DConditionModel:
     """SD 1.x's block order at a tiny size: cross-attention in the first down block."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return make_unet(cross_attention_first=True)
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:

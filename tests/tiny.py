@@ -126,10 +126,17 @@ def make_bert_encoder(seed: int = 0, *, vocab_size: int = 32, max_position_embed
 
 
 def make_unet(
-    seed: int = 0, *, sdxl: bool = False, in_channels: int = 4, time_cond_proj_dim: int | None = None
+    seed: int = 0,
+    *,
+    sdxl: bool = False,
+    in_channels: int = 4,
+    time_cond_proj_dim: int | None = None,
+    cross_attention_first: bool = False,
 ) -> UNet2DConditionModel:
     """The tiny UNet of diffusers' SD (or SDXL) pipeline tests; ``in_channels=9`` for inpainting,
-    ``time_cond_proj_dim`` for a guidance-embedding UNet (a distilled latent consistency model)."""
+    ``time_cond_proj_dim`` for a guidance-embedding UNet (a distilled latent consistency model),
+    ``cross_attention_first`` for SD 1.x/2.x's block order (cross-attention in the first down
+    block, the last up block)."""
     torch.manual_seed(seed)
     if sdxl:
         unet = UNet2DConditionModel(
@@ -155,8 +162,12 @@ def make_unet(
             sample_size=32,
             in_channels=in_channels,
             out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")
+            if cross_attention_first
+            else ("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+            if cross_attention_first
+            else ("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
             time_cond_proj_dim=time_cond_proj_dim,
         )

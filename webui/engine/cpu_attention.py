@@ -12,7 +12,7 @@ It runs inside :mod:`webui.engine.cpu_kernels`' mode (``--no-cpu-kernels`` turns
 rest) for ``F.scaled_dot_product_attention`` calls on bfloat16 CPU tensors without a mask, dropout
 or causal masking, with at least :data:`MIN_QUERIES` queries (below that it measured no reliable
 gain). The library is compiled on first use with the system's C++ compiler (``$CXX``, else
-``g++`` or ``c++``; about a second) into the cache folder (``cpu-kernels/`` in
+``g++`` or ``c++``; 1-2 s) into the cache folder (``cpu-kernels/`` in
 :func:`webui.paths.cache_dir`) and checked against PyTorch on a probe. Where the CPU lacks the
 instructions, no compiler is found, compiling fails or the probe disagrees, attention stays with
 PyTorch, with one warning that says why.

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from webui.engine import cfg_halves, cpu_attention
+from webui.engine.memory import to_channels_last
 
 __all__ = [
     "IM2COL_MAX_PIXELS",
@@ -293,10 +294,13 @@ def channels_last_for_bfloat16(modules: Iterable[torch.nn.Module]) -> None:
     and forth would copy the weights at every request; the layout changes no result). oneDNN's
     bfloat16 convolutions run faster on it: a whole SD 1.5 UNet call with the kernels measured
     0.93x (docs/benchmarks.md); in float32 the layout measured slower, so those are left alone."""
-    for module in modules:
-        first = next(module.parameters(), None)
-        if first is not None and first.device.type == "cpu" and first.dtype == torch.bfloat16:
-            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it
+    to_channels_last(
+        module
+        for module in modules
+        if (first := next(module.parameters(), None)) is not None
+        and first.device.type == "cpu"
+        and first.dtype == torch.bfloat16
+    )
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ __all__ = [
     "is_out_of_memory",
     "lower_plan",
     "release_memory",
+    "to_channels_last",
     "trim_heap",
     "resolve_attention",
 ]
@@ -421,9 +422,14 @@ def _vae_flags(vae: Any, *, slicing: bool, tiling: bool) -> Iterator[None]:
 
 
 def _channels_last(bundle: ModelBundle) -> None:
-    """Convolution weights in channels-last layout (kept afterwards: the layout does not change
-    results, and converting back and forth would cost a copy of the weights per request)."""
-    for module in (bundle.unet, *bundle.controlnets.values(), bundle.vae):
+    to_channels_last([bundle.unet, *bundle.controlnets.values(), bundle.vae])
+
+
+def to_channels_last(modules: Iterable[Any]) -> None:
+    """The convolution weights of ``modules`` in channels-last layout (kept afterwards: the layout
+    does not change results, and converting back and forth would cost a copy of the weights per
+    request). Used by the plan's ``channels_last`` and by the CPU kernels for bfloat16 UNets."""
+    for module in modules:
         if isinstance(module, torch.nn.Module):
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; torch's overloads omit it
 
